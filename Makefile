@@ -1,0 +1,40 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= runs/demo
+DEMO_DATA ?= .cache/sample
+
+.PHONY: setup demo test test-fast lint clean sample-data
+
+setup: $(STAMP)
+
+# DS_BUILD_OPS=0: DeepSpeed's ops are JIT-built on first use instead of at install time.
+# torchvision is removed after install: litdata pulls a CUDA build of it that does not match
+# the CPU torch and breaks `import lightning` (operator torchvision::nms does not exist).
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	DS_BUILD_OPS=0 $(PIP) install -q -c constraints.txt -e ".[dev]"
+	-$(PIP) uninstall -y -q torchvision
+	$(PY) -c "import torch, lightning, litdata, deepspeed, sentencepiece, tensorboard; print('environment ok: torch', torch.__version__)"
+	touch $(STAMP)
+
+# Sample corpus (SlimPajama layout) -> sentencepiece tokenizer -> litdata token chunks.
+sample-data: $(STAMP)
+	$(PY) -m orchestrator sample-data --out $(DEMO_DATA)
+
+# The main job on the built-in sample corpus: CPU, 2 processes, a few minutes.
+demo: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m orchestrator demo --data-dir $(DEMO_DATA) --run-dir $(DEMO_DIR)
+
+test: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -ra tests
+
+test-fast: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -ra -m "not slow" tests
+
+clean:
+	rm -rf runs .cache .pytest_cache

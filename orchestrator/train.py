@@ -1,0 +1,242 @@
+"""Pretrain a Llama model with Lightning Fabric.
+
+    python orchestrator/train.py --config configs/quickstart.yaml --train.max_steps 100
+    fabric run --accelerator=cpu --devices=2 orchestrator/train.py -- --config configs/quickstart.yaml
+    orchestrator train --config configs/tinyllama-1.1b.yaml        (same thing)
+
+The loop reads top to bottom; checkpointing, evaluation and monitoring are calls into small
+modules. Everything needed to resume is in `state` and saved as one checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+import torch.nn.functional as F
+from lightning.fabric import Fabric
+
+from data.loader import make_dataloader
+from models.llama import Llama, count_parameters
+from orchestrator import checkpoint as ckpt
+from orchestrator.config import Config, load_config, save_config
+from orchestrator.distributed import (
+    build_fabric,
+    gather_object,
+    launched_by_fabric_cli,
+    on_rank_zero,
+    threads_per_process,
+)
+from orchestrator.monitor import Monitor, batch_fingerprint, make_loggers, tensorboard_dir
+from orchestrator.preflight import check_inputs
+from orchestrator.schedule import build_scheduler
+from orchestrator.schema import ConfigError
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = load_config(sys.argv[1:] if argv is None else argv)
+        check_inputs(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    train(cfg)
+    return 0
+
+
+def train(cfg: Config) -> dict:
+    fabric = build_fabric(cfg, loggers=make_loggers(cfg))
+    if not launched_by_fabric_cli():
+        fabric.launch()
+    if fabric.device.type == "cpu":
+        threads_per_process(fabric.world_size // max(1, cfg.strategy.num_nodes))
+    accumulation = cfg.gradient_accumulation(fabric.world_size)
+    run_dir = Path(cfg.run.dir)
+    on_rank_zero(fabric, lambda: prepare_run_dir(cfg))
+    fabric.barrier()
+
+    fabric.seed_everything(cfg.run.seed)
+    with fabric.init_module():
+        model = Llama(cfg.model)
+    optimizer = build_optimizer(model, cfg)
+    model, optimizer = fabric.setup(model, optimizer)
+    scheduler = build_scheduler(optimizer, cfg)
+    train_loader = make_dataloader(
+        Path(cfg.data.dir) / "train",
+        seq_len=cfg.seq_len,
+        batch_size=cfg.train.micro_batch_size,
+        shuffle=cfg.data.shuffle,
+        seed=cfg.run.seed,
+        num_workers=cfg.data.num_workers,
+    )
+    progress = {"step": 0, "tokens_seen": 0, "initial_val_loss": None}
+    state = {
+        "model": model,
+        "optimizer": optimizer,
+        "scheduler": scheduler,
+        "train_loader": train_loader,
+        "progress": progress,
+    }
+    resume_from = find_resume(cfg)
+    if resume_from is not None:
+        ckpt.load_checkpoint(fabric, resume_from, state)
+        progress = state["progress"]
+        fabric.print(f"Resumed from {resume_from} at step {progress['step']}", flush=True)
+
+    tokens_per_step = cfg.train.micro_batch_size * cfg.seq_len * accumulation * fabric.world_size
+    fabric.print(
+        f"Model {cfg.model.name}: {count_parameters(model):,} parameters | {fabric.world_size} process(es) on "
+        f"{fabric.device.type} | {cfg.strategy.precision} | {accumulation} micro-batch(es) of "
+        f"{cfg.train.micro_batch_size}x{cfg.seq_len} per process per step = {tokens_per_step:,} tokens/step",
+        flush=True,
+    )
+    monitor = Monitor(fabric, cfg, start_step=progress["step"])
+    val_loss = None
+    if progress["step"] == 0 and cfg.eval.at_start:
+        val_loss = validate(fabric, model, cfg)
+        progress["initial_val_loss"] = val_loss
+        monitor.validation(0, val_loss)
+
+    batches = endless(train_loader)
+    model.train()
+    while progress["step"] < cfg.train.max_steps:
+        step_loss = torch.zeros((), device=fabric.device)
+        hashes = []
+        for micro_step in range(accumulation):
+            tokens = next(batches).to(fabric.device, non_blocking=True).long()  # (B, T+1)
+            inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (B, T) each
+            if cfg.logging.log_batch_hash:
+                hashes.append(batch_fingerprint(tokens))
+            with fabric.no_backward_sync(model, enabled=micro_step < accumulation - 1):
+                logits = model(inputs)  # (B, T, V)
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+                fabric.backward(loss / accumulation)
+            step_loss += loss.detach() / accumulation
+        max_norm = cfg.optimizer.grad_clip if cfg.optimizer.grad_clip > 0 else float("inf")
+        grad_norm = fabric.clip_gradients(model, optimizer, max_norm=max_norm)
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        progress["step"] += 1
+        progress["tokens_seen"] += tokens_per_step
+        step = progress["step"]
+
+        mean_loss = fabric.all_reduce(step_loss, reduce_op="mean").item()
+        all_hashes = [h for rank in gather_object(fabric, hashes) for h in rank] if hashes else None
+        monitor.train_step(step, mean_loss, lr, float(grad_norm), progress["tokens_seen"], tokens_per_step,
+                           all_hashes)
+        last = step == cfg.train.max_steps
+        if (cfg.eval.interval and step % cfg.eval.interval == 0) or last:
+            val_loss = validate(fabric, model, cfg)
+            monitor.validation(step, val_loss)
+        if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or last:
+            saved = ckpt.save_checkpoint(fabric, cfg, state, step)
+            fabric.print(f"Saved checkpoint {saved}", flush=True)
+
+    monitor.close()
+    summary = {
+        "steps": progress["step"],
+        "tokens_seen": progress["tokens_seen"],
+        "initial_val_loss": progress.get("initial_val_loss"),
+        "final_val_loss": val_loss,
+        "latest_checkpoint": str(ckpt.latest_checkpoint(ckpt.checkpoint_root(cfg))),
+        "tensorboard": str(tensorboard_dir(run_dir)),
+    }
+    on_rank_zero(fabric, lambda: finish_run(cfg, summary))
+    return summary
+
+
+def prepare_run_dir(cfg: Config) -> None:
+    run_dir = Path(cfg.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    for stale in ckpt.remove_partial(ckpt.checkpoint_root(cfg)):
+        print(f"Removed incomplete checkpoint {stale} (an interrupted save)", flush=True)
+
+
+def find_resume(cfg: Config) -> Path | None:
+    if cfg.checkpoint.resume == "never":
+        return None
+    if cfg.checkpoint.resume == "auto":
+        return ckpt.latest_checkpoint(ckpt.checkpoint_root(cfg))
+    return Path(cfg.checkpoint.resume)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (not on norm gains)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    o = cfg.optimizer
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=o.lr,
+        betas=(o.beta1, o.beta2),
+        eps=o.eps,
+    )
+
+
+def endless(loader) -> Iterator[torch.Tensor]:
+    """Batches across epochs; the loader's own state records where in the epoch we are."""
+    while True:
+        yielded = False
+        for batch in loader:
+            yielded = True
+            yield batch
+        if not yielded:
+            raise ValueError("the training split yields no batch: it is smaller than one micro-batch per process")
+
+
+@torch.no_grad()
+def validate(fabric: Fabric, model: torch.nn.Module, cfg: Config) -> float:
+    """Mean next-token loss over (up to eval.max_batches of) the validation split, all ranks."""
+    model.eval()
+    loader = make_dataloader(
+        Path(cfg.data.dir) / "val",
+        seq_len=cfg.seq_len,
+        batch_size=cfg.train.micro_batch_size,
+        shuffle=False,
+        seed=cfg.run.seed,
+        num_workers=0,
+    )
+    totals = torch.zeros(2, device=fabric.device, dtype=torch.float64)  # (sum of losses, batches)
+    for i, tokens in enumerate(loader):
+        if cfg.eval.max_batches and i >= cfg.eval.max_batches:
+            break
+        tokens = tokens.to(fabric.device).long()  # (B, T+1)
+        logits = model(tokens[:, :-1])  # (B, T, V)
+        totals[0] += F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten()).double()
+        totals[1] += 1
+    totals = fabric.all_reduce(totals, reduce_op="sum")
+    model.train()
+    if totals[1] == 0:
+        raise ValueError(
+            f"the validation split {Path(cfg.data.dir) / 'val'} yields no batch of "
+            f"{cfg.train.micro_batch_size}x{cfg.seq_len + 1} tokens per process: add validation data or lower "
+            "train.micro_batch_size / train.seq_len"
+        )
+    return float(totals[0] / totals[1])
+
+
+def finish_run(cfg: Config, summary: dict) -> None:
+    run_dir = Path(cfg.run.dir)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    initial = summary["initial_val_loss"]
+    final = summary["final_val_loss"]
+    print("", flush=True)
+    print(f"Run finished: {summary['steps']} steps, {summary['tokens_seen']:,} tokens.")
+    if initial is not None and final is not None:
+        print(f"Validation loss: {initial:.4f} at step 0 -> {final:.4f} at step {summary['steps']}")
+    print(f"Run directory:  {run_dir}  (config.yaml, metrics.jsonl, summary.json)")
+    print(f"Checkpoint:     {summary['latest_checkpoint']}  (rerun the same command to resume)")
+    print(f"TensorBoard:    tensorboard --logdir {summary['tensorboard']}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
