@@ -6,7 +6,11 @@
     orchestrator sample-data --out .cache/sample      (built-in corpus -> tokenizer -> tokens)
     orchestrator demo                                  (sample data + 2-process CPU training)
     orchestrator config      [--config FILE ...] [--reference]
-    orchestrator models                                (named sizes and parameter counts)
+    orchestrator models      [--seq-len N]             (named sizes, parameter counts, FLOPs per token)
+    orchestrator export      --checkpoint CKPT_OR_RUN_DIR --output HF_DIR [--dtype bfloat16]
+    orchestrator import      --input HF_DIR --output RUN_DIR
+    orchestrator generate    --checkpoint CKPT_OR_RUN_DIR --prompt TEXT [--max-new-tokens 128]
+                             [--temperature 0.8] [--top-k 50] [--top-p 0.95] [--seed 0]
 """
 
 from __future__ import annotations
@@ -98,26 +102,98 @@ def cmd_demo(args: argparse.Namespace, rest: list[str]) -> int:
 def cmd_config(args: argparse.Namespace, rest: list[str]) -> int:
     import yaml
 
-    from orchestrator.config import Config, load_config
-    from orchestrator.schema import reference, to_dict
+    from orchestrator.config import load_config
+    from orchestrator.schema import to_dict
 
     if args.reference:
-        print("| key | type | default | description |\n|---|---|---|---|")
-        for key, tp, default, help in reference(Config):
-            print(f"| `{key}` | {tp} | `{default}` | {help} |")
+        table = reference_table()
+        if args.write:
+            replace_marked_block(Path(args.write), table)
+            print(f"Config reference written into {args.write}")
+        else:
+            print(table, end="")
         return 0
     print(yaml.safe_dump(to_dict(load_config(rest)), sort_keys=False), end="")
     return 0
 
 
+REFERENCE_START = "<!-- config-reference:start -->"
+REFERENCE_END = "<!-- config-reference:end -->"
+
+
+def reference_table() -> str:
+    """Markdown table of every config key (the README's reference is this, verbatim)."""
+    from orchestrator.config import Config
+    from orchestrator.schema import reference
+
+    lines = ["| key | type | default | description |", "|---|---|---|---|"]
+    for key, tp, default, help in reference(Config):
+        lines.append(f"| `{key}` | {tp.replace('|', '/')} | `{default}` | {help} |")
+    return "\n".join(lines) + "\n"
+
+
+def replace_marked_block(path: Path, body: str) -> None:
+    text = path.read_text()
+    if REFERENCE_START not in text or REFERENCE_END not in text:
+        raise ValueError(f"{path} has no {REFERENCE_START} ... {REFERENCE_END} block to fill")
+    head, rest = text.split(REFERENCE_START, 1)
+    _, tail = rest.split(REFERENCE_END, 1)
+    path.write_text(f"{head}{REFERENCE_START}\n{body}{REFERENCE_END}{tail}")
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from models.config import SIZES, model_config
+    from models.flops import flops_per_token
 
-    print(f"{'name':<18} {'params':>15} {'layers':>6} {'d_model':>7} {'heads':>5} {'kv':>3} {'ffn':>6} {'ctx':>5}")
+    seq = args.seq_len
+    print(f"{'name':<16} {'params':>15} {'non-embed':>15} {'layers':>6} {'d_model':>7} {'heads':>5} {'kv':>3} "
+          f"{'ffn':>6} {'ctx':>5} {'train GFLOP/tok':>15}")
     for name in SIZES:
         c = model_config(name)
-        print(f"{name:<18} {c.num_params():>15,} {c.n_layers:>6} {c.d_model:>7} {c.n_heads:>5} {c.n_kv_heads:>3} "
-              f"{c.ffn_hidden:>6} {c.max_seq_len:>5}")
+        gflops = flops_per_token(c, seq or c.max_seq_len)["training"] / 1e9
+        print(f"{name:<16} {c.num_params():>15,} {c.num_non_embedding_params():>15,} {c.n_layers:>6} {c.d_model:>7} "
+              f"{c.n_heads:>5} {c.n_kv_heads:>3} {c.ffn_hidden:>6} {c.max_seq_len:>5} {gflops:>15.2f}")
+    print(f"\nUse a size with --model.name NAME (or model.name in a config). Training FLOPs per token = 3 x forward "
+          f"(matmuls + attention over {'--seq-len ' + str(seq) if seq else 'ctx'} tokens; see models/flops.py).")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from orchestrator.hf import export_checkpoint, resolve_checkpoint
+
+    ckpt = resolve_checkpoint(args.checkpoint)
+    out = export_checkpoint(
+        ckpt, args.output, tokenizer=args.tokenizer, with_tokenizer=not args.no_tokenizer, dtype=args.dtype,
+        max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+    )  # fmt: skip
+    print(f"Exported {ckpt} to {out}")
+    print(f"Load it with: LlamaForCausalLM.from_pretrained({str(out)!r}); AutoTokenizer.from_pretrained({str(out)!r})")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from orchestrator.hf import import_hf
+
+    ckpt = import_hf(args.input, args.output, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"Imported {args.input} as {ckpt} (step 0, model weights only)")
+    print(f"Continue pretraining: orchestrator train --config {ckpt / 'config.yaml'} --config YOUR_RUN.yaml "
+          f"--checkpoint.resume {ckpt}")
+    if (Path(args.output) / "tokenizer.model").is_file():
+        print(f"Prepare data with its tokenizer: orchestrator prepare --tokenizer {Path(args.output) / 'tokenizer.model'} ...")
+    else:
+        print("note: no tokenizer.model in the input; prepare data with the sentencepiece model this checkpoint uses")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from orchestrator.generate import generate_text
+
+    text = generate_text(
+        args.checkpoint, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        top_k=args.top_k or None, top_p=args.top_p, seed=args.seed, tokenizer=args.tokenizer, device=args.device,
+        dtype=args.dtype,
+    )  # fmt: skip
+    print(text)
     return 0
 
 
@@ -154,10 +230,45 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="print the resolved config, or the reference of every key")
     p.add_argument("--reference", action="store_true", help="markdown table of every key")
+    p.add_argument("--write", metavar="FILE", help="with --reference: fill the marked block of FILE (README.md)")
     p.set_defaults(fn=cmd_config, takes_rest=True)
 
-    p = sub.add_parser("models", help="list the named model sizes with parameter counts")
+    p = sub.add_parser("models", help="list the named model sizes with parameter counts and FLOPs per token")
+    p.add_argument("--seq-len", type=int, default=None, help="sequence length for FLOPs (default: each size's ctx)")
     p.set_defaults(fn=cmd_models)
+
+    p = sub.add_parser("export", help="training checkpoint -> Hugging Face LlamaForCausalLM directory")
+    p.add_argument("--checkpoint", required=True, help="checkpoint dir (or run dir: its latest checkpoint)")
+    p.add_argument("--output", required=True, help="directory to write (config.json, safetensors, tokenizer)")
+    p.add_argument("--tokenizer", default=None, help="sentencepiece .model (default: data.tokenizer of the run)")
+    p.add_argument("--no-tokenizer", action="store_true", help="export the weights and configs only")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weight dtype (auto: as stored in the checkpoint)")
+    p.add_argument("--max-shard-size", default="5GB", help="split safetensors files above this size")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("import", help="Hugging Face Llama directory -> checkpoint to continue pretraining from")
+    p.add_argument("--input", required=True, help="HF model directory (config.json, *.safetensors or *.bin)")
+    p.add_argument("--output", required=True, help="run directory; gets checkpoints/step-00000000 and tokenizer.model")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weight dtype in the checkpoint (float32: master weights for training)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing imported checkpoint")
+    p.set_defaults(fn=cmd_import)
+
+    p = sub.add_parser("generate", help="sample text from a checkpoint (KV cache)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint dir (or run dir: its latest checkpoint)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", default=None, help="sentencepiece .model (default: data.tokenizer of the run)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bfloat16 on CUDA, float32 on CPU")
+    p.set_defaults(fn=cmd_generate)
     return parser
 
 
