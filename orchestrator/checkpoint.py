@@ -49,6 +49,15 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def resume_target(cfg: Config) -> Path | None:
+    """The checkpoint this run continues from, per checkpoint.resume."""
+    if cfg.checkpoint.resume == "never":
+        return None
+    if cfg.checkpoint.resume == "auto":
+        return latest_checkpoint(checkpoint_root(cfg))
+    return Path(cfg.checkpoint.resume)
+
+
 def remove_partial(root: Path) -> list[Path]:
     """Delete leftovers of interrupted saves; returns what was removed."""
     removed = []
@@ -134,6 +143,16 @@ def load_checkpoint(fabric: Fabric, path: Path, state: dict[str, Any]) -> dict[s
         same_world = len(rng_per_rank) == fabric.world_size
         restore_rng(rng_per_rank[fabric.global_rank if same_world else 0])
     return remainder
+
+
+def load_weights(fabric: Fabric, path: Path, model: torch.nn.Module) -> None:
+    """Only the model weights of checkpoint `path` (a new run starting from pretrained weights)."""
+    if not is_complete(path):
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {META_NAME})")
+    contents = fabric.load(path / STATE_NAME)
+    if "model" not in contents:
+        raise KeyError(f"{path / STATE_NAME} holds no model weights (keys: {sorted(contents)})")
+    model.load_state_dict(contents["model"], strict=True)
 
 
 def read_meta(path: Path) -> dict[str, Any]:

@@ -179,7 +179,8 @@ def cmd_import(args: argparse.Namespace) -> int:
     print(f"Continue pretraining: orchestrator train --config {ckpt / 'config.yaml'} --config YOUR_RUN.yaml "
           f"--checkpoint.resume {ckpt}")
     if (Path(args.output) / "tokenizer.model").is_file():
-        print(f"Prepare data with its tokenizer: orchestrator prepare --tokenizer {Path(args.output) / 'tokenizer.model'} ...")
+        tokenizer = Path(args.output) / "tokenizer.model"
+        print(f"Prepare data with its tokenizer: orchestrator prepare --tokenizer {tokenizer} ...")
     else:
         print("note: no tokenizer.model in the input; prepare data with the sentencepiece model this checkpoint uses")
     return 0

@@ -6,7 +6,6 @@ YAML, applies dotted overrides, checks every key and value, and returns a `Confi
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -71,6 +70,10 @@ class CheckpointConfig:
     interval: int = doc(500, "Optimizer steps between checkpoints (a final one is always written).")
     keep_last: int = doc(3, "Complete checkpoints to keep (older ones are deleted); 0 keeps all.")
     resume: str = doc("auto", "`auto`: latest complete checkpoint in the run dir; `never`; or a checkpoint path.")
+    init_from: str | None = doc(
+        None, "Checkpoint (e.g. from `orchestrator import`) whose model weights start a new run; "
+        "ignored once the run dir has its own checkpoints."
+    )
 
 
 @dataclass
@@ -154,6 +157,12 @@ class Config:
                 "`auto` (latest in the run dir) or `never`"
             )
 
+        if self.checkpoint.init_from is not None and not Path(self.checkpoint.init_from).is_dir():
+            raise ConfigError(
+                f"checkpoint.init_from={self.checkpoint.init_from!r} is not a checkpoint directory "
+                "(make one with `orchestrator import` or point at <run.dir>/checkpoints/step-N)"
+            )
+
     def gradient_accumulation(self, world_size: int) -> int:
         """Micro-batches per optimizer step on each process, from the global batch."""
         per_step = self.train.micro_batch_size * world_size
@@ -233,7 +242,3 @@ def config_from_dict(data: dict) -> Config:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-
-
-def replace(cfg: Config, **sections) -> Config:
-    return dataclasses.replace(cfg, **sections)

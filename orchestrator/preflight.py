@@ -31,12 +31,34 @@ def check_inputs(cfg: Config) -> None:
             "`orchestrator tokenizer --input RAW_DIR --output PREFIX` or point data.tokenizer at a "
             "sentencepiece .model file"
         )
+    check_resume_compatible(cfg)
     vocab = tokenizer_vocab_size(tokenizer_path)
     if vocab > cfg.model.vocab_size:
         raise ConfigError(
             f"data.tokenizer={cfg.data.tokenizer} has {vocab} tokens but model.vocab_size={cfg.model.vocab_size}: "
             f"set --model.vocab_size {vocab} (or larger, e.g. a multiple of 64) or use a smaller tokenizer"
         )
+
+
+def check_resume_compatible(cfg: Config) -> None:
+    """A checkpoint only continues a run of the same model; say so before loading it fails."""
+    import yaml
+
+    from orchestrator.checkpoint import resume_target
+    from orchestrator.schema import to_dict
+
+    for path in (resume_target(cfg), cfg.checkpoint.init_from):
+        if path is None or not (Path(path) / "config.yaml").is_file():
+            continue
+        saved = (yaml.safe_load((Path(path) / "config.yaml").read_text()) or {}).get("model", {})
+        current = to_dict(cfg.model)
+        differing = [k for k in current if k in saved and saved[k] != current[k] and k not in ("name", "attention")]
+        if differing:
+            details = ", ".join(f"model.{k}={saved[k]!r} there but {current[k]!r} here" for k in differing)
+            raise ConfigError(
+                f"checkpoint {path} was trained with a different model ({details}): use the same model "
+                "settings, a new run.dir, or --checkpoint.resume never"
+            )
 
 
 def tokenizer_vocab_size(path: Path) -> int:

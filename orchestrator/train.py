@@ -83,11 +83,14 @@ def train(cfg: Config) -> dict:
         "train_loader": train_loader,
         "progress": progress,
     }
-    resume_from = find_resume(cfg)
+    resume_from = ckpt.resume_target(cfg)
     if resume_from is not None:
         ckpt.load_checkpoint(fabric, resume_from, state)
         progress = state["progress"]
         fabric.print(f"Resumed from {resume_from} at step {progress['step']}", flush=True)
+    elif cfg.checkpoint.init_from is not None:
+        ckpt.load_weights(fabric, Path(cfg.checkpoint.init_from), model)
+        fabric.print(f"Initialised model weights from {cfg.checkpoint.init_from}", flush=True)
 
     tokens_per_step = cfg.train.micro_batch_size * cfg.seq_len * accumulation * fabric.world_size
     fabric.print(
@@ -159,14 +162,6 @@ def prepare_run_dir(cfg: Config) -> None:
     save_config(cfg, run_dir / "config.yaml")
     for stale in ckpt.remove_partial(ckpt.checkpoint_root(cfg)):
         print(f"Removed incomplete checkpoint {stale} (an interrupted save)", flush=True)
-
-
-def find_resume(cfg: Config) -> Path | None:
-    if cfg.checkpoint.resume == "never":
-        return None
-    if cfg.checkpoint.resume == "auto":
-        return ckpt.latest_checkpoint(ckpt.checkpoint_root(cfg))
-    return Path(cfg.checkpoint.resume)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:

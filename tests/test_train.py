@@ -184,3 +184,22 @@ def test_bad_inputs_stop_before_training(sample_data, tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err, (message, err)
     assert not (tmp_path / "run").exists()  # nothing was started
+
+
+def test_init_from_starts_a_new_run_from_weights(sample_data, straight_run, tmp_path):
+    straight_dir, _ = straight_run
+    source = ckpt.latest_checkpoint(straight_dir / "checkpoints")
+    proc = train(tmp_path, sample_data, "--train.max_steps", "1", "--eval.interval", "0",
+                 "--checkpoint.init_from", str(source))
+    assert "Initialised model weights from" in proc.stdout
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    straight = json.loads((straight_dir / "summary.json").read_text())
+    # Same weights, same validation batches: the new run's first validation equals the source's last.
+    assert summary["initial_val_loss"] == straight["final_val_loss"]
+
+
+def test_resume_refuses_a_different_model(sample_data, straight_run, capsys):
+    straight_dir, _ = straight_run
+    code = train_main([*TINY, *data_args(sample_data), "--run.dir", str(straight_dir), "--model.n_layers", "3"])
+    assert code == 2
+    assert "model.n_layers=2 there but 3 here" in capsys.readouterr().err
