@@ -1,61 +1,82 @@
-"""Checkpoints that are either complete or ignored.
+"""Checkpoints that are either complete and verified, or never used.
 
 Layout: <run.dir>/checkpoints/step-00000100/ holding `state` (a file, or a directory for
-sharded strategies), `config.yaml` and `meta.json`. Everything is written into
-`step-00000100.partial/` first; only after every rank has finished does rank 0 write
-`meta.json` and rename the directory. A crash mid-save leaves a `.partial` directory, which
-is never taken for a checkpoint and is removed at the next start.
+sharded strategies), `config.yaml` and `manifest.json`.
+
+Writing: every rank writes into `step-00000100.partial/`; rank 0 then flushes every file to
+disk, writes the manifest (each file's size and SHA-256, step, tokens seen, config hash)
+last, and publishes the directory with an atomic rename. A crash at any moment leaves either
+the previous checkpoints untouched plus a `.partial` directory (removed at the next start),
+or a complete new checkpoint.
+
+Reading: auto-resume takes the newest checkpoint whose manifest matches its files, falls back
+to older ones when the newest is damaged, and says why. Loading never runs pickled code:
+`torch.load(weights_only=True)` refuses anything but tensors and plain containers.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import pickle
 import random
 import re
 import shutil
+import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from lightning.fabric import Fabric
 
 from orchestrator.config import Config, save_config
 from orchestrator.distributed import gather_object, on_rank_zero
+from orchestrator.schema import to_dict
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 STATE_NAME = "state"
-META_NAME = "meta.json"
+MANIFEST_NAME = "manifest.json"
+MANIFEST_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read; the message says which and what to do."""
+
+
+# ----------------------------------------------------------------------------- finding
 
 
 def checkpoint_root(cfg: Config) -> Path:
     return Path(cfg.run.dir) / "checkpoints"
 
 
-def is_complete(path: Path) -> bool:
-    return path.is_dir() and STEP_DIR.match(path.name) is not None and (path / META_NAME).is_file()
+def checkpoint_step(path: Path) -> int:
+    match = STEP_DIR.match(path.name)
+    if match is None:
+        raise ValueError(f"{path} is not a step-NNNNNNNN checkpoint directory")
+    return int(match.group(1))
+
+
+def is_published(path: Path) -> bool:
+    """Renamed into place with a manifest (cheap; `verify` checks the contents)."""
+    return path.is_dir() and STEP_DIR.match(path.name) is not None and (path / MANIFEST_NAME).is_file()
 
 
 def list_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints under `root`, oldest first."""
+    """Published checkpoints under `root`, oldest first."""
     if not root.is_dir():
         return []
-    return sorted((p for p in root.iterdir() if is_complete(p)), key=lambda p: p.name)
+    return sorted((p for p in root.iterdir() if is_published(p)), key=lambda p: p.name)
 
 
 def latest_checkpoint(root: Path) -> Path | None:
     found = list_checkpoints(root)
     return found[-1] if found else None
-
-
-def resume_target(cfg: Config) -> Path | None:
-    """The checkpoint this run continues from, per checkpoint.resume."""
-    if cfg.checkpoint.resume == "never":
-        return None
-    if cfg.checkpoint.resume == "auto":
-        return latest_checkpoint(checkpoint_root(cfg))
-    return Path(cfg.checkpoint.resume)
 
 
 def remove_partial(root: Path) -> list[Path]:
@@ -67,6 +88,129 @@ def remove_partial(root: Path) -> list[Path]:
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
                 removed.append(p)
     return removed
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+def config_hash(cfg: Config) -> str:
+    text = json.dumps(to_dict(cfg), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def file_sha256(path: Path, chunk: int = 16 << 20) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        _fsync_file(path)
+    except OSError:  # some filesystems refuse fsync on directories; the rename is still atomic
+        pass
+
+
+def _payload_files(ckpt_dir: Path) -> list[Path]:
+    return sorted(p for p in ckpt_dir.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
+
+
+def write_manifest(ckpt_dir: Path, info: dict[str, Any]) -> dict[str, Any]:
+    """Flush every file of `ckpt_dir` to disk, then write the manifest describing them (last)."""
+    files = {}
+    for path in _payload_files(ckpt_dir):
+        _fsync_file(path)
+        files[str(path.relative_to(ckpt_dir))] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
+    manifest = {"version": MANIFEST_VERSION, **info, "files": files}
+    tmp = ckpt_dir / (MANIFEST_NAME + ".tmp")
+    with tmp.open("w") as f:
+        json.dump(manifest, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.rename(ckpt_dir / MANIFEST_NAME)
+    _fsync_dir(ckpt_dir)
+    return manifest
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    return json.loads((path / MANIFEST_NAME).read_text())
+
+
+def verify(path: Path, checksums: bool = True) -> str | None:
+    """None if `path` is a complete checkpoint matching its manifest, else the reason it is not."""
+    if not path.is_dir():
+        return "not a directory"
+    if not (path / MANIFEST_NAME).is_file():
+        return "no manifest (the save was interrupted)"
+    try:
+        manifest = read_manifest(path)
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError) as e:
+        return f"unreadable manifest ({e})"
+    if not any(name == STATE_NAME or name.startswith(STATE_NAME + "/") for name in files):
+        return "manifest lists no state"
+    for name, expected in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"missing file {name}"
+        size = file.stat().st_size
+        if size != expected["size"]:
+            return f"{name} is {size} bytes, manifest says {expected['size']} (truncated or overwritten)"
+        if checksums and file_sha256(file) != expected["sha256"]:
+            return f"{name} does not match its SHA-256 in the manifest (corrupted)"
+    return None
+
+
+def choose_resume(cfg: Config) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The checkpoint to resume from per checkpoint.resume, and the damaged ones passed over."""
+    if cfg.checkpoint.resume == "never":
+        return None, []
+    if cfg.checkpoint.resume != "auto":
+        path = Path(cfg.checkpoint.resume)
+        reason = verify(path, checksums=cfg.checkpoint.verify_checksums)
+        if reason is not None:
+            raise CheckpointError(f"checkpoint.resume={path} cannot be used: {reason}")
+        return path, []
+    skipped = []
+    for path in reversed(list_checkpoints(checkpoint_root(cfg))):
+        reason = verify(path, checksums=cfg.checkpoint.verify_checksums)
+        if reason is None:
+            return path, skipped
+        skipped.append((path, reason))
+    return None, skipped
+
+
+def resume_target(cfg: Config) -> Path | None:
+    """Where a run would resume from without verifying contents (cheap; for pre-launch checks)."""
+    if cfg.checkpoint.resume == "never":
+        return None
+    if cfg.checkpoint.resume == "auto":
+        return latest_checkpoint(checkpoint_root(cfg))
+    return Path(cfg.checkpoint.resume)
+
+
+def resume_step_hint(cfg: Config) -> int | None:
+    """The step a run will probably resume at (before verification), from the manifest."""
+    path = resume_target(cfg)
+    if path is None or not (path / MANIFEST_NAME).is_file():
+        return None
+    try:
+        return int(read_manifest(path)["step"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+# ----------------------------------------------------------------------------- RNG
 
 
 def capture_rng() -> dict[str, Any]:
@@ -95,65 +239,228 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(fabric: Fabric, cfg: Config, state: dict[str, Any], step: int) -> Path:
-    """Write a complete checkpoint for `step` (collective: every rank must call it)."""
-    root = checkpoint_root(cfg)
-    final = root / f"step-{step:08d}"
-    partial = root / f"step-{step:08d}.partial"
-    on_rank_zero(fabric, lambda: (root.mkdir(parents=True, exist_ok=True), shutil.rmtree(partial, True)))
-    fabric.barrier()
-    # Every rank's RNG state, so each process continues its own random stream.
-    full_state = dict(state, rng=gather_object(fabric, capture_rng()))
-    fabric.save(partial / STATE_NAME, full_state)
-    fabric.barrier()
-
-    def finish() -> None:
-        save_config(cfg, partial / "config.yaml")
-        meta = {"step": step, "world_size": fabric.world_size, "time": time.time()}
-        (partial / META_NAME).write_text(json.dumps(meta, indent=2))
-        if final.exists():  # a re-run of the same step (e.g. after resuming from an older one)
-            shutil.rmtree(final)
-        partial.rename(final)
-        prune(root, cfg.checkpoint.keep_last)
-
-    on_rank_zero(fabric, finish)
-    fabric.barrier()
-    return final
+# ----------------------------------------------------------------------------- saving
 
 
-def prune(root: Path, keep_last: int) -> None:
+@dataclass
+class SaveReport:
+    path: Path
+    step: int
+    stall_seconds: float  # training was blocked this long
+    write_seconds: float | None = None  # total time to publish (None while an async save runs)
+    size_bytes: int | None = None
+    total_bytes: int | None = None  # all checkpoints of the run, after retention
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
+
+
+def _publish(cfg: Config, partial: Path, final: Path, info: dict[str, Any]) -> None:
+    """Rank 0: config, manifest (last), atomic rename, retention."""
+    save_config(cfg, partial / "config.yaml")
+    write_manifest(partial, info)
+    if final.exists():  # the same step again (after resuming from an older checkpoint)
+        shutil.rmtree(final)
+    partial.rename(final)
+    _fsync_dir(final.parent)
+    prune(final.parent, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every)
+
+
+def _manifest_info(fabric: Fabric, cfg: Config, step: int, tokens_seen: int) -> dict[str, Any]:
+    return {
+        "step": step,
+        "tokens_seen": tokens_seen,
+        "config_hash": config_hash(cfg),
+        "world_size": fabric.world_size,
+        "strategy": cfg.strategy.name,
+        "time": time.time(),
+    }
+
+
+def _agree_on_errors(fabric: Fabric, error: BaseException | None, what: str) -> None:
+    """Every rank learns whether any rank failed, so none waits forever at the next collective."""
+    errors = gather_object(fabric, None if error is None else f"{type(error).__name__}: {error}")
+    failed = [(rank, e) for rank, e in enumerate(errors) if e is not None]
+    if failed:
+        details = "; ".join(f"rank {rank}: {e}" for rank, e in failed)
+        raise CheckpointError(f"{what} failed ({details})") from error
+
+
+class Checkpointer:
+    """Saves (synchronously, or in a background thread) and restores the training state."""
+
+    def __init__(self, fabric: Fabric, cfg: Config) -> None:
+        self.fabric = fabric
+        self.cfg = cfg
+        self.root = checkpoint_root(cfg)
+        self._thread: threading.Thread | None = None
+        self._async_error: BaseException | None = None
+        self.completed: list[SaveReport] = []
+
+    # -- save ------------------------------------------------------------------------------
+
+    def save(self, state: dict[str, Any], step: int, tokens_seen: int) -> SaveReport:
+        """Write the checkpoint of `step` (collective: every rank calls it)."""
+        self.wait()  # one save at a time; also surfaces an earlier async failure
+        final = self.root / f"step-{step:08d}"
+        partial = self.root / f"step-{step:08d}.partial"
+        started = time.perf_counter()
+        on_rank_zero(self.fabric, lambda: (self.root.mkdir(parents=True, exist_ok=True), shutil.rmtree(partial, True)))
+        self.fabric.barrier()
+        # Every rank's RNG state, so each process continues its own random stream.
+        full_state = dict(state, rng=gather_object(self.fabric, capture_rng()))
+        info = _manifest_info(self.fabric, self.cfg, step, tokens_seen)
+        if self.cfg.checkpoint.async_save:
+            return self._save_async(full_state, partial, final, info, started)
+
+        error = None
+        try:
+            self.fabric.save(partial / STATE_NAME, full_state)
+        except Exception as e:  # noqa: BLE001 - reported to every rank below
+            error = e
+        try:
+            _agree_on_errors(self.fabric, error, f"writing checkpoint {partial}")
+        except CheckpointError as e:
+            on_rank_zero(self.fabric, lambda: shutil.rmtree(partial, ignore_errors=True))
+            raise CheckpointError(f"{e}. The previous checkpoints are intact; fix the cause (e.g. free disk "
+                                  "space) and rerun to resume from the latest one") from error
+        self.fabric.barrier()
+
+        def publish() -> None:
+            try:
+                _publish(self.cfg, partial, final, info)
+            except Exception:
+                shutil.rmtree(partial, ignore_errors=True)
+                raise
+
+        error = None
+        try:
+            on_rank_zero(self.fabric, publish)
+        except Exception as e:  # noqa: BLE001
+            error = e
+        _agree_on_errors(self.fabric, error, f"publishing checkpoint {final}")
+        self.fabric.barrier()
+        elapsed = time.perf_counter() - started
+        report = SaveReport(final, step, stall_seconds=elapsed, write_seconds=elapsed,
+                            size_bytes=dir_size(final), total_bytes=dir_size(self.root))
+        self.completed.append(report)
+        return report
+
+    def _save_async(self, full_state, partial: Path, final: Path, info, started: float) -> SaveReport:
+        """Snapshot the state to CPU memory now; write and publish it in a background thread."""
+        strategy = self.fabric.strategy
+        if getattr(strategy, "sharded", False) or type(strategy).__name__ in ("DeepSpeedStrategy", "FSDPStrategy",
+                                                                              "ModelParallelStrategy"):
+            raise CheckpointError(
+                "checkpoint.async_save works with ddp/single-device strategies; set it to false for sharded ones"
+            )
+        from lightning.fabric.wrappers import _unwrap_objects
+
+        snapshot = None
+        if self.fabric.is_global_zero:
+            converted = strategy._convert_stateful_objects_in_state(_unwrap_objects(full_state), filter={})
+            snapshot = _to_cpu_copy(converted)
+        self.fabric.barrier()
+        stall = time.perf_counter() - started
+
+        def write() -> None:
+            try:
+                partial.mkdir(parents=True, exist_ok=True)
+                torch.save(snapshot, partial / STATE_NAME)
+                _publish(self.cfg, partial, final, info)
+                self.completed.append(SaveReport(final, info["step"], stall_seconds=stall,
+                                                 write_seconds=time.perf_counter() - started,
+                                                 size_bytes=dir_size(final), total_bytes=dir_size(self.root)))
+            except BaseException as e:  # noqa: BLE001 - raised on the training thread at the next wait()
+                shutil.rmtree(partial, ignore_errors=True)
+                self._async_error = e
+
+        if self.fabric.is_global_zero:
+            self._thread = threading.Thread(target=write, name=f"checkpoint-{final.name}", daemon=False)
+            self._thread.start()
+        return SaveReport(final, info["step"], stall_seconds=stall)
+
+    def wait(self) -> None:
+        """Finish a background save; every rank learns if it failed."""
+        if not self.cfg.checkpoint.async_save:
+            return
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._async_error = self._async_error, None
+        _agree_on_errors(self.fabric, error, "a background checkpoint save")
+
+    # -- load ------------------------------------------------------------------------------
+
+    def load(self, path: Path, state: dict[str, Any]) -> None:
+        """Fill `state` in place from checkpoint `path` (its stateful objects and plain values)."""
+        state["rng"] = None
+        with _safe_load_errors(path):
+            self.fabric.load(path / STATE_NAME, state, weights_only=True)
+        rng_per_rank = state.pop("rng")
+        if rng_per_rank is not None:
+            # Same world size: each rank takes its own stream; otherwise rank 0's is all we can offer.
+            same_world = len(rng_per_rank) == self.fabric.world_size
+            restore_rng(rng_per_rank[self.fabric.global_rank if same_world else 0])
+
+    def load_weights(self, path: Path, model: torch.nn.Module) -> None:
+        """Only the model weights of checkpoint `path` (a new run starting from pretrained weights)."""
+        reason = verify(path, checksums=self.cfg.checkpoint.verify_checksums)
+        if reason is not None:
+            raise CheckpointError(f"checkpoint.init_from={path} cannot be used: {reason}")
+        with _safe_load_errors(path):
+            contents = self.fabric.load(path / STATE_NAME, weights_only=True)
+        if "model" not in contents:
+            raise CheckpointError(f"{path / STATE_NAME} holds no model weights (keys: {sorted(contents)})")
+        model.load_state_dict(contents["model"], strict=True)
+
+
+class _safe_load_errors:
+    """Turn torch's weights-only refusal into a clear message about an unsafe checkpoint."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is not None and isinstance(exc, pickle.UnpicklingError):
+            raise CheckpointError(
+                f"refusing to load {self.path}: it contains pickled objects other than tensors and plain "
+                f"containers, which could run arbitrary code ({str(exc).splitlines()[0]}). Only load "
+                "checkpoints written by this trainer or exported as safetensors."
+            ) from exc
+        return False
+
+
+def _to_cpu_copy(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu_copy(v) for v in obj)
+    return obj
+
+
+def prune(root: Path, keep_last: int, keep_every: int = 0) -> list[Path]:
+    """Keep the newest `keep_last` checkpoints plus every step that is a multiple of `keep_every`."""
     if keep_last <= 0:
-        return
+        return []
+    removed = []
     for old in list_checkpoints(root)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        if keep_every and checkpoint_step(old) % keep_every == 0:
+            continue
+        # Unlist it atomically first: a kill during the delete leaves a .partial, never a half checkpoint.
+        doomed = old.with_name(old.name + ".deleting.partial")
+        old.rename(doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+        removed.append(old)
+    return removed
 
 
-def load_checkpoint(fabric: Fabric, path: Path, state: dict[str, Any]) -> dict[str, Any]:
-    """Fill `state` in place from checkpoint dir `path`; returns what was not a stateful object."""
-    if not is_complete(path):
-        raise FileNotFoundError(
-            f"{path} is not a complete checkpoint (no {META_NAME}); pass a directory like "
-            f"<run.dir>/checkpoints/step-00000100"
-        )
-    state["rng"] = None
-    remainder = fabric.load(path / STATE_NAME, state)
-    rng_per_rank = state.pop("rng")
-    if rng_per_rank is not None:
-        # Same world size: each rank takes its own stream; otherwise rank 0's is all we can offer.
-        same_world = len(rng_per_rank) == fabric.world_size
-        restore_rng(rng_per_rank[fabric.global_rank if same_world else 0])
-    return remainder
-
-
-def load_weights(fabric: Fabric, path: Path, model: torch.nn.Module) -> None:
-    """Only the model weights of checkpoint `path` (a new run starting from pretrained weights)."""
-    if not is_complete(path):
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {META_NAME})")
-    contents = fabric.load(path / STATE_NAME)
-    if "model" not in contents:
-        raise KeyError(f"{path / STATE_NAME} holds no model weights (keys: {sorted(contents)})")
-    model.load_state_dict(contents["model"], strict=True)
-
-
-def read_meta(path: Path) -> dict[str, Any]:
-    return json.loads((path / META_NAME).read_text())
+def saved_config(path: Path) -> dict[str, Any]:
+    return yaml.safe_load((path / "config.yaml").read_text()) or {}

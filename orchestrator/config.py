@@ -68,7 +68,10 @@ class EvalConfig:
 @dataclass
 class CheckpointConfig:
     interval: int = doc(500, "Optimizer steps between checkpoints (a final one is always written).")
-    keep_last: int = doc(3, "Complete checkpoints to keep (older ones are deleted); 0 keeps all.")
+    keep_last: int = doc(3, "Newest complete checkpoints to keep (older ones are deleted); 0 keeps all.")
+    keep_every: int = doc(0, "Also keep, permanently, every checkpoint whose step is a multiple of this (0: none).")
+    async_save: bool = doc(False, "Write checkpoints in a background thread; training stalls only for a CPU snapshot.")
+    verify_checksums: bool = doc(True, "Check every file's SHA-256 against the manifest before resuming from it.")
     resume: str = doc("auto", "`auto`: latest complete checkpoint in the run dir; `never`; or a checkpoint path.")
     init_from: str | None = doc(
         None, "Checkpoint (e.g. from `orchestrator import`) whose model weights start a new run; "
@@ -83,14 +86,76 @@ class LoggingConfig:
 
 
 @dataclass
+class GuardConfig:
+    skip_nonfinite: bool = doc(True, "Skip the update of a step whose loss or gradient norm is NaN or Inf.")
+    spike_factor: float = doc(0.0, "Skip the update of a step whose loss exceeds this x the running mean (0: off).")
+    spike_warmup: int = doc(50, "Good steps that build the running mean before spikes are judged.")
+    rollback_after: int = doc(5, "Bad steps in a row that roll the run back to the last checkpoint (0: never).")
+    rollback_skip_data: bool = doc(True, "After a rollback, go on with the data after the offending batches.")
+    max_rollbacks: int = doc(3, "Rollbacks before the run stops with an error instead of diverging.")
+
+
+@dataclass
+class FaultsConfig:
+    nan_loss_at_steps: list[int] = doc([], "Fault drill: make the loss of these steps NaN, once each (tests the guard).")
+
+
+@dataclass
 class StrategyConfig:
-    name: Literal["ddp", "auto", "single"] = doc("ddp", "How the model is replicated/sharded across processes.")
-    accelerator: Literal["auto", "cpu", "cuda"] = doc("auto", "Device type; `auto` uses CUDA when present.")
-    devices: int = doc(1, "Processes (GPUs, or CPU processes) per node.")
-    num_nodes: int = doc(1, "Number of nodes (set by Slurm in cluster runs).")
-    precision: Literal["32-true", "bf16-mixed", "bf16-true", "16-mixed"] = doc(
-        "32-true", "Numerical precision (Fabric precision string)."
+    name: Literal["ddp", "fsdp", "deepspeed", "single", "auto"] = doc(
+        "ddp", "How the model is spread over processes: `ddp` (replicated), `fsdp` (FSDP2, `fully_shard` per "
+        "transformer block), `deepspeed` (ZeRO, see strategy.zero_stage), `single` (one process, no "
+        "process group), `auto` (Fabric's choice)."
     )
+    accelerator: Literal["auto", "cpu", "cuda"] = doc("auto", "Device type; `auto` uses CUDA when present.")
+    devices: int = doc(
+        1, "Processes (GPUs, or CPU processes) per node. Under Slurm (srun) and `fabric run` the launcher's "
+        "process count is used, and a different value here is reported."
+    )
+    num_nodes: int = doc(1, "Number of nodes (taken from Slurm / `fabric run` when launched by them).")
+    precision: Literal["32-true", "bf16-mixed", "bf16-true", "16-mixed"] = doc(
+        "32-true", "Numerical precision (Fabric precision string): `bf16-mixed` on GPU; `32-true`, `bf16-mixed` "
+        "or `bf16-true` on CPU."
+    )
+    zero_stage: int = doc(
+        2, "DeepSpeed ZeRO stage (strategy.name=deepspeed): 1 shards optimizer state, 2 also gradients, 3 also "
+        "parameters."
+    )
+    offload_optimizer: bool = doc(
+        False, "DeepSpeed: keep optimizer state (and its step) in CPU memory (GPU runs; slower, saves GPU memory)."
+    )
+    offload_params: bool = doc(False, "DeepSpeed ZeRO-3: keep parameters in CPU memory between uses (GPU runs).")
+    reshard_after_forward: bool = doc(
+        True, "FSDP: free gathered parameters after each block's forward (ZeRO-3-like); false keeps them until "
+        "backward (ZeRO-2-like: more memory, less communication)."
+    )
+    activation_checkpointing: bool = doc(
+        False, "Recompute each transformer block's activations in backward instead of storing them (any strategy)."
+    )
+    sharded_checkpoint: bool = doc(
+        True, "FSDP: every rank writes its own shard (a directory); false gathers one full file on rank 0. "
+        "DeepSpeed checkpoints are always sharded. `orchestrator consolidate` turns either into one file."
+    )
+    timeout_s: int = doc(
+        1800, "Seconds any collective (and the start-up rendezvous) waits for the other ranks before the job "
+        "fails with an error instead of hanging (a rank that died, hangs, or lost its node)."
+    )
+    requeue: bool = doc(
+        True, "Inside a Slurm job: on SIGUSR1 (e.g. `#SBATCH --signal=USR1@300`) finish the step, save, run "
+        "`scontrol requeue $SLURM_JOB_ID` and exit; the requeued job resumes. SIGTERM saves and exits."
+    )
+
+    def validate(self) -> None:
+        if self.zero_stage not in (1, 2, 3):
+            raise ConfigError(f"strategy.zero_stage must be 1, 2 or 3, got {self.zero_stage}")
+        if self.offload_params and not (self.name == "deepspeed" and self.zero_stage == 3):
+            raise ConfigError("strategy.offload_params needs strategy.name=deepspeed and strategy.zero_stage=3")
+        if self.offload_optimizer and self.name != "deepspeed":
+            raise ConfigError("strategy.offload_optimizer needs strategy.name=deepspeed")
+        if self.accelerator == "cpu" and self.precision == "16-mixed":
+            raise ConfigError("strategy.precision=16-mixed needs a GPU; use 32-true or bf16-mixed on CPU")
+        if self.timeout_s <= 0:
+            raise ConfigError(f"strategy.timeout_s must be positive, got {self.timeout_s}")
 
 
 @dataclass
@@ -111,6 +176,8 @@ class Config:
     checkpoint: CheckpointConfig = section(CheckpointConfig, "Checkpointing and resume.")
     logging: LoggingConfig = section(LoggingConfig, "TensorBoard and metrics.")
     strategy: StrategyConfig = section(StrategyConfig, "Parallelism and precision.")
+    guard: GuardConfig = section(GuardConfig, "Bad-step detection and rollback.")
+    faults: FaultsConfig = section(FaultsConfig, "Fault injection for drills and tests (empty in real runs).")
 
     @property
     def seq_len(self) -> int:
@@ -119,6 +186,7 @@ class Config:
     def validate(self) -> None:
         """Value checks that need no files or processes; raise ConfigError naming the key."""
         self.model.validate()
+        self.strategy.validate()
         positive = {
             "train.max_steps": self.train.max_steps,
             "train.micro_batch_size": self.train.micro_batch_size,
@@ -136,6 +204,11 @@ class Config:
             "checkpoint.keep_last": self.checkpoint.keep_last,
             "schedule.warmup_steps": self.schedule.warmup_steps,
             "data.num_workers": self.data.num_workers,
+            "checkpoint.keep_every": self.checkpoint.keep_every,
+            "guard.spike_factor": self.guard.spike_factor,
+            "guard.spike_warmup": self.guard.spike_warmup,
+            "guard.rollback_after": self.guard.rollback_after,
+            "guard.max_rollbacks": self.guard.max_rollbacks,
         }.items():
             if value < 0:
                 raise ConfigError(f"{key} must be >= 0, got {value}")

@@ -25,12 +25,34 @@ def tensorboard_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "tensorboard"
 
 
-def make_loggers(cfg) -> list:
+def make_loggers(cfg, resume_step: int | None = None) -> list:
     if not cfg.logging.tensorboard:
         return []
     # version="" keeps every (re)start of the run in one directory, so a resumed run's
-    # curves continue on the same TensorBoard plot.
-    return [TensorBoardLogger(root_dir=cfg.run.dir, name="tensorboard", version="")]
+    # curves continue on the same plot; purge_step hides what a killed run logged after
+    # the checkpoint it resumes from (those steps are trained again).
+    extra = {"purge_step": resume_step + 1} if resume_step is not None else {}
+    return [TensorBoardLogger(root_dir=cfg.run.dir, name="tensorboard", version="", **extra)]
+
+
+def truncate_metrics(path: Path, keep_through_step: int) -> None:
+    """Drop records of steps after `keep_through_step` (a resumed run trains them again) and a
+    torn last line left by a killed process."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        if not line.endswith("\n"):
+            break
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("step", 0) <= keep_through_step:
+            kept.append(line)
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)
 
 
 def batch_fingerprint(tokens: torch.Tensor) -> int:
@@ -59,7 +81,7 @@ class Monitor:
         self.interval_tokens = 0
         self.interval_steps = 0
         self.start_step = start_step
-        self.step_times: list[float] = []
+        on_rank_zero(fabric, lambda: truncate_metrics(self.metrics_path, start_step))
 
     def record(self, values: dict[str, Any]) -> None:
         """Append one JSON line to metrics.jsonl (rank 0)."""
@@ -112,6 +134,34 @@ class Monitor:
         self.record({"step": step, "val_loss": loss, "val_perplexity": perplexity})
         self.fabric.print(f"step {step:>6}/{self.cfg.train.max_steps} | val_loss {loss:.4f} | "
                           f"val_ppl {perplexity:.2f}", flush=True)
+
+    def bad_step(self, step: int, reason: str, total: int) -> None:
+        self.fabric.log_dict({"train/bad_steps": float(total)}, step=step)
+        self.record({"step": step, "bad_step": reason, "bad_steps_total": total})
+        self.fabric.print(f"step {step:>6}/{self.cfg.train.max_steps} | skipped update: {reason} "
+                          f"({total} bad step(s) so far)", flush=True)
+
+    def rollback(self, step: int, target: Path, rollbacks: int) -> None:
+        self.fabric.log_dict({"train/rollbacks": float(rollbacks)}, step=step)
+        self.record({"step": step, "rollback_to": str(target), "rollbacks_total": rollbacks})
+        self.fabric.print(f"step {step:>6}/{self.cfg.train.max_steps} | too many bad steps in a row: rolled back "
+                          f"to {target} (rollback {rollbacks}/{self.cfg.guard.max_rollbacks})", flush=True)
+
+    def checkpoint(self, report) -> None:
+        values = {"checkpoint/stall_seconds": report.stall_seconds}
+        if report.write_seconds is None:
+            self.fabric.print(f"Saving checkpoint {report.path} in the background "
+                              f"(training stalled {report.stall_seconds:.2f}s)", flush=True)
+        else:
+            values["checkpoint/write_seconds"] = report.write_seconds
+            values["checkpoint/size_mb"] = report.size_bytes / 2**20
+            values["checkpoint/all_checkpoints_mb"] = report.total_bytes / 2**20
+            self.fabric.print(f"Saved checkpoint {report.path} ({report.size_bytes / 2**20:,.1f} MB in "
+                              f"{report.write_seconds:.2f}s, training stalled {report.stall_seconds:.2f}s; "
+                              f"checkpoints use {report.total_bytes / 2**20:,.1f} MB)", flush=True)
+        self.fabric.log_dict(values, step=report.step)
+        self.record({"step": report.step, "checkpoint": str(report.path),
+                     **{k.split("/")[1]: v for k, v in values.items()}})
 
     def close(self) -> None:
         for logger in self.fabric.loggers:

@@ -26,8 +26,10 @@ from data.loader import make_dataloader
 from models.llama import Llama, count_parameters
 from orchestrator import checkpoint as ckpt
 from orchestrator.config import Config, load_config, save_config
+from orchestrator.guard import StepGuard
 from orchestrator.distributed import (
     build_fabric,
+    fail_fast,
     gather_object,
     launched_by_fabric_cli,
     on_rank_zero,
@@ -37,6 +39,8 @@ from orchestrator.monitor import Monitor, batch_fingerprint, make_loggers, tenso
 from orchestrator.preflight import check_inputs
 from orchestrator.schedule import build_scheduler
 from orchestrator.schema import ConfigError
+from orchestrator.slurm import StopSignals, finish_stop
+from orchestrator.strategies import apply_activation_checkpointing, wants_activation_checkpointing_outside
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,12 +50,19 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    train(cfg)
-    return 0
+    try:
+        summary = train(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # one rank failing ends every rank, with a clear message
+        fail_fast(e, cfg.strategy.timeout_s)  # returns only in a single-process run
+        raise
+    return summary.get("exit_code", 0)
 
 
 def train(cfg: Config) -> dict:
-    fabric = build_fabric(cfg, loggers=make_loggers(cfg))
+    fabric = build_fabric(cfg, loggers=make_loggers(cfg, resume_step=ckpt.resume_step_hint(cfg)))
     if not launched_by_fabric_cli():
         fabric.launch()
     if fabric.device.type == "cpu":
@@ -64,6 +75,8 @@ def train(cfg: Config) -> dict:
     fabric.seed_everything(cfg.run.seed)
     with fabric.init_module():
         model = Llama(cfg.model)
+    if wants_activation_checkpointing_outside(cfg):  # FSDP applies it while sharding
+        apply_activation_checkpointing(model)
     optimizer = build_optimizer(model, cfg)
     model, optimizer = fabric.setup(model, optimizer)
     scheduler = build_scheduler(optimizer, cfg)
@@ -76,20 +89,26 @@ def train(cfg: Config) -> dict:
         num_workers=cfg.data.num_workers,
     )
     progress = {"step": 0, "tokens_seen": 0, "initial_val_loss": None}
+    guard = StepGuard(cfg)
     state = {
         "model": model,
         "optimizer": optimizer,
         "scheduler": scheduler,
         "train_loader": train_loader,
+        "guard": guard,
         "progress": progress,
     }
-    resume_from = ckpt.resume_target(cfg)
+    checkpointer = ckpt.Checkpointer(fabric, cfg)
+    # Rank 0 verifies the checkpoints (checksums) once; every rank loads the one it chose.
+    resume_from, damaged = fabric.broadcast(on_rank_zero(fabric, lambda: ckpt.choose_resume(cfg)))
+    for path, reason in damaged:
+        fabric.print(f"Skipping damaged checkpoint {path}: {reason}; falling back to an older one", flush=True)
     if resume_from is not None:
-        ckpt.load_checkpoint(fabric, resume_from, state)
+        checkpointer.load(resume_from, state)
         progress = state["progress"]
         fabric.print(f"Resumed from {resume_from} at step {progress['step']}", flush=True)
     elif cfg.checkpoint.init_from is not None:
-        ckpt.load_weights(fabric, Path(cfg.checkpoint.init_from), model)
+        checkpointer.load_weights(Path(cfg.checkpoint.init_from), model)
         fabric.print(f"Initialised model weights from {cfg.checkpoint.init_from}", flush=True)
 
     tokens_per_step = cfg.train.micro_batch_size * cfg.seq_len * accumulation * fabric.world_size
@@ -107,8 +126,11 @@ def train(cfg: Config) -> dict:
         monitor.validation(0, val_loss)
 
     batches = endless(train_loader)
+    faults_fired: set[int] = set()
     model.train()
+    stop_signals = StopSignals()  # SIGUSR1 / SIGTERM: save after this step, requeue under Slurm, exit
     while progress["step"] < cfg.train.max_steps:
+        step = progress["step"] + 1
         step_loss = torch.zeros((), device=fabric.device)
         hashes = []
         for micro_step in range(accumulation):
@@ -119,30 +141,52 @@ def train(cfg: Config) -> dict:
             with fabric.no_backward_sync(model, enabled=micro_step < accumulation - 1):
                 logits = model(inputs)  # (B, T, V)
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+                if step in cfg.faults.nan_loss_at_steps and step not in faults_fired:
+                    loss = loss * float("nan")  # a transient fault: once per step number per process
                 fabric.backward(loss / accumulation)
             step_loss += loss.detach() / accumulation
+        if step in cfg.faults.nan_loss_at_steps:
+            faults_fired.add(step)
         max_norm = cfg.optimizer.grad_clip if cfg.optimizer.grad_clip > 0 else float("inf")
-        grad_norm = fabric.clip_gradients(model, optimizer, max_norm=max_norm)
+        grad_norm = float(fabric.clip_gradients(model, optimizer, max_norm=max_norm, error_if_nonfinite=False))
+        mean_loss = fabric.all_reduce(step_loss, reduce_op="mean").item()
         lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
+        bad_reason = guard.judge(mean_loss, grad_norm)
+        if bad_reason is None:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        progress["step"] += 1
+        progress["step"] = step
         progress["tokens_seen"] += tokens_per_step
-        step = progress["step"]
 
-        mean_loss = fabric.all_reduce(step_loss, reduce_op="mean").item()
         all_hashes = [h for rank in gather_object(fabric, hashes) for h in rank] if hashes else None
-        monitor.train_step(step, mean_loss, lr, float(grad_norm), progress["tokens_seen"], tokens_per_step,
-                           all_hashes)
+        monitor.train_step(step, mean_loss, lr, grad_norm, progress["tokens_seen"], tokens_per_step, all_hashes)
+        if guard.record(bad_reason, mean_loss):
+            progress = roll_back(fabric, cfg, checkpointer, state, guard, monitor, step)
+            if not cfg.guard.rollback_skip_data:
+                batches = endless(train_loader)  # re-read from the checkpoint's data position
+            continue
+        if bad_reason is not None:
+            monitor.bad_step(step, bad_reason, guard.bad_steps)
         last = step == cfg.train.max_steps
         if (cfg.eval.interval and step % cfg.eval.interval == 0) or last:
             val_loss = validate(fabric, model, cfg)
             monitor.validation(step, val_loss)
-        if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or last:
-            saved = ckpt.save_checkpoint(fabric, cfg, state, step)
-            fabric.print(f"Saved checkpoint {saved}", flush=True)
+        saved = (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or last
+        if saved:
+            monitor.checkpoint(checkpointer.save(state, step, progress["tokens_seen"]))
+        stop = stop_signals.agreed(fabric)
+        if stop and not last:
+            if not saved:
+                monitor.checkpoint(checkpointer.save(state, step, progress["tokens_seen"]))
+            checkpointer.wait()
+            monitor.close()
+            return finish_stop(fabric, cfg, stop, step)
 
+    checkpointer.wait()
+    for report in checkpointer.completed:
+        if report.write_seconds is not None and cfg.checkpoint.async_save:
+            monitor.checkpoint(report)
     monitor.close()
     summary = {
         "steps": progress["step"],
@@ -154,6 +198,31 @@ def train(cfg: Config) -> dict:
     }
     on_rank_zero(fabric, lambda: finish_run(cfg, summary))
     return summary
+
+
+def roll_back(fabric: Fabric, cfg: Config, checkpointer: ckpt.Checkpointer, state: dict, guard: StepGuard,
+              monitor: Monitor, step: int) -> dict:
+    """Too many bad steps in a row: reload the last good checkpoint instead of diverging further."""
+    guard.rollbacks += 1
+    if guard.rollbacks > cfg.guard.max_rollbacks:
+        raise RuntimeError(
+            f"step {step}: {guard.consecutive_bad} bad steps in a row after {cfg.guard.max_rollbacks} rollbacks; "
+            "stopping instead of diverging (lower optimizer.lr, check the data, or raise guard.max_rollbacks)"
+        )
+    checkpointer.wait()
+    target, _ = fabric.broadcast(on_rank_zero(fabric, lambda: ckpt.choose_resume(cfg)))
+    if target is None:
+        raise RuntimeError(f"step {step}: {guard.consecutive_bad} bad steps in a row and no checkpoint to roll back to")
+    counters = guard.state_dict()
+    to_load = dict(state)
+    if cfg.guard.rollback_skip_data:
+        to_load.pop("train_loader")  # keep reading after the offending batches
+    checkpointer.load(target, to_load)
+    state["progress"] = to_load["progress"]
+    # The counters describe the whole run, not the checkpoint's past.
+    guard.load_state_dict(dict(counters, consecutive_bad=0, loss_mean=guard.loss_mean))
+    monitor.rollback(step, target, guard.rollbacks)
+    return state["progress"]
 
 
 def prepare_run_dir(cfg: Config) -> None:

@@ -18,3 +18,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def sample_data(tmp_path_factory):
+    from data.prepare import prepare_dataset
+    from data.sample_corpus import write_sample_corpus
+    from data.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("sample")
+    write_sample_corpus(root / "raw", train_docs=400, val_docs=80, docs_per_shard=200)
+    tokenizer = train_tokenizer(root / "raw", root / "tokenizer", vocab_size=512)
+    prepare_dataset(root / "raw", root / "tokens", tokenizer, num_workers=1)
+    return root / "tokens", tokenizer
+
+

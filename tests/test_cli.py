@@ -25,7 +25,7 @@ def test_demo_runs_from_raw_text_to_checkpoint(tmp_path):
     assert "records skipped" in out  # prepare reports its counts
     assert "step      4/4" in out and "ETA" in out
     assert f"tensorboard --logdir {tmp_path / 'run' / 'tensorboard'}" in out
-    assert (tmp_path / "run" / "checkpoints" / "step-00000004" / "meta.json").is_file()
+    assert (tmp_path / "run" / "checkpoints" / "step-00000004" / "manifest.json").is_file()
     assert (tmp_path / "sample" / "raw" / "train").is_dir()
     assert sorted((tmp_path / "sample" / "tokens").glob("*/index.json"))
 

@@ -10,56 +10,9 @@ import pytest
 
 from orchestrator import checkpoint as ckpt
 from orchestrator.train import main as train_main
+from tests.training import REPO_ROOT, TINY, data_args, step_records, train
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
-
-TINY = [
-    "--model.name", "tiny", "--model.n_layers", "2", "--model.d_model", "64", "--model.n_heads", "4",
-    "--model.n_kv_heads", "2", "--model.ffn_hidden", "172", "--model.vocab_size", "512",
-    "--model.max_seq_len", "64",
-    "--train.micro_batch_size", "4", "--train.global_batch_size", "16", "--train.log_interval", "2",
-    "--optimizer.lr", "1e-3", "--optimizer.min_lr", "1e-4", "--schedule.warmup_steps", "2",
-    "--eval.max_batches", "2", "--strategy.accelerator", "cpu", "--strategy.devices", "2",
-    "--strategy.precision", "32-true",
-]  # fmt: skip
-
-
-@pytest.fixture(scope="session")
-def sample_data(tmp_path_factory):
-    from data.prepare import prepare_dataset
-    from data.sample_corpus import write_sample_corpus
-    from data.tokenizer import train_tokenizer
-
-    root = tmp_path_factory.mktemp("sample")
-    write_sample_corpus(root / "raw", train_docs=400, val_docs=80, docs_per_shard=200)
-    tokenizer = train_tokenizer(root / "raw", root / "tokenizer", vocab_size=512)
-    prepare_dataset(root / "raw", root / "tokens", tokenizer, num_workers=1)
-    return root / "tokens", tokenizer
-
-
-def data_args(sample_data):
-    tokens, tokenizer = sample_data
-    return ["--data.dir", str(tokens), "--data.tokenizer", str(tokenizer)]
-
-
-def run_cli(args, **kwargs):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
-    env.pop("SLURM_JOB_ID", None)
-    env.pop("SLURM_NTASKS", None)
-    proc = subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600, **kwargs)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc
-
-
-def train(run_dir, sample_data, *extra, entry=None):
-    entry = entry or [sys.executable, "-m", "orchestrator", "train"]
-    return run_cli([*entry, *TINY, *data_args(sample_data), "--run.dir", str(run_dir), *extra])
-
-
-def step_records(run_dir):
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if "loss" in r]
 
 
 @pytest.fixture(scope="session")
@@ -140,7 +93,7 @@ def test_incomplete_checkpoints_are_never_resumed(sample_data, straight_run, tmp
     # A save interrupted after writing state but before meta.json, and a leftover .partial dir.
     broken = tmp_path / "checkpoints" / "step-00000006"
     shutil.copytree(straight_dir / "checkpoints" / "step-00000006", broken)
-    (broken / ckpt.META_NAME).unlink()
+    (broken / ckpt.MANIFEST_NAME).unlink()
     (tmp_path / "checkpoints" / "step-00000009.partial").mkdir()
     assert ckpt.latest_checkpoint(tmp_path / "checkpoints").name == "step-00000003"
 
