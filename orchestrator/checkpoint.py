@@ -125,12 +125,18 @@ def _payload_files(ckpt_dir: Path) -> list[Path]:
     return sorted(p for p in ckpt_dir.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
 
 
-def write_manifest(ckpt_dir: Path, info: dict[str, Any]) -> dict[str, Any]:
-    """Flush every file of `ckpt_dir` to disk, then write the manifest describing them (last)."""
+def write_manifest(ckpt_dir: Path, info: dict[str, Any], known: dict[str, str] | None = None) -> dict[str, Any]:
+    """Flush every file of `ckpt_dir` to disk, then write the manifest describing them (last).
+
+    `known`: SHA-256 digests already computed while writing (relative path -> hex), not re-read.
+    """
+    known = known or {}
     files = {}
     for path in _payload_files(ckpt_dir):
-        _fsync_file(path)
-        files[str(path.relative_to(ckpt_dir))] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
+        name = str(path.relative_to(ckpt_dir))
+        if name not in known:
+            _fsync_file(path)
+        files[name] = {"size": path.stat().st_size, "sha256": known.get(name) or file_sha256(path)}
     manifest = {"version": MANIFEST_VERSION, **info, "files": files}
     tmp = ckpt_dir / (MANIFEST_NAME + ".tmp")
     with tmp.open("w") as f:
@@ -253,14 +259,56 @@ class SaveReport:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+class _HashingFile:
+    """A write-only file that hashes what passes through it (saves re-reading a multi-GB file)."""
+
+    def __init__(self, path: Path) -> None:
+        self.file = path.open("wb")
+        self.digest = hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def close_synced(self) -> str:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        return self.digest.hexdigest()
+
+
+def write_state_file(state: dict[str, Any], path: Path) -> str:
+    """torch.save straight to disk (fsynced), returning the file's SHA-256."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out = _HashingFile(path)
+    try:
+        torch.save(state, out)
+    except BaseException:
+        out.file.close()
+        raise
+    return out.close_synced()
+
+
+def writes_single_file(fabric: Fabric) -> bool:
+    """DDP and single-device runs hold the full state on rank 0, which writes one file; sharded
+    strategies (DeepSpeed, FSDP) write one file per rank through Fabric."""
+    from lightning.fabric.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+
+    strategy = fabric.strategy
+    return isinstance(strategy, (DDPStrategy, SingleDeviceStrategy)) and not isinstance(strategy, DeepSpeedStrategy)
+
+
 def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
 
 
-def _publish(cfg: Config, partial: Path, final: Path, info: dict[str, Any]) -> None:
+def _publish(cfg: Config, partial: Path, final: Path, info: dict[str, Any], known: dict[str, str] | None = None) -> None:
     """Rank 0: config, manifest (last), atomic rename, retention."""
     save_config(cfg, partial / "config.yaml")
-    write_manifest(partial, info)
+    write_manifest(partial, info, known)
     if final.exists():  # the same step again (after resuming from an older checkpoint)
         shutil.rmtree(final)
     partial.rename(final)
@@ -315,9 +363,15 @@ class Checkpointer:
         if self.cfg.checkpoint.async_save:
             return self._save_async(full_state, partial, final, info, started)
 
-        error = None
+        error, known = None, {}
         try:
-            self.fabric.save(partial / STATE_NAME, full_state)
+            if writes_single_file(self.fabric):
+                # Rank 0 streams the full state to disk, hashing as it writes (no in-memory copy).
+                converted = self._state_dicts(full_state)
+                if self.fabric.is_global_zero:
+                    known[STATE_NAME] = write_state_file(converted, partial / STATE_NAME)
+            else:
+                self.fabric.save(partial / STATE_NAME, full_state)
         except Exception as e:  # noqa: BLE001 - reported to every rank below
             error = e
         try:
@@ -330,7 +384,7 @@ class Checkpointer:
 
         def publish() -> None:
             try:
-                _publish(self.cfg, partial, final, info)
+                _publish(self.cfg, partial, final, info, known)
             except Exception:
                 shutil.rmtree(partial, ignore_errors=True)
                 raise
@@ -350,26 +404,20 @@ class Checkpointer:
 
     def _save_async(self, full_state, partial: Path, final: Path, info, started: float) -> SaveReport:
         """Snapshot the state to CPU memory now; write and publish it in a background thread."""
-        strategy = self.fabric.strategy
-        if getattr(strategy, "sharded", False) or type(strategy).__name__ in ("DeepSpeedStrategy", "FSDPStrategy",
-                                                                              "ModelParallelStrategy"):
+        if not writes_single_file(self.fabric):
             raise CheckpointError(
                 "checkpoint.async_save works with ddp/single-device strategies; set it to false for sharded ones"
             )
-        from lightning.fabric.wrappers import _unwrap_objects
-
         snapshot = None
         if self.fabric.is_global_zero:
-            converted = strategy._convert_stateful_objects_in_state(_unwrap_objects(full_state), filter={})
-            snapshot = _to_cpu_copy(converted)
+            snapshot = _to_cpu_copy(self._state_dicts(full_state))
         self.fabric.barrier()
         stall = time.perf_counter() - started
 
         def write() -> None:
             try:
-                partial.mkdir(parents=True, exist_ok=True)
-                torch.save(snapshot, partial / STATE_NAME)
-                _publish(self.cfg, partial, final, info)
+                digest = write_state_file(snapshot, partial / STATE_NAME)
+                _publish(self.cfg, partial, final, info, {STATE_NAME: digest})
                 self.completed.append(SaveReport(final, info["step"], stall_seconds=stall,
                                                  write_seconds=time.perf_counter() - started,
                                                  size_bytes=dir_size(final), total_bytes=dir_size(self.root)))
@@ -381,6 +429,12 @@ class Checkpointer:
             self._thread = threading.Thread(target=write, name=f"checkpoint-{final.name}", daemon=False)
             self._thread.start()
         return SaveReport(final, info["step"], stall_seconds=stall)
+
+    def _state_dicts(self, full_state: dict[str, Any]) -> dict[str, Any]:
+        """What Fabric itself would save: module / optimizer / stateful objects as state dicts."""
+        from lightning.fabric.wrappers import _unwrap_objects
+
+        return self.fabric.strategy._convert_stateful_objects_in_state(_unwrap_objects(full_state), filter={})
 
     def wait(self) -> None:
         """Finish a background save; every rank learns if it failed."""
@@ -410,11 +464,16 @@ class Checkpointer:
         reason = verify(path, checksums=self.cfg.checkpoint.verify_checksums)
         if reason is not None:
             raise CheckpointError(f"checkpoint.init_from={path} cannot be used: {reason}")
+        # Any strategy's checkpoint (file, FSDP shards, DeepSpeed ZeRO) into any strategy's model.
+        from orchestrator.consolidate import load_model_state
+        from orchestrator.strategies import load_full_model_state
+
         with _safe_load_errors(path):
-            contents = self.fabric.load(path / STATE_NAME, weights_only=True)
-        if "model" not in contents:
-            raise CheckpointError(f"{path / STATE_NAME} holds no model weights (keys: {sorted(contents)})")
-        model.load_state_dict(contents["model"], strict=True)
+            try:
+                weights = load_model_state(path)
+            except ValueError as e:
+                raise CheckpointError(str(e)) from e
+        load_full_model_state(self.fabric, model, weights, strict=True)
 
 
 class _safe_load_errors:

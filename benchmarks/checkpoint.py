@@ -1,0 +1,133 @@
+"""Checkpoint save / load time and training stall, beside the raw write bandwidth of the same disk.
+
+    .venv/bin/python benchmarks/checkpoint.py                      # llama-400m (393M params), CPU
+    .venv/bin/python benchmarks/checkpoint.py --model llama-124m --json out.json
+
+Builds the model and an AdamW state (weights + two moments: ~12 bytes per parameter in fp32),
+then, in one run and on one directory:
+  raw write   write the same number of bytes with plain os.write + fsync (the disk's ceiling)
+  sync save   Checkpointer.save: torch.save via Fabric, fsync, SHA-256 manifest, atomic rename
+  async save  Checkpointer.save with checkpoint.async_save: training stalls only for a CPU snapshot
+  verify      SHA-256 of every file against the manifest (done before every resume)
+  load        Checkpointer.load into the model and optimizer (weights-only unpickling)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+from lightning.fabric import Fabric  # noqa: E402
+
+from orchestrator import checkpoint as ckpt  # noqa: E402
+from orchestrator.config import load_config  # noqa: E402
+
+
+def raw_write(path: Path, nbytes: int, block: int = 64 << 20) -> float:
+    """Seconds to write `nbytes` (random-looking, incompressible) and fsync them."""
+    buffer = os.urandom(block)
+    started = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        written = 0
+        while written < nbytes:
+            written += os.write(fd, buffer[: min(block, nbytes - written)])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="llama-400m", help="named size (see `orchestrator models`)")
+    parser.add_argument("--dir", default=None, help="directory on the disk to measure (default: a temp dir)")
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    args = parser.parse_args()
+
+    work = Path(args.dir or tempfile.mkdtemp(prefix="ckpt-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    cfg = load_config(["--model.name", args.model, "--run.dir", str(work / "run"), "--strategy.accelerator", "cpu",
+                       "--strategy.devices", "1", "--strategy.name", "single", "--checkpoint.keep_last", "0"])
+    fabric = Fabric(accelerator="cpu", devices=1)
+
+    from models.llama import Llama, count_parameters
+
+    model = Llama(cfg.model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    for p in model.parameters():  # materialise AdamW's two moments without a costly backward
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    model, optimizer = fabric.setup(model, optimizer)
+    state = {"model": model, "optimizer": optimizer, "progress": {"step": 1, "tokens_seen": 0}}
+    params = count_parameters(model)
+    results: dict = {
+        "model": args.model,
+        "parameters": params,
+        "device": f"CPU ({os.cpu_count()} cores), {platform.platform()}",
+        "torch": torch.__version__,
+        "directory": str(work),
+    }
+
+    checkpointer = ckpt.Checkpointer(fabric, cfg)
+    report = checkpointer.save(state, step=1, tokens_seen=0)
+    nbytes = report.size_bytes
+    results["checkpoint_bytes"] = nbytes
+    results["sync_save_s"] = report.write_seconds
+
+    raw_seconds = raw_write(work / "raw.bin", nbytes)
+    (work / "raw.bin").unlink()
+    results["raw_write_s"] = raw_seconds
+    results["raw_write_gb_s"] = nbytes / raw_seconds / 1e9
+    results["sync_save_gb_s"] = nbytes / report.write_seconds / 1e9
+
+    started = time.perf_counter()
+    reason = ckpt.verify(report.path, checksums=True)
+    results["verify_s"] = time.perf_counter() - started
+    assert reason is None, reason
+
+    started = time.perf_counter()
+    checkpointer.load(report.path, dict(state))
+    results["load_s"] = time.perf_counter() - started
+
+    cfg.checkpoint.async_save = True
+    async_checkpointer = ckpt.Checkpointer(fabric, cfg)
+    started = time.perf_counter()
+    async_report = async_checkpointer.save(state, step=2, tokens_seen=0)
+    async_checkpointer.wait()
+    results["async_stall_s"] = async_report.stall_seconds
+    results["async_total_s"] = time.perf_counter() - started
+
+    print(f"{args.model}: {params:,} parameters, checkpoint {nbytes / 1e9:.2f} GB (weights + AdamW), {work}")
+    rows = [
+        ("raw write + fsync (same bytes)", results["raw_write_s"], results["raw_write_gb_s"]),
+        ("sync save (training stalls)", results["sync_save_s"], results["sync_save_gb_s"]),
+        ("async save: stall", results["async_stall_s"], None),
+        ("async save: total", results["async_total_s"], nbytes / results["async_total_s"] / 1e9),
+        ("verify (SHA-256)", results["verify_s"], nbytes / results["verify_s"] / 1e9),
+        ("load", results["load_s"], nbytes / results["load_s"] / 1e9),
+    ]
+    print(f"{'':34} {'seconds':>8} {'GB/s':>6}")
+    for name, seconds, rate in rows:
+        print(f"{name:34} {seconds:8.2f} {'' if rate is None else f'{rate:6.2f}'}")
+    print(f"sync save / raw write: {results['sync_save_s'] / results['raw_write_s']:.2f}x the time")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    if args.dir is None:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
