@@ -9,6 +9,8 @@ tokens are stored in on disk (uint16 or int32).
 create loaders *after* the process group is initialised (after ``fabric.launch()``); each rank
 then streams a disjoint part of the data. ``loader.state_dict()`` / ``load_state_dict()``
 resume exactly where a run stopped.
+
+Several prepared datasets are mixed with :func:`make_mixture_loader` (see ``data.mixture``).
 """
 
 from __future__ import annotations
@@ -34,10 +36,24 @@ warnings.filterwarnings(
 __all__ = [
     "dataset_num_tokens",
     "make_dataloader",
+    "make_mixture_loader",
+    "resolve_split",
+    "source_samples",
     "make_dataset",
     "read_documents",
     "read_token_ids",
 ]
+
+
+def resolve_split(path: str | Path, split: str = "train") -> Path:
+    """A prepared split: ``path`` itself if it holds ``index.json``, else ``path/<split>`` (the
+    output root of ``orchestrator prepare``). Raises a ValueError that says what is wrong."""
+    p = Path(path)
+    if (p / "index.json").is_file():
+        return p
+    if (p / split / "index.json").is_file():
+        return p / split
+    return _check_prepared_split(p / split if (p / split).is_dir() else p)
 
 
 def _check_prepared_split(data_dir: str | Path) -> Path:
@@ -77,6 +93,12 @@ def dataset_num_tokens(data_dir: str | Path) -> int:
     """Total tokens stored in a prepared split (from index.json, no data read)."""
     d = _check_prepared_split(data_dir)
     return sum(int(chunk["dim"]) for chunk in _read_index(d)["chunks"])
+
+
+def num_blocks(data_dir: str | Path, seq_len: int) -> int:
+    """Training blocks of ``seq_len + 1`` tokens in a split (TokensLoader drops each chunk's tail)."""
+    d = _check_prepared_split(data_dir)
+    return sum(int(c["dim"]) // (seq_len + 1) for c in _read_index(d)["chunks"])
 
 
 def _to_int64(batch: list[torch.Tensor]) -> torch.Tensor:
@@ -133,15 +155,8 @@ def make_dataloader(
     )
 
 
-def read_documents(data_dir: str | Path) -> list[torch.Tensor]:
-    """Every stored item of a prepared split -- one ``[bos] + ids + [eos]`` per document -- in
-    stored order, as int64 tensors. For tests and inspection; loads everything into memory.
-
-    Parses litdata's chunk layout directly (``uint32 num_items``, ``uint32 offsets[num_items+1]``
-    of byte positions, then the item bytes), independently of TokensLoader's block logic, so
-    nothing is dropped at block or chunk boundaries.
-    """
-    d = _check_prepared_split(data_dir)
+def _read_items(d: Path) -> list[torch.Tensor]:
+    """Every stored litdata item of a split, in stored order (int64)."""
     index = _read_index(d)
     config = index["config"]
     if config.get("compression") or config.get("encryption"):
@@ -150,14 +165,44 @@ def read_documents(data_dir: str | Path) -> list[torch.Tensor]:
     if serializer != "no_header_tensor":
         raise ValueError(f"{d}: unexpected data format {config['data_format']!r}.")
     dtype = _TORCH_DTYPES_MAPPING[int(dtype_index)]
-    docs: list[torch.Tensor] = []
+    items: list[torch.Tensor] = []
     for chunk in index["chunks"]:
         raw = (d / chunk["filename"]).read_bytes()
         n = int(np.frombuffer(raw, dtype=np.uint32, count=1)[0])
         offsets = np.frombuffer(raw, dtype=np.uint32, count=n + 1, offset=4)
         for start, end in zip(offsets[:-1].tolist(), offsets[1:].tolist(), strict=True):
-            item = torch.frombuffer(bytearray(raw[start:end]), dtype=dtype)
-            docs.append(item.to(torch.int64))
+            items.append(torch.frombuffer(bytearray(raw[start:end]), dtype=dtype).to(torch.int64))
+    return items
+
+
+def read_documents(data_dir: str | Path) -> list[torch.Tensor]:
+    """Every document of a prepared split -- ``before + ids + after`` with the prepare's
+    separator (default ``[bos] + ids + [eos]``) -- in stored order, as int64 tensors. For tests
+    and inspection; loads everything into memory.
+
+    Parses litdata's chunk layout directly (``uint32 num_items``, ``uint32 offsets[num_items+1]``
+    of byte positions, then the item bytes), independently of TokensLoader's block logic, so
+    nothing is dropped at block or chunk boundaries. Items hold several consecutive documents;
+    they are split at the separator recorded in the prepare's ``prepare_stats.json`` (sentencepiece
+    never emits bos/eos inside a document). Without that file, every item is one document.
+    """
+    d = _check_prepared_split(data_dir)
+    items = _read_items(d)
+    stats_file = d.parent / "prepare_stats.json"
+    if not stats_file.is_file():
+        return items
+    stats = json.loads(stats_file.read_text())
+    separator = stats.get("separator", "bos+eos")
+    if separator == "bos":
+        marker, after = int(stats["bos_id"]), False  # a document starts at each bos
+    else:
+        marker, after = int(stats["eos_id"]), True  # a document ends at each eos
+    docs: list[torch.Tensor] = []
+    for item in items:
+        cuts = torch.nonzero(item == marker).flatten().tolist()
+        bounds = [c + 1 for c in cuts] if after else cuts
+        edges = sorted({0, *bounds, len(item)})
+        docs += [item[a:b] for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
     return docs
 
 
@@ -165,3 +210,57 @@ def read_token_ids(data_dir: str | Path) -> torch.Tensor:
     """The whole token stream of a prepared split in stored order (int64; small data only)."""
     docs = read_documents(data_dir)
     return torch.cat(docs) if docs else torch.empty(0, dtype=torch.int64)
+
+
+def make_mixture_loader(
+    sources: list[tuple[str, str | Path, float]],
+    seq_len: int,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    num_workers: int = 0,
+) -> StreamingDataLoader:
+    """Batches ``[batch_size, seq_len + 1]`` (int64) mixing prepared splits ``(name, dir, weight)``.
+
+    See :class:`data.mixture.MixtureDataset` for the semantics (deterministic weighted
+    interleaving, each source cycling through its own reshuffled epochs, exact resume).
+    """
+    from data.mixture import MixtureDataset
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    if not sources:
+        raise ValueError("a mixture needs at least one source")
+    datasets = []
+    for name, directory, _ in sources:
+        d = resolve_split(directory)
+        index = _read_index(d)
+        blocks = sum(int(c["dim"]) // (seq_len + 1) for c in index["chunks"])
+        if blocks == 0:
+            raise ValueError(f"source {name!r} ({d}) holds fewer than one block of seq_len + 1 = {seq_len + 1} "
+                             f"tokens per chunk; use a shorter seq_len or prepare more data.")
+        ds = StreamingDataset(str(d.resolve()), item_loader=TokensLoader(block_size=seq_len + 1), shuffle=shuffle,
+                              seed=seed)
+        # Every block is read once per source epoch, none dropped to even out ranks: sources cycle
+        # forever, so no rank ever waits for the end of another's epoch. (Set after construction:
+        # passing drop_last=False makes litdata warn about collectives, which do not apply here.)
+        ds.set_drop_last(False)
+        datasets.append(ds)
+    mixture = MixtureDataset(datasets, names=[s[0] for s in sources], weights=[float(s[2]) for s in sources],
+                             seed=seed)
+    return StreamingDataLoader(mixture, batch_size=batch_size, num_workers=num_workers, collate_fn=_to_int64)
+
+
+def source_samples(loader: Any) -> dict[str, int] | None:
+    """Samples (blocks) this process has consumed from each source of a mixture loader, from the
+    loader's own (checkpointed) state; ``None`` for a single-dataset loader."""
+    from data.mixture import MixtureDataset
+
+    dataset = getattr(loader, "dataset", None)
+    if not isinstance(dataset, MixtureDataset):
+        return None
+    totals = [0] * len(dataset.names)
+    for counts in loader._num_samples_yielded_wrapper.values():
+        for i, c in enumerate(counts):
+            totals[i] += int(c)
+    return dict(zip(dataset.names, totals, strict=True))

@@ -1,197 +1,615 @@
-"""Tokenize JSONL shards into litdata token chunks (one dataset per split).
+"""Tokenize a raw corpus into litdata token chunks: parallel, streaming, resumable, deterministic.
 
-Output layout::
+Output layout (``output`` is a local directory or an object-store URL such as ``s3://bucket/x``)::
 
-    output_dir/train/index.json + chunk-*.bin      (litdata, TokensLoader format)
-    output_dir/val/index.json   + chunk-*.bin
-    output_dir/prepare_stats.json                  (docs, tokens, skipped-by-reason per split)
-    output_dir/_COMPLETE                           (written last; see is_prepared)
+    output/train/index.json + chunk-<group>-<n>.bin     (litdata TokensLoader format)
+    output/val/index.json   + chunk-<group>-<n>.bin
+    output/prepare_stats.json                           (see below)
+    output/_COMPLETE                                    (written last; see is_prepared)
 
-Every document becomes ``[bos] + ids + [eos]``; the token stream of a split is the
-concatenation of these, which ``TokensLoader(block_size=seq_len + 1)`` cuts into blocks.
+Inputs: a corpus file or folder of ``*.jsonl``, ``*.jsonl.zst``, ``*.jsonl.gz`` and
+``*.parquet`` files (:mod:`data.shards`). SlimPajama's layout (``train/``, ``validation/``,
+``test/``) is used as it is: ``train`` -> ``train``, ``validation`` -> ``val``, ``test/`` is
+ignored. A folder without ``validation/`` (e.g. StarCoder) holds out validation by content
+hash: a document goes to ``val`` iff ``crc32(text) % val_every == 0`` -- the same for any
+worker count and sharding, and exact duplicates never straddle the split.
 
-Splits:
+How the work is cut: the sorted input files are grouped into *parts* of consecutive files
+of about ``group_bytes`` (a bigger file is a part of its own; ``"auto"``: about 256 parts,
+between 64 KB and 16 MB of input each). Each part is tokenized by one
+worker process (``num_workers`` of them, default: every core) straight into its own litdata
+chunks (written with litdata's ``BinaryWriter``, the writer ``litdata.optimize`` uses), so a
+part's bytes depend only on its files and the settings -- never on the number of workers or on
+timing. A part is recorded as done (``<output>/.prepare_work/parts/<group>.json``) only after
+its chunks are complete; an interrupted prepare, run again with the same inputs and settings,
+redoes only the parts without a record and then produces exactly the chunks of an
+uninterrupted run. (``litdata.optimize`` itself is not used: its chunks mix items of
+whichever inputs a worker happened to process, so they depend on scheduling, and its
+checkpoint resume is per worker, not per file.)
 
-* SlimPajama layout (``input_dir/train`` and ``input_dir/validation``): used as they are
-  (``validation`` -> ``val``; ``test/`` is ignored).
-* ``input_dir/train`` without ``validation/``, or a flat folder of shards: validation is
-  held out by content hash -- a document goes to ``val`` iff ``crc32(text) % val_every == 0``
-  (about 1/val_every of documents). The rule depends only on the text, so it is the same for
-  any number of workers and any sharding, and exact duplicates never straddle the split.
+Memory stays flat whatever the file size: files are streamed record by record, and a worker
+holds at most one chunk (``chunk_bytes``) of tokens. Parts are merged at the end by writing
+each split's ``index.json`` (local output: chunk files are moved into place, which is free on
+one filesystem; object stores: each part's chunks are uploaded as soon as the part is done).
+A finished dataset that is being overwritten stays usable until the new one is complete
+(locally); no failure leaves a ``_COMPLETE`` marker on partial data.
 
-Workers are forked (where available) rather than spawned: see ``prepare_dataset``. A bad
-shard (corrupt zstd, unreadable file) fails the whole prepare with the shard's path; bad
-*lines* are skipped and counted by reason (``data.shards.SKIP_REASONS``).
+Documents: each kept document becomes ``before + ids + after`` (consecutive documents are
+stored together in litdata items of ~16k tokens; ``data.loader.read_documents`` splits them
+again at the separators), where the separator is ``bos+eos`` (default, Llama's
+``[BOS] text [EOS]``, what ``orchestrator generate`` and Hugging Face Llama tokenizers prompt
+with), ``eos`` or ``bos``. The split's token stream is
+the concatenation; nothing is ever padded (``TokensLoader`` cuts it into ``seq_len + 1``
+blocks and drops the tail of each chunk shorter than a block). Token ids are ``uint16`` when
+the vocabulary fits (``vocab_size <= 65536``), else ``int32``.
 
-Token ids are stored as ``uint16`` when the vocabulary fits (``vocab_size <= 65536``,
-halving disk and I/O versus int32) and as ``int32`` otherwise; ``make_dataloader``
-returns int64 batches either way. The dtype is recorded in ``prepare_stats.json``.
+Bad input never stops a prepare: malformed JSON, invalid UTF-8, records without the text
+field, empty documents, truncated ``.zst``/``.gz`` files, corrupt Parquet files are skipped and
+counted by reason, with file and line (``data.shards.SKIP_REASONS``). A missing input path, an
+input without corpus files, an unusable tokenizer or an unwritable output fail at once, before
+any work. ``prepare_stats.json`` holds documents, tokens and skips per split, per set
+(``meta.redpajama_set_name``) and per input file.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import hashlib
 import json
 import multiprocessing as mp
 import os
-import signal
+import queue
 import shutil
+import signal
+import sys
+import time
 import zlib
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 
-from data.shards import SkipStats, find_shards, iter_records
-from data.tokenizer import Tokenizer
+from data.shards import RecordFilter, ShardReader, SkipStats, find_shards
+from data.tokenizer import SEPARATORS, Tokenizer
 
-__all__ = ["COMPLETE_MARKER", "STATS_FILE", "is_prepared", "prepare_dataset", "read_stats"]
+__all__ = [
+    "COMPLETE_MARKER",
+    "STATS_FILE",
+    "PrepareOptions",
+    "is_prepared",
+    "prepare_dataset",
+    "read_stats",
+]
 
 COMPLETE_MARKER = "_COMPLETE"
 STATS_FILE = "prepare_stats.json"
-# Input split folder (SlimPajama) -> output dataset folder (what the trainer reads).
+SPLITS = ("train", "val")
+# Input split folder (SlimPajama) -> output split.
 SPLIT_DIRS = {"train": "train", "validation": "val"}
-# Where per-shard worker stats go while optimize runs (removed afterwards).
 _WORK_DIR = ".prepare_work"
+_FORMAT_VERSION = 2
+_URL_SCHEMES = ("s3://", "gs://", "r2://")
 
-# Selection modes for a shard's documents.
-_ALL = "all"  # every document (explicit split folder)
-_KEEP = "keep"  # documents NOT held out (train side of a hash holdout)
-_HOLDOUT = "holdout"  # documents held out (val side of a hash holdout)
+
+def _is_url(path: str | Path) -> bool:
+    return str(path).startswith(_URL_SCHEMES)
+
+
+def _parse_bytes(value: str | int) -> int:
+    if isinstance(value, int):
+        return value
+    s = value.strip().upper().removesuffix("B")
+    units = {"K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+    if s and s[-1] in units:
+        return int(float(s[:-1]) * units[s[-1]])
+    return int(s)
 
 
 @dataclass(frozen=True)
-class _Task:
-    shard: str
-    select: str
-    count_skips: bool  # held-out passes re-read shards: count bad lines only once
+class PrepareOptions:
+    """Everything besides the inputs and the tokenizer that decides the bytes of the output."""
+
+    text_field: str = "text"
+    exclude_sets: tuple[str, ...] = ()
+    min_chars: int = 0
+    min_tokens: int = 0
+    separator: str = "bos+eos"
+    chunk_bytes: int = 64_000_000
+    group_bytes: int = 16_000_000  # resolved from "auto" by prepare_dataset (see _auto_group_bytes)
+    val_every: int = 100
+
+    def validate(self) -> None:
+        if self.separator not in SEPARATORS:
+            raise ValueError(f"separator must be one of {', '.join(SEPARATORS)}, got {self.separator!r}.")
+        for name in ("min_chars", "min_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        if self.chunk_bytes < 1024:
+            raise ValueError(f"chunk_bytes must be at least 1KB, got {self.chunk_bytes}.")
+        if self.group_bytes < 1:
+            raise ValueError(f"group_bytes must be positive, got {self.group_bytes}.")
+        RecordFilter(self.text_field, frozenset(self.exclude_sets), self.min_chars)  # checks the rest
+
+    def record_filter(self) -> RecordFilter:
+        return RecordFilter(self.text_field, frozenset(self.exclude_sets), self.min_chars)
 
 
-def is_prepared(output_dir: str | Path) -> bool:
+# ------------------------------------------------------------------------------------------------
+# Output location: a local directory or an object-store URL
+# ------------------------------------------------------------------------------------------------
+
+
+class _Output:
+    """Where the dataset goes. Local paths are used directly; URLs go through litdata's fs providers."""
+
+    def __init__(self, output: str | Path, storage_options: dict[str, Any] | None = None) -> None:
+        self.remote = _is_url(output)
+        self.url = str(output).rstrip("/") if self.remote else None
+        self.path = None if self.remote else Path(output)
+        self.storage_options = storage_options or {}
+        self._fs: Any = None
+
+    def __str__(self) -> str:
+        return self.url if self.remote else str(self.path)
+
+    @property
+    def fs(self) -> Any:
+        if self._fs is None:  # created lazily, in the process that uses it (clients are not fork-safe)
+            from litdata.streaming.fs_provider import _get_fs_provider
+
+            self._fs = _get_fs_provider(self.url, self.storage_options)
+        return self._fs
+
+    def join(self, *parts: str) -> str:
+        return "/".join([self.url, *parts]) if self.remote else str(self.path.joinpath(*parts))
+
+    def exists(self, *parts: str) -> bool:
+        if self.remote:
+            try:
+                return bool(self.fs.exists(self.join(*parts)))
+            except Exception:  # noqa: BLE001 - a missing object may surface as any client error
+                return False
+        return Path(self.join(*parts)).exists()
+
+    def read_text(self, *parts: str) -> str:
+        if not self.remote:
+            return Path(self.join(*parts)).read_text()
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            local = os.path.join(tmp, "f")
+            self.fs.download_file(self.join(*parts), local)
+            return Path(local).read_text()
+
+    def put_text(self, text: str, *parts: str) -> None:
+        """Write (atomically for local paths) a small text file."""
+        if not self.remote:
+            dest = Path(self.join(*parts))
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_name(dest.name + ".tmp")
+            tmp.write_text(text)
+            os.replace(tmp, dest)
+            return
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            local = os.path.join(tmp, "f")
+            Path(local).write_text(text)
+            self.fs.upload_file(local, self.join(*parts))
+
+    def upload(self, local: Path, *parts: str) -> None:
+        self.fs.upload_file(str(local), self.join(*parts))
+
+    def remove(self, *parts: str) -> None:
+        if self.remote:
+            if self.exists(*parts):
+                self.fs.delete_file_or_directory(self.join(*parts))
+            return
+        p = Path(self.join(*parts))
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink(missing_ok=True)
+
+    def check_writable(self) -> None:
+        """Fail at once, with the reason, if nothing can be written there."""
+        probe = f".write_probe_{os.getpid()}"
+        try:
+            if not self.remote:
+                self.path.mkdir(parents=True, exist_ok=True)
+            self.put_text("ok\n", probe)
+            self.remove(probe)
+        except Exception as e:  # noqa: BLE001 - any failure means the same to the user
+            raise PermissionError(
+                f"Cannot write to the output {self} ({type(e).__name__}: {e}). Choose a writable directory or "
+                f"bucket (and credentials) for --output."
+            ) from e
+
+
+def is_prepared(output_dir: str | Path, storage_options: dict[str, Any] | None = None) -> bool:
     """True only for a prepare that ran to the end (marker written after everything else)."""
-    out = Path(output_dir)
+    out = _Output(output_dir, storage_options)
+    if out.remote:
+        return out.exists(COMPLETE_MARKER)
+    p = out.path
     return (
-        (out / COMPLETE_MARKER).is_file()
-        and (out / STATS_FILE).is_file()
-        and all((out / name / "index.json").is_file() for name in SPLIT_DIRS.values())
+        (p / COMPLETE_MARKER).is_file()
+        and (p / STATS_FILE).is_file()
+        and all((p / name / "index.json").is_file() for name in SPLITS)
     )
 
 
-def read_stats(output_dir: str | Path) -> dict[str, Any]:
+def read_stats(output_dir: str | Path, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ``prepare_stats.json`` of a finished prepare."""
-    out = Path(output_dir)
-    if not is_prepared(out):
-        raise ValueError(f"{out} is not a finished prepared dataset; run `orchestrator prepare`.")
-    return json.loads((out / STATS_FILE).read_text())
+    if not is_prepared(output_dir, storage_options):
+        raise ValueError(f"{output_dir} is not a finished prepared dataset; run `orchestrator prepare`.")
+    return json.loads(_Output(output_dir, storage_options).read_text(STATS_FILE))
+
+
+# ------------------------------------------------------------------------------------------------
+# Planning: which files, which splits, which parts
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Part:
+    index: int
+    route: str  # "train", "val", or "holdout" (hash split into train and val)
+    files: list[tuple[str, str, int]]  # (absolute path, label relative to the input, size in bytes)
+
+    @property
+    def size(self) -> int:
+        return sum(f[2] for f in self.files)
+
+
+def _plan(input_path: Path, val_every: int) -> tuple[str, list[tuple[str, list[Path]]]]:
+    """(layout, [(route, files)]) for the input."""
+    if not input_path.exists():
+        find_shards(input_path)  # raises the uniform "does not exist" message
+    train_dir, val_dir = input_path / "train", input_path / "validation"
+    if input_path.is_dir() and train_dir.is_dir():
+        train_files = find_shards(train_dir)
+        if val_dir.is_dir():
+            return "slimpajama", [("train", train_files), ("val", find_shards(val_dir))]
+        layout, files = "train_only_hash_holdout", train_files
+    elif input_path.is_dir() and val_dir.is_dir():
+        raise FileNotFoundError(
+            f"{input_path} has a validation/ folder but no train/ folder. Put the training "
+            f"shards in {train_dir} (SlimPajama layout)."
+        )
+    else:
+        layout, files = "flat_hash_holdout", find_shards(input_path)
+    if val_every < 2:
+        raise ValueError(f"val_every must be >= 2 to hold out a validation split, got {val_every}.")
+    return layout, [("holdout", files)]
+
+
+def _auto_group_bytes(routes: list[tuple[str, list[Path]]]) -> int:
+    """Part size for ``group_bytes="auto"``: about 256 parts (enough to keep any worker count busy
+    and to make resuming cheap), but never above 16 MB of input (a SlimPajama shard is ~15 MB) nor
+    below 64 KB (tiny files are grouped, so that chunk tails -- which TokensLoader cannot use --
+    stay a negligible part of the data). Depends only on the input, never on the worker count."""
+    total = sum(f.stat().st_size for _, files in routes for f in files)
+    return min(16_000_000, max(64_000, total // 256))
+
+
+def _make_parts(input_path: Path, routes: list[tuple[str, list[Path]]], group_bytes: int) -> list[_Part]:
+    base = input_path if input_path.is_dir() else input_path.parent
+    parts: list[_Part] = []
+    for route, files in routes:
+        current: list[tuple[str, str, int]] = []
+        for f in files:
+            size = f.stat().st_size
+            if current and sum(c[2] for c in current) + size > group_bytes:
+                parts.append(_Part(len(parts), route, current))
+                current = []
+            current.append((str(f.resolve()), f.relative_to(base).as_posix(), size))
+        if current:
+            parts.append(_Part(len(parts), route, current))
+    return parts
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.int32)
+
+
+# ------------------------------------------------------------------------------------------------
+# Workers
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Job:
+    """What a worker needs besides the part (sent once, at worker start)."""
+
+    tokenizer_path: str
+    options: PrepareOptions
+    work_dir: str
+    output: str | None  # URL for object-store output (chunks are uploaded per part), else None
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+
+_STATE: dict[str, Any] = {}
+
+
+def _init_worker(job: _Job, progress_queue: Any) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the pool
+    _STATE.clear()
+    _STATE.update(job=job, queue=progress_queue, tokenizer=Tokenizer(job.tokenizer_path))
+    if job.output is not None:
+        _STATE["output"] = _Output(job.output, job.storage_options)
+
+
+class _Reporter:
+    """Accumulates progress in a worker and sends it to the parent about twice a second."""
+
+    def __init__(self, q: Any, callback: Any = None) -> None:
+        self.q, self.callback = q, callback
+        self.bytes = self.tokens = self.docs = 0
+        self.last = time.monotonic()
+
+    def add_bytes(self, n: int) -> None:
+        self.bytes += n
+        self.maybe_flush()
+
+    def maybe_flush(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.last < 0.5:
+            return
+        self.last = now
+        if self.bytes or self.tokens or self.docs:
+            msg = (self.bytes, self.tokens, self.docs)
+            if self.q is not None:
+                self.q.put(msg)
+            if self.callback is not None:
+                self.callback(*msg)
+            self.bytes = self.tokens = self.docs = 0
+
+
+# Consecutive documents are stored together in one litdata item of about this many tokens: the
+# writer's per-item cost (~15 us) would otherwise be a sizeable share of tokenizing a short
+# document. Documents stay recoverable from the separators (see data.loader.read_documents);
+# TokensLoader reads a chunk as one token stream anyway. An item never spans two chunks.
+_ITEM_TOKENS = 16_384
+
+
+class _SplitWriter:
+    """litdata chunks of one split of one part, named chunk-<part>-<n>.bin."""
+
+    def __init__(self, directory: Path, part_index: int, chunk_bytes: int) -> None:
+        from litdata.streaming.item_loader import TokensLoader
+        from litdata.streaming.writer import BinaryWriter
+
+        import torch
+
+        self._from_numpy = torch.from_numpy
+        directory.mkdir(parents=True, exist_ok=True)
+        self.writer = BinaryWriter(str(directory), chunk_bytes=chunk_bytes, item_loader=TokensLoader())
+        self.writer._rank = part_index  # chunk file names: chunk-<part>-<n>.bin, unique across parts
+        self.directory = directory
+        self.items = 0
+        self.docs = 0
+        self.tokens = 0
+        self.sets: Counter[str] = Counter()
+        self.pending: list[Any] = []
+        self.pending_tokens = 0
+        # Items stay well below a chunk, so chunks are filled to about chunk_bytes.
+        self.item_tokens = max(1, min(_ITEM_TOKENS, chunk_bytes // 8))
+
+    def add(self, tokens: Any, set_name: str) -> None:
+        self.pending.append(tokens)
+        self.pending_tokens += len(tokens)
+        self.docs += 1
+        self.tokens += len(tokens)
+        self.sets[set_name] += 1
+        if self.pending_tokens >= self.item_tokens:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        item = self.pending[0] if len(self.pending) == 1 else np.concatenate(self.pending)
+        self.writer.add_item(self.items, self._from_numpy(item))
+        self.items += 1
+        self.pending, self.pending_tokens = [], 0
+
+    def finish(self) -> dict[str, Any]:
+        self._flush()
+        self.writer.done()
+        # BinaryWriter also writes "<rank>.index.json"; the part record replaces it.
+        for f in self.directory.glob("*.index.json"):
+            f.unlink()
+        return {
+            "chunks": list(self.writer._chunks_info),
+            "config": self.writer.get_config(),
+            "docs": self.docs,
+            "tokens": self.tokens,
+            "sets": dict(sorted(self.sets.items())),
+        }
 
 
 def _is_held_out(text: str, val_every: int) -> bool:
     return zlib.crc32(text.encode("utf-8")) % val_every == 0
 
 
-def _plan(input_dir: Path, val_every: int) -> tuple[str, dict[str, list[_Task]]]:
-    """Decide which shards (and which of their documents) feed each output split."""
-    train_dir, val_dir = input_dir / "train", input_dir / "validation"
-    if train_dir.is_dir():
-        train_shards = find_shards(train_dir)
-        if val_dir.is_dir():
-            val_shards = find_shards(val_dir)
-            return "slimpajama", {
-                "train": [_Task(str(s), _ALL, True) for s in train_shards],
-                "val": [_Task(str(s), _ALL, True) for s in val_shards],
-            }
-        source, layout = train_shards, "train_only_hash_holdout"
-    elif val_dir.is_dir():
-        raise FileNotFoundError(
-            f"{input_dir} has a validation/ folder but no train/ folder. Put the training "
-            f"shards in {train_dir} (SlimPajama layout)."
-        )
-    else:
-        source, layout = find_shards(input_dir), "flat_hash_holdout"
-    if val_every < 2:
-        raise ValueError(f"val_every must be >= 2 to hold out a validation split, got {val_every}.")
-    return layout, {
-        "train": [_Task(str(s), _KEEP, True) for s in source],
-        "val": [_Task(str(s), _HOLDOUT, False) for s in source],
-    }
-
-
-def _token_dtype(vocab_size: int) -> torch.dtype:
-    return torch.uint16 if vocab_size <= 2**16 else torch.int32
-
-
-# One tokenizer per worker process, loaded on first use and reused for all its shards.
-_TOKENIZERS: dict[str, Tokenizer] = {}
-
-
-def _tokenize_shard(
-    index: int,
-    *,
-    tasks: list[_Task],
-    tokenizer_path: str,
-    stats_dir: str,
-    dtype_name: str,
-    val_every: int,
-) -> Iterator[torch.Tensor]:
-    """litdata ``fn``: yield one ``[bos] + ids + [eos]`` tensor per selected document.
-
-    Receives an index into ``tasks`` rather than a path: litdata treats existing file paths
-    in ``inputs`` as files to download/cache (and may delete cached copies), which we never
-    want for local input shards.
-    """
-    task = tasks[index]
-    tok = _TOKENIZERS.get(tokenizer_path)
-    if tok is None:
-        tok = _TOKENIZERS[tokenizer_path] = Tokenizer(tokenizer_path)
-    dtype = getattr(torch, dtype_name)
-    stats = SkipStats()
-    shard_stats = stats if task.count_skips else SkipStats()
-    selected = SkipStats()  # docs/sets of the documents that land in this split
-    tokens = 0
-    error: str | None = None
-    try:
-        for text, set_name in iter_records(task.shard, shard_stats):
-            if task.select != _ALL and _is_held_out(text, val_every) != (task.select == _HOLDOUT):
+def _process_part(part: _Part, reporter: _Reporter | None = None) -> dict[str, Any]:
+    """Tokenize one part into its own chunks; write and return its record."""
+    job: _Job = _STATE["job"]
+    tok: Tokenizer = _STATE["tokenizer"]
+    opts = job.options
+    reporter = reporter or _Reporter(_STATE.get("queue"))
+    part_dir = Path(job.work_dir) / "parts" / f"{part.index:07d}"
+    if part_dir.exists():  # left over from an interrupted run: redo the part from scratch
+        shutil.rmtree(part_dir)
+    before, after = tok.separator_ids(opts.separator)
+    nb, na = len(before), len(after)
+    dtype = _token_dtype(tok.vocab_size)
+    encode = tok._sp.encode
+    record_filter = opts.record_filter()
+    writers: dict[str, _SplitWriter] = {}
+    files = []
+    for path, label, _ in part.files:
+        stats = SkipStats()
+        per_split: dict[str, dict[str, int]] = {s: {"docs": 0, "tokens": 0} for s in SPLITS}
+        reader = ShardReader(path, stats, record_filter, on_bytes=reporter.add_bytes, label=label)
+        for rec in reader:
+            ids = encode(rec.text)
+            if len(ids) < opts.min_tokens:
+                stats.docs -= 1
+                stats.sets[rec.set_name] -= 1
+                stats.skip("too_short", label, rec.line)
                 continue
-            ids = tok.encode(text, bos=True, eos=True)
-            tokens += len(ids)
-            selected.docs += 1
-            selected.sets[set_name] += 1
-            yield torch.tensor(ids, dtype=dtype)
-    except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it
-        # Don't let the exception reach litdata: on a worker error it SIGTERMs the worker and
-        # orphans the worker's helper processes (they linger forever, holding stdout open).
-        # We finish cleanly instead and the parent raises this message after optimize returns.
-        error = f"{type(e).__name__}: {e}"
-    # Reached only once litdata has consumed every item: the stats describe a whole shard.
-    stats.docs, stats.sets = selected.docs, selected.sets
-    record = {"shard": task.shard, "tokens": tokens, "error": error, **stats.to_dict()}
-    path = Path(stats_dir) / f"{index:07d}.json"
-    tmp = path.with_name(path.name + ".tmp")
+            n = len(ids) + nb + na
+            arr = np.empty(n, dtype=dtype)
+            if nb:
+                arr[0] = before[0]
+            arr[nb : n - na] = ids
+            if na:
+                arr[n - 1] = after[0]
+            if part.route == "holdout":
+                split = "val" if _is_held_out(rec.text, opts.val_every) else "train"
+            else:
+                split = part.route
+            w = writers.get(split)
+            if w is None:
+                w = writers[split] = _SplitWriter(part_dir / split, part.index, opts.chunk_bytes)
+            w.add(arr, rec.set_name)
+            per_split[split]["docs"] += 1
+            per_split[split]["tokens"] += n
+            reporter.tokens += n
+            reporter.docs += 1
+            if not reporter.docs & 255:
+                reporter.maybe_flush()
+        stats.sets = +stats.sets  # drop zero counts left by too_short
+        d = stats.to_dict()
+        files.append({
+            "file": label,
+            "part": part.index,
+            "docs": {s: v["docs"] for s, v in per_split.items() if v["docs"]},
+            "tokens": {s: v["tokens"] for s, v in per_split.items() if v["tokens"]},
+            "skipped": {r: c for r, c in d["skipped"].items() if c},
+            "skip_locations": d["skip_locations"],
+            "sets": d["sets"],
+            "error": reader.error,
+        })
+    splits = {name: w.finish() for name, w in sorted(writers.items())}
+    output: _Output | None = _STATE.get("output")
+    if output is not None:  # object store: upload now, keep the local disk small
+        for name, s in splits.items():
+            for chunk in s["chunks"]:
+                local = part_dir / name / chunk["filename"]
+                output.upload(local, name, chunk["filename"])
+                local.unlink()
+    record = {"part": part.index, "route": part.route, "files": files, "splits": splits}
+    dest = Path(job.work_dir) / "parts" / f"{part.index:07d}.json"
+    tmp = dest.with_name(dest.name + ".tmp")
     tmp.write_text(json.dumps(record))
-    os.replace(tmp, path)
+    os.replace(tmp, dest)  # the part is done only once this exists
+    reporter.maybe_flush(force=True)
+    return record
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+# ------------------------------------------------------------------------------------------------
+# Progress
+# ------------------------------------------------------------------------------------------------
 
 
-def _check_same_inputs(
-    existing: dict[str, Any], in_dir: Path, tok_path: Path, val_every: int, out: Path
-) -> None:
-    """A finished prepare is reused only for the same corpus and tokenizer: token ids from
-    another tokenizer would silently train the model on the wrong vocabulary."""
+def _fmt_duration(seconds: float) -> str:
+    if seconds != seconds or seconds == float("inf"):
+        return "?"
+    s = int(seconds)
+    h, rem = divmod(s, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def _fmt_count(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+class _Progress:
+    """One status line: parts, input bytes, tokens, tokens/s and ETA (by input bytes)."""
+
+    def __init__(self, enabled: bool, total_parts: int, done_parts: int, total_bytes: int, done_bytes: int,
+                 tokens: int, stream: Any = None) -> None:
+        self.enabled = enabled
+        self.stream = stream or sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.total_parts, self.done_parts = total_parts, done_parts
+        self.total_bytes, self.bytes = total_bytes, done_bytes
+        self.start_bytes = done_bytes
+        self.tokens, self.start_tokens = tokens, tokens
+        self.t0 = time.monotonic()
+        self.last_print = 0.0
+
+    def add(self, nbytes: int, tokens: int, docs: int) -> None:
+        del docs
+        self.bytes += nbytes
+        self.tokens += tokens
+        self.show()
+
+    def part_done(self) -> None:
+        self.done_parts += 1
+        self.show()
+
+    def line(self) -> str:
+        elapsed = max(time.monotonic() - self.t0, 1e-9)
+        rate_tokens = (self.tokens - self.start_tokens) / elapsed
+        rate_bytes = (self.bytes - self.start_bytes) / elapsed
+        eta = (self.total_bytes - self.bytes) / rate_bytes if rate_bytes > 0 else float("nan")
+        pct = 100.0 * self.bytes / max(self.total_bytes, 1)
+        unit, div = ("GB", 1e9) if self.total_bytes >= 1e9 else ("MB", 1e6)
+        return (f"prepare {pct:5.1f}% | parts {self.done_parts}/{self.total_parts} | "
+                f"{self.bytes / div:.2f}/{self.total_bytes / div:.2f} {unit} | {self.tokens:,} tokens | "
+                f"{_fmt_count(rate_tokens)} tok/s | ETA {_fmt_duration(eta)}")
+
+    def show(self, final: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if not final and now - self.last_print < (0.5 if self.tty else 10.0):
+            return
+        self.last_print = now
+        if self.tty:
+            self.stream.write("\r" + self.line() + ("\n" if final else ""))
+        else:
+            self.stream.write(self.line() + "\n")
+        self.stream.flush()
+
+
+# ------------------------------------------------------------------------------------------------
+# The prepare
+# ------------------------------------------------------------------------------------------------
+
+
+def _check_same_inputs(existing: dict[str, Any], fingerprint: dict[str, Any], out: Any) -> None:
+    """A finished prepare is reused only for the same corpus, tokenizer and settings: token ids
+    from another tokenizer would silently train the model on the wrong vocabulary."""
     problems = []
-    if existing.get("input_dir") != str(in_dir.resolve()):
-        problems.append(f"input_dir {existing.get('input_dir')} (now {in_dir.resolve()})")
-    if existing.get("tokenizer_sha256") != _sha256(tok_path):
-        problems.append(f"a different tokenizer ({existing.get('tokenizer_path')}, now {tok_path})")
-    if existing.get("val_every") not in (None, val_every):
-        problems.append(f"val_every={existing.get('val_every')} (now {val_every})")
+    if existing.get("input_dir") != fingerprint["input_dir"]:
+        problems.append(f"input {existing.get('input_dir')} (now {fingerprint['input_dir']})")
+    if existing.get("tokenizer_sha256") != fingerprint["tokenizer_sha256"]:
+        problems.append(
+            f"a different tokenizer ({existing.get('tokenizer_path')}, now {fingerprint['tokenizer_path']})")
+    old_opts = existing.get("options")
+    if old_opts is not None and old_opts != fingerprint["options"]:
+        changed = sorted(k for k in fingerprint["options"] if old_opts.get(k) != fingerprint["options"][k])
+        problems.append("other settings (" + ", ".join(f"{k}={old_opts.get(k)!r}, now {fingerprint['options'][k]!r}"
+                                                        for k in changed) + ")")
+    elif old_opts is None and existing.get("val_every") not in (None, fingerprint["options"]["val_every"]):
+        problems.append(f"val_every={existing.get('val_every')} (now {fingerprint['options']['val_every']})")
     if problems:
         raise ValueError(
             f"{out} was already prepared from {' and '.join(problems)}. Use another output "
@@ -199,163 +617,285 @@ def _check_same_inputs(
         )
 
 
-@contextlib.contextmanager
-def _litdata_cache_env(cache_root: Path) -> Iterator[None]:
-    """Point litdata's optimizer caches under our own folder for the duration of the call.
-
-    By default they live in /tmp/chunks and /tmp/data, shared by every run on the machine, so
-    two prepares (e.g. parallel tests) could collide. Workers inherit the environment.
-    """
-    keys = {
-        "DATA_OPTIMIZER_CACHE_FOLDER": cache_root / "chunks",
-        "DATA_OPTIMIZER_DATA_CACHE_FOLDER": cache_root / "data",
-    }
-    saved = {k: os.environ.get(k) for k in keys}
-    try:
-        for k, v in keys.items():
-            v.mkdir(parents=True, exist_ok=True)
-            os.environ[k] = str(v)
-        yield
-    finally:
-        for k, old in saved.items():
-            if old is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = old
-
-
-@contextlib.contextmanager
-def _keep_sigint_handler() -> Iterator[None]:
-    """litdata's optimize installs a SIGINT handler that calls ``os._exit(0)`` and never
-    removes it; restore ours so Ctrl-C later in the process still raises KeyboardInterrupt."""
-    previous = signal.getsignal(signal.SIGINT)
-    try:
-        yield
-    finally:
-        if previous is not None:  # None: installed outside Python, nothing we can restore
-            signal.signal(signal.SIGINT, previous)
-
-
 def prepare_dataset(
     input_dir: str | Path,
     output_dir: str | Path,
     tokenizer_path: str | Path,
-    num_workers: int = 1,
-    chunk_bytes: str | int = "16MB",
+    num_workers: int | None = None,
+    chunk_bytes: str | int = "64MB",
     val_every: int = 100,
     overwrite: bool = False,
     verbose: bool = False,
     start_method: str | None = None,
+    *,
+    text_field: str = "text",
+    exclude_sets: tuple[str, ...] | list[str] = (),
+    min_chars: int = 0,
+    min_tokens: int = 0,
+    separator: str = "bos+eos",
+    group_bytes: str | int = "auto",
+    progress: bool = False,
+    work_dir: str | Path | None = None,
+    storage_options: dict[str, Any] | None = None,
+    max_parts: int | None = None,
 ) -> dict[str, Any]:
     """Tokenize ``input_dir`` into ``output_dir/{train,val}``; return the stats dict.
 
-    If ``output_dir`` already holds a finished prepare, its stats are returned without any
-    work unless ``overwrite=True``. A half-finished prepare (no ``_COMPLETE`` marker) is
-    always redone. Only the entries this function creates (``train/``, ``val/``, the stats
-    file, the marker, and a scratch folder) are ever removed from ``output_dir``.
+    ``num_workers`` processes (default: every core) tokenize parts in parallel. A finished
+    output is returned as is unless ``overwrite=True`` (and refused if it was made from other
+    inputs, tokenizer or settings). An unfinished one is resumed: parts already done are kept.
+    ``work_dir`` is where parts are staged (default ``<output>/.prepare_work``; for object-store
+    output a local folder under ``~/.cache/orchestrator/prepare``). ``max_parts`` stops after
+    that many parts have been processed in this call, leaving the prepare unfinished (for tests
+    and for splitting a long prepare into jobs); the call then returns ``{"finished": False, ...}``.
     """
-    in_dir, out = Path(input_dir), Path(output_dir)
-    tok_path = Path(tokenizer_path)
-    # Cheap checks first: nothing expensive runs before the inputs are known to be usable.
+    del verbose  # kept for compatibility; use progress=True for a status line
+    in_path, tok_path = Path(input_dir), Path(tokenizer_path)
+    out = _Output(output_dir, storage_options)
+    opts = PrepareOptions(
+        text_field=text_field, exclude_sets=tuple(sorted(set(exclude_sets))), min_chars=min_chars,
+        min_tokens=min_tokens, separator=separator, chunk_bytes=_parse_bytes(chunk_bytes),
+        group_bytes=1 if group_bytes == "auto" else _parse_bytes(group_bytes), val_every=val_every,
+    )
+    # Cheap checks first: nothing is created before the inputs are known to be usable.
+    opts.validate()
     if not tok_path.is_file():
         raise FileNotFoundError(
             f"Tokenizer model {tok_path} not found. Train one first with `orchestrator tokenizer`."
         )
-    if is_prepared(out) and not overwrite:
-        existing = read_stats(out)
-        _check_same_inputs(existing, in_dir, tok_path, val_every, out)
-        return existing
+    tokenizer = Tokenizer(tok_path)
+    tokenizer.separator_ids(opts.separator)  # the separator's tokens exist
+    if num_workers is None:
+        num_workers = os.cpu_count() or 1
     if num_workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {num_workers}.")
-    layout, plan = _plan(in_dir, val_every)  # raises for a missing/empty input dir
-    tokenizer = Tokenizer(tok_path)
-    dtype = _token_dtype(tokenizer.vocab_size)
-
-    # Start from a clean slate: drop an unfinished or overwritten previous attempt.
-    out.mkdir(parents=True, exist_ok=True)
-    (out / COMPLETE_MARKER).unlink(missing_ok=True)
-    for name in (*SPLIT_DIRS.values(), _WORK_DIR):
-        shutil.rmtree(out / name, ignore_errors=True)
-    (out / STATS_FILE).unlink(missing_ok=True)
-
-    # Import here: litdata is heavy and only needed for the actual work.
-    from litdata import optimize
-    from litdata.streaming.item_loader import TokensLoader
-
-    # fork by default where available: spawn re-imports torch in every worker (~4 s per split
-    # on a 2-core box, most of a small prepare) and needs an `if __name__ == "__main__"` guard
-    # in whatever script calls us. The parent has no helper threads at this point, so fork is
-    # safe; pass start_method="spawn" to get litdata's default back.
-    method = start_method or ("fork" if "fork" in mp.get_all_start_methods() else None)
-    work = out / _WORK_DIR
-    split_stats: dict[str, Any] = {}
-    try:
-        with _litdata_cache_env(work / "litdata_cache"), _keep_sigint_handler():
-            for split, tasks in plan.items():
-                stats_dir = work / "stats" / split
-                stats_dir.mkdir(parents=True, exist_ok=True)
-                fn = functools.partial(
-                    _tokenize_shard,
-                    tasks=tasks,
-                    tokenizer_path=str(tok_path.resolve()),
-                    stats_dir=str(stats_dir),
-                    dtype_name=str(dtype).removeprefix("torch."),
-                    val_every=val_every,
-                )
-                optimize(
-                    fn=fn,
-                    inputs=list(range(len(tasks))),
-                    output_dir=str((out / split).resolve()),
-                    chunk_bytes=chunk_bytes,
-                    item_loader=TokensLoader(),
-                    num_workers=min(num_workers, len(tasks)),
-                    # Keep shard order (and thus token order) independent of file sizes and
-                    # worker timing, so a 1-worker prepare is exactly reproducible.
-                    reorder_files=False,
-                    keep_data_ordered=True,
-                    start_method=method,
-                    verbose=verbose,
-                )
-                split_stats[split] = _collect_stats(stats_dir, tasks, split, in_dir)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-    stats = {
-        "input_dir": str(in_dir.resolve()),
+    layout, routes = _plan(in_path, val_every)  # raises for a missing/empty input
+    if group_bytes == "auto":
+        opts = replace(opts, group_bytes=_auto_group_bytes(routes))
+    parts = _make_parts(in_path, routes, opts.group_bytes)
+    fingerprint = {
+        "format_version": _FORMAT_VERSION,
+        "input_dir": str(in_path.resolve()),
         "tokenizer_path": str(tok_path.resolve()),
         "tokenizer_sha256": _sha256(tok_path),
-        "vocab_size": tokenizer.vocab_size,
-        "bos_id": tokenizer.bos_id,
-        "eos_id": tokenizer.eos_id,
-        "dtype": str(dtype).removeprefix("torch."),
-        "layout": layout,
-        "val_every": val_every if layout != "slimpajama" else None,
-        "splits": split_stats,
+        "options": asdict(opts),
+        "files": [[label, size, os.stat(path).st_mtime_ns] for p in parts for path, label, size in p.files],
     }
-    (out / STATS_FILE).write_text(json.dumps(stats, indent=2) + "\n")
-    (out / COMPLETE_MARKER).write_text("ok\n")  # last: marks everything above as finished
+    fingerprint = json.loads(json.dumps(fingerprint))  # as it reads back from JSON (tuples -> lists)
+    if is_prepared(output_dir, storage_options) and not overwrite:
+        existing = read_stats(output_dir, storage_options)
+        _check_same_inputs(existing, fingerprint, out)
+        return existing
+    out.check_writable()
+
+    if work_dir is not None:
+        work = Path(work_dir)
+    elif out.remote:
+        work = Path.home() / ".cache" / "orchestrator" / "prepare" / hashlib.sha256(out.url.encode()).hexdigest()[:16]
+    else:
+        work = out.path / _WORK_DIR
+    plan_file = work / "plan.json"
+    plan_text = json.dumps(fingerprint, sort_keys=True)
+    if not (plan_file.is_file() and plan_file.read_text() == plan_text):
+        shutil.rmtree(work, ignore_errors=True)  # another plan (or none): start over
+    (work / "parts").mkdir(parents=True, exist_ok=True)
+    plan_file.write_text(plan_text)
+    if out.remote and overwrite:
+        out.remove(COMPLETE_MARKER)  # remote chunks are replaced in place: the old dataset ends now
+
+    records: dict[int, dict[str, Any]] = {}
+    for p in parts:
+        f = work / "parts" / f"{p.index:07d}.json"
+        if f.is_file():
+            records[p.index] = json.loads(f.read_text())
+    pending = sorted((p for p in parts if p.index not in records), key=lambda p: (-p.size, p.index))
+    if max_parts is not None:
+        pending = pending[:max_parts]
+    done_tokens = sum(s["tokens"] for r in records.values() for s in r["splits"].values())
+    bar = _Progress(progress, len(parts), len(records), sum(p.size for p in parts),
+                    sum(p.size for p in parts if p.index in records), done_tokens)
+    job = _Job(str(tok_path.resolve()), opts, str(work), out.url if out.remote else None, dict(storage_options or {}))
+    _run_parts(pending, job, num_workers, start_method, bar, records)
+    bar.tokens = sum(s["tokens"] for r in records.values() for s in r["splits"].values())  # exact, not streamed
+    bar.show(final=True)
+    if len(records) < len(parts):
+        return {"finished": False, "parts_done": len(records), "parts": len(parts)}
+
+    stats = _summarize(records, parts, fingerprint, layout, tokenizer, opts)
+    for split in SPLITS:
+        if stats["splits"][split]["docs"] == 0:
+            hint = " (hash holdout: lower --val-every)" if split == "val" and layout != "slimpajama" else ""
+            raise ValueError(
+                f"Split {split!r} of {in_path} has no usable documents{hint} "
+                f"(skipped records: {stats['skipped']}). Check the input files; staged parts stay in {work}."
+            )
+    _merge(out, work, records, parts, stats)
+    shutil.rmtree(work, ignore_errors=True)
     return stats
 
 
-def _collect_stats(stats_dir: Path, tasks: list[_Task], split: str, in_dir: Path) -> dict[str, Any]:
-    """Sum the per-shard stats files written by the workers; every shard must report."""
-    total = SkipStats()
-    tokens = 0
-    reports = sorted(stats_dir.glob("*.json"))
-    if len(reports) != len(tasks):
-        raise RuntimeError(
-            f"Only {len(reports)} of {len(tasks)} shards of split {split!r} reported stats; "
-            f"a litdata worker failed. Check the log above and rerun the prepare."
-        )
-    for report in reports:
-        d = json.loads(report.read_text())
-        if d.get("error"):
-            raise ValueError(f"Failed to read shard {d['shard']} ({split!r} split): {d['error']}")
-        total.merge(SkipStats.from_dict(d))
-        tokens += int(d["tokens"])
-    if total.docs == 0:
-        raise ValueError(
-            f"Split {split!r} of {in_dir} has no usable documents "
-            f"(skipped lines: {total.to_dict()['skipped']}). Check the input shards."
-        )
-    return {"shards": len(tasks), "tokens": tokens, **total.to_dict()}
+def _run_parts(pending: list[_Part], job: _Job, num_workers: int, start_method: str | None, bar: _Progress,
+               records: dict[int, dict[str, Any]]) -> None:
+    if not pending:
+        return
+    # Import the chunk writer here, once: forked workers inherit it instead of each importing
+    # litdata (seconds per worker on a busy machine).
+    import litdata.streaming.writer  # noqa: F401
+
+    workers = min(num_workers, len(pending))
+    if workers == 1:  # in this process: no start-up cost, same bytes
+        _init_state_in_process(job)
+        reporter = _Reporter(None, callback=bar.add)
+        try:
+            for p in pending:
+                records[p.index] = _process_part(p, reporter)
+                bar.part_done()
+        finally:
+            _STATE.clear()
+        return
+    # fork where available: spawn re-imports torch in every worker (seconds each) and needs an
+    # `if __name__ == "__main__"` guard in whatever script calls us.
+    method = start_method or ("fork" if "fork" in mp.get_all_start_methods() else None)
+    ctx = mp.get_context(method)
+    q = ctx.Queue()
+    failures: list[BaseException] = []
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(job, q), maxtasksperchild=None) as pool:
+        results = [(p, pool.apply_async(_process_part, (p,))) for p in pending]
+        try:
+            remaining = list(results)
+            while remaining:
+                _drain(q, bar, timeout=0.2)
+                still = []
+                for p, r in remaining:
+                    if not r.ready():
+                        still.append((p, r))
+                        continue
+                    try:
+                        records[p.index] = r.get()
+                        bar.part_done()
+                    except Exception as e:  # noqa: BLE001 - re-raised below with the part's files
+                        failures.append(RuntimeError(
+                            f"Tokenizing {', '.join(f[1] for f in p.files)} failed: {type(e).__name__}: {e}"))
+                remaining = still
+                if failures:
+                    pool.terminate()
+                    break
+            _drain(q, bar, timeout=0)
+        except BaseException:
+            pool.terminate()
+            raise
+    if failures:
+        raise failures[0]
+
+
+def _init_state_in_process(job: _Job) -> None:
+    _STATE.clear()
+    _STATE.update(job=job, queue=None, tokenizer=Tokenizer(job.tokenizer_path))
+    if job.output is not None:
+        _STATE["output"] = _Output(job.output, job.storage_options)
+
+
+def _drain(q: Any, bar: _Progress, timeout: float) -> None:
+    try:
+        msg = q.get(timeout=timeout) if timeout else q.get_nowait()
+        bar.add(*msg)
+        while True:
+            bar.add(*q.get_nowait())
+    except queue.Empty:
+        pass
+
+
+def _summarize(records: dict[int, dict[str, Any]], parts: list[_Part], fingerprint: dict[str, Any], layout: str,
+               tokenizer: Tokenizer, opts: PrepareOptions) -> dict[str, Any]:
+    totals = SkipStats()
+    split_skips = {s: SkipStats() for s in SPLITS}
+    split_docs = {s: {"docs": 0, "tokens": 0, "chunks": 0, "files": 0, "sets": Counter()} for s in SPLITS}
+    files = []
+    for p in parts:
+        rec = records[p.index]
+        for f in rec["files"]:
+            fs = SkipStats(skipped=Counter(f["skipped"]),
+                           locations={k: list(v) for k, v in f["skip_locations"].items()})
+            totals.merge(fs)
+            # Skips belong to a file; for a hash holdout they are reported with train.
+            split_skips["val" if p.route == "val" else "train"].merge(fs)
+            split_docs["val" if p.route == "val" else "train"]["files"] += 1
+            files.append(f)
+        for name, s in rec["splits"].items():
+            d = split_docs[name]
+            d["docs"] += s["docs"]
+            d["tokens"] += s["tokens"]
+            d["chunks"] += len(s["chunks"])
+            d["sets"].update(s["sets"])
+    splits = {}
+    for name in SPLITS:
+        d, sk = split_docs[name], split_skips[name].to_dict()
+        splits[name] = {
+            "files": d["files"], "docs": d["docs"], "tokens": d["tokens"], "chunks": d["chunks"],
+            "skipped": sk["skipped"], "skipped_total": sk["skipped_total"],
+            "sets": dict(sorted(d["sets"].items())), "skip_locations": sk["skip_locations"],
+        }
+    totals.docs = sum(d["docs"] for d in split_docs.values())
+    t = totals.to_dict()
+    return {
+        "format_version": _FORMAT_VERSION,
+        "input_dir": fingerprint["input_dir"],
+        "tokenizer_path": fingerprint["tokenizer_path"],
+        "tokenizer_sha256": fingerprint["tokenizer_sha256"],
+        "vocab_size": tokenizer.vocab_size,
+        "bos_id": tokenizer.bos_id,
+        "eos_id": tokenizer.eos_id,
+        "dtype": str(_token_dtype(tokenizer.vocab_size)),
+        "layout": layout,
+        "val_every": opts.val_every if layout != "slimpajama" else None,
+        "separator": opts.separator,
+        "options": fingerprint["options"],
+        "parts": len(parts),
+        "docs": totals.docs,
+        "tokens": sum(d["tokens"] for d in split_docs.values()),
+        "skipped": t["skipped"],
+        "skipped_total": t["skipped_total"],
+        "skip_locations": t["skip_locations"],
+        "splits": splits,
+        "files": files,
+    }
+
+
+def _merge(out: _Output, work: Path, records: dict[int, dict[str, Any]], parts: list[_Part],
+           stats: dict[str, Any]) -> None:
+    """Publish: chunks into place, one index.json per split, stats, then the marker."""
+    started = work / "merge_started"
+    if not started.exists():
+        # From here on the old dataset (if any) is replaced; it stayed usable until now.
+        out.remove(COMPLETE_MARKER)
+        out.remove(STATS_FILE)
+        if not out.remote:
+            for split in SPLITS:
+                out.remove(split)
+        started.write_text("ok\n")
+    for split in SPLITS:
+        chunks: list[dict[str, Any]] = []
+        config = None
+        for p in parts:  # file order: the index (and an unshuffled loader) follows the input order
+            s = records[p.index]["splits"].get(split)
+            if s is None:
+                continue
+            if config is None:
+                config = s["config"]
+            elif config["data_format"] != s["config"]["data_format"]:
+                raise RuntimeError(f"part {p.index} was written with data format {s['config']['data_format']}, "
+                                   f"others with {config['data_format']}; rerun with --overwrite")
+            for c in s["chunks"]:
+                if not out.remote:
+                    src = work / "parts" / f"{p.index:07d}" / split / c["filename"]
+                    dst = out.path / split / c["filename"]
+                    if src.exists():
+                        dst.parent.mkdir(parents=True, exist_ok=True)
+                        shutil.move(src, dst)  # a rename on one filesystem (--work-dir may be elsewhere)
+                    elif not dst.exists():
+                        raise RuntimeError(f"chunk {src} of a finished part is missing; rerun with --overwrite")
+                chunks.append(c)
+        out.put_text(json.dumps({"chunks": chunks, "config": config, "updated_at": str(time.time())},
+                                sort_keys=True), split, "index.json")
+    out.put_text(json.dumps(stats, indent=1) + "\n", STATS_FILE)
+    out.put_text("ok\n", COMPLETE_MARKER)  # last: marks everything above as finished

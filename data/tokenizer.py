@@ -22,9 +22,12 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from data.shards import SkipStats, find_shards, iter_documents
+from data.shards import RecordFilter, SkipStats, find_shards, iter_documents
 
-__all__ = ["Tokenizer", "train_tokenizer", "resolve_training_dir"]
+__all__ = ["SEPARATORS", "Tokenizer", "install_tokenizer", "train_tokenizer", "resolve_training_dir"]
+
+# How documents are delimited in the token stream (``prepare --separator``).
+SEPARATORS = ("bos+eos", "eos", "bos")
 
 # Llama-2's value; longer documents are cut into several training segments.
 MAX_SENTENCE_BYTES = 4192
@@ -65,6 +68,14 @@ def _segments(text: str, max_bytes: int) -> Iterator[str]:
         yield "".join(buf)
 
 
+def _sample_files(shards: list[Path], max_files: int) -> list[Path]:
+    """At most ``max_files`` files spread evenly over the sorted list (first and last included)."""
+    if len(shards) <= max_files:
+        return shards
+    step = (len(shards) - 1) / (max_files - 1)
+    return [shards[round(i * step)] for i in range(max_files)]
+
+
 def train_tokenizer(
     input_dir: str | Path,
     output_prefix: str | Path,
@@ -72,34 +83,53 @@ def train_tokenizer(
     max_sentences: int = 100_000,
     seed: int = 0,
     num_threads: int | None = None,
+    byte_fallback: bool = True,
+    filter: RecordFilter | None = None,
+    max_files: int = 64,
 ) -> Path:
-    """Train a SentencePiece BPE model on the documents under ``input_dir``; return its path.
+    """Train a SentencePiece BPE model on a sample of the documents under ``input_dir``.
 
-    ``input_dir`` is a folder of ``.jsonl``/``.jsonl.zst`` shards; if it has a ``train/``
-    subfolder (SlimPajama layout) only that split is used, so validation text never leaks into
-    the vocabulary. At most ``max_sentences`` training segments are read, taking shards in
-    sorted order (SentencePiece holds them all in memory). The result, ``<output_prefix>.model``,
-    is deterministic for a given input, ``vocab_size`` and ``seed``.
+    ``input_dir`` is a corpus file or a folder of them (``.jsonl``, ``.jsonl.zst``, ``.jsonl.gz``,
+    ``.parquet``); if it has a ``train/`` subfolder (SlimPajama layout) only that split is used,
+    so validation text never leaks into the vocabulary. The sample is at most ``max_sentences``
+    training segments taken from at most ``max_files`` files spread evenly over the sorted file
+    list (an equal share from each, from its start), so a corpus of many sources is represented
+    by all of them. ``filter`` selects the text field and drops excluded subsets / short
+    documents, as in ``prepare``. The result, ``<output_prefix>.model``, is deterministic for a
+    given input, settings and ``seed``. Llama-2 conventions: unk=0, bos=1, eos=2, no pad, and
+    256 byte-fallback pieces (``byte_fallback=False`` maps unknown characters to unk instead).
     """
     in_dir = Path(input_dir)
-    shards = find_shards(resolve_training_dir(in_dir) if in_dir.is_dir() else in_dir)
-    if vocab_size < 259 + 3 + 1:
+    all_shards = find_shards(resolve_training_dir(in_dir) if in_dir.is_dir() else in_dir)
+    min_vocab = (259 if byte_fallback else 3) + 1
+    if vocab_size < min_vocab:
         # 256 byte-fallback pieces + unk/bos/eos must fit, plus at least one learned piece.
-        raise ValueError(f"vocab_size={vocab_size} is too small: byte_fallback needs >= 263.")
+        raise ValueError(
+            f"vocab_size={vocab_size} is too small: {'byte_fallback needs' if byte_fallback else 'need'} "
+            f">= {min_vocab}."
+        )
     if max_sentences < 1:
         raise ValueError(f"max_sentences must be >= 1, got {max_sentences}.")
+    if max_files < 2:
+        raise ValueError(f"max_files must be >= 2, got {max_files}.")
+    shards = _sample_files(all_shards, max_files)
+    per_file = -(-max_sentences // len(shards))
 
     stats = SkipStats()
 
     def sentences() -> Iterator[str]:
         count = 0
         for shard in shards:
-            for doc in iter_documents(shard, stats):
+            taken = 0
+            for doc in iter_documents(shard, stats, filter):
                 for seg in _segments(doc, MAX_SENTENCE_BYTES):
                     yield seg
                     count += 1
+                    taken += 1
                     if count >= max_sentences:
                         return
+                if taken >= per_file:
+                    break
 
     out_model = Path(f"{output_prefix}.model")
     out_model.parent.mkdir(parents=True, exist_ok=True)
@@ -107,12 +137,12 @@ def train_tokenizer(
     # Global RNG of the SentencePiece library; fixed so repeated trainings give identical bytes.
     spm.set_random_generator_seed(seed)
     try:
-        _train(sentences(), model, vocab_size, num_threads)
+        _train(sentences(), model, vocab_size, num_threads, byte_fallback)
     except RuntimeError as e:
         if stats.docs == 0:
             raise ValueError(
                 f"No usable documents under {in_dir} to train a tokenizer on "
-                f"(skipped lines: {stats.to_dict()['skipped']})."
+                f"(skipped records: {stats.to_dict()['skipped']})."
             ) from e
         # Typically the vocabulary is too large for a small corpus, or too small for the
         # corpus' distinct characters + 256 byte pieces; SentencePiece's message gives the
@@ -127,7 +157,28 @@ def train_tokenizer(
     return out_model
 
 
-def _train(sentences: Iterator[str], model: io.BytesIO, vocab_size: int, num_threads: int | None) -> None:
+def install_tokenizer(source: str | Path, output_prefix: str | Path) -> Path:
+    """Use an existing SentencePiece model (e.g. Llama 2's ``tokenizer.model``): check that it
+    loads and has BOS and EOS, and copy it to ``<output_prefix>.model``."""
+    src = Path(source)
+    tok = Tokenizer(src)  # raises for a missing or invalid file
+    missing = [name for name, i in (("bos", tok.bos_id), ("eos", tok.eos_id)) if i < 0]
+    if missing:
+        raise ValueError(
+            f"{src} has no {' / '.join(missing)} token; prepare separates documents with bos/eos. "
+            f"Use a Llama-style model (unk=0, bos=1, eos=2)."
+        )
+    out_model = Path(f"{output_prefix}.model")
+    out_model.parent.mkdir(parents=True, exist_ok=True)
+    if out_model.resolve() != src.resolve():
+        tmp = out_model.with_name(out_model.name + ".tmp")
+        tmp.write_bytes(src.read_bytes())
+        os.replace(tmp, out_model)
+    return out_model
+
+
+def _train(sentences: Iterator[str], model: io.BytesIO, vocab_size: int, num_threads: int | None,
+           byte_fallback: bool = True) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=sentences,
         model_writer=model,
@@ -138,7 +189,7 @@ def _train(sentences: Iterator[str], model: io.BytesIO, vocab_size: int, num_thr
         bos_id=1,
         eos_id=2,
         pad_id=-1,
-        byte_fallback=True,
+        byte_fallback=byte_fallback,
         split_digits=True,
         allow_whitespace_only_pieces=True,
         normalization_rule_name="identity",
@@ -196,6 +247,21 @@ class Tokenizer:
     @property
     def pad_id(self) -> int:
         return int(self._sp.pad_id())  # -1: Llama has no pad token
+
+    @property
+    def unk_id(self) -> int:
+        return int(self._sp.unk_id())
+
+    def separator_ids(self, separator: str) -> tuple[list[int], list[int]]:
+        """(ids before, ids after) each document for a ``prepare --separator`` value."""
+        if separator not in SEPARATORS:
+            raise ValueError(f"separator must be one of {', '.join(SEPARATORS)}, got {separator!r}.")
+        before = [self.bos_id] if separator.startswith("bos") else []
+        after = [self.eos_id] if separator.endswith("eos") else []
+        if any(i < 0 for i in before + after):
+            raise ValueError(f"{self.path} has no {'bos' if self.bos_id < 0 else 'eos'} token for separator "
+                             f"{separator!r}; pick another --separator or a Llama-style tokenizer.")
+        return before, after
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         ids: list[int] = self._sp.encode(text)

@@ -5,6 +5,7 @@ Real libraries throughout (zstandard, sentencepiece, litdata), small sizes, CPU 
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import signal
@@ -24,8 +25,16 @@ from data.loader import (
 )
 from data.prepare import COMPLETE_MARKER, STATS_FILE, is_prepared, prepare_dataset
 from data.sample_corpus import SET_NAMES, write_sample_corpus
-from data.shards import SKIP_REASONS, SkipStats, find_shards, iter_documents, iter_records
-from data.tokenizer import Tokenizer, train_tokenizer
+from data.shards import (
+    SKIP_REASONS,
+    RecordFilter,
+    ShardReader,
+    SkipStats,
+    find_shards,
+    iter_documents,
+    iter_records,
+)
+from data.tokenizer import Tokenizer, install_tokenizer, train_tokenizer
 
 torch.set_num_threads(1)
 
@@ -149,42 +158,100 @@ _BAD_LINES = [
 ]
 _EXPECTED_SKIPS = {"blank_line": 1, "invalid_utf8": 1, "invalid_json": 1, "missing_text": 3,
                    "empty_text": 2}
+_NO_SKIPS = dict.fromkeys(SKIP_REASONS, 0)
 
 
 def _bad_payload() -> bytes:
     return ("\n".join(_BAD_LINES) + "\n").encode() + b'{"text": "\xff\xfe"}\n'  # invalid_utf8
 
 
-@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.zst"])
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.zst", ".jsonl.gz"])
 def test_skipped_records_are_counted_by_reason(tmp_path: Path, suffix: str) -> None:
     path = tmp_path / f"shard{suffix}"
     payload = _bad_payload()
-    path.write_bytes(zstandard.ZstdCompressor().compress(payload) if suffix.endswith("zst") else payload)
+    if suffix.endswith("zst"):
+        payload = zstandard.ZstdCompressor().compress(payload)
+    elif suffix.endswith("gz"):
+        payload = gzip.compress(payload)
+    path.write_bytes(payload)
     stats = SkipStats()
     assert list(iter_documents(path, stats)) == ["good one", "good two"]
     assert stats.docs == 2
-    assert stats.to_dict()["skipped"] == _EXPECTED_SKIPS
+    assert stats.to_dict()["skipped"] == {**_NO_SKIPS, **_EXPECTED_SKIPS}
     assert stats.total_skipped == sum(_EXPECTED_SKIPS.values())
     assert stats.sets == {"RedPajamaBook": 1, "unknown": 1}
-    assert set(_EXPECTED_SKIPS) == set(SKIP_REASONS)
+    # Every skip says where it is: file and (1-based) line.
+    locations = stats.to_dict()["skip_locations"]
+    assert locations["invalid_json"] == [f"{path}:2"]
+    assert locations["missing_text"] == [f"{path}:3", f"{path}:4", f"{path}:5"]
+    assert locations["blank_line"] == [f"{path}:8"] and locations["invalid_utf8"] == [f"{path}:10"]
 
 
-def test_shard_reader_handles_multiframe_and_rejects_truncated_zstd(tmp_path: Path) -> None:
+def test_filters_text_field_excluded_sets_and_min_length(tmp_path: Path) -> None:
+    lines = [
+        {"content": "def f(): pass", "meta": {"redpajama_set_name": "RedPajamaGithub"}},
+        {"content": "short", "meta": {"redpajama_set_name": "RedPajamaBook"}},
+        {"content": "a long enough book text", "meta": {"redpajama_set_name": "RedPajamaBook"}},
+        {"text": "no content field here"},
+    ]
+    path = tmp_path / "s.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    stats = SkipStats()
+    flt = RecordFilter(text_field="content", exclude_sets=frozenset({"RedPajamaGithub"}), min_chars=10)
+    assert list(iter_documents(path, stats, flt)) == ["a long enough book text"]
+    assert {k: v for k, v in stats.skipped.items() if v} == {"excluded_set": 1, "too_short": 1, "missing_text": 1}
+    nested = tmp_path / "n.jsonl"
+    nested.write_text(json.dumps({"doc": {"body": "nested text"}}) + "\n")
+    assert list(iter_documents(nested, filter=RecordFilter(text_field="doc.body"))) == ["nested text"]
+
+
+def test_damaged_files_keep_what_came_before_and_count_the_rest(tmp_path: Path) -> None:
     multi = tmp_path / "multi.jsonl.zst"
     cctx = zstandard.ZstdCompressor()
     multi.write_bytes(cctx.compress(b'{"text": "a"}\n{"text": "b') + cctx.compress(b'"}\n{"text": "c"}'))
     assert [t for t, _ in iter_records(multi)] == ["a", "b", "c"]
 
-    big = "\n".join(json.dumps({"text": f"document {i} " * 20}) for i in range(3000)).encode()
-    truncated = tmp_path / "truncated.jsonl.zst"
-    truncated.write_bytes(cctx.compress(big)[:5000])
-    with pytest.raises(ValueError, match=rf"Truncated zstd shard {truncated}"):
-        list(iter_documents(truncated))
+    docs = [json.dumps({"text": f"document {i} " * 20}) for i in range(3000)]
+    big = "\n".join(docs).encode()
+    for name, data in [("truncated.jsonl.zst", cctx.compress(big)[:5000]),
+                       ("truncated.jsonl.gz", gzip.compress(big)[:5000])]:
+        path = tmp_path / name
+        path.write_bytes(data)
+        stats = SkipStats()
+        kept = list(iter_documents(path, stats))
+        # The records before the damage are kept, in order; the rest is one counted skip.
+        assert 0 < len(kept) < 3000 and kept == [json.loads(d)["text"] for d in docs[: len(kept)]]
+        assert {k: v for k, v in stats.skipped.items() if v} == {"truncated_file": 1}, name
+        assert stats.locations["truncated_file"] == [f"{path}:{len(kept) + 1}"]
 
     garbage = tmp_path / "garbage.jsonl.zst"
     garbage.write_bytes(b"this is not zstd")
-    with pytest.raises(ValueError, match=rf"Corrupt zstd shard {garbage}"):
-        list(iter_documents(garbage))
+    stats = SkipStats()
+    assert list(iter_documents(garbage, stats)) == []
+    assert {k: v for k, v in stats.skipped.items() if v} == {"corrupt_file": 1}
+
+    bad_parquet = tmp_path / "bad.parquet"
+    bad_parquet.write_bytes(b"PAR1 not really parquet")
+    stats = SkipStats()
+    assert list(iter_documents(bad_parquet, stats)) == []
+    assert {k: v for k, v in stats.skipped.items() if v} == {"corrupt_file": 1}
+
+
+def test_parquet_records(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "code.parquet"
+    table = pa.table({"id": [1, 2, 3, 4], "content": ["print(1)\n", None, "   ", "x = 2\n"]})
+    pq.write_table(table, path, row_group_size=2)
+    stats = SkipStats()
+    recs = list(ShardReader(path, stats, RecordFilter(text_field="content")))
+    assert [(r.text, r.line) for r in recs] == [("print(1)\n", 1), ("x = 2\n", 4)]
+    assert {k: v for k, v in stats.skipped.items() if v} == {"missing_text": 1, "empty_text": 1}
+    # A wrong text field: every row is counted as missing_text (nothing silently empty).
+    stats = SkipStats()
+    assert list(iter_documents(path, stats)) == []
+    assert stats.skipped["missing_text"] == 4
 
 
 def test_find_shards(tmp_path: Path) -> None:
@@ -194,13 +261,15 @@ def test_find_shards(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     (empty / "sub").mkdir(parents=True)
     (empty / "sub" / "notes.txt").write_text("x")
-    with pytest.raises(FileNotFoundError, match=rf"No \.jsonl or \.jsonl\.zst shards found under {empty}"):
+    with pytest.raises(FileNotFoundError,
+                       match=rf"No \.jsonl, \.jsonl\.zst, \.jsonl\.gz or \.parquet files found under {empty}"):
         find_shards(empty)
-    for rel in ["b/2.jsonl.zst", "a/1.jsonl", "a/z/0.jsonl.zst", "a/skip.json"]:
+    for rel in ["b/2.jsonl.zst", "a/1.jsonl", "a/z/0.jsonl.zst", "a/skip.json", "c/3.parquet", "c/4.jsonl.gz"]:
         (empty / rel).parent.mkdir(parents=True, exist_ok=True)
         (empty / rel).write_bytes(b"")
     assert [p.relative_to(empty).as_posix() for p in find_shards(empty)] == [
-        "a/1.jsonl", "a/z/0.jsonl.zst", "b/2.jsonl.zst"]
+        "a/1.jsonl", "a/z/0.jsonl.zst", "b/2.jsonl.zst", "c/3.parquet", "c/4.jsonl.gz"]
+    assert find_shards(empty / "a" / "1.jsonl") == [empty / "a" / "1.jsonl"]  # a single file
 
 
 # ------------------------------------------------------------------------------------------
@@ -233,6 +302,18 @@ def test_tokenizer_training_is_deterministic(corpus: Path, tokenizer_path: Path,
     again = train_tokenizer(corpus, tmp_path / "again", vocab_size=VOCAB)
     assert again == tmp_path / "again.model"
     assert again.read_bytes() == tokenizer_path.read_bytes()
+
+
+def test_tokenizer_options_and_existing_model(corpus: Path, tokenizer_path: Path, tmp_path: Path) -> None:
+    no_bytes = Tokenizer(train_tokenizer(corpus, tmp_path / "nb", vocab_size=300, byte_fallback=False))
+    assert no_bytes.vocab_size == 300 and (no_bytes.bos_id, no_bytes.eos_id, no_bytes.unk_id) == (1, 2, 0)
+    assert no_bytes.unk_id in no_bytes.encode("🙂")  # no byte pieces: unknown characters become unk
+    # An existing model (e.g. Llama 2's) is checked and copied.
+    installed = install_tokenizer(tokenizer_path, tmp_path / "llama")
+    assert installed.read_bytes() == tokenizer_path.read_bytes()
+    assert Tokenizer(installed).separator_ids("bos+eos") == ([1], [2])
+    assert Tokenizer(installed).separator_ids("eos") == ([], [2])
+    assert Tokenizer(installed).separator_ids("bos") == ([1], [])
 
 
 def test_tokenizer_errors(tmp_path: Path, corpus: Path) -> None:
@@ -347,11 +428,14 @@ def test_prepare_counts_skips_across_workers_and_holds_out_validation(
         (src / f"part_{s}.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(payload))
 
     out = tmp_path / "out"
-    stats = prepare_dataset(src, out, tokenizer_path, num_workers=2, val_every=5)
-    assert stats["layout"] == "flat_hash_holdout" and stats["val_every"] == 5
+    # group_bytes=1: every file is a part of its own, so the 2 workers share the files.
+    stats = prepare_dataset(src, out, tokenizer_path, num_workers=2, val_every=5, group_bytes=1)
+    assert stats["layout"] == "flat_hash_holdout" and stats["val_every"] == 5 and stats["parts"] == 4
     train, val = stats["splits"]["train"], stats["splits"]["val"]
-    # Skips are summed over all shards/workers and counted once (not again by the val pass).
-    assert train["skipped"] == {k: 4 * v for k, v in _EXPECTED_SKIPS.items()}
+    # Skips are summed over all files/workers and counted once (with train, for a holdout).
+    assert train["skipped"] == {**_NO_SKIPS, **{k: 4 * v for k, v in _EXPECTED_SKIPS.items()}}
+    assert [f["file"] for f in stats["files"]] == [f"part_{s}.jsonl.zst" for s in range(4)]
+    assert all(f["skipped"] == _EXPECTED_SKIPS for f in stats["files"])
     assert val["skipped_total"] == 0
     # "good one"/"good two" from the bad payload are real documents too.
     n_all = len(all_texts) + 8
@@ -375,7 +459,7 @@ def test_prepare_errors_before_doing_work(corpus: Path, tokenizer_path: Path, tm
         prepare_dataset(missing_in, out, tokenizer_path)
     empty_in = tmp_path / "empty_corpus"
     (empty_in / "train").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match=rf"No \.jsonl or \.jsonl\.zst shards found under {empty_in / 'train'}"):
+    with pytest.raises(FileNotFoundError, match=rf"No \.jsonl.*files found under {empty_in / 'train'}"):
         prepare_dataset(empty_in, out, tokenizer_path)
     missing_tok = tmp_path / "tok.model"
     with pytest.raises(FileNotFoundError, match=rf"Tokenizer model {missing_tok} not found.*orchestrator tokenizer"):
@@ -384,19 +468,46 @@ def test_prepare_errors_before_doing_work(corpus: Path, tokenizer_path: Path, tm
     (only_val / "validation").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match=r"validation/ folder but no train/ folder"):
         prepare_dataset(only_val, out, tokenizer_path)
+    with pytest.raises(ValueError, match=r"separator must be one of"):
+        prepare_dataset(corpus, out, tokenizer_path, separator="pad")
     assert not out.exists()  # nothing was created before the inputs were validated
 
-    # A shard that cannot be read fails the prepare with its path, and leaves it unfinished.
+    # An unwritable output fails at once, saying so.
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if not os.access(locked, os.W_OK):  # (root may write anywhere: then see the next test)
+            with pytest.raises(PermissionError, match=rf"Cannot write to the output {locked / 'out'}"):
+                prepare_dataset(corpus, locked / "out", tokenizer_path)
+    finally:
+        locked.chmod(0o700)
+
+
+def test_unwritable_output_is_reported(corpus: Path, tokenizer_path: Path, tmp_path: Path) -> None:
+    # A file where the output directory should be (permission checks do not apply to root).
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(PermissionError, match=rf"Cannot write to the output {blocker / 'out'}"):
+        prepare_dataset(corpus, blocker / "out", tokenizer_path)
+
+
+def test_a_damaged_shard_is_skipped_and_the_run_finishes(corpus: Path, tokenizer_path: Path, tmp_path: Path) -> None:
     broken = tmp_path / "broken"
     (broken / "validation").mkdir(parents=True)
     (broken / "train").mkdir()
     for p in (corpus / "validation" / "chunk1").iterdir():
         (broken / "validation" / p.name).write_bytes(p.read_bytes())
-    bad = broken / "train" / "bad.jsonl.zst"
-    bad.write_bytes(b"garbage")
-    with pytest.raises(ValueError, match=rf"Failed to read shard {bad}.*Corrupt zstd shard"):
-        prepare_dataset(broken, out, tokenizer_path)
-    assert not is_prepared(out)
+    good = next((corpus / "train" / "chunk1").iterdir())
+    (broken / "train" / "a_good.jsonl.zst").write_bytes(good.read_bytes())
+    (broken / "train" / "b_bad.jsonl.zst").write_bytes(b"garbage")
+    stats = prepare_dataset(broken, tmp_path / "out", tokenizer_path)
+    assert is_prepared(tmp_path / "out")
+    assert stats["splits"]["train"]["docs"] == 100
+    assert stats["skipped"]["corrupt_file"] == 1
+    assert stats["skip_locations"]["corrupt_file"] == ["train/b_bad.jsonl.zst:1"]
+    bad = next(f for f in stats["files"] if f["file"] == "train/b_bad.jsonl.zst")
+    assert bad["skipped"] == {"corrupt_file": 1} and "zstd" in bad["error"]
 
 
 def test_make_dataloader_errors(prepared: Path, tmp_path: Path) -> None:
@@ -441,3 +552,28 @@ def test_loader_state_dict_resumes_exactly(prepared: Path, num_workers: int) -> 
     assert len(seen) + len(rest) == len(reference)
     for got, want in zip(seen + rest, reference, strict=True):
         assert torch.equal(got, want)
+
+
+def test_loader_epochs_reshuffle_and_resume_inside_a_later_epoch(prepared: Path) -> None:
+    """Multi-epoch: every epoch is a full, reshuffled pass; a resume inside epoch 2 gives the rest of
+    epoch 2 and then a full epoch 3 (not only the tail of the data, as after a fast-forward)."""
+    def loader() -> StreamingDataLoader:
+        return make_dataloader(prepared / "train", seq_len=63, batch_size=4, shuffle=True, seed=5)
+
+    reference = loader()
+    epochs = [list(reference) for _ in range(3)]
+    blocks = [sorted(tuple(s.tolist()) for b in e for s in b) for e in epochs]
+    assert blocks[0] == blocks[1] == blocks[2]  # each epoch: the same blocks...
+    assert not all(torch.equal(a, b) for a, b in zip(epochs[0], epochs[1], strict=True))  # ...in a new order
+
+    k = len(epochs[1]) // 2
+    first = loader()
+    assert len(list(first)) == len(epochs[0])
+    it = iter(first)
+    seen = [next(it) for _ in range(k)]
+    state = first.state_dict()
+    resumed = loader()
+    resumed.load_state_dict(state)
+    rest = list(resumed)
+    assert all(torch.equal(a, b) for a, b in zip(seen + rest, epochs[1], strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(list(resumed), epochs[2], strict=True))
