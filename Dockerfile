@@ -1,17 +1,57 @@
-# GPU image for cluster runs: CUDA PyTorch base + this project (flash-attn etc. as optional extras).
-#   docker build -t orchestrator .
-#   docker run --gpus all -v /data:/data orchestrator train --config configs/tinyllama-1.1b.yaml
-FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-devel
+# GPU image for cluster runs: CUDA PyTorch + DeepSpeed + this project + the GPU extras
+# (flash-attn, xformers, liger-kernel). See README "Containers" for Slurm (pyxis/enroot, Apptainer).
+#
+#   docker build -t orchestrator .                       # GPU extras included
+#   docker build --build-arg GPU_EXTRAS=0 -t orchestrator .   # without them (PyTorch SDPA)
+#   docker run --gpus all --ipc=host -v /data:/data orchestrator train --config configs/tinyllama-1.1b.yaml
+#
+# The devel base has nvcc, which DeepSpeed's JIT-built ops and a flash-attn source build need.
+ARG BASE=pytorch/pytorch:2.5.1-cuda12.4-cudnn9-devel
+FROM ${BASE}
+
+ARG GPU_EXTRAS=1
+ARG FLASH_ATTN_VERSION=2.7.4.post1
+# DS_BUILD_OPS=0: DeepSpeed compiles the ops it needs on first use instead of at install time.
+# MAX_JOBS bounds a flash-attn source build (only when no prebuilt wheel matches torch/CUDA/Python).
+ENV PYTHONUNBUFFERED=1 \
+    DS_BUILD_OPS=0 \
+    MAX_JOBS=8 \
+    TORCH_NCCL_ASYNC_ERROR_HANDLING=1 \
+    PIP_NO_CACHE_DIR=1
+
 WORKDIR /workspace/orchestrator
-ENV PYTHONUNBUFFERED=1 DS_BUILD_OPS=0
+
+# Keep the base image's torch (and its CUDA build): every install below is constrained to it.
+RUN python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > /etc/pip-constraints.txt \
+ && (python -c "import triton; print('triton==' + triton.__version__)" >> /etc/pip-constraints.txt || true) \
+ && cat /etc/pip-constraints.txt
+ENV PIP_CONSTRAINT=/etc/pip-constraints.txt
+
+# Dependencies first (a layer that survives code edits): the project's requirements from pyproject.toml.
 COPY pyproject.toml README.md ./
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+      > /tmp/requirements.txt \
+ && pip install -r /tmp/requirements.txt
+
+# The GPU extras, each pinned by the constraint to builds for the image's torch. flash-attn's
+# setup downloads a prebuilt wheel for this torch/CUDA/Python (or compiles; slow) and needs torch
+# at build time, hence --no-build-isolation.
+RUN if [ "$GPU_EXTRAS" = "1" ]; then \
+      pip install packaging ninja \
+   && pip install --no-build-isolation "flash-attn==${FLASH_ATTN_VERSION}" \
+   && pip install xformers liger-kernel \
+   && pip show flash-attn xformers liger-kernel | grep -E "^(Name|Version)"; \
+    fi
+
 COPY orchestrator orchestrator
 COPY models models
 COPY data data
 COPY configs configs
 COPY cluster cluster
-# torch comes from the base image; pip keeps it (the constraint pins the installed version).
-RUN python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > /tmp/constraints.txt \
- && pip install --no-cache-dir -c /tmp/constraints.txt -e . \
- && (pip install --no-cache-dir -c /tmp/constraints.txt ".[gpu]" || echo "GPU extras unavailable; falling back to PyTorch SDPA")
+RUN pip install --no-deps -e . \
+ && python -c "import torch, lightning, deepspeed, litdata, orchestrator.train; print('orchestrator image ok: torch', torch.__version__, 'CUDA', torch.version.cuda)"
+
+# `docker run IMAGE train ...`. Slurm container runtimes (pyxis/enroot, Apptainer) ignore the
+# entrypoint and run the command given to srun, e.g. `python -m orchestrator train ...`.
 ENTRYPOINT ["python", "-m", "orchestrator"]
+CMD ["--help"]

@@ -2,21 +2,37 @@
 
 A size is chosen by name (`model.name: tinyllama-1.1b`); any field given next to the name
 overrides the preset, so `--model.name tinyllama-1.1b --model.n_layers 4` is a 4-layer
-TinyLlama-shaped model.
+TinyLlama-shaped model. Research options (`attn_gate`, `sandwich_norm`) are off in every
+preset and switched on per run: `--model.attn_gate headwise`.
+
+Kernel choices (`attention`, `rmsnorm_kernel`, `swiglu_kernel`, `rope_kernel`, `loss_kernel`,
+`compile`; see models/kernels.py) change how the same function is computed, never the weights:
+a checkpoint trained with one set resumes, exports and generates with any other.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from orchestrator.schema import doc
+
+AttnGate = Literal["none", "headwise", "elementwise"]
+AttentionKernel = Literal["auto", "sdpa", "flash_attn", "xformers", "eager"]
+RMSNormKernel = Literal["auto", "eager", "liger", "flash_attn"]
+SwiGLUKernel = Literal["auto", "eager", "liger", "flash_attn", "xformers"]
+RoPEKernel = Literal["auto", "eager", "liger", "flash_attn"]
+LossKernel = Literal["auto", "cross_entropy", "chunked", "liger_fused", "liger", "flash_attn"]
+
+# Fields that choose an implementation, not a model: they may differ between a checkpoint and the
+# run that resumes from it.
+KERNEL_FIELDS = ("attention", "rmsnorm_kernel", "swiglu_kernel", "rope_kernel", "loss_kernel", "compile")
 
 
 @dataclass
 class ModelConfig:
-    """Llama-2 architecture hyper-parameters."""
+    """Llama-2 architecture hyper-parameters, plus optional research variants (all off by default)."""
 
     name: str = doc("tinyllama-1.1b", "Named size to start from (see `orchestrator models`); other model keys override it.")
     vocab_size: int = doc(32000, "Vocabulary size (rows of the embedding); must be >= the tokenizer's.")
@@ -30,16 +46,59 @@ class ModelConfig:
     norm_eps: float = doc(1e-5, "RMSNorm epsilon.")
     tie_embeddings: bool = doc(False, "Share the input embedding and the output projection.")
     init_std: float = doc(0.02, "Std of the normal init; residual projections are scaled by 1/sqrt(2*n_layers).")
-    attention: Literal["sdpa", "eager"] = doc(
-        "sdpa", "Attention kernel: `sdpa` (torch scaled_dot_product_attention) or `eager` (reference math)."
+    attention: AttentionKernel = doc(
+        "auto",
+        "Attention kernel: `sdpa` (torch scaled_dot_product_attention; its CUDA flash backend is "
+        "FlashAttention-2), `flash_attn` (flash-attn's FlashAttention-2, grouped-query attention without "
+        "repeating K/V; CUDA, bf16/fp16), `xformers` (memory_efficient_attention; CUDA), `eager` (reference "
+        "math), `auto` (flash_attn when installed and usable, else sdpa).",
+    )
+    rmsnorm_kernel: RMSNormKernel = doc(
+        "auto", "RMSNorm: `eager` (reference), `liger` (liger-kernel), `flash_attn` (flash-attn's Triton "
+        "rms_norm); `auto`: liger, then flash_attn, on CUDA when installed, else eager."
+    )
+    swiglu_kernel: SwiGLUKernel = doc(
+        "auto", "SwiGLU activation silu(gate) * up: `eager`, `liger`, `flash_attn`, or `xformers` (its fused "
+        "SwiGLU op, projections included); `auto`: liger, then flash_attn, on CUDA when installed, else eager."
+    )
+    rope_kernel: RoPEKernel = doc(
+        "auto", "Rotary embedding: `eager`, `liger`, `flash_attn` (Triton rotary); `auto`: liger, then "
+        "flash_attn, on CUDA when installed, else eager."
+    )
+    loss_kernel: LossKernel = doc(
+        "auto", "Training loss: `cross_entropy` (logits, then F.cross_entropy in fp32: the reference), "
+        "`chunked` (fused linear + cross-entropy in plain PyTorch over token chunks, gradients computed in "
+        "the forward: the [tokens x vocab] logits never exist), `liger_fused` (liger-kernel's fused linear + "
+        "cross-entropy), `liger` / `flash_attn` (their cross-entropy on the logits); `auto`: liger_fused on "
+        "CUDA when installed, else chunked.",
+    )
+    compile: bool = doc(
+        False, "torch.compile each transformer block (applied by the trainer after the model is built; "
+        "parameter names unchanged)."
+    )
+    attn_gate: AttnGate = doc(
+        "none",
+        "Gated attention (arXiv 2505.06708): sigmoid(x W_g + b_g) of the block's normalised input multiplies "
+        "each head's attention output before o_proj; `headwise` = one scalar per head, `elementwise` = one per "
+        "channel. Not exportable to LlamaForCausalLM.",
+    )
+    sandwich_norm: bool = doc(
+        False,
+        "RMSNorm each attention / FFN output before it is added to the residual stream (adds two norms per "
+        "block). Not exportable to LlamaForCausalLM.",
     )
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
+    @property
+    def gate_dim(self) -> int:
+        """Output width of the attention gate projection (0 when there is no gate)."""
+        return {"none": 0, "headwise": self.n_heads, "elementwise": self.n_heads * self.head_dim}[self.attn_gate]
+
     def validate(self) -> None:
-        """Raise ValueError naming the offending key; called before anything is built."""
+        """Raise ConfigError naming the offending key and the fix; called before anything is built."""
         from orchestrator.schema import ConfigError
 
         for key in ("vocab_size", "n_layers", "d_model", "n_heads", "n_kv_heads", "ffn_hidden", "max_seq_len"):
@@ -57,24 +116,75 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ConfigError(f"model head_dim = d_model/n_heads = {self.head_dim} must be even for RoPE")
+        for key in ("rope_base", "norm_eps", "init_std"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or not value > 0:
+                raise ConfigError(f"model.{key} must be a positive number, got {value!r}")
+        if self.rope_base <= 1:
+            raise ConfigError(
+                f"model.rope_base={self.rope_base} must be > 1 (Llama-2 uses 10000; Llama-3 500000 for long context)"
+            )
+        for key, literal in (
+            ("attn_gate", AttnGate),
+            ("attention", AttentionKernel),
+            ("rmsnorm_kernel", RMSNormKernel),
+            ("swiglu_kernel", SwiGLUKernel),
+            ("rope_kernel", RoPEKernel),
+            ("loss_kernel", LossKernel),
+        ):
+            if getattr(self, key) not in get_args(literal):
+                choices = " | ".join(get_args(literal))
+                raise ConfigError(f"model.{key}={getattr(self, key)!r} is not one of {choices}")
+        if not isinstance(self.sandwich_norm, bool):
+            raise ConfigError(f"model.sandwich_norm={self.sandwich_norm!r} must be true or false")
+        if not isinstance(self.tie_embeddings, bool):
+            raise ConfigError(f"model.tie_embeddings={self.tie_embeddings!r} must be true or false")
+        if not isinstance(self.compile, bool):
+            raise ConfigError(f"model.compile={self.compile!r} must be true or false")
 
     def num_params(self) -> int:
-        """Exact parameter count, computed from the shapes (no model is built)."""
+        """Exact parameter count, computed from the shapes (no model is built); tied weights count once."""
         d, h, kv, hd = self.d_model, self.n_heads, self.n_kv_heads, self.head_dim
         attn = d * h * hd + 2 * d * kv * hd + h * hd * d
+        gate = d * self.gate_dim + self.gate_dim  # weight + bias
         ffn = 3 * d * self.ffn_hidden
-        block = attn + ffn + 2 * d
+        norms = (4 if self.sandwich_norm else 2) * d
+        block = attn + gate + ffn + norms
         embed = self.vocab_size * d
         head = 0 if self.tie_embeddings else self.vocab_size * d
         return self.n_layers * block + embed + head + d
 
+    def num_non_embedding_params(self) -> int:
+        """Parameters outside the embedding and output projection (the N of scaling-law fits)."""
+        return self.num_params() - self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
 
-# The ladder of named sizes. `tiny` learns the sample corpus on a CPU in minutes;
+
+# The ladder of named sizes. `tiny` learns the sample corpus on a CPU in minutes (its own
+# 1024-token vocabulary). The others use Llama-2's 32000-token vocabulary, head_dim 64 (80 for
+# 2b) and grouped-query attention; `llama-124m` is GPT-2-small scale (the model llm.c reproduces),
 # `tinyllama-1.1b` is exactly the released TinyLlama shape (1,100,048,384 parameters).
 SIZES: dict[str, dict] = {
     "tiny": dict(vocab_size=1024, n_layers=4, d_model=256, n_heads=8, n_kv_heads=4, ffn_hidden=688, max_seq_len=256),
+    "llama-20m": dict(
+        vocab_size=32000, n_layers=6, d_model=256, n_heads=4, n_kv_heads=2, ffn_hidden=704, max_seq_len=2048
+    ),
+    "llama-60m": dict(
+        vocab_size=32000, n_layers=8, d_model=512, n_heads=8, n_kv_heads=2, ffn_hidden=1408, max_seq_len=2048
+    ),
+    "llama-124m": dict(
+        vocab_size=32000, n_layers=12, d_model=768, n_heads=12, n_kv_heads=4, ffn_hidden=2048, max_seq_len=2048
+    ),
+    "llama-400m": dict(
+        vocab_size=32000, n_layers=24, d_model=1024, n_heads=16, n_kv_heads=4, ffn_hidden=3584, max_seq_len=2048
+    ),
+    "llama-700m": dict(
+        vocab_size=32000, n_layers=24, d_model=1536, n_heads=24, n_kv_heads=4, ffn_hidden=4096, max_seq_len=2048
+    ),
     "tinyllama-1.1b": dict(
         vocab_size=32000, n_layers=22, d_model=2048, n_heads=32, n_kv_heads=4, ffn_hidden=5632, max_seq_len=2048
+    ),
+    "llama-2b": dict(
+        vocab_size=32000, n_layers=28, d_model=2560, n_heads=32, n_kv_heads=8, ffn_hidden=6912, max_seq_len=2048
     ),
 }
 
@@ -82,9 +192,16 @@ SIZES: dict[str, dict] = {
 def model_config(name: str, **overrides) -> ModelConfig:
     """The named size with `overrides` applied."""
     if name not in SIZES:
+        import difflib
+
         from orchestrator.schema import ConfigError
 
-        raise ConfigError(f"model.name={name!r} is not a known size; known sizes: {', '.join(SIZES)}")
+        close = difflib.get_close_matches(name, list(SIZES), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(
+            f"model.name={name!r} is not a known size; known sizes: {', '.join(SIZES)}.{hint} "
+            "(`orchestrator models` lists them with parameter counts)"
+        )
     return dataclasses.replace(ModelConfig(name=name, **SIZES[name]), **overrides)
 
 

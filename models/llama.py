@@ -4,7 +4,24 @@ RMSNorm pre-norm blocks, rotary position embeddings (Hugging Face's rotate-half 
 weights export to `LlamaForCausalLM` without permutation), grouped-query attention and a
 SwiGLU feed-forward. Sharding, precision and compilation are applied from outside.
 
-Shapes: B batch, T sequence, D d_model, H query heads, K key/value heads, E head dim, V vocab.
+Research variants, each off by default and chosen in `ModelConfig`:
+  * `attn_gate` (gated attention, arXiv 2505.06708): y_h <- y_h * sigmoid(x W_g + b_g), where x
+    is the block's normalised input, applied to each head's attention output before o_proj;
+    `headwise` gives one scalar per head, `elementwise` one per channel;
+  * `sandwich_norm`: an extra RMSNorm on each attention / FFN output before the residual add.
+
+Generation passes a `KVCache` and the position of the first new token (`start_pos`); without
+them the forward pass is the training path, unchanged. Given `targets`, the forward pass returns
+the mean next-token loss instead of the logits, through `cfg.loss_kernel` (a fused linear +
+cross-entropy never builds the (B, T, V) logits).
+
+Fused kernels (FlashAttention-2, xformers, liger-kernel, a chunked loss) live in models/kernels.py
+and are chosen by config strings; the code in this file is the eager reference they are tested
+against. `Llama.forward` resolves the choices once per call for the device and dtype at hand
+(`kernels.plan`) and hands the resolved `KernelPlan` down to the blocks.
+
+Shapes: B batch, T sequence (new tokens), S keys (cached + new), D d_model, H query heads,
+K key/value heads, E head dim, V vocab, L layers.
 """
 
 from __future__ import annotations
@@ -15,7 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import kernels as fused
 from models.config import ModelConfig
+from models.kernels import KernelPlan
 
 
 class RMSNorm(nn.Module):
@@ -24,14 +43,20 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 for stability under bf16, as Llama does.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.type_as(x)
+    def forward(self, x: torch.Tensor, kernel: str = "eager") -> torch.Tensor:
+        if kernel != "eager":
+            return fused.rms_norm(x, self.weight, self.eps, kernel)
+        return rms_norm_reference(x, self.weight, self.eps)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x: (..., D). Normalise in fp32 for stability under bf16, cast back, then scale, as Llama does."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.type_as(x)
 
 
 def rope_cos_sin(
@@ -50,48 +75,152 @@ def rope_cos_sin(
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, heads, T, E); rotate pairs (i, i + E/2)."""
+    """x: (B, T, heads, E), cos/sin: (T, E); rotate pairs (i, i + E/2)."""
     half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # (B, T, heads, E)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+class KVCache:
+    """Keys and values of past positions, for incremental decoding (never used in training).
+
+    One preallocated (B, K, max_len, E) buffer pair per layer. A forward pass with
+    `kv_cache=cache, start_pos=p` over T new tokens stores their keys/values at p..p+T-1 and
+    attends to positions 0..p+T-1.
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        batch_size: int,
+        max_len: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.max_len = max_len or cfg.max_seq_len
+        shape = (batch_size, cfg.n_kv_heads, self.max_len, cfg.head_dim)  # (B, K, S_max, E)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, start_pos: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v: (B, K, T, E) at start_pos; return all keys/values so far: (B, K, S, E)."""
+        end = start_pos + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; writing up to position {end}")
+        self.keys[layer][:, :, start_pos:end] = k
+        self.values[layer][:, :, start_pos:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0) -> None:
         super().__init__()
         self.cfg = cfg
+        self.layer_idx = layer_idx  # which KV-cache slot this layer uses
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        # Gated attention: (D -> H*E) for elementwise, (D -> H) for headwise; the bias lets the
+        # gate start anywhere in (0, 1) (a large bias makes it 1, i.e. the plain block).
+        self.g_proj = nn.Linear(cfg.d_model, cfg.gate_dim, bias=True) if cfg.attn_gate != "none" else None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        start_pos: int = 0,
+        kernels: KernelPlan | None = None,
+    ) -> torch.Tensor:
+        """x: (B, T, D), the block's normalised input -> (B, T, D)."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, E)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, E)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, E)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.n_kv_heads != self.n_heads:
-            # Each group of H/K query heads shares one key/value head.
-            repeat = self.n_heads // self.n_kv_heads
-            k = k.repeat_interleave(repeat, dim=1)  # (B, H, T, E)
-            v = v.repeat_interleave(repeat, dim=1)  # (B, H, T, E)
-        if self.cfg.attention == "sdpa":
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, E)
+        kernels = kernels or default_plan(self.cfg, x)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, E)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, E)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, E)
+        if kernels.rope == "eager":
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         else:
-            y = causal_attention_reference(q, k, v)
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, D)
-        return self.o_proj(y)
+            q, k = fused.rope(q, k, cos, sin, kernels.rope)
+        if kv_cache is not None:  # generation: plain attention over the cached keys (any kernel choice)
+            y = self.attend_cached(q, k, v, kv_cache, start_pos, eager=kernels.attention == "eager")
+        elif kernels.attention in ("sdpa", "eager"):
+            y = causal_attention(q, k, v, eager=kernels.attention == "eager")  # (B, T, H, E)
+        else:
+            y = fused.attention(q, k, v, kernels.attention)  # (B, T, H, E)
+        if self.g_proj is not None:
+            gate = torch.sigmoid(self.g_proj(x))  # (B, T, H*E) elementwise | (B, T, H) headwise
+            y = y * gate.view(B, T, self.n_heads, -1)  # (B, T, H, E) * (B, T, H, E or 1)
+        y = y.reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*E)
+        return self.o_proj(y)  # (B, T, D)
+
+    def attend_cached(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, start_pos: int, eager: bool
+    ) -> torch.Tensor:
+        """q: (B, T, H, E), k, v: (B, T, K, E) of the new tokens -> (B, T, H, E) over cached + new keys."""
+        T = q.shape[1]
+        q = q.transpose(1, 2)  # (B, H, T, E)
+        k, v = kv_cache.update(self.layer_idx, k.transpose(1, 2), v.transpose(1, 2), start_pos)  # (B, K, S, E)
+        k, v = repeat_kv(k, v, self.n_heads)  # (B, H, S, E)
+        if eager:
+            y = causal_attention_reference(q, k, v)  # (B, H, T, E)
+        elif k.shape[2] == T:  # a prompt filling an empty cache
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, E)
+        else:  # new tokens after cached ones: query t sees keys 0..S-T+t
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, k.shape[2], q.device))
+        return y.transpose(1, 2)  # (B, T, H, E)
+
+
+def repeat_kv(k: torch.Tensor, v: torch.Tensor, n_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """k, v: (B, K, S, E) -> (B, H, S, E): each group of H/K query heads shares one key/value head."""
+    repeat = n_heads // k.shape[1]
+    if repeat == 1:
+        return k, v
+    return k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+
+
+# SDPA attends grouped queries to their shared key/value head itself (torch >= 2.5): on CPU, and on
+# CUDA in bf16/fp16 (flash / cuDNN backends). In fp32 on CUDA only the math backend would take it,
+# so K/V are repeated there for the memory-efficient kernel.
+_SDPA_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eager: bool = False) -> torch.Tensor:
+    """Causal self-attention through torch: SDPA, or the eager reference. q: (B, T, H, E); k, v: (B, T, K, E)
+    -> (B, T, H, E)."""
+    H = q.shape[2]
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, E)
+    if eager:
+        k, v = repeat_kv(k, v, H)  # (B, H, T, E)
+        return causal_attention_reference(q, k, v).transpose(1, 2)
+    grouped = k.shape[1] != H
+    if grouped and _SDPA_GQA and (not q.is_cuda or fused.compute_dtype("cuda", q.dtype) in fused.HALF):
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, H, T, E)
+    else:
+        k, v = repeat_kv(k, v, H)  # (B, H, T, E)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, E)
+    return y.transpose(1, 2)  # (B, T, H, E)
+
+
+def causal_mask(T: int, S: int, device: torch.device) -> torch.Tensor:
+    """(T, S) bool, True where query t (at position S-T+t) may attend to key s: s <= S-T+t."""
+    return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
 
 
 def causal_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(E) + causal mask) v, the eager reference for fused kernels."""
-    T = q.shape[-2]
-    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, H, T, T)
-    mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.softmax(scores.float(), dim=-1).type_as(q) @ v
+    """softmax(q k^T / sqrt(E) + causal mask) v, the eager reference for fused kernels.
+
+    q: (B, H, T, E); k, v: (B, H, S, E) with S >= T (the last T keys are the queries' own).
+    """
+    T, S = q.shape[-2], k.shape[-2]
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, H, T, S)
+    scores = scores.masked_fill(~causal_mask(T, S, q.device), float("-inf"))
+    return torch.softmax(scores.float(), dim=-1).type_as(q) @ v  # (B, H, T, E)
 
 
 class SwiGLU(nn.Module):
@@ -101,21 +230,68 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # (B, T, D)
+    def forward(self, x: torch.Tensor, kernel: str = "eager") -> torch.Tensor:
+        if kernel == "xformers" and not _zero3_partitioned(self.gate_proj.weight):
+            # One fused op, projections included (it reads the weights directly, which ZeRO-3 does
+            # not gather outside the projections' own forward: there the activation alone is fused).
+            return fused.swiglu_ffn(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
+        gate, up = self.gate_proj(x), self.up_proj(x)  # (B, T, F) each
+        if kernel in ("eager", "xformers"):
+            return self.down_proj(F.silu(gate) * up)  # (B, T, D)
+        return self.down_proj(fused.silu_mul(gate, up, kernel))  # (B, T, D)
+
+
+def _zero3_partitioned(p: torch.Tensor) -> bool:
+    return hasattr(p, "ds_id")  # DeepSpeed ZeRO-3 keeps a partition; the module's hooks gather it
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, layer_idx)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = SwiGLU(cfg)
+        # Sandwich norm: normalise each branch's output before the residual add.
+        self.attn_out_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.sandwich_norm else None
+        self.ffn_out_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.sandwich_norm else None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin)  # (B, T, D)
-        return x + self.ffn(self.ffn_norm(x))  # (B, T, D)
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        start_pos: int = 0,
+        kernels: KernelPlan | None = None,
+    ) -> torch.Tensor:
+        kernels = kernels or default_plan(self.attn.cfg, x)
+        h = self.attn(self.attn_norm(x, kernels.rmsnorm), cos, sin, kv_cache, start_pos, kernels)  # (B, T, D)
+        if self.attn_out_norm is not None:
+            h = self.attn_out_norm(h, kernels.rmsnorm)
+        x = x + h  # (B, T, D)
+        h = self.ffn(self.ffn_norm(x, kernels.rmsnorm), kernels.swiglu)  # (B, T, D)
+        if self.ffn_out_norm is not None:
+            h = self.ffn_out_norm(h, kernels.rmsnorm)
+        return x + h  # (B, T, D)
+
+
+class OutputHead(nn.Linear):
+    """The output projection D -> V. Given targets it returns the mean next-token loss instead of the
+    logits, through the chosen loss kernel: fused ones never build the (B, T, V) logits. (The loss is
+    computed inside this module's forward so that sharding wrappers gather its weight as usual.)"""
+
+    def forward(
+        self, x: torch.Tensor, targets: torch.Tensor | None = None, loss: str = "cross_entropy"
+    ) -> torch.Tensor:
+        if targets is None:
+            return super().forward(x)  # (B, T, V)
+        return fused.output_loss(x, self.weight, targets, loss)  # () float32
+
+
+def default_plan(cfg: ModelConfig, x: torch.Tensor) -> KernelPlan:
+    """The kernels cfg chooses for tensors like x (under autocast: autocast's dtype)."""
+    return fused.plan(cfg, x.device, fused.compute_dtype(x.device.type, x.dtype))
 
 
 class Llama(nn.Module):
@@ -124,40 +300,75 @@ class Llama(nn.Module):
         cfg.validate()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.embed.weight
+        self.lm_head = OutputHead(cfg.d_model, cfg.vocab_size, bias=False)
+        self.tie_weights()
         if self.embed.weight.device.type != "meta":
             self.init_weights()
 
+    def tie_weights(self) -> None:
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Normal(0, init_std) everywhere; residual output projections scaled by 1/sqrt(2L) (GPT-2)."""
+        """Normal(0, init_std) everywhere; residual output projections scaled by 1/sqrt(2L) (GPT-2).
+
+        Biases (only the attention gate has one) start at zero, norms at one.
+        """
         std = self.cfg.init_std
         residual_std = std / math.sqrt(2 * self.cfg.n_layers)
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
                 is_residual = name.endswith("o_proj") or name.endswith("down_proj")
                 nn.init.normal_(module.weight, mean=0.0, std=residual_std if is_residual else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
             elif isinstance(module, RMSNorm):
                 module.reset_parameters()
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids: (B, T) token ids -> logits (B, T, V)."""
+    def materialize(self, device: torch.device | str, init: bool = True) -> Llama:
+        """Give a meta-device model real (uninitialised) storage on `device`, then initialise it.
+
+        Build with `with torch.device("meta"): model = Llama(cfg)` and call this once: the
+        weights are allocated exactly once. Pass init=False when a state dict is loaded next.
+        """
+        self.to_empty(device=device)
+        self.tie_weights()  # to_empty gives the two tied modules separate storage
+        if init:
+            self.init_weights()
+        return self
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        start_pos: int = 0,
+        targets: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids: (B, T) token ids -> logits (B, T, V); with targets (B, T) -> the mean loss ().
+
+        With a `kv_cache`, input_ids are the tokens at positions start_pos..start_pos+T-1 and
+        attend to the cached positions before them (generation).
+        """
         B, T = input_ids.shape
-        if T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        if start_pos + T > self.cfg.max_seq_len:
+            raise ValueError(
+                f"sequence length {start_pos + T} exceeds model.max_seq_len={self.cfg.max_seq_len}"
+            )
         x = self.embed(input_ids)  # (B, T, D)
-        cos, sin = rope_cos_sin(T, self.cfg.head_dim, self.cfg.rope_base, x.device, x.dtype)  # (T, E)
+        kernels = default_plan(self.cfg, x)  # resolved once for this call's device and dtype
+        cos, sin = rope_cos_sin(
+            T, self.cfg.head_dim, self.cfg.rope_base, x.device, x.dtype, offset=start_pos
+        )  # (T, E)
         for block in self.blocks:
-            x = block(x, cos, sin)  # (B, T, D)
-        return self.lm_head(self.norm(x))  # (B, T, V)
+            x = block(x, cos, sin, kv_cache, start_pos, kernels)  # (B, T, D)
+        return self.lm_head(self.norm(x, kernels.rmsnorm), targets, kernels.loss)  # (B, T, V) | ()
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Unique parameters (tied weights counted once); works on the meta device."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    """Unique parameters (tied weights counted once); works on the meta device and under ZeRO-3."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in {id(p): p for p in model.parameters()}.values())

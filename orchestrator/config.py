@@ -6,6 +6,7 @@ YAML, applies dotted overrides, checks every key and value, and returns a `Confi
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -17,11 +18,51 @@ from orchestrator.schema import ConfigError, doc, from_dict, parse_overrides, se
 
 
 @dataclass
+class SourceConfig:
+    name: str = doc("", "Source name (letters, digits, _ . -); TensorBoard scalar data/tokens_<name>.")
+    dir: str = doc("", "Prepared dataset: an `orchestrator prepare` output (its train/ is read) or a split dir.")
+    weight: float = doc(1.0, "Relative sampling weight (the weights are normalised to sum to 1).")
+
+
+@dataclass
 class DataConfig:
     dir: str = doc(".cache/sample/tokens", "Prepared dataset (output of `orchestrator prepare`) with train/ and val/.")
+    sources: list[SourceConfig] = doc(
+        [],
+        "Train on a weighted mixture instead of data.dir/train: a list of {name, dir, weight}, e.g. "
+        "`[{name: slimpajama, dir: /data/sp, weight: 0.693584}, {name: starcoder, dir: /data/sc, weight: 0.306416}]`. "
+        "Samples are interleaved deterministically by weight; each source cycles through its own reshuffled "
+        "epochs (no block read twice per epoch); resume is exact. Tokens consumed per source are logged "
+        "(data/tokens_<name>).",
+    )
+    val_dir: str | None = doc(
+        None,
+        "Validation split, streamed separately (a prepared split dir, or a prepare output whose val/ is read); "
+        "null: data.dir/val, or with data.sources the val/ of the first source.",
+    )
     tokenizer: str = doc(".cache/sample/tokenizer.model", "sentencepiece model used to prepare the data.")
     num_workers: int = doc(0, "DataLoader worker processes per rank.")
     shuffle: bool = doc(True, "Shuffle training chunks and samples (seeded by run.seed).")
+
+    def validate(self) -> None:
+        names = []
+        for i, src in enumerate(self.sources):
+            key = f"data.sources[{i}]"
+            if not src.name or not re.fullmatch(r"[A-Za-z0-9_.-]+", src.name):
+                raise ConfigError(f"{key}.name={src.name!r} must be a non-empty name of letters, digits, _ . -")
+            if not src.dir:
+                raise ConfigError(f"{key}.dir is empty: give the output directory of `orchestrator prepare`")
+            if not src.weight > 0:
+                raise ConfigError(f"{key}.weight={src.weight} must be positive")
+            names.append(src.name)
+        if len(set(names)) != len(names):
+            raise ConfigError(f"data.sources names must be unique, got {names}")
+
+    def val_split(self) -> str:
+        """The validation dataset (see val_dir)."""
+        if self.val_dir:
+            return self.val_dir
+        return str(Path(self.sources[0].dir if self.sources else self.dir) / "val")
 
 
 @dataclass
@@ -82,7 +123,35 @@ class CheckpointConfig:
 @dataclass
 class LoggingConfig:
     tensorboard: bool = doc(True, "Write TensorBoard event files under <run.dir>/tensorboard.")
-    log_batch_hash: bool = doc(True, "Record a fingerprint of each step's batches in metrics.jsonl (resume audits).")
+    batch_hashes: Literal["off", "batch", "sequence"] = doc(
+        "batch", "Fingerprints in metrics.jsonl for resume audits: one per micro-batch, one per sequence, or none."
+    )
+    peak_tflops: float | None = doc(
+        None, "Peak dense TFLOP/s of one device at the run's precision, for MFU (perf/mfu); null: from the device "
+        "table (bf16/fp16 dense: H100 SXM and H200 989, H100 PCIe 756, A100 312). Without a peak (CPU, fp32, "
+        "unknown GPU) only the achieved perf/tflops_per_device is logged."
+    )
+    layer_grad_norms: bool = doc(
+        False, "Also log the gradient norm of every transformer block, the embedding and the output head "
+        "(grad_norm/<part>) at the log interval, before clipping."
+    )
+    sample_interval: int = doc(
+        500, "Optimizer steps between sample generations from logging.sample_prompts (TensorBoard text `samples`, "
+        "metrics.jsonl); 0 disables. Greedy decoding; the training RNG streams are left untouched."
+    )
+    sample_prompts: list[str] = doc(
+        ["The capital of", "Once upon a time", "def add(a, b):"], "Fixed prompts for the sample generations."
+    )
+    sample_tokens: int = doc(32, "New tokens generated per prompt for the sample generations.")
+
+    def validate(self) -> None:
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise ConfigError(f"logging.peak_tflops must be positive (or null), got {self.peak_tflops}")
+        if self.sample_interval < 0:
+            raise ConfigError(f"logging.sample_interval must be >= 0 (0 disables), got {self.sample_interval}")
+        if self.sample_interval and (self.sample_tokens < 1 or not self.sample_prompts):
+            raise ConfigError("logging.sample_interval > 0 needs logging.sample_tokens >= 1 and at least one "
+                              "logging.sample_prompts entry (or set logging.sample_interval 0)")
 
 
 @dataclass
@@ -129,8 +198,10 @@ class StrategyConfig:
         True, "FSDP: free gathered parameters after each block's forward (ZeRO-3-like); false keeps them until "
         "backward (ZeRO-2-like: more memory, less communication)."
     )
-    activation_checkpointing: bool = doc(
-        False, "Recompute each transformer block's activations in backward instead of storing them (any strategy)."
+    activation_checkpointing: bool | Literal["none", "selective", "full"] = doc(
+        False, "Recompute transformer-block activations in backward instead of storing them (any strategy): "
+        "`full` (or true) keeps only each block's input; `selective` also keeps matmul and attention outputs "
+        "and recomputes norms, RoPE and activations; `none` (or false) stores everything."
     )
     sharded_checkpoint: bool = doc(
         True, "FSDP: every rank writes its own shard (a directory); false gathers one full file on rank 0. "
@@ -187,6 +258,8 @@ class Config:
         """Value checks that need no files or processes; raise ConfigError naming the key."""
         self.model.validate()
         self.strategy.validate()
+        self.data.validate()
+        self.logging.validate()
         positive = {
             "train.max_steps": self.train.max_steps,
             "train.micro_batch_size": self.train.micro_batch_size,

@@ -12,9 +12,11 @@ does: Llama-2's normalizer, byte fallback, BOS added), `tokenizer_config.json` a
 rotate-half layout of `LlamaForCausalLM`. Options that `LlamaForCausalLM` cannot express
 (gated attention, sandwich norm) are refused with a message naming them.
 
-Import reads a Llama directory (safetensors or PyTorch .bin, single or sharded) into a run
-directory, `<output>/checkpoints/step-00000000/` (model weights and progress at step 0, the
-full config and meta.json), with the sentencepiece tokenizer copied to `<output>/tokenizer.model`.
+Import reads a Llama directory (safetensors or PyTorch .bin, single or sharded) into a
+checkpoint directory of our layout: `state` (model weights and progress at step 0, no optimizer),
+`config.yaml`, `meta.json`, the sentencepiece `tokenizer.model`, and `manifest.json` (sizes and
+SHA-256 of every file, as the trainer verifies them). A run starts from it with
+`--checkpoint.init_from <output>`.
 
 This module needs no `transformers`: only safetensors, sentencepiece and torch.
 """
@@ -22,6 +24,7 @@ This module needs no `transformers`: only safetensors, sentencepiece and torch.
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import shutil
 import time
@@ -35,6 +38,7 @@ from orchestrator.schema import ConfigError
 
 STATE_NAME = "state"  # the checkpoint file / directory name, as in orchestrator/checkpoint.py
 META_NAME = "meta.json"
+MANIFEST_NAME = "manifest.json"  # written last by the trainer (orchestrator/checkpoint.py): the checkpoint is complete
 CONFIG_NAME = "config.yaml"
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -53,9 +57,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if (path / STATE_NAME).exists() and (path / CONFIG_NAME).is_file():
         return path
+    complete = lambda p: (p / MANIFEST_NAME).is_file() or (p / META_NAME).is_file()  # noqa: E731
     for root in (path / "checkpoints", path):
         if root.is_dir():
-            steps = sorted(p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / META_NAME).is_file())
+            steps = sorted(p for p in root.iterdir() if STEP_DIR.match(p.name) and complete(p))
             if steps:
                 return steps[-1]
     if not path.exists():
@@ -64,6 +69,17 @@ def resolve_checkpoint(path: str | Path) -> Path:
         f"{path} is not a checkpoint: expected a directory holding `{STATE_NAME}` and `{CONFIG_NAME}` "
         f"(like <run.dir>/checkpoints/step-00001000), or a run directory with complete checkpoints"
     )
+
+
+def verify_checkpoint(ckpt_dir: Path, checksums: bool = True) -> None:
+    """Check the files against the trainer's manifest (when there is one); raise ValueError if they differ."""
+    if not (ckpt_dir / MANIFEST_NAME).is_file():
+        return
+    from orchestrator.checkpoint import verify
+
+    reason = verify(ckpt_dir, checksums=checksums)
+    if reason is not None:
+        raise ValueError(f"{ckpt_dir} does not match its manifest: {reason}")
 
 
 def load_checkpoint_config(ckpt_dir: str | Path):
@@ -89,19 +105,32 @@ def load_model_state(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
     state_path = ckpt_dir / STATE_NAME
     if state_path.is_dir():
         raise ValueError(
-            f"{state_path} is a sharded checkpoint (a directory, written by DeepSpeed or FSDP): consolidate it "
-            "into a single file first (DeepSpeed: `python {state_path}/zero_to_fp32.py`; FSDP: `fabric consolidate "
-            f"{state_path}`), save the result as {state_path} and run this again"
+            f"{state_path} is a sharded checkpoint (a directory, written by DeepSpeed or FSDP): consolidate it into "
+            "one file first (FSDP: `python -m lightning.fabric.utilities.consolidate_checkpoint "
+            f"{state_path} --output_file {state_path}.consolidated`; DeepSpeed: its zero_to_fp32.py), put that "
+            f"file in place of {state_path} and run this again"
         )
     if not state_path.is_file():
         raise FileNotFoundError(f"{state_path} is missing: {ckpt_dir} is not a complete checkpoint")
     # mmap: the optimizer state (twice the model in fp32) is never read into memory.
-    # weights_only=False: a training checkpoint also holds RNG states (numpy arrays, tuples).
-    state = torch.load(state_path, map_location="cpu", mmap=True, weights_only=False)
-    if not isinstance(state, dict) or "model" not in state:
+    # weights_only: tensors and plain containers only; a checkpoint never runs pickled code.
+    try:
+        state = torch.load(state_path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"refusing to load {state_path}: it holds pickled objects other than tensors and plain containers "
+            f"({str(e).splitlines()[0]})"
+        ) from e
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        weights = state["model"]  # what the trainer (and FSDP consolidation) writes
+    elif isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        weights = state["state_dict"]
+    elif isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
+        weights = state  # a bare state dict (e.g. DeepSpeed's zero_to_fp32 output)
+    else:
         found = ", ".join(map(str, state)) if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"{state_path} holds no model weights (expected a dict with key 'model'; found {found})")
-    return {_strip_wrapper_prefix(k): v for k, v in state["model"].items()}
+    return {_strip_wrapper_prefix(k): v for k, v in weights.items()}
 
 
 def _strip_wrapper_prefix(name: str) -> str:
@@ -119,6 +148,7 @@ def load_model(ckpt_dir: str | Path, device: str | torch.device = "cpu", dtype: 
     from models.llama import Llama
 
     ckpt_dir = resolve_checkpoint(ckpt_dir)
+    verify_checkpoint(ckpt_dir, checksums=False)  # sizes only: fast
     cfg = load_checkpoint_config(ckpt_dir)
     state = load_model_state(ckpt_dir)
     with torch.device("meta"):
@@ -304,7 +334,7 @@ def tokenizer_json(sp_model: str | Path) -> dict[str, Any]:
     spec, norm = proto.trainer_spec, proto.normalizer_spec
     if spec.model_type != 2:  # sentencepiece_model.proto: UNIGRAM=1, BPE=2
         raise ValueError(f"{sp_model} is not a BPE sentencepiece model (Llama tokenizers are BPE)")
-    NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6
+    NORMAL, UNKNOWN, CONTROL, USER_DEFINED = 1, 2, 3, 4  # sentencepiece piece types
     pieces = list(proto.pieces)
     vocab = {p.piece: i for i, p in enumerate(pieces)}
     mergeable = {p.piece: i for i, p in enumerate(pieces) if p.type in (NORMAL, USER_DEFINED)}
@@ -375,8 +405,7 @@ def tokenizer_json(sp_model: str | Path) -> dict[str, Any]:
             "continuing_subword_prefix": None,
             "end_of_word_suffix": None,
             "fuse_unk": True,
-            "byte_fallback": bool(spec.byte_fallback),
-            "ignore_merges": False,
+            "byte_fallback": bool(spec.byte_fallback),  # no "ignore_merges": older `tokenizers` reject the key
             "vocab": vocab,
             "merges": merge_list,
         },
@@ -400,7 +429,9 @@ def write_tokenizer(sp_model: str | Path, out_dir: str | Path, model_max_length:
     specials = {"bos_token": piece(spec.bos_id), "eos_token": piece(spec.eos_id), "unk_token": piece(spec.unk_id)}
     specials = {k: v for k, v in specials.items() if v is not None}
     flags = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
-    added = {str(i): {"content": p.piece, **flags} for i, p in enumerate(proto.pieces) if p.type in (2, 3)}
+    added = {  # unknown (2) and control (3) pieces
+        str(i): {"content": p.piece, **flags} for i, p in enumerate(proto.pieces) if p.type in (2, 3)
+    }
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         **specials,
@@ -494,8 +525,12 @@ def export_checkpoint(
     dtype: str = "auto",
     max_shard_size: str | int = DEFAULT_MAX_SHARD_BYTES,
     overwrite: bool = False,
+    verify: bool = True,
 ) -> Path:
-    """Write a Hugging Face LlamaForCausalLM directory from a training checkpoint; returns it."""
+    """Write a Hugging Face LlamaForCausalLM directory from a training checkpoint; returns it.
+
+    `verify`: check every file's SHA-256 against the checkpoint's manifest first.
+    """
     ckpt = resolve_checkpoint(checkpoint)
     cfg = load_checkpoint_config(ckpt)
     check_exportable(cfg.model)  # before reading gigabytes of weights
@@ -515,6 +550,8 @@ def export_checkpoint(
     if dtype not in ("auto", *DTYPES):
         raise ValueError(f"dtype={dtype!r} is not one of auto, {', '.join(DTYPES)}")
 
+    if verify:
+        verify_checkpoint(ckpt, checksums=True)
     state = load_model_state(ckpt)
     target = None if dtype == "auto" else DTYPES[dtype]
     tensors = to_hf_state_dict(state, cfg.model, target)
@@ -573,7 +610,10 @@ def load_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
             if f.endswith(".safetensors"):
                 tensors.update(load_file(path))
             else:
-                tensors.update(torch.load(path, map_location="cpu", mmap=True, weights_only=True))
+                try:
+                    tensors.update(torch.load(path, map_location="cpu", mmap=True, weights_only=True))
+                except RuntimeError:  # a pre-zipfile pickle cannot be memory-mapped
+                    tensors.update(torch.load(path, map_location="cpu", weights_only=True))
         return tensors
     raise FileNotFoundError(
         f"{hf_dir} holds no weights: expected model.safetensors, model.safetensors.index.json (sharded), "
@@ -616,7 +656,9 @@ def from_hf_state_dict(
 
 
 def import_hf(hf_dir: str | Path, output: str | Path, dtype: str = "float32", overwrite: bool = False) -> Path:
-    """A Hugging Face Llama directory -> `<output>/checkpoints/step-00000000`; returns that path."""
+    """A Hugging Face Llama directory -> checkpoint directory `output` (start a run with
+    `--checkpoint.init_from output`); returns it."""
+    from orchestrator.checkpoint import config_hash, write_manifest
     from orchestrator.config import Config, save_config
 
     hf_dir = Path(hf_dir)
@@ -630,36 +672,36 @@ def import_hf(hf_dir: str | Path, output: str | Path, dtype: str = "float32", ov
         )
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}")
+    out = Path(output)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty: choose a new --output or pass --overwrite")
     model_cfg = model_config_from_hf(json.loads(config_path.read_text()), config_path)
     state = from_hf_state_dict(load_hf_weights(hf_dir), model_cfg, DTYPES[dtype])
 
-    run_dir = Path(output)
-    ckpt = run_dir / "checkpoints" / "step-00000000"
-    if ckpt.exists() and not overwrite:
-        raise FileExistsError(f"{ckpt} already exists: choose a new --output or pass --overwrite")
-    cfg = Config(model=model_cfg)
-    cfg.run.dir = str(run_dir)
-    tokenizer_src = hf_dir / "tokenizer.model"
-    if tokenizer_src.is_file():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(tokenizer_src, run_dir / "tokenizer.model")
-        cfg.data.tokenizer = str((run_dir / "tokenizer.model").resolve())
-    tmp = ckpt.with_name(ckpt.name + ".partial")
+    tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    cfg = Config(model=model_cfg)
+    tokenizer_src = hf_dir / "tokenizer.model"
+    if tokenizer_src.is_file():
+        shutil.copyfile(tokenizer_src, tmp / "tokenizer.model")
+        cfg.data.tokenizer = str((out / "tokenizer.model").resolve())
     progress = {"step": 0, "tokens_seen": 0, "initial_val_loss": None}
     torch.save({"model": state, "progress": progress}, tmp / STATE_NAME)
     save_config(cfg, tmp / CONFIG_NAME)
-    meta = {
+    info = {
         "step": 0,
+        "tokens_seen": 0,
+        "config_hash": config_hash(cfg),
         "world_size": 1,
+        "strategy": "import",
         "time": time.time(),
         "imported_from": str(hf_dir.resolve()),
         "model_only": True,
-        "tokenizer": cfg.data.tokenizer if tokenizer_src.is_file() else None,
     }
-    (tmp / META_NAME).write_text(json.dumps(meta, indent=2))
-    if ckpt.exists():
-        shutil.rmtree(ckpt)
-    tmp.rename(ckpt)
-    return ckpt
+    (tmp / META_NAME).write_text(json.dumps(info, indent=2))
+    write_manifest(tmp, info)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out

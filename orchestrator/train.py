@@ -22,10 +22,13 @@ import torch
 import torch.nn.functional as F
 from lightning.fabric import Fabric
 
-from data.loader import make_dataloader
+from data.loader import make_dataloader, num_blocks
+from data.loader import make_mixture_loader, resolve_split, source_samples
+from models.kernels import compile_blocks
 from models.llama import Llama, count_parameters
 from orchestrator import checkpoint as ckpt
 from orchestrator.config import Config, load_config, save_config
+from orchestrator.epochs import EpochTracker
 from orchestrator.guard import StepGuard
 from orchestrator.distributed import (
     build_fabric,
@@ -40,7 +43,12 @@ from orchestrator.preflight import check_inputs
 from orchestrator.schedule import build_scheduler
 from orchestrator.schema import ConfigError
 from orchestrator.slurm import StopSignals, finish_stop
-from orchestrator.strategies import apply_activation_checkpointing, wants_activation_checkpointing_outside
+from orchestrator.strategies import (
+    apply_activation_checkpointing,
+    check_resume_strategy,
+    scheduler_optimizer,
+    wants_activation_checkpointing_outside,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train(cfg: Config) -> dict:
+    # SIGUSR1 / SIGTERM from now on: finish the step, save, requeue under Slurm, exit (orchestrator/slurm.py).
+    stop_signals = StopSignals()
     fabric = build_fabric(cfg, loggers=make_loggers(cfg, resume_step=ckpt.resume_step_hint(cfg)))
     if not launched_by_fabric_cli():
         fabric.launch()
@@ -76,19 +86,33 @@ def train(cfg: Config) -> dict:
     with fabric.init_module():
         model = Llama(cfg.model)
     if wants_activation_checkpointing_outside(cfg):  # FSDP applies it while sharding
-        apply_activation_checkpointing(model)
+        apply_activation_checkpointing(model, cfg.strategy.activation_checkpointing)
+    if cfg.model.compile:  # torch.compile each block in place (names and hooks unchanged)
+        compile_blocks(model)
     optimizer = build_optimizer(model, cfg)
     model, optimizer = fabric.setup(model, optimizer)
-    scheduler = build_scheduler(optimizer, cfg)
-    train_loader = make_dataloader(
-        Path(cfg.data.dir) / "train",
-        seq_len=cfg.seq_len,
-        batch_size=cfg.train.micro_batch_size,
-        shuffle=cfg.data.shuffle,
-        seed=cfg.run.seed,
-        num_workers=cfg.data.num_workers,
-    )
+    scheduler = build_scheduler(scheduler_optimizer(optimizer), cfg)  # DeepSpeed: its inner torch optimizer
+    if cfg.data.sources:  # weighted mixture of prepared datasets
+        train_loader = make_mixture_loader(
+            [(s.name, s.dir, s.weight) for s in cfg.data.sources],
+            seq_len=cfg.seq_len,
+            batch_size=cfg.train.micro_batch_size,
+            shuffle=cfg.data.shuffle,
+            seed=cfg.run.seed,
+            num_workers=cfg.data.num_workers,
+        )
+    else:
+        train_loader = make_dataloader(
+            Path(cfg.data.dir) / "train",
+            seq_len=cfg.seq_len,
+            batch_size=cfg.train.micro_batch_size,
+            shuffle=cfg.data.shuffle,
+            seed=cfg.run.seed,
+            num_workers=cfg.data.num_workers,
+        )
     progress = {"step": 0, "tokens_seen": 0, "initial_val_loss": None}
+    epochs = EpochTracker(fabric, sum(num_blocks(resolve_split(s.dir), cfg.seq_len) for s in cfg.data.sources)
+                          if cfg.data.sources else num_blocks(Path(cfg.data.dir) / "train", cfg.seq_len))
     guard = StepGuard(cfg)
     state = {
         "model": model,
@@ -96,6 +120,7 @@ def train(cfg: Config) -> dict:
         "scheduler": scheduler,
         "train_loader": train_loader,
         "guard": guard,
+        "epochs": epochs,
         "progress": progress,
     }
     checkpointer = ckpt.Checkpointer(fabric, cfg)
@@ -104,6 +129,7 @@ def train(cfg: Config) -> dict:
     for path, reason in damaged:
         fabric.print(f"Skipping damaged checkpoint {path}: {reason}; falling back to an older one", flush=True)
     if resume_from is not None:
+        check_resume_strategy(resume_from, cfg, fabric.world_size)
         checkpointer.load(resume_from, state)
         progress = state["progress"]
         fabric.print(f"Resumed from {resume_from} at step {progress['step']}", flush=True)
@@ -118,7 +144,7 @@ def train(cfg: Config) -> dict:
         f"{cfg.train.micro_batch_size}x{cfg.seq_len} per process per step = {tokens_per_step:,} tokens/step",
         flush=True,
     )
-    monitor = Monitor(fabric, cfg, start_step=progress["step"])
+    monitor = Monitor(fabric, cfg, start_step=progress["step"], guard=guard)
     val_loss = None
     if progress["step"] == 0 and cfg.eval.at_start:
         val_loss = validate(fabric, model, cfg)
@@ -128,25 +154,30 @@ def train(cfg: Config) -> dict:
     batches = endless(train_loader)
     faults_fired: set[int] = set()
     model.train()
-    stop_signals = StopSignals()  # SIGUSR1 / SIGTERM: save after this step, requeue under Slurm, exit
     while progress["step"] < cfg.train.max_steps:
         step = progress["step"] + 1
+        monitor.begin_step()  # step time, split into data wait and compute
         step_loss = torch.zeros((), device=fabric.device)
         hashes = []
         for micro_step in range(accumulation):
-            tokens = next(batches).to(fabric.device, non_blocking=True).long()  # (B, T+1)
+            with monitor.waiting_for_data():
+                new_epoch, tokens = next(batches)
+            epochs.read(new_epoch, tokens.shape[0])
+            tokens = tokens.to(fabric.device, non_blocking=True).long()  # (B, T+1)
             inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (B, T) each
-            if cfg.logging.log_batch_hash:
-                hashes.append(batch_fingerprint(tokens))
+            if cfg.logging.batch_hashes == "batch":
+                hashes.append(f"{batch_fingerprint(tokens):016x}")
+            elif cfg.logging.batch_hashes == "sequence":
+                hashes.extend(f"{epochs.local_epoch}:{batch_fingerprint(seq):016x}" for seq in tokens)
             with fabric.no_backward_sync(model, enabled=micro_step < accumulation - 1):
-                logits = model(inputs)  # (B, T, V)
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+                loss = model(inputs, targets=targets)  # mean next-token loss through model.loss_kernel
                 if step in cfg.faults.nan_loss_at_steps and step not in faults_fired:
                     loss = loss * float("nan")  # a transient fault: once per step number per process
                 fabric.backward(loss / accumulation)
             step_loss += loss.detach() / accumulation
         if step in cfg.faults.nan_loss_at_steps:
             faults_fired.add(step)
+        monitor.layer_grad_norms(step, model)  # logging.layer_grad_norms: per-block norms, before clipping
         max_norm = cfg.optimizer.grad_clip if cfg.optimizer.grad_clip > 0 else float("inf")
         grad_norm = float(fabric.clip_gradients(model, optimizer, max_norm=max_norm, error_if_nonfinite=False))
         mean_loss = fabric.all_reduce(step_loss, reduce_op="mean").item()
@@ -161,6 +192,9 @@ def train(cfg: Config) -> dict:
 
         all_hashes = [h for rank in gather_object(fabric, hashes) for h in rank] if hashes else None
         monitor.train_step(step, mean_loss, lr, grad_norm, progress["tokens_seen"], tokens_per_step, all_hashes)
+        monitor.data_sources(step, source_samples(train_loader), cfg.seq_len)
+        for epoch, sequences in epochs.end_step():
+            monitor.epoch_end(step, epoch, sequences, epochs.blocks)
         if guard.record(bad_reason, mean_loss):
             progress = roll_back(fabric, cfg, checkpointer, state, guard, monitor, step)
             if not cfg.guard.rollback_skip_data:
@@ -172,6 +206,7 @@ def train(cfg: Config) -> dict:
         if (cfg.eval.interval and step % cfg.eval.interval == 0) or last:
             val_loss = validate(fabric, model, cfg)
             monitor.validation(step, val_loss)
+        monitor.sample_generations(step, model)  # every logging.sample_interval steps
         saved = (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or last
         if saved:
             monitor.checkpoint(checkpointer.save(state, step, progress["tokens_seen"]))
@@ -246,15 +281,17 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
     )
 
 
-def endless(loader) -> Iterator[torch.Tensor]:
-    """Batches across epochs; the loader's own state records where in the epoch we are."""
+def endless(loader) -> Iterator[tuple[bool, torch.Tensor]]:
+    """(first batch of a new epoch?, batch) across epochs; the loader's state records the position."""
+    finished_epoch = False
     while True:
         yielded = False
         for batch in loader:
-            yielded = True
-            yield batch
+            yield finished_epoch, batch
+            yielded, finished_epoch = True, False
         if not yielded:
             raise ValueError("the training split yields no batch: it is smaller than one micro-batch per process")
+        finished_epoch = True
 
 
 @torch.no_grad()
@@ -262,7 +299,7 @@ def validate(fabric: Fabric, model: torch.nn.Module, cfg: Config) -> float:
     """Mean next-token loss over (up to eval.max_batches of) the validation split, all ranks."""
     model.eval()
     loader = make_dataloader(
-        Path(cfg.data.dir) / "val",
+        resolve_split(cfg.data.val_split(), "val"),
         seq_len=cfg.seq_len,
         batch_size=cfg.train.micro_batch_size,
         shuffle=False,
@@ -274,14 +311,13 @@ def validate(fabric: Fabric, model: torch.nn.Module, cfg: Config) -> float:
         if cfg.eval.max_batches and i >= cfg.eval.max_batches:
             break
         tokens = tokens.to(fabric.device).long()  # (B, T+1)
-        logits = model(tokens[:, :-1])  # (B, T, V)
-        totals[0] += F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten()).double()
+        totals[0] += model(tokens[:, :-1], targets=tokens[:, 1:]).double()  # mean next-token loss
         totals[1] += 1
     totals = fabric.all_reduce(totals, reduce_op="sum")
     model.train()
     if totals[1] == 0:
         raise ValueError(
-            f"the validation split {Path(cfg.data.dir) / 'val'} yields no batch of "
+            f"the validation split {cfg.data.val_split()} yields no batch of "
             f"{cfg.train.micro_batch_size}x{cfg.seq_len + 1} tokens per process: add validation data or lower "
             "train.micro_batch_size / train.seq_len"
         )

@@ -33,3 +33,19 @@ def sample_data(tmp_path_factory):
     return root / "tokens", tokenizer
 
 
+@pytest.fixture(scope="session")
+def monitored_run(sample_data, tmp_path_factory):
+    """One short 2-process run with every monitoring feature on (tests/test_monitoring.py and
+    tests/test_evaluate.py share it): a two-source mixture, a NaN fault at step 3 (a skipped
+    step), per-layer gradient norms, sample generations every 3 steps and a peak for MFU."""
+    from tests.training import train
+
+    tokens, _ = sample_data
+    run_dir = tmp_path_factory.mktemp("monitored")
+    proc = train(
+        run_dir, sample_data, "--train.max_steps", "6", "--eval.interval", "3", "--checkpoint.interval", "6",
+        "--data.sources", f"[{{name: prose, dir: {tokens}, weight: 0.7}}, {{name: code, dir: {tokens}, weight: 0.3}}]",
+        "--faults.nan_loss_at_steps", "[3]", "--logging.layer_grad_norms", "true",
+        "--logging.sample_interval", "3", "--logging.peak_tflops", "1",
+    )
+    return run_dir, proc

@@ -1,7 +1,11 @@
+import itertools
+
+import pytest
 import torch
 
-from models.config import model_config
-from models.llama import Llama, count_parameters
+from models.config import SIZES, ModelConfig, model_config
+from models.llama import Block, Llama, RMSNorm, count_parameters, rope_cos_sin
+from orchestrator.schema import ConfigError
 
 
 def test_tinyllama_parameter_count_on_meta_device():
@@ -55,3 +59,193 @@ def test_tied_embeddings_share_storage():
     model = Llama(model_config("tiny", tie_embeddings=True))
     assert model.lm_head.weight is model.embed.weight
     assert count_parameters(model) == model_config("tiny", tie_embeddings=True).num_params()
+
+
+# --- the ladder of sizes -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(SIZES))
+def test_every_size_builds_on_meta_with_exact_count(name):
+    cfg = model_config(name)
+    with torch.device("meta"):
+        model = Llama(cfg)
+    assert count_parameters(model) == cfg.num_params()
+
+
+def test_ladder_spans_millions_to_two_billion():
+    counts = {name: model_config(name).num_params() for name in SIZES}
+    assert counts["tiny"] < 5e6
+    assert 115e6 < counts["llama-124m"] < 135e6  # GPT-2 small scale
+    assert 350e6 < counts["llama-400m"] < 450e6
+    assert counts["tinyllama-1.1b"] == 1_100_048_384
+    assert 1.9e9 < counts["llama-2b"] < 2.2e9
+    assert list(counts.values()) == sorted(counts.values())
+
+
+def test_unknown_size_lists_known_ones():
+    with pytest.raises(ConfigError) as e:
+        model_config("llama-7b")
+    for name in SIZES:
+        assert name in str(e.value)
+    from orchestrator.config import load_config
+
+    with pytest.raises(ConfigError, match="model.name='gpt2'.*llama-124m"):
+        load_config(["--model.name", "gpt2"])
+
+
+def test_sizes_and_options_usable_from_config():
+    from orchestrator.config import load_config
+
+    cfg = load_config(["--model.name", "llama-124m", "--model.attn_gate", "headwise", "--model.sandwich_norm", "true",
+                       "--model.rope_base", "500000", "--model.norm_eps", "1e-6"])  # fmt: skip
+    assert (cfg.model.d_model, cfg.model.attn_gate, cfg.model.sandwich_norm) == (768, "headwise", True)
+    assert cfg.model.rope_base == 500000.0 and cfg.model.norm_eps == 1e-6
+    with pytest.raises(ConfigError, match="model.attn_gate"):
+        load_config(["--model.name", "tiny", "--model.attn_gate", "per-head"])
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("attn_gate", "both"), ("rope_base", 0.0), ("norm_eps", -1e-5), ("init_std", 0.0), ("attention", "flash")],
+)
+def test_invalid_options_name_the_key(key, value):
+    with pytest.raises(ConfigError, match=f"model.{key}"):
+        model_config("tiny", **{key: value}).validate()
+
+
+def test_meta_construction_then_materialize():
+    cfg = model_config("tiny", n_layers=8, d_model=512, n_heads=8, ffn_hidden=1376, tie_embeddings=True,
+                       attn_gate="headwise")  # fmt: skip
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = Llama(cfg)
+    model.materialize("cpu")
+    assert model.lm_head.weight is model.embed.weight  # still tied after to_empty
+    assert abs(model.blocks[0].attn.q_proj.weight.std().item() - 0.02) < 0.002
+    assert abs(model.blocks[0].ffn.down_proj.weight.std().item() - 0.02 / 4) < 0.001
+    assert torch.equal(model.blocks[0].attn.g_proj.bias, torch.zeros(8))
+    assert torch.equal(model.blocks[0].attn_norm.weight, torch.ones(512))
+    assert model(torch.randint(0, cfg.vocab_size, (1, 8))).isfinite().all()
+
+
+# --- options: exact parameter counts ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("gate", "sandwich", "tie"),
+    list(itertools.product(["none", "headwise", "elementwise"], [False, True], [False, True])),
+)
+def test_num_params_exact_for_every_option(gate, sandwich, tie):
+    cfg = model_config("tiny", attn_gate=gate, sandwich_norm=sandwich, tie_embeddings=tie)
+    with torch.device("meta"):
+        model = Llama(cfg)
+    assert count_parameters(model) == cfg.num_params()
+    base = model_config("tiny", tie_embeddings=tie).num_params()
+    d, h, e, L = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.n_layers
+    gate_params = {"none": 0, "headwise": (d + 1) * h, "elementwise": (d + 1) * h * e}[gate]
+    assert cfg.num_params() == base + L * (gate_params + (2 * d if sandwich else 0))
+
+
+# --- gated attention ----------------------------------------------------------------------------
+
+
+def _block_pair(**options):
+    """A plain block and a block with `options`, sharing every common weight."""
+    torch.manual_seed(0)
+    plain_cfg = model_config("tiny", n_kv_heads=2)
+    plain = Block(plain_cfg).eval()
+    variant = Block(model_config("tiny", n_kv_heads=2, **options)).eval()
+    missing, unexpected = variant.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected
+    x = torch.randn(2, 12, plain_cfg.d_model)
+    cos, sin = rope_cos_sin(12, plain_cfg.head_dim, plain_cfg.rope_base, x.device, x.dtype)
+    return plain, variant, missing, (x, cos, sin)
+
+
+@pytest.mark.parametrize(("kind", "gate_dim"), [("headwise", 8), ("elementwise", 256)])
+def test_gated_attention_shapes_and_identity(kind, gate_dim):
+    plain, gated, missing, args = _block_pair(attn_gate=kind)
+    assert sorted(missing) == ["attn.g_proj.bias", "attn.g_proj.weight"]
+    g = gated.attn.g_proj
+    assert tuple(g.weight.shape) == (gate_dim, 256) and tuple(g.bias.shape) == (gate_dim,)
+    assert count_parameters(gated) - count_parameters(plain) == 256 * gate_dim + gate_dim
+    # Gate shape: one value per head (headwise) or per channel (elementwise), per token.
+    gate_out = torch.sigmoid(g(args[0]))
+    assert tuple(gate_out.shape) == (2, 12, gate_dim)
+    with torch.no_grad():
+        y_plain = plain(*args)
+        assert gated(*args).shape == y_plain.shape == (2, 12, 256)
+        # A large gate bias saturates the sigmoid at exactly 1.0 in fp32: the plain block.
+        g.bias.fill_(100.0)
+        assert torch.equal(gated(*args), y_plain)
+        # A gate of 0 silences attention: the block is x + FFN(norm(x)).
+        g.bias.fill_(-100.0)
+        x = args[0]
+        assert torch.allclose(gated(*args), x + gated.ffn(gated.ffn_norm(x)), atol=1e-6)
+
+
+def test_headwise_gate_scales_each_head():
+    _, gated, _, (x, cos, sin) = _block_pair(attn_gate="headwise")
+    attn = gated.attn
+    with torch.no_grad():
+        attn.g_proj.weight.zero_()
+        attn.g_proj.bias.copy_(torch.tensor([100.0, -100.0] * 4))  # heads 0,2,4,6 open; 1,3,5,7 shut
+        h = gated.attn_norm(x)
+        out = attn(h, cos, sin)
+        # Reference: plain attention with the shut heads' outputs zeroed before o_proj.
+        o_proj, attn.o_proj = attn.o_proj, torch.nn.Identity()
+        attn.g_proj.bias.fill_(100.0)
+        heads = attn(h, cos, sin).view(2, 12, 8, 32)
+        attn.o_proj = o_proj
+        heads[:, :, 1::2] = 0
+        torch.testing.assert_close(out, o_proj(heads.reshape(2, 12, 256)), atol=1e-6, rtol=1e-5)
+
+
+# --- sandwich norm ------------------------------------------------------------------------------
+
+
+def test_sandwich_norm_off_is_the_plain_block():
+    plain, same, missing, args = _block_pair(sandwich_norm=False, attn_gate="none")
+    assert not missing and same.attn_out_norm is None and same.ffn_out_norm is None
+    assert torch.equal(same(*args), plain(*args))
+
+
+def test_sandwich_norm_shapes_counts_and_math():
+    plain, sandwich, missing, (x, cos, sin) = _block_pair(sandwich_norm=True)
+    assert sorted(missing) == ["attn_out_norm.weight", "ffn_out_norm.weight"]
+    assert count_parameters(sandwich) - count_parameters(plain) == 2 * 256
+    assert isinstance(sandwich.attn_out_norm, RMSNorm) and sandwich.attn_out_norm.weight.shape == (256,)
+    with torch.no_grad():
+        sandwich.attn_out_norm.weight.mul_(0.5)
+        y = sandwich(x, cos, sin)
+        assert y.shape == (2, 12, 256)
+        # Each branch output is normalised (RMS = its gain) before the residual add.
+        a = sandwich.attn(sandwich.attn_norm(x), cos, sin)
+        normed = sandwich.attn_out_norm(a)
+        ms, eps = a.pow(2).mean(-1), sandwich.attn_out_norm.eps
+        torch.testing.assert_close(normed.pow(2).mean(-1).sqrt(), 0.5 * (ms / (ms + eps)).sqrt())
+        h = x + normed
+        expected = h + sandwich.ffn_out_norm(sandwich.ffn(sandwich.ffn_norm(h)))
+        assert torch.equal(y, expected)
+        assert not torch.allclose(y, plain(x, cos, sin), atol=1e-3)
+
+
+@pytest.mark.parametrize("options", [dict(attn_gate="elementwise", sandwich_norm=True), dict(attn_gate="headwise")])
+def test_variants_train_and_keep_causality(options):
+    torch.manual_seed(0)
+    cfg = model_config("tiny", n_layers=2, vocab_size=97, max_seq_len=32, **options)
+    model = Llama(cfg)
+    ids = torch.randint(0, 97, (2, 16))
+    logits = model(ids)
+    ids2 = ids.clone()
+    ids2[:, 10] = (ids2[:, 10] + 1) % 97
+    assert torch.equal(model(ids2)[:, :10], logits[:, :10])
+    logits.logsumexp(-1).mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_model_config_field_docs():
+    import dataclasses
+
+    for f in dataclasses.fields(ModelConfig):
+        assert f.metadata.get("help"), f.name
+    assert ModelConfig().attn_gate == "none" and ModelConfig().sandwich_norm is False

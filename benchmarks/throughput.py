@@ -1,0 +1,656 @@
+"""Training throughput of our model beside transformers' LlamaForCausalLM (and LitGPT's GPT), one run.
+
+    .venv/bin/python benchmarks/throughput.py                                   # CPU: llama-20m, 4 x 256, fp32
+    .venv/bin/python benchmarks/throughput.py --model tinyllama-1.1b --batch 8 --seq-len 2048 \\
+        --precision bf16-mixed --json tinyllama.json                            # one H100
+    .venv/bin/python benchmarks/throughput.py --sweep --model tinyllama-1.1b --seq-len 2048 --precision bf16-mixed
+
+One training step = forward to the mean next-token loss, backward, gradient clipping (1.0), AdamW
+step, zero_grad: what orchestrator/train.py does per micro-batch (the optimizer as the trainer
+builds it). Every contender trains the same model size, batch, sequence length and precision on
+fresh random tokens (a pool of batches, rotated); our model and LlamaForCausalLM start from the
+same weights, so their first losses agree (printed, as a check that they are the same model).
+
+Timing: each contender first runs --warmup steps (torch.compile compiles there), then the timed
+steps are taken in --rounds rounds that interleave the contenders (by default one step of each per
+round, the order rotating every round), so that a machine shared with other work slows all of them
+alike; besides the ratio of median tokens/s, the median over rounds of the per-round ratio (paired)
+is reported. Per step: CUDA events on a GPU,
+the wall clock (and the process's CPU time) on a CPU. Reported: the median step time and
+tokens/s = batch x seq_len / median, per device (one process, one device); MFU = tokens/s x the
+analytical training FLOPs per token (models/flops.py: 6N + attention, not counting recomputation)
+/ the device's dense bf16/fp16 peak, known for H100, H200 and A100 (unknown elsewhere, and for fp32);
+peak memory: torch.cuda.max_memory_allocated over one step on a GPU; on a CPU (no allocator
+statistics there) the peak of the tensors torch's MemTracker follows through one forward +
+backward with the optimizer state resident, by kind (parameters, gradients, optimizer state,
+activations, temporaries).
+
+--sweep (for a GPU; runs anywhere): the largest micro-batch that trains without activation
+checkpointing (doubling until out of memory, with the default kernels), then, at that micro-batch,
+the best kernel set: one op at a time, every kernel that can run on this device, keeping the fastest,
+then torch.compile on and off.
+
+--json PATH writes every figure (with device, versions, the command and the ratios) for tools.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from models import kernels  # noqa: E402
+from models.config import KERNEL_FIELDS, model_config  # noqa: E402
+from models.flops import flops_per_token  # noqa: E402
+from models.llama import Llama  # noqa: E402
+
+PRECISIONS = ("32-true", "bf16-mixed", "bf16-true")
+
+# Dense (no sparsity) peak FLOP/s per GPU for bf16/fp16 tensor-core math, from the vendors' datasheets.
+PEAK_BF16 = {"H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "A100": 312e12}
+
+# Kernel sets for our model. `default`: the config defaults (what a run that sets nothing gets);
+# `baseline`: the training path before fused kernels (SDPA, eager norms/RoPE/SwiGLU, logits + F.cross_entropy).
+KERNEL_SETS = {
+    "default": {},
+    "baseline": dict(attention="sdpa", rmsnorm_kernel="eager", swiglu_kernel="eager", rope_kernel="eager",
+                     loss_kernel="cross_entropy", compile=False),
+    "eager": dict(attention="eager", rmsnorm_kernel="eager", swiglu_kernel="eager", rope_kernel="eager",
+                  loss_kernel="cross_entropy", compile=False),
+}  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# Contenders: something that builds a model and runs one training step
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Contender:
+    name: str
+    model: torch.nn.Module
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (inputs, targets) -> mean loss
+    optimizer: torch.optim.Optimizer
+    info: dict[str, Any]
+
+
+def parse_kernel_set(spec: str) -> dict[str, Any]:
+    """`default`, `baseline`, `eager`, or `key=value,...` over the model's kernel fields (on top of default)."""
+    if spec in KERNEL_SETS:
+        return dict(KERNEL_SETS[spec])
+    out: dict[str, Any] = {}
+    for item in filter(None, spec.split(",")):
+        key, _, value = item.partition("=")
+        key = key.strip().removeprefix("model.")
+        if key not in KERNEL_FIELDS:
+            raise SystemExit(f"--ours {spec!r}: {key!r} is not a kernel field ({', '.join(KERNEL_FIELDS)})")
+        out[key] = value.strip().lower() == "true" if key == "compile" else value.strip()
+    return out
+
+
+def set_label(kernel_set: dict[str, Any]) -> str:
+    for name, values in KERNEL_SETS.items():
+        if values == kernel_set:
+            return name
+    return ",".join(f"{k}={v}" for k, v in kernel_set.items())
+
+
+def adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The trainer's optimizer (orchestrator/train.py build_optimizer) with its default settings."""
+    from orchestrator.config import Config
+    from orchestrator.train import build_optimizer
+
+    return build_optimizer(model, Config())
+
+
+def autocast(device: torch.device, precision: str):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+
+
+def build_ours(cfg, kernel_set: dict, device, precision, ac: str) -> Contender:
+    from orchestrator.strategies import apply_activation_checkpointing
+
+    mcfg = dataclasses.replace(cfg, **kernel_set)
+    torch.manual_seed(0)
+    with device:
+        model = Llama(mcfg)
+    if precision == "bf16-true":
+        model = model.to(torch.bfloat16)
+    apply_activation_checkpointing(model, ac)
+    if mcfg.compile:
+        kernels.compile_blocks(model)
+    resolved = kernels.plan(mcfg, device, torch.bfloat16 if precision != "32-true" else torch.float32)
+
+    def loss_fn(inputs, targets):
+        with autocast(device, precision):
+            return model(inputs, targets=targets)
+
+    info = {"kernels": dataclasses.asdict(resolved), "compile": mcfg.compile, "activation_checkpointing": ac}
+    return Contender(f"ours[{set_label(kernel_set)}]", model, loss_fn, adamw(model), info)
+
+
+def hf_available() -> str | None:
+    try:
+        import transformers
+
+        return transformers.__version__
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def build_hf(cfg, device, precision, weights_from: torch.nn.Module | None) -> Contender:
+    import transformers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from orchestrator.hf import hf_config, to_hf_state_dict
+
+    fields = hf_config(cfg, torch.float32)
+    for key in ("architectures", "model_type", "torch_dtype"):
+        fields.pop(key, None)
+    hf_cfg = LlamaConfig(**fields, attn_implementation="sdpa")  # transformers' default where torch has SDPA
+    torch.manual_seed(0)
+    with device:
+        model = LlamaForCausalLM(hf_cfg)
+    if weights_from is not None:
+        state = {k: v.float() for k, v in weights_from.state_dict().items()}
+        model.load_state_dict(to_hf_state_dict(state, cfg), strict=False)
+    if precision == "bf16-true":
+        model = model.to(torch.bfloat16)
+    model.train()
+
+    def loss_fn(inputs, targets):
+        with autocast(device, precision):
+            # labels are already shifted: shift_labels tells transformers not to shift them again.
+            return model(input_ids=inputs, labels=targets, shift_labels=targets).loss
+
+    info = {"attn_implementation": "sdpa", "version": transformers.__version__}
+    return Contender("hf LlamaForCausalLM", model, loss_fn, adamw(model), info)
+
+
+def litgpt_available() -> str | None:
+    try:
+        import litgpt.model  # noqa: F401
+        from importlib.metadata import version
+
+        return version("litgpt")
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def build_litgpt(cfg, device, precision, seq_len: int) -> Contender:
+    from litgpt.config import Config
+    from litgpt.model import GPT
+    from litgpt.utils import chunked_cross_entropy
+
+    lit_cfg = Config(
+        name=f"llama-like-{cfg.name}", block_size=cfg.max_seq_len, vocab_size=cfg.vocab_size,
+        padded_vocab_size=cfg.vocab_size, n_layer=cfg.n_layers, n_head=cfg.n_heads, n_embd=cfg.d_model,
+        n_query_groups=cfg.n_kv_heads, head_size=cfg.head_dim, rotary_percentage=1.0, parallel_residual=False,
+        bias=False, norm_class_name="RMSNorm", norm_eps=cfg.norm_eps, mlp_class_name="LLaMAMLP",
+        intermediate_size=cfg.ffn_hidden, rope_base=int(cfg.rope_base),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    with device:
+        model = GPT(lit_cfg)
+    model.max_seq_length = seq_len
+    if precision == "bf16-true":
+        model = model.to(torch.bfloat16)
+
+    def loss_fn(inputs, targets):
+        with autocast(device, precision):
+            return chunked_cross_entropy(model(inputs), targets)  # LitGPT's pretraining loss
+
+    return Contender("litgpt GPT", model, loss_fn, adamw(model), {"version": litgpt_available()})
+
+
+# --------------------------------------------------------------------------------------------
+# Measuring
+# --------------------------------------------------------------------------------------------
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_step(c: Contender, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    loss = c.loss_fn(inputs, targets)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(c.model.parameters(), 1.0)
+    c.optimizer.step()
+    c.optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def tracked_peak(c: Contender, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float | None]:
+    """Peak tensor memory of one forward + backward (optimizer state resident), by kind, from torch's
+    MemTracker (a dispatch mode that follows every tensor; works on CPUs, which have no allocator
+    statistics): MiB of parameters, gradients, optimizer state, activations and temporaries at the
+    peak, and the total."""
+    try:
+        from torch.distributed._tools.mem_tracker import MemTracker
+    except ImportError:  # a torch without it (private API)
+        return {"peak_mem_mib": None}
+    import warnings
+
+    tracker = MemTracker()
+    tracker.track_external(c.model, c.optimizer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its module tracker warns about modules it cannot name
+        with tracker:
+            c.loss_fn(inputs, targets).backward()
+    c.optimizer.zero_grad(set_to_none=True)
+    peak = tracker.get_tracker_snapshot("peak")
+    per_device = next(iter(peak.values()), {})
+    out = {f"peak_{str(k).split('.')[-1].lower()}_mib": v / 2**20 for k, v in per_device.items() if k != "Total"}
+    out["peak_mem_mib"] = per_device.get("Total", 0) / 2**20
+    return out
+
+
+def measure(
+    contenders: list[Contender], batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+    warmup: int, steps: int, rounds: int, log=print,
+) -> dict[str, dict]:
+    """Warm every contender up, then time `steps` steps of each in `rounds` interleaved rounds."""
+    results: dict[str, dict] = {}
+    for c in contenders:
+        started = time.perf_counter()
+        first = None
+        for i in range(warmup):
+            loss = train_step(c, *batches[i % len(batches)])
+            first = float(loss) if first is None else first
+        sync(device)
+        results[c.name] = {"initial_loss": first, "warmup_s": time.perf_counter() - started,
+                           "wall": [], "cpu": [], "losses": [], "round_wall": []}  # fmt: skip
+        log(f"  warmed up {c.name}: {warmup} steps in {results[c.name]['warmup_s']:.1f} s, first loss {first:.4f}")
+    per_round = max(1, -(-steps // rounds))
+    for r in range(rounds):
+        order = contenders[r % len(contenders):] + contenders[: r % len(contenders)]
+        for c in order:
+            timings = []
+            for s in range(per_round):
+                inputs, targets = batches[(r * per_round + s) % len(batches)]
+                if device.type == "cuda":
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    loss = train_step(c, inputs, targets)
+                    end.record()
+                    timings.append((start, end, None, loss))
+                else:
+                    cpu0, wall0 = time.process_time(), time.perf_counter()
+                    loss = train_step(c, inputs, targets)
+                    timings.append((time.perf_counter() - wall0, None, time.process_time() - cpu0, loss))
+            sync(device)
+            for a, b, cpu, loss in timings:
+                results[c.name]["wall"].append(a.elapsed_time(b) / 1e3 if device.type == "cuda" else a)
+                if cpu is not None:
+                    results[c.name]["cpu"].append(cpu)
+                results[c.name]["losses"].append(float(loss))
+            results[c.name]["round_wall"].append(statistics.median(results[c.name]["wall"][-per_round:]))
+        if rounds <= 12 or (r + 1) % max(1, rounds // 8) == 0 or r + 1 == rounds:
+            log(f"  round {r + 1}/{rounds}: " + ", ".join(
+                f"{c.name} {results[c.name]['round_wall'][-1] * 1e3:.1f} ms" for c in contenders))
+    return results
+
+
+def peak_memory(c: Contender, batch: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> dict:
+    """GPU: torch.cuda.max_memory_allocated over one step. CPU: MemTracker's peak over forward + backward."""
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        train_step(c, *batch)
+        sync(device)
+        return {"peak_mem_mib": torch.cuda.max_memory_allocated(device) / 2**20, "memory_source": "cuda allocator"}
+    return {**tracked_peak(c, *batch), "memory_source": "torch MemTracker"}
+
+
+def peak_flops(device: torch.device, precision: str) -> tuple[float | None, str]:
+    """(dense bf16 peak FLOP/s of this GPU, its name); None where unknown (CPUs, other GPUs, fp32)."""
+    if device.type != "cuda":
+        return None, platform.processor() or platform.machine()
+    name = torch.cuda.get_device_name(device)
+    if precision == "32-true":
+        return None, name
+    for key, value in PEAK_BF16.items():  # most specific first (PCIe / NVL before plain H100)
+        if key in name:
+            return value, name
+    return None, name
+
+
+def summarise(name: str, raw: dict, tokens_per_step: int, train_flops: float, peak: float | None) -> dict:
+    wall = sorted(raw["wall"])
+    median = statistics.median(wall)
+    q = statistics.quantiles(wall, n=10) if len(wall) >= 2 else [median] * 9
+    out = {
+        "name": name,
+        "steps_timed": len(wall),
+        "step_s_median": median,
+        "step_s_p10": q[0],
+        "step_s_p90": q[-1],
+        "tokens_per_s": tokens_per_step / median,
+        "mfu": tokens_per_step / median * train_flops / peak if peak else None,
+        "initial_loss": raw["initial_loss"],
+        "last_loss": raw["losses"][-1] if raw["losses"] else None,
+        "warmup_s": raw["warmup_s"],
+    }
+    if raw["cpu"]:
+        cpu = statistics.median(raw["cpu"])
+        out.update(cpu_s_median=cpu, tokens_per_cpu_s=tokens_per_step / cpu)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+
+def versions() -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {"python": platform.python_version(), "torch": torch.__version__,
+                                  "cuda": torch.version.cuda}  # fmt: skip
+    for pkg in ("transformers", "litgpt", "lightning", "flash-attn", "xformers", "liger-kernel", "triton"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def make_batches(cfg, batch: int, seq_len: int, device: torch.device, n: int = 4, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        tokens = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), generator=g)
+        out.append((tokens[:, :-1].contiguous().to(device), tokens[:, 1:].contiguous().to(device)))
+    return out
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def model_cfg(args):
+    overrides: dict[str, Any] = {}
+    base = model_config(args.model)
+    for item in args.override:
+        key, _, value = item.partition("=")
+        if not hasattr(base, key):
+            raise SystemExit(f"--override {item!r}: model has no field {key!r}")
+        kind = type(getattr(base, key))
+        overrides[key] = value.lower() == "true" if kind is bool else kind(value)
+    cfg = model_config(args.model, **overrides)
+    if args.seq_len > cfg.max_seq_len:
+        cfg = dataclasses.replace(cfg, max_seq_len=args.seq_len)
+    return cfg
+
+
+def run_compare(args, device, log=print) -> dict:
+    cfg = model_cfg(args)
+    tokens_per_step = args.batch * args.seq_len
+    train_flops = flops_per_token(cfg, args.seq_len)["training"]
+    peak, device_name = peak_flops(device, args.precision)
+    batches = make_batches(cfg, args.batch, args.seq_len, device)
+
+    contenders: list[Contender] = []
+    for spec in args.ours.split(";"):
+        contenders.append(build_ours(cfg, parse_kernel_set(spec), device, args.precision, args.ac))
+    peers = [p for p in args.peers.split(",") if p and p != "none"]
+    skipped = {}
+    if "hf" in peers:
+        if hf_available():
+            contenders.append(build_hf(cfg, device, args.precision, weights_from=contenders[0].model))
+        else:
+            skipped["hf"] = "transformers is not installed"
+    if "litgpt" in peers:
+        if litgpt_available():
+            contenders.append(build_litgpt(cfg, device, args.precision, args.seq_len))
+        else:
+            skipped["litgpt"] = "litgpt is not installed"
+
+    log(f"{cfg.name}: {cfg.num_params():,} parameters | batch {args.batch} x seq {args.seq_len} | {args.precision} | "
+        f"{device_name} ({device.type}, {torch.get_num_threads()} threads)")  # fmt: skip
+    raw = measure(contenders, batches, device, args.warmup, args.steps, args.rounds, log=log)
+    rows = []
+    for c in contenders:
+        row = summarise(c.name, raw[c.name], tokens_per_step, train_flops, peak)
+        row.update(peak_memory(c, batches[0], device))
+        row["info"] = c.info
+        rows.append(row)
+    ratios = {}
+    by_name = {r["name"]: r for r in rows}
+    for peer in ("hf LlamaForCausalLM", "litgpt GPT"):
+        if peer in by_name:
+            for r in rows:
+                if r["name"].startswith("ours"):
+                    key = f"{r['name']} / {peer}"
+                    ratios[key] = r["tokens_per_s"] / by_name[peer]["tokens_per_s"]
+                    ratios[key + " (paired per round)"] = statistics.median(
+                        b / a for a, b in zip(raw[r["name"]]["round_wall"], raw[peer]["round_wall"]))
+                    if "tokens_per_cpu_s" in r:
+                        ratios[key + " (cpu time)"] = r["tokens_per_cpu_s"] / by_name[peer]["tokens_per_cpu_s"]
+    return {
+        "mode": "compare",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+        "device": device.type,
+        "device_name": device_name,
+        "threads": torch.get_num_threads() if device.type == "cpu" else None,
+        "versions": versions(),
+        "kernel_libraries": kernels.installed(),
+        "config": {"model": cfg.name, "params": cfg.num_params(), "batch": args.batch, "seq_len": args.seq_len,
+                   "precision": args.precision, "activation_checkpointing": args.ac, "warmup": args.warmup,
+                   "steps": args.steps, "rounds": args.rounds,
+                   "model_fields": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in KERNEL_FIELDS}},
+        "train_flops_per_token": train_flops,
+        "peak_flops": peak,
+        "results": rows,
+        "ratios": ratios,
+        "skipped_peers": skipped,
+        "process_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }  # fmt: skip
+
+
+def print_table(report: dict, out=print) -> None:
+    rows = report["results"]
+    peer = next((r for r in rows if r["name"] == "hf LlamaForCausalLM"), None)
+    out("")
+    out(f"{'contender':<34} {'tokens/s':>10} {'step ms (p10-p90)':>24} {'MFU':>7} {'peak MiB':>9} {'act MiB':>9} "
+        f"{'loss0':>7} {'vs HF':>6}")  # fmt: skip
+    for r in rows:
+        mem = f"{r['peak_mem_mib']:.0f}" if r.get("peak_mem_mib") else "-"
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "unknown"
+        ratio = f"{r['tokens_per_s'] / peer['tokens_per_s']:.2f}x" if peer else "-"
+        span = f"{r['step_s_median'] * 1e3:.1f} ({r['step_s_p10'] * 1e3:.0f}-{r['step_s_p90'] * 1e3:.0f})"
+        act = f"{r['peak_act_mib']:.0f}" if r.get("peak_act_mib") is not None else "-"
+        out(f"{r['name']:<34} {r['tokens_per_s']:>10,.0f} {span:>24} {mfu:>7} {mem:>9} {act:>9} "
+            f"{r['initial_loss']:>7.3f} {ratio:>6}")  # fmt: skip
+    for key, value in report["ratios"].items():
+        out(f"  ratio {key}: {value:.3f}")
+    for peer_name, why in report.get("skipped_peers", {}).items():
+        out(f"  {peer_name}: skipped ({why})")
+
+
+# --------------------------------------------------------------------------------------------
+# Sweep: largest micro-batch without activation checkpointing, then the best kernel set
+# --------------------------------------------------------------------------------------------
+
+
+def _oom(e: BaseException) -> bool:
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def _free(c: Contender | None = None) -> None:
+    del c
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def tokens_per_s(cfg, kernel_set, device, args, batch, steps) -> float:
+    c = build_ours(cfg, kernel_set, device, args.precision, "none")
+    batches = make_batches(cfg, batch, args.seq_len, device, n=2)
+    try:
+        raw = measure([c], batches, device, args.warmup, steps, 1, log=lambda *_: None)
+        return batch * args.seq_len / statistics.median(raw[c.name]["wall"])
+    finally:
+        c.model.zero_grad(set_to_none=True)
+        _free(c)
+
+
+def run_sweep(args, device, log=print) -> dict:
+    cfg = model_cfg(args)
+    tried_batches = {}
+    best_batch = None
+    batch = 1
+    while batch <= args.max_batch:
+        try:
+            tps = tokens_per_s(cfg, {}, device, args, batch, steps=max(2, args.steps // 4))
+            tried_batches[batch] = tps
+            best_batch = batch
+            log(f"  micro-batch {batch}: fits, {tps:,.0f} tokens/s")
+        except Exception as e:  # noqa: BLE001
+            if not _oom(e):
+                raise
+            tried_batches[batch] = None
+            log(f"  micro-batch {batch}: out of memory")
+            _free()
+            break
+        batch *= 2
+    if best_batch is None:
+        raise SystemExit("not even micro-batch 1 fits without activation checkpointing")
+    dtype = torch.bfloat16 if args.precision != "32-true" else torch.float32
+    options = {
+        "attention": ["sdpa", "flash_attn", "xformers"],
+        "rmsnorm_kernel": ["eager", "liger", "flash_attn"],
+        "swiglu_kernel": ["eager", "liger", "flash_attn", "xformers"],
+        "rope_kernel": ["eager", "liger", "flash_attn"],
+        "loss_kernel": ["cross_entropy", "chunked", "liger_fused", "liger", "flash_attn"],
+    }
+    op_of = {"attention": "attention", "rmsnorm_kernel": "rmsnorm", "swiglu_kernel": "swiglu",
+             "rope_kernel": "rope", "loss_kernel": "loss"}  # fmt: skip
+    current = dict(KERNEL_SETS["baseline"])
+    tried: list[dict] = []
+    best = tokens_per_s(cfg, current, device, args, best_batch, args.steps)
+    tried.append({"kernels": dict(current), "tokens_per_s": best})
+    log(f"  baseline {set_label(current)}: {best:,.0f} tokens/s")
+    for field, choices in options.items():
+        for choice in choices:
+            if choice == current[field] or kernels.why_not(op_of[field], choice, device.type, dtype) is not None:
+                continue
+            candidate = dict(current, **{field: choice})
+            try:
+                tps = tokens_per_s(cfg, candidate, device, args, best_batch, args.steps)
+            except Exception as e:  # noqa: BLE001 - a kernel that fails here is reported, not chosen
+                if not _oom(e):
+                    log(f"  {field}={choice}: failed ({type(e).__name__}: {str(e)[:120]})")
+                    tried.append({"kernels": candidate, "error": f"{type(e).__name__}: {e}"[:300]})
+                    continue
+                tps = 0.0
+            tried.append({"kernels": candidate, "tokens_per_s": tps})
+            log(f"  {field}={choice}: {tps:,.0f} tokens/s")
+            if tps > best:
+                best, current = tps, candidate
+    if not args.no_compile_in_sweep:
+        candidate = dict(current, compile=True)
+        tps = tokens_per_s(cfg, candidate, device, args, best_batch, args.steps)
+        tried.append({"kernels": candidate, "tokens_per_s": tps})
+        log(f"  compile=true: {tps:,.0f} tokens/s")
+        if tps > best:
+            best, current = tps, candidate
+    peak, device_name = peak_flops(device, args.precision)
+    train_flops = flops_per_token(cfg, args.seq_len)["training"]
+    return {
+        "mode": "sweep",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+        "device": device.type,
+        "device_name": device_name,
+        "versions": versions(),
+        "kernel_libraries": kernels.installed(),
+        "config": {"model": cfg.name, "seq_len": args.seq_len, "precision": args.precision},
+        "micro_batches": {str(k): v for k, v in tried_batches.items()},
+        "largest_micro_batch": best_batch,
+        "best_kernels": current,
+        "best_tokens_per_s": best,
+        "best_mfu": best * train_flops / peak if peak else None,
+        "tried": tried,
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="named size (default: tinyllama-1.1b on a GPU, llama-20m on a CPU)")
+    p.add_argument("--override", action="append", default=[], metavar="FIELD=VALUE",
+                   help="model field override, e.g. n_layers=4 (repeatable)")
+    p.add_argument("--batch", type=int, default=None, help="micro-batch (default: 8 on a GPU, 4 on a CPU)")
+    p.add_argument("--seq-len", type=int, default=None, help="sequence length (default: 2048 on a GPU, 256 on a CPU)")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="default: bf16-mixed on a GPU, 32-true on a CPU")
+    p.add_argument("--ours", default="default",
+                   help="our kernel sets, ';'-separated: default | baseline | eager | key=value,... "
+                        "(e.g. 'default;baseline' or 'attention=sdpa,loss_kernel=chunked,compile=true')")
+    p.add_argument("--ac", choices=("none", "selective", "full"), default="none", help="activation checkpointing")
+    p.add_argument("--peers", default="hf,litgpt", help="comma list of hf, litgpt (or none)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per contender (compilation happens here)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per contender (default: 50 GPU, 12 CPU)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default: --steps, one step each)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--json", default=None, help="write the figures to this JSON file")
+    p.add_argument("--sweep", action="store_true", help="find the largest micro-batch and the best kernel set")
+    p.add_argument("--max-batch", type=int, default=64, help="sweep: largest micro-batch to try")
+    p.add_argument("--no-compile-in-sweep", action="store_true", help="sweep: do not try torch.compile")
+    args = p.parse_args(argv)
+    gpu = resolve_device(args.device).type == "cuda"
+    args.model = args.model or ("tinyllama-1.1b" if gpu else "llama-20m")
+    args.batch = args.batch or (8 if gpu else 4)
+    args.seq_len = args.seq_len or (2048 if gpu else 256)
+    args.precision = args.precision or ("bf16-mixed" if gpu else "32-true")
+    args.steps = args.steps or (50 if gpu else 12)
+    args.rounds = args.rounds or args.steps
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    report = run_sweep(args, device) if args.sweep else run_compare(args, device)
+    if args.sweep:
+        print(f"\nlargest micro-batch without activation checkpointing: {report['largest_micro_batch']}")
+        print(f"best kernel set: {report['best_kernels']} -> {report['best_tokens_per_s']:,.0f} tokens/s"
+              + (f", MFU {100 * report['best_mfu']:.1f}%" if report["best_mfu"] else ""))  # fmt: skip
+    else:
+        print_table(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2, default=str))
+        print(f"\nfigures written to {args.json}")
+    return report
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
