@@ -532,9 +532,9 @@ def run_sweep(args, device, log=print) -> dict:
                 raise
             tried_batches[batch] = None
             log(f"  micro-batch {batch}: out of memory")
-            _free()
             break
         batch *= 2
+    _free()  # the out-of-memory attempt's model is unreachable only now (its traceback held it)
     if best_batch is None:
         raise SystemExit("not even micro-batch 1 fits without activation checkpointing")
     dtype = torch.bfloat16 if args.precision != "32-true" else torch.float32
