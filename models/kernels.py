@@ -334,7 +334,7 @@ def output_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ke
         return F.cross_entropy(F.linear(x2, weight).float(), t, ignore_index=IGNORE_INDEX)
     dtype = compute_dtype(x.device.type, weight.dtype)
     if kernel == "chunked":
-        return chunked_linear_cross_entropy(x2.to(dtype), weight.to(dtype), t)
+        return chunked_linear_cross_entropy(x2, weight, t, dtype=dtype)
     if kernel == "liger_fused":
         x2, w = x2.to(dtype), weight.to(dtype)
         return _LIBS["liger"].fused_linear_cross_entropy(x2, w, t, ignore_index=IGNORE_INDEX).float()
@@ -356,36 +356,49 @@ def default_chunk_rows(n_rows: int, vocab: int, width: int) -> int:
 
 
 def chunked_linear_cross_entropy(
-    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_rows: int | None = None,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Fused linear + cross-entropy in plain PyTorch, for any device.
 
     x: (N, D), weight: (V, D), targets: (N,) -> mean loss over targets != IGNORE_INDEX (float32).
+    `dtype`: what the matmuls run in (default x's; under bf16 autocast pass bfloat16).
 
     The logits are computed chunk_rows tokens at a time; with gradients wanted, the gradients of x
     and weight are computed in the same pass (softmax - onehot for each chunk, two matmuls), kept,
-    and scaled by the incoming gradient in backward. The (N, V) logits, their fp32 copy and their
-    gradient never exist: the largest temporary is one (chunk_rows, V) fp32 block. The matmul work
-    is that of the unfused forward + backward (nothing is recomputed). Matmuls run in x's dtype,
-    softmax and the loss in fp32, the weight gradient accumulates in fp32.
+    and scaled by the incoming gradient in backward (skipped when it is 1). The (N, V) logits, their
+    fp32 copy and their gradient never exist: the largest temporary is one (chunk_rows, V) fp32
+    block. The matmul work is that of the unfused forward + backward (nothing is recomputed).
+    Matmuls run in `dtype`, softmax and the loss in fp32, and the weight gradient accumulates in fp32
+    and is handed back in the weight's own dtype (an fp32 master weight gets it without a round trip
+    through bf16).
     """
+    dtype = dtype or x.dtype
     chunk_rows = chunk_rows or default_chunk_rows(x.shape[0], weight.shape[0], x.shape[1])
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return _ChunkedLinearCrossEntropy.apply(x, weight, targets, chunk_rows)
+        return _ChunkedLinearCrossEntropy.apply(x, weight, targets, chunk_rows, dtype)
     with torch.no_grad():
-        total, count = x.new_zeros((), dtype=torch.float32), (targets != IGNORE_INDEX).sum()
+        x, w_t = x.to(dtype), weight.to(dtype).t()
+        count = (targets != IGNORE_INDEX).sum().clamp(min=1)
+        total = x.new_zeros((), dtype=torch.float32)
         for start in range(0, x.shape[0], chunk_rows):
-            logits = (x[start : start + chunk_rows] @ weight.t()).float()  # (n, V)
-            total += _softmax_nll_(logits, targets[start : start + chunk_rows])[0]
-        return total / count.clamp(min=1)
+            logits = (x[start : start + chunk_rows] @ w_t).float()  # (n, V)
+            total += _softmax_nll_(logits, targets[start : start + chunk_rows], count)[0]
+        return total / count
 
 
-def _softmax_nll_(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Turn fp32 logits (n, V) into softmax(logits) in place; return the summed -log softmax[target]
-    over valid rows, the softmax (the same storage) and the valid mask (n,).
+def _softmax_nll_(
+    logits: torch.Tensor, targets: torch.Tensor, count: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Turn fp32 logits (n, V) into softmax(logits) / count in place; return the summed
+    -log softmax[target] over valid rows, that scaled softmax (the same storage) and the valid mask.
 
     Written as max, subtract, exp, sum and scale in place: a third of the time of logsumexp followed
-    by exp(logits - lse) on a CPU (fewer passes over the block, no temporaries).
+    by exp(logits - lse) on a CPU (fewer passes over the block, no temporaries); the 1/count of the
+    mean rides on the normalisation for free.
     """
     valid = targets != IGNORE_INDEX
     target_logit = logits.gather(1, targets.clamp(min=0)[:, None]).squeeze(1)  # (n,)
@@ -393,50 +406,62 @@ def _softmax_nll_(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Te
     probs = logits.sub_(row_max[:, None]).exp_()  # unnormalised
     row_sum = probs.sum(dim=-1)  # (n,)
     nll = row_max + row_sum.log() - target_logit  # lse - target logit, (n,)
-    probs.mul_(row_sum.reciprocal()[:, None])  # softmax
+    probs.mul_((row_sum * count).reciprocal()[:, None])  # softmax / count
     return torch.where(valid, nll, 0.0).sum(), probs, valid
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, targets, chunk_rows):
+    def forward(ctx, x, weight, targets, chunk_rows, dtype):
         want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         N = x.shape[0]
-        grad_x = torch.empty_like(x) if want_x else None  # (N, D)
+        xd, wd = x.to(dtype), weight.to(dtype)  # (N, D), (V, D): no copies when already in dtype
+        grad_x = torch.empty_like(x) if want_x else None  # (N, D), x's dtype
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None  # (V, D)
         total = x.new_zeros((), dtype=torch.float32)
-        w_t = weight.t()  # (D, V)
+        count = (targets != IGNORE_INDEX).sum().clamp(min=1)
         any_ignored = bool((targets == IGNORE_INDEX).any())  # one host sync per call
+        w_t = wd.t()  # (D, V)
         for start in range(0, N, chunk_rows):
-            xc, tc = x[start : start + chunk_rows], targets[start : start + chunk_rows]  # (n, D), (n,)
+            xc, tc = xd[start : start + chunk_rows], targets[start : start + chunk_rows]  # (n, D), (n,)
             logits = (xc @ w_t).float()  # (n, V)
-            nll, grad, valid = _softmax_nll_(logits, tc)  # grad: the softmax, in place of the logits
+            nll, grad, valid = _softmax_nll_(logits, tc, count)  # grad: softmax / count, in place of the logits
             total += nll
-            # d(sum of nll)/d logits = softmax - onehot(target), zero on ignored rows.
+            # d(mean nll)/d logits = (softmax - onehot(target)) / count, zero on ignored rows.
             rows = torch.arange(grad.shape[0], device=grad.device)
-            grad[rows, tc.clamp(min=0)] -= 1.0
+            grad[rows, tc.clamp(min=0)] -= count.reciprocal()
             if any_ignored:
                 grad.mul_(valid[:, None])
-            grad = grad.to(x.dtype)  # (n, V)
+            grad = grad.to(dtype)  # (n, V)
             if want_x:
-                torch.mm(grad, weight, out=grad_x[start : start + chunk_rows])  # (n, D)
+                if grad_x.dtype == dtype:
+                    torch.mm(grad, wd, out=grad_x[start : start + chunk_rows])  # (n, D)
+                else:
+                    grad_x[start : start + chunk_rows] = grad @ wd
             if want_w:
-                if grad.dtype == torch.float32:
+                if dtype == torch.float32:
                     grad_w.addmm_(grad.t(), xc)  # (V, D)
                 else:
                     grad_w += grad.t() @ xc
-        count = (targets != IGNORE_INDEX).sum().clamp(min=1)
-        ctx.save_for_backward(grad_x, grad_w, count)
+        # Kept on ctx, not saved_tensors: backward hands them on and drops them, so that autograd can
+        # take them over as .grad without a copy (a second backward through this loss is an error).
+        ctx.grads = (grad_x, grad_w)
         ctx.weight_dtype = weight.dtype
         return total / count
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_x, grad_w, count = ctx.saved_tensors
-        scale = grad_loss / count  # d loss / d (sum of nll)
-        gx = grad_x * scale.to(grad_x.dtype) if grad_x is not None else None
-        gw = (grad_w * scale).to(ctx.weight_dtype) if grad_w is not None else None
-        return gx, gw, None, None
+        if ctx.grads is None:
+            raise RuntimeError("the chunked loss computed its gradients once; it cannot be backpropagated twice")
+        (grad_x, grad_w), ctx.grads = ctx.grads, None
+        # Gradients are d(mean loss)/d input already; scale them unless the incoming gradient is 1
+        # (checked on a CPU only, where it costs no device synchronisation).
+        unit = grad_loss.device.type == "cpu" and grad_loss.item() == 1.0
+        gx = None if grad_x is None else grad_x if unit else grad_x * grad_loss.to(grad_x.dtype)
+        gw = None if grad_w is None else grad_w if unit else grad_w * grad_loss
+        if gw is not None:
+            gw = gw.to(ctx.weight_dtype)
+        return gx, gw, None, None, None
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import torch
 
@@ -64,18 +65,14 @@ class StopSignals:
         self._previous = {}
 
 
-def requeue_marker(run_dir) -> "os.PathLike":
+def requeue_marker(run_dir) -> Path:
     """File by which a trainer without `scontrol` (in a container) asks the batch script to requeue."""
-    from pathlib import Path
-
     return Path(run_dir) / f".requeue-{os.environ.get('SLURM_JOB_ID', 'none')}"
 
 
 def requeue_job() -> tuple[bool, str]:
     """`scontrol requeue $SLURM_JOB_ID` (the job must allow it: `#SBATCH --requeue`)."""
-    job = os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID") and (
-        f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-    ) or os.environ.get("SLURM_JOB_ID")
+    job = os.environ.get("SLURM_JOB_ID")  # also an array task's own id
     if not job:
         return False, "not inside a Slurm job"
     scontrol = shutil.which("scontrol")

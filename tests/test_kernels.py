@@ -158,6 +158,12 @@ def test_chunked_loss_edge_cases():
     loss = kernels.chunked_linear_cross_entropy(xi, w, torch.full_like(t[0], kernels.IGNORE_INDEX), 8)
     loss.backward()
     assert loss.item() == 0.0 and torch.count_nonzero(xi.grad) == 0
+    # Its gradients are computed once, in the forward: a second backward is refused, not silently wrong.
+    xr = x[0].clone().requires_grad_()
+    loss = kernels.chunked_linear_cross_entropy(xr, w, t[0], 8)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="cannot be backpropagated twice"):
+        loss.backward()
     # Scaled upstream gradients (gradient accumulation divides the loss) scale both gradients.
     a = [x[0].clone().requires_grad_(), w.clone().requires_grad_()]
     b = [x[0].clone().requires_grad_(), w.clone().requires_grad_()]
