@@ -20,17 +20,21 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
-@pytest.fixture(scope="session")
-def sample_data(tmp_path_factory):
+def prepare_sample_corpus(root: Path, train_docs: int, val_docs: int, docs_per_shard: int):
+    """The built-in corpus at a test size, a 512-piece tokenizer and its token chunks under `root`."""
     from data.prepare import prepare_dataset
     from data.sample_corpus import write_sample_corpus
     from data.tokenizer import train_tokenizer
 
-    root = tmp_path_factory.mktemp("sample")
-    write_sample_corpus(root / "raw", train_docs=400, val_docs=80, docs_per_shard=200)
+    write_sample_corpus(root / "raw", train_docs=train_docs, val_docs=val_docs, docs_per_shard=docs_per_shard)
     tokenizer = train_tokenizer(root / "raw", root / "tokenizer", vocab_size=512)
     prepare_dataset(root / "raw", root / "tokens", tokenizer, num_workers=1)
     return root / "tokens", tokenizer
+
+
+@pytest.fixture(scope="session")
+def sample_data(tmp_path_factory):
+    return prepare_sample_corpus(tmp_path_factory.mktemp("sample"), train_docs=400, val_docs=80, docs_per_shard=200)
 
 
 @pytest.fixture(scope="session")

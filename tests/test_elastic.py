@@ -7,6 +7,7 @@ import pytest
 
 from data.loader import make_dataset
 from orchestrator.monitor import batch_fingerprint
+from tests.conftest import prepare_sample_corpus
 from tests.training import train
 
 pytestmark = pytest.mark.slow
@@ -15,15 +16,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
     """~250 blocks of 65 tokens: one epoch is ~15 steps of 16 sequences."""
-    from data.prepare import prepare_dataset
-    from data.sample_corpus import write_sample_corpus
-    from data.tokenizer import train_tokenizer
-
-    root = tmp_path_factory.mktemp("elastic")
-    write_sample_corpus(root / "raw", train_docs=60, val_docs=20, docs_per_shard=30)
-    tokenizer = train_tokenizer(root / "raw", root / "tokenizer", vocab_size=512)
-    prepare_dataset(root / "raw", root / "tokens", tokenizer, num_workers=1)
-    return root / "tokens", tokenizer
+    return prepare_sample_corpus(tmp_path_factory.mktemp("elastic"), train_docs=60, val_docs=20, docs_per_shard=30)
 
 
 def sequence_hashes(run_dir):
