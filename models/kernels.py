@@ -86,10 +86,18 @@ def _import_xformers() -> SimpleNamespace:
 
 
 def _import_liger() -> SimpleNamespace:
+    import functools
+    import inspect
+
     from liger_kernel.transformers import functional as lf
 
+    # casting_mode "llama": fp32 statistics, x_hat cast to x's dtype, then times the weight (our order).
+    # Not in place: the gradient of the norm's output is left alone (releases without it: default).
+    rms_kwargs = dict(offset=0.0, casting_mode="llama")
+    if "in_place" in inspect.signature(lf.liger_rms_norm).parameters:
+        rms_kwargs["in_place"] = False
     return SimpleNamespace(
-        rms_norm=lf.liger_rms_norm,
+        rms_norm=functools.partial(lf.liger_rms_norm, **rms_kwargs),
         rope=lf.liger_rope,
         swiglu=lf.liger_swiglu,
         cross_entropy=lf.liger_cross_entropy,
@@ -245,7 +253,16 @@ def _to_half(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: str) -> torch.Tensor:
-    """Causal attention with a library kernel. q: (B, T, H, E); k, v: (B, T, K, E) -> (B, T, H, E)."""
+    """Causal attention with a library kernel. q: (B, H, T, E); k, v: (B, K, T, E) -> (B, H, T, E).
+
+    Both libraries take (B, T, heads, E): the transposes are views (they accept any strides but the last).
+    """
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, T, heads, E)
+    return _attention_bthe(q, k, v, kernel).transpose(1, 2)  # (B, H, T, E)
+
+
+def _attention_bthe(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: str) -> torch.Tensor:
+    """q: (B, T, H, E); k, v: (B, T, K, E) -> (B, T, H, E)."""
     B, T, H, E = q.shape
     K = k.shape[2]
     if kernel == "flash_attn":
@@ -272,8 +289,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: str) ->
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, kernel: str) -> torch.Tensor:
     """weight * normalise(x) with x normalised in fp32 and cast back first (Llama's order). x: (..., D)."""
     if kernel == "liger":
-        # casting_mode "llama": fp32 statistics, x_hat cast to x's dtype, then times weight.
-        return _LIBS["liger"].rms_norm(x, weight, eps, 0.0, "llama", False)
+        return _LIBS["liger"].rms_norm(x, weight, eps)
     if kernel == "flash_attn":
         return _LIBS["flash_attn"].rms_norm(x, weight, None, eps=eps)
     raise ValueError(f"unknown rmsnorm kernel {kernel!r}")
@@ -302,19 +318,22 @@ def swiglu_ffn(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down
 def rope(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kernel: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q: (B, T, H, E) and k: (B, T, K, E) with cos, sin: (T, E) (rotate-half layout)."""
+    """Rotate q: (B, H, T, E) and k: (B, K, T, E) with cos, sin: (T, E) (rotate-half layout)."""
     if kernel == "liger":
-        # Liger rotates its inputs in place: give it copies, so that no tensor autograd (or selective
-        # activation checkpointing) keeps is changed under it. It takes (B, heads, T, E) views.
-        q2, k2 = _LIBS["liger"].rope(
-            q.clone().transpose(1, 2), k.clone().transpose(1, 2), cos[None], sin[None]
-        )  # (B, H, T, E), (B, K, T, E)
-        return q2.transpose(1, 2), k2.transpose(1, 2)
+        # Liger takes (B, heads, T, E) and rotates in place: give it copies, so that no tensor autograd
+        # (or selective activation checkpointing) keeps is changed under it. The copies keep the
+        # (B, T, heads, E) memory order liger works in.
+        q2 = q.transpose(1, 2).clone().transpose(1, 2)
+        k2 = k.transpose(1, 2).clone().transpose(1, 2)
+        q2, k2 = _LIBS["liger"].rope(q2, k2, cos[None], sin[None])
+        return q2, k2  # (B, H, T, E), (B, K, T, E)
     if kernel == "flash_attn":
-        rotary = _LIBS["flash_attn"].rotary
+        rotary = _LIBS["flash_attn"].rotary  # takes (B, T, heads, E), any strides but the last
         half = cos.shape[-1] // 2
-        c, s = cos[:, :half].to(q.dtype), sin[:, :half].to(q.dtype)  # (T, E/2): non-interleaved = rotate-half
-        return rotary(q, c, s, interleaved=False), rotary(k, c.to(k.dtype), s.to(k.dtype), interleaved=False)
+        c, s = cos[:, :half], sin[:, :half]  # (T, E/2): non-interleaved = rotate-half
+        q2 = rotary(q.transpose(1, 2), c.to(q.dtype), s.to(q.dtype), interleaved=False)
+        k2 = rotary(k.transpose(1, 2), c.to(k.dtype), s.to(k.dtype), interleaved=False)
+        return q2.transpose(1, 2), k2.transpose(1, 2)
     raise ValueError(f"unknown rope kernel {kernel!r}")
 
 
@@ -370,11 +389,11 @@ def chunked_linear_cross_entropy(
     The logits are computed chunk_rows tokens at a time; with gradients wanted, the gradients of x
     and weight are computed in the same pass (softmax - onehot for each chunk, two matmuls), kept,
     and scaled by the incoming gradient in backward (skipped when it is 1). The (N, V) logits, their
-    fp32 copy and their gradient never exist: the largest temporary is one (chunk_rows, V) fp32
-    block. The matmul work is that of the unfused forward + backward (nothing is recomputed).
-    Matmuls run in `dtype`, softmax and the loss in fp32, and the weight gradient accumulates in fp32
-    and is handed back in the weight's own dtype (an fp32 master weight gets it without a round trip
-    through bf16).
+    fp32 copy and their gradient never exist: the largest temporaries are one (chunk_rows, V) fp32
+    block and, for half-precision matmuls, one such block in that dtype. The matmul work is that of
+    the unfused forward + backward (nothing is recomputed). Matmuls run in `dtype`, softmax and the
+    loss in fp32, and the weight gradient accumulates in fp32 and is handed back in the weight's own
+    dtype (an fp32 master weight gets it without a round trip through bf16).
     """
     dtype = dtype or x.dtype
     chunk_rows = chunk_rows or default_chunk_rows(x.shape[0], weight.shape[0], x.shape[1])
@@ -384,30 +403,71 @@ def chunked_linear_cross_entropy(
         x, w_t = x.to(dtype), weight.to(dtype).t()
         count = (targets != IGNORE_INDEX).sum().clamp(min=1)
         total = x.new_zeros((), dtype=torch.float32)
+        blocks = _LogitsBlocks(min(chunk_rows, x.shape[0]), weight.shape[0], x.device, dtype)
         for start in range(0, x.shape[0], chunk_rows):
-            logits = (x[start : start + chunk_rows] @ w_t).float()  # (n, V)
-            total += _softmax_nll_(logits, targets[start : start + chunk_rows], count)[0]
+            xc, tc = x[start : start + chunk_rows], targets[start : start + chunk_rows]  # (n, D), (n,)
+            total += _exp_nll(blocks.logits(xc, w_t), tc, blocks.fp32(xc.shape[0]))[0]
         return total / count
 
 
-def _softmax_nll_(
-    logits: torch.Tensor, targets: torch.Tensor, count: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Turn fp32 logits (n, V) into softmax(logits) / count in place; return the summed
-    -log softmax[target] over valid rows, that scaled softmax (the same storage) and the valid mask.
+class _LogitsBlocks:
+    """The (chunk_rows, V) buffers one chunk works in: the logits in the matmul dtype, and an fp32
+    block for the softmax (the same buffer when the matmuls run in fp32).
 
-    Written as max, subtract, exp, sum and scale in place: a third of the time of logsumexp followed
-    by exp(logits - lse) on a CPU (fewer passes over the block, no temporaries); the 1/count of the
-    mean rides on the normalisation for free.
+    On a CPU they are kept between calls: a fresh block of this size (tens of MiB) is an mmap that
+    the kernel pages in on first touch, every chunk of every step, which costs about a third of the
+    logits matmul there. CUDA's caching allocator already reuses its blocks.
+    """
+
+    _cpu_cache: dict[tuple, torch.Tensor] = {}
+
+    def __init__(self, rows: int, vocab: int, device: torch.device, dtype: torch.dtype):
+        self.half = dtype if dtype != torch.float32 else None
+        self._fp32 = self._buffer(rows, vocab, device, torch.float32)
+        self._half = None if self.half is None else self._buffer(rows, vocab, device, dtype)
+
+    @classmethod
+    def _buffer(cls, rows: int, vocab: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        if device.type != "cpu":
+            return torch.empty(rows, vocab, dtype=dtype, device=device)
+        key = (rows, vocab, dtype)
+        if key not in cls._cpu_cache:
+            cls._cpu_cache.clear()  # one shape at a time: the last one used
+            cls._cpu_cache[key] = torch.empty(rows, vocab, dtype=dtype)
+        return cls._cpu_cache[key]
+
+    def fp32(self, n: int) -> torch.Tensor:
+        return self._fp32[:n]  # (n, V), contiguous
+
+    def logits(self, x_chunk: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
+        """x_chunk @ w_t in the matmul dtype. x_chunk: (n, D), w_t: (D, V) -> (n, V)."""
+        out = (self._half if self.half is not None else self._fp32)[: x_chunk.shape[0]]
+        return torch.mm(x_chunk, w_t, out=out)
+
+    def half_grad(self, n: int) -> torch.Tensor:
+        """Where the logits' gradient goes in the matmul dtype (the logits' buffer: they are used up)."""
+        return self._half[:n]
+
+
+def _exp_nll(
+    logits: torch.Tensor, targets: torch.Tensor, out: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From one chunk's logits (n, V), any float dtype: the summed -log softmax[target] over valid
+    rows (fp32), exp(logits - row max) written into the fp32 block `out` (which may be `logits`
+    itself), and each row's sum of those (n,).
+
+    Widen, max, subtract, exp and sum, in place: a third of the time of logsumexp
+    followed by exp(logits - lse) on a CPU (fewer passes over the block, no temporaries).
     """
     valid = targets != IGNORE_INDEX
+    # Widen first (a plain copy): torch's mixed-dtype elementwise kernels are several times slower on a CPU.
+    logits = out.copy_(logits) if logits.data_ptr() != out.data_ptr() else logits  # (n, V) fp32
     target_logit = logits.gather(1, targets.clamp(min=0)[:, None]).squeeze(1)  # (n,)
     row_max = logits.amax(dim=-1)  # (n,)
-    probs = logits.sub_(row_max[:, None]).exp_()  # unnormalised
-    row_sum = probs.sum(dim=-1)  # (n,)
+    exps = logits.sub_(row_max[:, None]).exp_()  # (n, V), unnormalised softmax
+    row_sum = exps.sum(dim=-1)  # (n,)
     nll = row_max + row_sum.log() - target_logit  # lse - target logit, (n,)
-    probs.mul_((row_sum * count).reciprocal()[:, None])  # softmax / count
-    return torch.where(valid, nll, 0.0).sum(), probs, valid
+    return torch.where(valid, nll, 0.0).sum(), exps, row_sum
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -420,24 +480,26 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None  # (V, D)
         total = x.new_zeros((), dtype=torch.float32)
         count = (targets != IGNORE_INDEX).sum().clamp(min=1)
-        any_ignored = bool((targets == IGNORE_INDEX).any())  # one host sync per call
+        blocks = _LogitsBlocks(min(chunk_rows, N), weight.shape[0], x.device, dtype)
         w_t = wd.t()  # (D, V)
         for start in range(0, N, chunk_rows):
             xc, tc = xd[start : start + chunk_rows], targets[start : start + chunk_rows]  # (n, D), (n,)
-            logits = (xc @ w_t).float()  # (n, V)
-            nll, grad, valid = _softmax_nll_(logits, tc, count)  # grad: softmax / count, in place of the logits
+            n = xc.shape[0]
+            nll, exps, row_sum = _exp_nll(blocks.logits(xc, w_t), tc, blocks.fp32(n))
             total += nll
-            # d(mean nll)/d logits = (softmax - onehot(target)) / count, zero on ignored rows.
-            rows = torch.arange(grad.shape[0], device=grad.device)
-            grad[rows, tc.clamp(min=0)] -= count.reciprocal()
-            if any_ignored:
-                grad.mul_(valid[:, None])
-            grad = grad.to(dtype)  # (n, V)
+            # d(mean nll)/d logits = (softmax - onehot(target)) / count = (exps - onehot * row_sum) * scale
+            # with scale = 1 / (row_sum * count), and 0 on ignored rows (no separate masking pass).
+            rows = torch.arange(n, device=exps.device)
+            exps[rows, tc.clamp(min=0)] -= row_sum
+            scale = torch.where(tc != IGNORE_INDEX, (row_sum * count).reciprocal(), 0.0)[:, None]  # (n, 1)
+            grad = exps.mul_(scale)  # (n, V) fp32
+            if blocks.half is not None:
+                grad = blocks.half_grad(n).copy_(grad)  # (n, V) in the matmul dtype
             if want_x:
                 if grad_x.dtype == dtype:
-                    torch.mm(grad, wd, out=grad_x[start : start + chunk_rows])  # (n, D)
+                    torch.mm(grad, wd, out=grad_x[start : start + n])  # (n, D)
                 else:
-                    grad_x[start : start + chunk_rows] = grad @ wd
+                    grad_x[start : start + n] = grad @ wd
             if want_w:
                 if dtype == torch.float32:
                     grad_w.addmm_(grad.t(), xc)  # (V, D)

@@ -75,10 +75,10 @@ def rope_cos_sin(
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, T, heads, E), cos/sin: (T, E); rotate pairs (i, i + E/2)."""
+    """x: (B, heads, T, E), cos/sin: (T, E); rotate pairs (i, i + E/2)."""
     half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # (B, T, heads, E)
-    return x * cos[:, None] + rotated * sin[:, None]
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # (B, heads, T, E)
+    return x * cos + rotated * sin
 
 
 class KVCache:
@@ -140,9 +140,9 @@ class Attention(nn.Module):
         """x: (B, T, D), the block's normalised input -> (B, T, D)."""
         B, T, _ = x.shape
         kernels = kernels or default_plan(self.cfg, x)
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, E)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, E)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, E)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, E)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, E)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, E)
         if kernels.rope == "eager":
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         else:
@@ -150,9 +150,10 @@ class Attention(nn.Module):
         if kv_cache is not None:  # generation: plain attention over the cached keys (any kernel choice)
             y = self.attend_cached(q, k, v, kv_cache, start_pos, eager=kernels.attention == "eager")
         elif kernels.attention in ("sdpa", "eager"):
-            y = causal_attention(q, k, v, eager=kernels.attention == "eager")  # (B, T, H, E)
+            y = causal_attention(q, k, v, eager=kernels.attention == "eager")  # (B, H, T, E)
         else:
-            y = fused.attention(q, k, v, kernels.attention)  # (B, T, H, E)
+            y = fused.attention(q, k, v, kernels.attention)  # (B, H, T, E)
+        y = y.transpose(1, 2)  # (B, T, H, E)
         if self.g_proj is not None:
             gate = torch.sigmoid(self.g_proj(x))  # (B, T, H*E) elementwise | (B, T, H) headwise
             y = y * gate.view(B, T, self.n_heads, -1)  # (B, T, H, E) * (B, T, H, E or 1)
@@ -162,18 +163,16 @@ class Attention(nn.Module):
     def attend_cached(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, start_pos: int, eager: bool
     ) -> torch.Tensor:
-        """q: (B, T, H, E), k, v: (B, T, K, E) of the new tokens -> (B, T, H, E) over cached + new keys."""
-        T = q.shape[1]
-        q = q.transpose(1, 2)  # (B, H, T, E)
-        k, v = kv_cache.update(self.layer_idx, k.transpose(1, 2), v.transpose(1, 2), start_pos)  # (B, K, S, E)
+        """q: (B, H, T, E), k, v: (B, K, T, E) of the new tokens -> (B, H, T, E) over cached + new keys."""
+        T = q.shape[2]
+        k, v = kv_cache.update(self.layer_idx, k, v, start_pos)  # (B, K, S, E), S = start_pos + T
         k, v = repeat_kv(k, v, self.n_heads)  # (B, H, S, E)
         if eager:
-            y = causal_attention_reference(q, k, v)  # (B, H, T, E)
-        elif k.shape[2] == T:  # a prompt filling an empty cache
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, E)
-        else:  # new tokens after cached ones: query t sees keys 0..S-T+t
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, k.shape[2], q.device))
-        return y.transpose(1, 2)  # (B, T, H, E)
+            return causal_attention_reference(q, k, v)  # (B, H, T, E)
+        if k.shape[2] == T:  # a prompt filling an empty cache
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, E)
+        # New tokens after cached ones: query t sees keys 0..S-T+t.
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, k.shape[2], q.device))
 
 
 def repeat_kv(k: torch.Tensor, v: torch.Tensor, n_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,20 +190,19 @@ _SDPA_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eager: bool = False) -> torch.Tensor:
-    """Causal self-attention through torch: SDPA, or the eager reference. q: (B, T, H, E); k, v: (B, T, K, E)
-    -> (B, T, H, E)."""
-    H = q.shape[2]
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, E)
+    """Causal self-attention through torch: SDPA, or the eager reference.
+
+    q: (B, H, T, E); k, v: (B, K, T, E) -> (B, H, T, E).
+    """
+    H = q.shape[1]
     if eager:
         k, v = repeat_kv(k, v, H)  # (B, H, T, E)
-        return causal_attention_reference(q, k, v).transpose(1, 2)
+        return causal_attention_reference(q, k, v)
     grouped = k.shape[1] != H
     if grouped and _SDPA_GQA and (not q.is_cuda or fused.compute_dtype("cuda", q.dtype) in fused.HALF):
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, H, T, E)
-    else:
-        k, v = repeat_kv(k, v, H)  # (B, H, T, E)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, E)
-    return y.transpose(1, 2)  # (B, T, H, E)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, H, T, E)
+    k, v = repeat_kv(k, v, H)  # (B, H, T, E)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, E)
 
 
 def causal_mask(T: int, S: int, device: torch.device) -> torch.Tensor:

@@ -74,6 +74,13 @@ class OptimizerConfig:
     beta2: float = doc(0.95, "AdamW beta2.")
     eps: float = doc(1e-8, "AdamW epsilon.")
     grad_clip: float = doc(1.0, "Clip the global gradient norm to this value (0 disables).")
+    implementation: Literal["auto", "fused", "foreach", "for-loop"] = doc(
+        "auto",
+        "How torch's AdamW runs its update: `fused` (one kernel over all parameters, CPU and CUDA), `foreach` "
+        "(batched per-op kernels), `for-loop` (one parameter at a time, the reference); `auto`: fused where "
+        "every parameter is a float tensor on a CPU or CUDA device, else foreach. Same update either way "
+        "(up to float rounding); fused is about 4x faster than for-loop on a CPU.",
+    )
 
 
 @dataclass

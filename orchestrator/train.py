@@ -284,7 +284,16 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
         lr=o.lr,
         betas=(o.beta1, o.beta2),
         eps=o.eps,
+        **adamw_implementation(o.implementation, decay + no_decay),
     )
+
+
+def adamw_implementation(implementation: str, params: list[torch.Tensor]) -> dict[str, bool]:
+    """torch.optim.AdamW's `fused` / `foreach` flags for optimizer.implementation."""
+    if implementation == "auto":
+        fusable = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+        implementation = "fused" if fusable else "foreach"
+    return {"fused": implementation == "fused", "foreach": implementation == "foreach"}
 
 
 def endless(loader) -> Iterator[tuple[bool, torch.Tensor]]:

@@ -70,7 +70,9 @@ def check_parity(kernel_fn, eager_fn, make_inputs, device: str, dtype: torch.dty
 
 
 def attention_inputs(B=2, T=96, H=8, K=4, E=64):
-    return lambda: [torch.randn(B, T, H, E), torch.randn(B, T, K, E), torch.randn(B, T, K, E)]
+    """q: (B, H, T, E), k, v: (B, K, T, E), as transposed views of (B, T, heads, E) like the model's."""
+    return lambda: [torch.randn(B, T, H, E).transpose(1, 2), torch.randn(B, T, K, E).transpose(1, 2),
+                    torch.randn(B, T, K, E).transpose(1, 2)]  # fmt: skip
 
 
 def eager_attention(q, k, v):
@@ -96,13 +98,13 @@ def eager_silu_mul(gate, up):
 def rope_inputs(T=48, H=8, K=4, E=64):
     def make():
         cos, sin = rope_cos_sin(T, E, 10000.0, torch.device("cpu"), torch.float32)
-        return [torch.randn(2, T, H, E), torch.randn(2, T, K, E), cos, sin]
+        return [torch.randn(2, T, H, E).transpose(1, 2), torch.randn(2, T, K, E).transpose(1, 2), cos, sin]
 
     return make
 
 
 def eager_rope_qk(q, k, cos, sin):
-    return torch.cat([apply_rope(q, cos, sin).flatten(2), apply_rope(k, cos, sin).flatten(2)], dim=-1)
+    return torch.cat([apply_rope(q, cos, sin).flatten(1), apply_rope(k, cos, sin).flatten(1)], dim=-1)
 
 
 def loss_inputs(N=300, D=64, V=1000, ignored=7):
@@ -171,6 +173,33 @@ def test_chunked_loss_edge_cases():
     (F.cross_entropy(b[0] @ b[1].t(), t[0]) / 4).backward()
     torch.testing.assert_close(a[0].grad, b[0].grad, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(a[1].grad, b[1].grad, atol=1e-6, rtol=1e-5)
+
+
+def test_chunked_loss_cpu_block_is_reused_and_follows_shape():
+    """On a CPU the logits block is kept between calls (no fresh mmap per chunk); a call with another
+    chunk shape or dtype gets a block of its own, and every result stays that of the reference."""
+    torch.manual_seed(0)
+    kernels._LogitsBlocks._cpu_cache.clear()
+    for N, V, dtype in ((40, 64, torch.float32), (40, 64, torch.float32), (30, 96, torch.float32),
+                        (30, 96, torch.bfloat16), (40, 64, torch.float32)):  # fmt: skip
+        x = torch.randn(N, 16, dtype=dtype, requires_grad=True)
+        w = torch.randn(V, 16, dtype=dtype, requires_grad=True)
+        t = torch.randint(0, V, (N,))
+        t[::5] = kernels.IGNORE_INDEX
+        loss = kernels.chunked_linear_cross_entropy(x, w, t, chunk_rows=16)
+        loss.backward()
+        xr, wr = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+        ref = F.cross_entropy(xr @ wr.t(), t, ignore_index=kernels.IGNORE_INDEX)
+        ref.backward()
+        tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(loss, ref, **tol)
+        torch.testing.assert_close(x.grad.float(), xr.grad, **tol)
+        torch.testing.assert_close(w.grad.float(), wr.grad, **tol)
+        shapes = {(key[0], key[1]) for key in kernels._LogitsBlocks._cpu_cache}
+        assert shapes == {(16, V)}, shapes  # only the last shape is held
+    block = next(iter(kernels._LogitsBlocks._cpu_cache.values()))
+    kernels.chunked_linear_cross_entropy(torch.randn(40, 16), torch.randn(64, 16), torch.randint(0, 64, (40,)), 16)
+    assert next(iter(kernels._LogitsBlocks._cpu_cache.values())).data_ptr() == block.data_ptr()
 
 
 def tiny_cfg(**overrides) -> ModelConfig:
@@ -420,7 +449,7 @@ def _gpu_case(op: str, kernel: str):
     if op == "rope":
         def fused_rope(q, k, cos, sin):
             q2, k2 = kernels.rope(q, k, cos, sin, kernel)
-            return torch.cat([q2.flatten(2), k2.flatten(2)], dim=-1)
+            return torch.cat([q2.flatten(1), k2.flatten(1)], dim=-1)
 
         return fused_rope, eager_rope_qk, rope_inputs()
     return (lambda x, w, t: kernels.output_loss(x, w, t, kernel)), eager_loss, loss_inputs(N=1000, D=256, V=4000)
@@ -460,3 +489,15 @@ def test_auto_model_matches_eager_model_on_gpu():
     for name in ref_grads:
         err_f, err_e = rel(grads_f[name], ref_grads[name]), rel(grads_e[name], ref_grads[name])
         assert err_f <= 3 * BF16_TOL and err_f <= 2 * err_e + 2e-3, (name, err_f, err_e)
+
+
+def test_eager_rope_reference_and_layout():
+    """The rope reference in the model's (B, heads, T, E) layout; the helper the GPU tests use."""
+    q, k, cos, sin = rope_inputs()()
+    out = eager_rope_qk(q, k, cos, sin)
+    assert out.shape == (2, 8 * 48 * 64 + 4 * 48 * 64)
+    # Position 0 is not rotated (cos 1, sin 0); rotation keeps each pair's norm.
+    torch.testing.assert_close(apply_rope(q, cos, sin)[:, :, 0], q[:, :, 0])
+    half = q.shape[-1] // 2
+    pair_norm = lambda t: t[..., :half] ** 2 + t[..., half:] ** 2  # noqa: E731
+    torch.testing.assert_close(pair_norm(apply_rope(q, cos, sin)), pair_norm(q), atol=1e-5, rtol=1e-5)
