@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/throughput.py --model tinyllama-1.1b --batch 8 --seq-len 2048 \\
         --precision bf16-mixed --json tinyllama.json                            # one H100
     .venv/bin/python benchmarks/throughput.py --sweep --model tinyllama-1.1b --seq-len 2048 --precision bf16-mixed
+    .venv/bin/python benchmarks/throughput.py --curve 200 --model tinyllama-1.1b --batch 4 --ours 'default;eager'
 
 One training step = forward to the mean next-token loss, backward, gradient clipping (1.0), AdamW
 step, zero_grad: what orchestrator/train.py does per micro-batch (the optimizer as the trainer
@@ -29,6 +30,14 @@ activations, temporaries).
 checkpointing (doubling until out of memory, with the default kernels), then, at that micro-batch,
 the best kernel set: one op at a time, every kernel that can run on this device, keeping the fastest,
 then torch.compile on and off.
+
+--curve N (for a GPU; runs anywhere): trains each --ours kernel set for N steps from the same
+weights on the same learnable token stream (a fixed random successor table, 10% noise tokens), with
+the trainer's optimizer and 20 warm-up steps, plus the all-eager model in --curve-reference
+precision (default 32-true) as the yardstick of rounding noise. Reported per kernel set: the loss
+at the end and the mean and largest |loss - eager loss| over the last quarter of the steps, beside
+the same figures for eager-in-the-reference-precision vs eager: a fused set "matches within
+bf16 noise" when its gap to eager is no larger than twice that precision gap.
 
 --json PATH writes every figure (with device, versions, the command and the ratios) for tools.
 """
@@ -596,6 +605,98 @@ def run_sweep(args, device, log=print) -> dict:
     }
 
 
+# --------------------------------------------------------------------------------------------
+# Loss curves: do the fused kernels train like the eager reference?
+# --------------------------------------------------------------------------------------------
+
+
+def successor_batches(vocab: int, batch: int, seq_len: int, steps: int, device: torch.device, seed: int = 7):
+    """`steps` batches of a learnable stream: each token is followed by its fixed random successor,
+    except 10% of positions, which are uniform noise (the loss can fall from ln V to about
+    0.33 + 0.1 ln V, 1.36 for V = 32000)."""
+    g = torch.Generator().manual_seed(seed)
+    successor = torch.randperm(vocab, generator=g)
+    for _ in range(steps):
+        tokens = torch.empty(batch, seq_len + 1, dtype=torch.long)
+        tokens[:, 0] = torch.randint(0, vocab, (batch,), generator=g)
+        noisy = torch.rand(batch, seq_len, generator=g) < 0.1
+        noise = torch.randint(0, vocab, (batch, seq_len), generator=g)
+        for t in range(seq_len):
+            tokens[:, t + 1] = torch.where(noisy[:, t], noise[:, t], successor[tokens[:, t]])
+        yield tokens[:, :-1].contiguous().to(device), tokens[:, 1:].contiguous().to(device)
+
+
+def train_curve(c: Contender, cfg, args, device, log=print) -> list[float]:
+    warmup = torch.optim.lr_scheduler.LambdaLR(c.optimizer, lambda step: min(1.0, (step + 1) / 20))
+    losses = []
+    for step, (inputs, targets) in enumerate(successor_batches(cfg.vocab_size, args.batch, args.seq_len,
+                                                               args.curve, device)):  # fmt: skip
+        losses.append(float(train_step(c, inputs, targets)))
+        warmup.step()
+        if step % max(1, args.curve // 8) == 0 or step + 1 == args.curve:
+            log(f"  {c.name} step {step}: loss {losses[-1]:.4f}")
+    return losses
+
+
+def curve_gap(losses: list[float], reference: list[float]) -> dict[str, float]:
+    """Mean and largest |losses - reference| over the last quarter of the steps."""
+    tail = max(1, len(losses) // 4)
+    gaps = [abs(a - b) for a, b in zip(losses[-tail:], reference[-tail:])]
+    return {"mean_abs_gap": statistics.fmean(gaps), "max_abs_gap": max(gaps)}
+
+
+def run_curve(args, device, log=print) -> dict:
+    cfg = model_cfg(args)
+    specs = args.ours.split(";")
+    if "eager" not in specs:
+        specs.append("eager")
+    curves: dict[str, list[float]] = {}
+    for spec in specs:
+        c = build_ours(cfg, parse_kernel_set(spec), device, args.precision, args.ac)
+        curves[c.name] = train_curve(c, cfg, args, device, log)
+        _free(c)
+    reference_name = f"ours[eager] {args.curve_reference}"
+    c = build_ours(cfg, KERNEL_SETS["eager"], device, args.curve_reference, args.ac)
+    c.name = reference_name
+    curves[reference_name] = train_curve(c, cfg, args, device, log)
+    _free(c)
+    eager = curves["ours[eager]"]
+    noise = curve_gap(curves[reference_name], eager)
+    rows = []
+    for name, losses in curves.items():
+        row = {"name": name, "first_loss": losses[0], "final_loss": losses[-1]}
+        if name not in ("ours[eager]", reference_name):
+            row.update(curve_gap(losses, eager))
+            row["within_noise"] = row["mean_abs_gap"] <= 2 * noise["mean_abs_gap"]
+        rows.append(row)
+    return {
+        "mode": "curve",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+        "device": device.type,
+        "device_name": peak_flops(device, args.precision)[1],
+        "versions": versions(),
+        "kernel_libraries": kernels.installed(),
+        "config": {"model": cfg.name, "batch": args.batch, "seq_len": args.seq_len, "precision": args.precision,
+                   "steps": args.curve, "reference_precision": args.curve_reference},  # fmt: skip
+        "noise": {"vs": f"{reference_name} vs ours[eager]", **noise},
+        "results": rows,
+        "losses": curves,
+    }
+
+
+def print_curve(report: dict, out=print) -> None:
+    noise = report["noise"]
+    out("")
+    out(f"{'kernel set':<44} {'first':>8} {'final':>8} {'mean |gap|':>11} {'max |gap|':>10}  verdict")
+    for r in report["results"]:
+        gaps = (f"{r['mean_abs_gap']:>11.4f} {r['max_abs_gap']:>10.4f}  "
+                + ("within noise" if r["within_noise"] else "OUTSIDE noise")) if "mean_abs_gap" in r else ""
+        out(f"{r['name']:<44} {r['first_loss']:>8.4f} {r['final_loss']:>8.4f} {gaps}")
+    out(f"  noise yardstick ({noise['vs']}, last quarter): mean |gap| {noise['mean_abs_gap']:.4f}, "
+        f"max {noise['max_abs_gap']:.4f}; within noise = mean |gap| <= 2 x that")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="named size (default: tinyllama-1.1b on a GPU, llama-20m on a CPU)")
@@ -619,6 +720,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sweep", action="store_true", help="find the largest micro-batch and the best kernel set")
     p.add_argument("--max-batch", type=int, default=64, help="sweep: largest micro-batch to try")
     p.add_argument("--no-compile-in-sweep", action="store_true", help="sweep: do not try torch.compile")
+    p.add_argument("--curve", type=int, default=0, metavar="N",
+                   help="train each --ours set (and eager) N steps on a learnable stream and compare loss curves")
+    p.add_argument("--curve-reference", choices=PRECISIONS, default="32-true",
+                   help="curve: precision of the eager run that measures rounding noise")
     args = p.parse_args(argv)
     gpu = resolve_device(args.device).type == "cuda"
     args.model = args.model or ("tinyllama-1.1b" if gpu else "llama-20m")
@@ -635,15 +740,19 @@ def main(argv: list[str] | None = None) -> dict:
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if device.type == "cuda":
+    if device.type == "cuda" and not args.curve:  # the curve's fp32 yardstick stays true fp32
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    report = run_sweep(args, device) if args.sweep else run_compare(args, device)
-    if args.sweep:
+    if args.curve:
+        report = run_curve(args, device)
+        print_curve(report)
+    elif args.sweep:
+        report = run_sweep(args, device)
         print(f"\nlargest micro-batch without activation checkpointing: {report['largest_micro_batch']}")
         print(f"best kernel set: {report['best_kernels']} -> {report['best_tokens_per_s']:,.0f} tokens/s"
               + (f", MFU {100 * report['best_mfu']:.1f}%" if report["best_mfu"] else ""))  # fmt: skip
     else:
+        report = run_compare(args, device)
         print_table(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2, default=str))

@@ -77,3 +77,18 @@ def test_kernel_set_parsing(bench):
     assert bench.parse_kernel_set("attention=sdpa,model.compile=true") == {"attention": "sdpa", "compile": True}
     with pytest.raises(SystemExit, match="not a kernel field"):
         bench.parse_kernel_set("n_layers=3")
+
+
+def test_curve_compares_kernel_sets_with_the_eager_reference(bench, tmp_path):
+    """Loss curves from the same weights and token stream: the default set, eager, and eager in fp32
+    as the noise yardstick; on a CPU in fp32 the default set trains like eager to float rounding."""
+    report = bench.main([*TINY, "--curve", "30", "--ours", "default", "--json", str(tmp_path / "curve.json")])
+    names = [r["name"] for r in report["results"]]
+    assert names == ["ours[default]", "ours[eager]", "ours[eager] 32-true"]
+    curves = report["losses"]
+    assert all(len(v) == 30 for v in curves.values())
+    default = report["results"][0]
+    assert default["final_loss"] < default["first_loss"] - 0.5  # the stream is learnable
+    assert default["mean_abs_gap"] < 1e-3 and default["within_noise"] in (True, False)
+    assert curves["ours[eager]"] == curves["ours[eager] 32-true"]  # same precision: the same run
+    assert json.loads((tmp_path / "curve.json").read_text())["noise"]["mean_abs_gap"] == 0.0
