@@ -120,9 +120,9 @@ def set_label(kernel_set: dict[str, Any]) -> str:
 
 
 def adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
-    """The trainer's optimizer (orchestrator/train.py build_optimizer) with its default settings."""
+    """The trainer's optimizer (orchestrator/optim.py build_optimizer) with its default settings."""
     from orchestrator.config import Config
-    from orchestrator.train import build_optimizer
+    from orchestrator.optim import build_optimizer
 
     return build_optimizer(model, Config())
 

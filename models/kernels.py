@@ -366,11 +366,22 @@ def output_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ke
     raise ValueError(f"unknown loss kernel {kernel!r}")
 
 
-def default_chunk_rows(n_rows: int, vocab: int, width: int) -> int:
-    """Rows per chunk: about ceil(V/D) chunks, so one chunk's logits are about the size of x (the rule
-    liger-kernel uses), but never fewer than 256 rows (small matmuls waste the machine); a multiple of 8."""
-    chunks = max(1, math.ceil(vocab / max(1, width)))
-    rows = max(256, math.ceil(n_rows / chunks))
+CPU_LOGITS_BLOCK_BYTES = 256 * 2**20  # fp32 logits per chunk on a CPU (the block is kept between calls)
+
+
+def default_chunk_rows(n_rows: int, vocab: int, width: int, device_type: str = "cuda") -> int:
+    """Rows per chunk, a multiple of 8.
+
+    On a GPU: about ceil(V/D) chunks, so one chunk's logits are about the size of x (the rule
+    liger-kernel uses), but never fewer than 256 rows (small matmuls waste the machine). On a CPU,
+    where memory is plentiful and matmul speed grows with the rows (the weight gradient's inner
+    dimension): as many rows as fit CPU_LOGITS_BLOCK_BYTES (2,096 for V = 32,000), at least 256.
+    """
+    if device_type == "cpu":
+        rows = max(256, CPU_LOGITS_BLOCK_BYTES // (4 * vocab) // 8 * 8)
+    else:
+        chunks = max(1, math.ceil(vocab / max(1, width)))
+        rows = max(256, math.ceil(n_rows / chunks))
     return min(n_rows, -(-rows // 8) * 8)
 
 
@@ -396,7 +407,7 @@ def chunked_linear_cross_entropy(
     dtype (an fp32 master weight gets it without a round trip through bf16).
     """
     dtype = dtype or x.dtype
-    chunk_rows = chunk_rows or default_chunk_rows(x.shape[0], weight.shape[0], x.shape[1])
+    chunk_rows = chunk_rows or default_chunk_rows(x.shape[0], weight.shape[0], x.shape[1], x.device.type)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return _ChunkedLinearCrossEntropy.apply(x, weight, targets, chunk_rows, dtype)
     with torch.no_grad():
@@ -414,7 +425,7 @@ class _LogitsBlocks:
     """The (chunk_rows, V) buffers one chunk works in: the logits in the matmul dtype, and an fp32
     block for the softmax (the same buffer when the matmuls run in fp32).
 
-    On a CPU they are kept between calls: a fresh block of this size (tens of MiB) is an mmap that
+    On a CPU they are kept between calls: a fresh block of this size (tens of MiB and up) is an mmap that
     the kernel pages in on first touch, every chunk of every step, which costs about a third of the
     logits matmul there. CUDA's caching allocator already reuses its blocks.
     """
@@ -430,9 +441,10 @@ class _LogitsBlocks:
     def _buffer(cls, rows: int, vocab: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         if device.type != "cpu":
             return torch.empty(rows, vocab, dtype=dtype, device=device)
+        if any(key[:2] != (rows, vocab) for key in cls._cpu_cache):
+            cls._cpu_cache.clear()  # one shape at a time (the last one used), in each dtype it needs
         key = (rows, vocab, dtype)
         if key not in cls._cpu_cache:
-            cls._cpu_cache.clear()  # one shape at a time: the last one used
             cls._cpu_cache[key] = torch.empty(rows, vocab, dtype=dtype)
         return cls._cpu_cache[key]
 

@@ -40,6 +40,7 @@ from orchestrator.distributed import (
 )
 from orchestrator.monitor import Monitor, batch_fingerprint, make_loggers, tensorboard_dir
 from orchestrator.preflight import check_inputs
+from orchestrator.optim import build_optimizer
 from orchestrator.schedule import build_scheduler
 from orchestrator.schema import ConfigError
 from orchestrator.slurm import StopSignals, finish_stop
@@ -272,28 +273,6 @@ def prepare_run_dir(cfg: Config) -> None:
     save_config(cfg, run_dir / "config.yaml")
     for stale in ckpt.remove_partial(ckpt.checkpoint_root(cfg)):
         print(f"Removed incomplete checkpoint {stale} (an interrupted save)", flush=True)
-
-
-def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrices only (not on norm gains)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    o = cfg.optimizer
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=o.lr,
-        betas=(o.beta1, o.beta2),
-        eps=o.eps,
-        **adamw_implementation(o.implementation, decay + no_decay),
-    )
-
-
-def adamw_implementation(implementation: str, params: list[torch.Tensor]) -> dict[str, bool]:
-    """torch.optim.AdamW's `fused` / `foreach` flags for optimizer.implementation."""
-    if implementation == "auto":
-        fusable = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
-        implementation = "fused" if fusable else "foreach"
-    return {"fused": implementation == "fused", "foreach": implementation == "foreach"}
 
 
 def endless(loader) -> Iterator[tuple[bool, torch.Tensor]]:

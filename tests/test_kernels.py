@@ -195,11 +195,20 @@ def test_chunked_loss_cpu_block_is_reused_and_follows_shape():
         torch.testing.assert_close(loss, ref, **tol)
         torch.testing.assert_close(x.grad.float(), xr.grad, **tol)
         torch.testing.assert_close(w.grad.float(), wr.grad, **tol)
-        shapes = {(key[0], key[1]) for key in kernels._LogitsBlocks._cpu_cache}
-        assert shapes == {(16, V)}, shapes  # only the last shape is held
-    block = next(iter(kernels._LogitsBlocks._cpu_cache.values()))
-    kernels.chunked_linear_cross_entropy(torch.randn(40, 16), torch.randn(64, 16), torch.randint(0, 64, (40,)), 16)
-    assert next(iter(kernels._LogitsBlocks._cpu_cache.values())).data_ptr() == block.data_ptr()
+        held = set(kernels._LogitsBlocks._cpu_cache)
+        wanted = {(16, V, torch.float32)} | ({(16, V, dtype)} if dtype != torch.float32 else set())
+        assert held == wanted, held  # only the last shape is held, in the dtypes it needs
+    # The same shape again reuses the blocks, in fp32 and in bf16 alike.
+    for dtype in (torch.float32, torch.bfloat16):
+        x, w = torch.randn(40, 16, dtype=dtype), torch.randn(64, 16, dtype=dtype)
+        kernels.chunked_linear_cross_entropy(x, w, torch.randint(0, 64, (40,)), 16)
+        before = {k: v.data_ptr() for k, v in kernels._LogitsBlocks._cpu_cache.items()}
+        kernels.chunked_linear_cross_entropy(x, w, torch.randint(0, 64, (40,)), 16)
+        assert {k: v.data_ptr() for k, v in kernels._LogitsBlocks._cpu_cache.items()} == before
+    # The default chunk: one block of up to CPU_LOGITS_BLOCK_BYTES on a CPU; liger's rule on a GPU.
+    assert kernels.default_chunk_rows(1024, 32000, 256, "cpu") == 1024
+    assert kernels.default_chunk_rows(8192, 32000, 256, "cpu") == 2096
+    assert kernels.default_chunk_rows(16384, 32000, 2048, "cuda") == 1024  # ceil(32000 / 2048) = 16 chunks
 
 
 def tiny_cfg(**overrides) -> ModelConfig:

@@ -7,7 +7,7 @@ from models.config import model_config
 from models.llama import Llama
 from orchestrator.config import Config, load_config
 from orchestrator.schema import ConfigError
-from orchestrator.train import adamw_implementation, build_optimizer
+from orchestrator.optim import adamw_implementation, build_optimizer
 
 
 def tiny_model() -> Llama:
