@@ -19,6 +19,7 @@ the source step and strategy. Exports (`orchestrator export`) and runs with any 
 from __future__ import annotations
 
 import json
+import pickle
 import time
 from pathlib import Path
 
@@ -60,13 +61,9 @@ def load_model_state(ckpt_dir: str | Path, prefer_consolidated: bool = True) -> 
     if prefer_consolidated and path.is_dir() and (path / CONSOLIDATED_NAME).is_file():
         path = path / CONSOLIDATED_NAME
     kind = checkpoint_format(path)
-    if kind == "consolidated":
-        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        model = _model_entry(state, path)
-    elif kind == "file":
-        # mmap: the optimizer state (twice the model) is never read into memory.
-        state = torch.load(path / STATE_NAME, map_location="cpu", mmap=True, weights_only=True)
-        model = _model_entry(state, path / STATE_NAME)
+    if kind in ("consolidated", "file"):
+        source = path if kind == "consolidated" else path / STATE_NAME
+        model = _model_entry(_load_tensors(source), source)
     elif kind == "dcp":
         model = _load_dcp_model(path / STATE_NAME)
     else:
@@ -74,11 +71,29 @@ def load_model_state(ckpt_dir: str | Path, prefer_consolidated: bool = True) -> 
     return {_strip_prefixes(k): v for k, v in model.items()}
 
 
+def _load_tensors(path: Path):
+    """torch.load of a checkpoint file: memory-mapped (the optimizer state, twice the model, is
+    never read into memory) and weights-only (a checkpoint never runs pickled code)."""
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"refusing to load {path}: it holds pickled objects other than tensors and plain containers "
+            f"({str(e).splitlines()[0]})"
+        ) from e
+
+
 def _model_entry(state, source: Path) -> dict[str, torch.Tensor]:
-    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
-        found = ", ".join(map(str, state)) if isinstance(state, dict) else type(state).__name__
-        raise ValueError(f"{source} holds no model weights (expected a dict with key 'model'; found {found})")
-    return state["model"]
+    """The weights in a loaded file: the trainer's {"model": ...}, a {"state_dict": ...}, or a bare
+    state dict (DeepSpeed's zero_to_fp32 output)."""
+    if isinstance(state, dict):
+        for key in ("model", "state_dict"):
+            if isinstance(state.get(key), dict):
+                return state[key]
+        if state and all(isinstance(v, torch.Tensor) for v in state.values()):
+            return state
+    found = ", ".join(map(str, state)) if isinstance(state, dict) else type(state).__name__
+    raise ValueError(f"{source} holds no model weights (expected a dict with key 'model'; found {found})")
 
 
 def _load_dcp_model(state_dir: Path) -> dict[str, torch.Tensor]:

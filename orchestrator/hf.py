@@ -24,7 +24,6 @@ This module needs no `transformers`: only safetensors, sentencepiece and torch.
 from __future__ import annotations
 
 import json
-import pickle
 import re
 import shutil
 import time
@@ -34,6 +33,7 @@ from typing import Any
 import torch
 
 from models.config import SIZES, ModelConfig, model_config
+from orchestrator.consolidate import load_model_state  # any strategy's checkpoint, one CPU process
 from orchestrator.schema import ConfigError
 
 STATE_NAME = "state"  # the checkpoint file / directory name, as in orchestrator/checkpoint.py
@@ -44,7 +44,6 @@ STEP_DIR = re.compile(r"^step-(\d{8})$")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # what transformers' save_pretrained uses
 # Prefixes wrappers put in front of parameter names (DDP/FSDP wrappers, torch.compile).
-WRAPPER_PREFIXES = ("module.", "_forward_module.", "_orig_mod.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,55 +91,6 @@ def load_checkpoint_config(ckpt_dir: str | Path):
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: every checkpoint holds the config it was trained with")
     return config_from_dict(yaml.safe_load(path.read_text()))
-
-
-def load_model_state(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
-    """The model's state dict (our parameter names, on CPU) from a training checkpoint.
-
-    Handles the single-file `state` that DDP / single-device runs write (a torch.save'd dict
-    whose "model" entry is the state dict). Sharded strategies write `state` as a directory;
-    extend this function when they land. Until then such a checkpoint must be consolidated first.
-    """
-    ckpt_dir = Path(ckpt_dir)
-    state_path = ckpt_dir / STATE_NAME
-    if state_path.is_dir():
-        raise ValueError(
-            f"{state_path} is a sharded checkpoint (a directory, written by DeepSpeed or FSDP): consolidate it into "
-            "one file first (FSDP: `python -m lightning.fabric.utilities.consolidate_checkpoint "
-            f"{state_path} --output_file {state_path}.consolidated`; DeepSpeed: its zero_to_fp32.py), put that "
-            f"file in place of {state_path} and run this again"
-        )
-    if not state_path.is_file():
-        raise FileNotFoundError(f"{state_path} is missing: {ckpt_dir} is not a complete checkpoint")
-    # mmap: the optimizer state (twice the model in fp32) is never read into memory.
-    # weights_only: tensors and plain containers only; a checkpoint never runs pickled code.
-    try:
-        state = torch.load(state_path, map_location="cpu", mmap=True, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(
-            f"refusing to load {state_path}: it holds pickled objects other than tensors and plain containers "
-            f"({str(e).splitlines()[0]})"
-        ) from e
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        weights = state["model"]  # what the trainer (and FSDP consolidation) writes
-    elif isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        weights = state["state_dict"]
-    elif isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
-        weights = state  # a bare state dict (e.g. DeepSpeed's zero_to_fp32 output)
-    else:
-        found = ", ".join(map(str, state)) if isinstance(state, dict) else type(state).__name__
-        raise ValueError(f"{state_path} holds no model weights (expected a dict with key 'model'; found {found})")
-    return {_strip_wrapper_prefix(k): v for k, v in weights.items()}
-
-
-def _strip_wrapper_prefix(name: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for prefix in WRAPPER_PREFIXES:
-            if name.startswith(prefix):
-                name, changed = name[len(prefix) :], True
-    return name
 
 
 def load_model(ckpt_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):

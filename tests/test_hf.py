@@ -175,10 +175,11 @@ def test_export_errors(tmp_path, sp_model, capsys):
     torch.save({"model": {}, "opaque": Opaque()}, ckpt / "state")
     with pytest.raises(ValueError, match="refusing to load"):
         load_model_state(ckpt)
-    # A sharded (DeepSpeed / FSDP) checkpoint must be consolidated first.
+    # A `state` directory that is neither DeepSpeed's nor torch.distributed.checkpoint's is refused
+    # (those two export like a single file: tests/test_strategies.py).
     (ckpt / "state").unlink()
     (ckpt / "state").mkdir()
-    with pytest.raises(ValueError, match="sharded checkpoint.*consolidate"):
+    with pytest.raises(ValueError, match="neither a DeepSpeed nor a torch.distributed.checkpoint"):
         load_model_state(ckpt)
     assert cli.main(["export", "--checkpoint", str(ckpt), "--output", str(tmp_path / "weights-only")]) == 2
     assert "--overwrite" in capsys.readouterr().err

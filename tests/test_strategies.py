@@ -267,6 +267,16 @@ def test_consolidate_gives_one_plain_state_dict(two_processes, ddp_records, tmp_
     assert worst <= 1e-5
     if name == "ddp":
         assert all(torch.equal(state[k], ddp[k]) for k in ddp)
+    # Hugging Face export reads the checkpoint of every strategy directly (no consolidation step).
+    from safetensors.torch import load_file
+
+    from orchestrator.hf import export_checkpoint, to_hf_state_dict
+
+    exported = export_checkpoint(checkpoint(run_dir, STEPS), tmp_path / "hf", with_tokenizer=False)
+    weights = load_file(Path(exported) / "model.safetensors")
+    expected = to_hf_state_dict(state, cfg)
+    assert set(weights) == set(expected)
+    assert all(torch.equal(weights[k].float(), expected[k].float()) for k in expected)
 
 
 def test_a_sharded_checkpoint_starts_a_run_of_another_strategy(runs):
