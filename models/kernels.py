@@ -101,8 +101,19 @@ def _import_liger() -> SimpleNamespace:
         rope=lf.liger_rope,
         swiglu=lf.liger_swiglu,
         cross_entropy=lf.liger_cross_entropy,
-        fused_linear_cross_entropy=lf.liger_fused_linear_cross_entropy,
+        fused_linear_cross_entropy=_with_fp32_accumulation(lf.liger_fused_linear_cross_entropy),
     )
+
+
+def _with_fp32_accumulation(fused_linear_cross_entropy):
+    """liger's fused linear + cross-entropy accumulating the weight gradient in fp32 where the release
+    can (`accum_dtype`): the output projection's gradient sums over every token of the batch."""
+    import functools
+    import inspect
+
+    if "accum_dtype" in inspect.signature(fused_linear_cross_entropy).parameters:
+        return functools.partial(fused_linear_cross_entropy, accum_dtype=torch.float32)
+    return fused_linear_cross_entropy
 
 
 _IMPORTERS = {"flash_attn": _import_flash_attn, "xformers": _import_xformers, "liger": _import_liger}
