@@ -382,6 +382,19 @@ def versions() -> dict[str, str | None]:
     return out
 
 
+def report_header(mode: str, device: torch.device, device_name: str) -> dict[str, Any]:
+    """What every report (compare, sweep, curve) starts with: when, how, where, with what."""
+    return {
+        "mode": mode,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+        "device": device.type,
+        "device_name": device_name,
+        "versions": versions(),
+        "kernel_libraries": kernels.installed(),
+    }
+
+
 def make_batches(cfg, batch: int, seq_len: int, device: torch.device, n: int = 4, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -457,14 +470,8 @@ def run_compare(args, device, log=print) -> dict:
                     if "tokens_per_cpu_s" in r:
                         ratios[key + " (cpu time)"] = r["tokens_per_cpu_s"] / by_name[peer]["tokens_per_cpu_s"]
     return {
-        "mode": "compare",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
-        "device": device.type,
-        "device_name": device_name,
+        **report_header("compare", device, device_name),
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
-        "versions": versions(),
-        "kernel_libraries": kernels.installed(),
         "config": {"model": cfg.name, "params": cfg.num_params(), "batch": args.batch, "seq_len": args.seq_len,
                    "precision": args.precision, "activation_checkpointing": args.ac, "warmup": args.warmup,
                    "steps": args.steps, "rounds": args.rounds,
@@ -588,13 +595,7 @@ def run_sweep(args, device, log=print) -> dict:
     peak, device_name = peak_flops(device, args.precision)
     train_flops = flops_per_token(cfg, args.seq_len)["training"]
     return {
-        "mode": "sweep",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
-        "device": device.type,
-        "device_name": device_name,
-        "versions": versions(),
-        "kernel_libraries": kernels.installed(),
+        **report_header("sweep", device, device_name),
         "config": {"model": cfg.name, "seq_len": args.seq_len, "precision": args.precision},
         "micro_batches": {str(k): v for k, v in tried_batches.items()},
         "largest_micro_batch": best_batch,
@@ -670,13 +671,7 @@ def run_curve(args, device, log=print) -> dict:
             row["within_noise"] = row["mean_abs_gap"] <= 2 * noise["mean_abs_gap"]
         rows.append(row)
     return {
-        "mode": "curve",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
-        "device": device.type,
-        "device_name": peak_flops(device, args.precision)[1],
-        "versions": versions(),
-        "kernel_libraries": kernels.installed(),
+        **report_header("curve", device, peak_flops(device, args.precision)[1]),
         "config": {"model": cfg.name, "batch": args.batch, "seq_len": args.seq_len, "precision": args.precision,
                    "steps": args.curve, "reference_precision": args.curve_reference},  # fmt: skip
         "noise": {"vs": f"{reference_name} vs ours[eager]", **noise},

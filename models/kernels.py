@@ -31,7 +31,9 @@ torch.compile fuses) and the chunked loss.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import math
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -86,9 +88,6 @@ def _import_xformers() -> SimpleNamespace:
 
 
 def _import_liger() -> SimpleNamespace:
-    import functools
-    import inspect
-
     from liger_kernel.transformers import functional as lf
 
     # casting_mode "llama": fp32 statistics, x_hat cast to x's dtype, then times the weight (our order).
@@ -108,9 +107,6 @@ def _import_liger() -> SimpleNamespace:
 def _with_fp32_accumulation(fused_linear_cross_entropy):
     """liger's fused linear + cross-entropy accumulating the weight gradient in fp32 where the release
     can (`accum_dtype`): the output projection's gradient sums over every token of the batch."""
-    import functools
-    import inspect
-
     if "accum_dtype" in inspect.signature(fused_linear_cross_entropy).parameters:
         return functools.partial(fused_linear_cross_entropy, accum_dtype=torch.float32)
     return fused_linear_cross_entropy
