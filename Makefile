@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 DEMO_DATA ?= .cache/sample
 
-.PHONY: setup demo test test-fast lint clean sample-data
+.PHONY: setup demo test test-fast lint format clean sample-data
 
 setup: $(STAMP)
 
@@ -35,6 +35,16 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -ra -m "not slow" tests
+
+# ruff (pyproject.toml [tool.ruff]): lint, and check that the tree is formatted.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# Apply the formatter and the safe lint fixes.
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
 
 clean:
 	rm -rf runs .cache .pytest_cache
