@@ -49,17 +49,37 @@ def raw_write(path: Path, nbytes: int, block: int = 64 << 20) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="llama-400m", help="named size (see `orchestrator models`)")
-    parser.add_argument("--dir", default=None, help="directory on the disk to measure (default: a temp dir)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model", default="llama-400m", help="named size (see `orchestrator models`)"
+    )
+    parser.add_argument(
+        "--dir", default=None, help="directory on the disk to measure (default: a temp dir)"
+    )
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
 
     work = Path(args.dir or tempfile.mkdtemp(prefix="ckpt-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    cfg = load_config(["--model.name", args.model, "--run.dir", str(work / "run"), "--strategy.accelerator", "cpu",
-                       "--strategy.devices", "1", "--strategy.name", "single", "--checkpoint.keep_last", "0"])
+    cfg = load_config(
+        [
+            "--model.name",
+            args.model,
+            "--run.dir",
+            str(work / "run"),
+            "--strategy.accelerator",
+            "cpu",
+            "--strategy.devices",
+            "1",
+            "--strategy.name",
+            "single",
+            "--checkpoint.keep_last",
+            "0",
+        ]
+    )
     fabric = Fabric(accelerator="cpu", devices=1)
 
     from models.llama import Llama, count_parameters
@@ -110,7 +130,9 @@ def main() -> None:
     results["async_stall_s"] = async_report.stall_seconds
     results["async_total_s"] = time.perf_counter() - started
 
-    print(f"{args.model}: {params:,} parameters, checkpoint {nbytes / 1e9:.2f} GB (weights + AdamW), {work}")
+    print(
+        f"{args.model}: {params:,} parameters, checkpoint {nbytes / 1e9:.2f} GB (weights + AdamW), {work}"
+    )
     rows = [
         ("raw write + fsync (same bytes)", results["raw_write_s"], results["raw_write_gb_s"]),
         ("sync save (training stalls)", results["sync_save_s"], results["sync_save_gb_s"]),

@@ -54,8 +54,13 @@ def build_corpus(work: Path, prose_docs: int, code_files: int, vocab: int) -> Pa
     import pyarrow.parquet as pq
     import zstandard
 
-    write_sample_corpus(work / "slimpajama", seed=0, train_docs=prose_docs, val_docs=max(200, prose_docs // 50),
-                        docs_per_shard=2000)
+    write_sample_corpus(
+        work / "slimpajama",
+        seed=0,
+        train_docs=prose_docs,
+        val_docs=max(200, prose_docs // 50),
+        docs_per_shard=2000,
+    )
     code = work / "starcoder"
     if not (code / ".complete").is_file():
         shutil.rmtree(code, ignore_errors=True)
@@ -71,8 +76,11 @@ def build_corpus(work: Path, prose_docs: int, code_files: int, vocab: int) -> Pa
                 continue
         per = 500
         for i in range(0, len(texts), per):
-            pq.write_table(pa.table({"content": texts[i : i + per]}),
-                           code / "python" / f"train-{i // per:05d}.parquet", row_group_size=100)
+            pq.write_table(
+                pa.table({"content": texts[i : i + per]}),
+                code / "python" / f"train-{i // per:05d}.parquet",
+                row_group_size=100,
+            )
         (code / ".complete").write_text("ok\n")
     tok = work / f"tokenizer{vocab}.model"
     if not tok.is_file():
@@ -88,7 +96,9 @@ def build_corpus(work: Path, prose_docs: int, code_files: int, vocab: int) -> Pa
                 docs += [r.text for r in ShardReader(shard, filter=RecordFilter(text_field=field))]
             payload = "".join(json.dumps({"text": t}) + "\n" for t in docs[::4]).encode()
             (sample / f"{name}.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(payload))
-        train_tokenizer(sample, work / f"tokenizer{vocab}", vocab_size=vocab, max_sentences=200_000, max_files=2)
+        train_tokenizer(
+            sample, work / f"tokenizer{vocab}", vocab_size=vocab, max_sentences=200_000, max_files=2
+        )
     return tok
 
 
@@ -104,7 +114,10 @@ def texts_of(path: Path, field: str) -> list[str]:
 
 def cpu_seconds() -> float:
     """User + system CPU time of this process and of its finished children (pool workers)."""
-    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    me, kids = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
@@ -121,8 +134,10 @@ def raw_encode_parallel(tok: Path, texts: list[str], processes: int) -> tuple[in
         return raw_encode(tok, texts)
     ctx = mp.get_context("fork")
     barrier, results = ctx.Barrier(processes), ctx.Queue()
-    procs = [ctx.Process(target=_encode_worker, args=(str(tok), texts[i::processes], barrier, results))
-             for i in range(processes)]
+    procs = [
+        ctx.Process(target=_encode_worker, args=(str(tok), texts[i::processes], barrier, results))
+        for i in range(processes)
+    ]
     for p in procs:
         p.start()
     got = [results.get() for _ in procs]
@@ -160,14 +175,22 @@ def loader_rate(make, seconds_min: float = 3.0) -> tuple[int, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print JSON instead of a markdown table"
+    )
     parser.add_argument("--workdir", default=".cache/bench_data", help="corpus and tokenizer cache")
     parser.add_argument("--prose-docs", type=int, default=30_000)
     parser.add_argument("--code-files", type=int, default=2_000)
     parser.add_argument("--vocab", type=int, default=32_000)
-    parser.add_argument("--workers", default=None, help="comma-separated worker counts (default: 1 and cores)")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of each measurement (best kept)")
+    parser.add_argument(
+        "--workers", default=None, help="comma-separated worker counts (default: 1 and cores)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="interleaved repeats of each measurement (best kept)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -176,13 +199,17 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     tok = build_corpus(work, args.prose_docs, args.code_files, args.vocab)
     cores = os.cpu_count() or 1
-    worker_counts = [int(w) for w in args.workers.split(",")] if args.workers else sorted({1, cores})
+    worker_counts = (
+        [int(w) for w in args.workers.split(",")] if args.workers else sorted({1, cores})
+    )
 
     results: dict = {
         "device": f"{platform.processor() or platform.machine()}, {cores} cores",
         "python": platform.python_version(),
-        "versions": {m: __import__(m).__version__ for m in ("torch", "litdata", "sentencepiece", "zstandard",
-                                                             "pyarrow")},
+        "versions": {
+            m: __import__(m).__version__
+            for m in ("torch", "litdata", "sentencepiece", "zstandard", "pyarrow")
+        },
         "tokenizer_vocab": args.vocab,
         "load_average_at_start": os.getloadavg(),
         "sources": {},
@@ -208,10 +235,16 @@ def main() -> None:
                 walls[w].append(time.perf_counter() - start)
                 cpus[w].append(cpu_seconds() - cpu)  # this process + its pool workers
                 doc_tokens = stats["tokens"] - 2 * stats["docs"]  # without the bos/eos separators
-                assert doc_tokens == raw_tokens, (doc_tokens, raw_tokens)  # the same text, the same tokens
+                assert doc_tokens == raw_tokens, (
+                    doc_tokens,
+                    raw_tokens,
+                )  # the same text, the same tokens
         entry = {
-            "docs": len(texts), "input_mb": round(sum(p.stat().st_size for p in find_shards(work / name)) / 1e6, 1),
-            "parts": stats["parts"], "tokens": raw_tokens, "prepare": {},
+            "docs": len(texts),
+            "input_mb": round(sum(p.stat().st_size for p in find_shards(work / name)) / 1e6, 1),
+            "parts": stats["parts"],
+            "tokens": raw_tokens,
+            "prepare": {},
         }
         for w in worker_counts:
             raw_rate = raw_tokens / min(raw_s[w]) / w  # per process, w processes at once
@@ -219,53 +252,90 @@ def main() -> None:
             per_worker = raw_tokens / min(walls[w]) / w
             per_cpu = raw_tokens / min(cpus[w])
             entry["prepare"][w] = {
-                "raw_encode_s": [round(x, 2) for x in raw_s[w]], "raw_encode_tokens_per_s_per_process": raw_rate,
+                "raw_encode_s": [round(x, 2) for x in raw_s[w]],
+                "raw_encode_tokens_per_s_per_process": raw_rate,
                 "raw_encode_tokens_per_cpu_s": raw_cpu_rate,
-                "wall_s": [round(x, 2) for x in walls[w]], "cpu_s": [round(x, 2) for x in cpus[w]],
-                "tokens_per_s_per_worker": per_worker, "vs_raw_encode": per_worker / raw_rate,
-                "tokens_per_cpu_s": per_cpu, "cpu_vs_raw_encode": per_cpu / raw_cpu_rate,
+                "wall_s": [round(x, 2) for x in walls[w]],
+                "cpu_s": [round(x, 2) for x in cpus[w]],
+                "tokens_per_s_per_worker": per_worker,
+                "vs_raw_encode": per_worker / raw_rate,
+                "tokens_per_cpu_s": per_cpu,
+                "cpu_vs_raw_encode": per_cpu / raw_cpu_rate,
             }
         results["sources"][name] = entry
 
     w = worker_counts[-1]
     prose, code = work / "out" / f"slimpajama-w{w}", work / "out" / f"starcoder-w{w}"
     seq, batch = 2048, 8
-    single = max((loader_rate(lambda: make_dataloader(prose / "train", seq_len=seq, batch_size=batch, shuffle=True,
-                                                      seed=0)) for _ in range(args.repeats)),
-                 key=lambda r: r[0] / r[1])
-    mixture = max((loader_rate(lambda: make_mixture_loader(
-        [("slimpajama", prose, 0.693584), ("starcoder", code, 0.306416)], seq_len=seq, batch_size=batch,
-        shuffle=True, seed=0)) for _ in range(args.repeats)), key=lambda r: r[0] / r[1])
+    single = max(
+        (
+            loader_rate(
+                lambda: make_dataloader(
+                    prose / "train", seq_len=seq, batch_size=batch, shuffle=True, seed=0
+                )
+            )
+            for _ in range(args.repeats)
+        ),
+        key=lambda r: r[0] / r[1],
+    )
+    mixture = max(
+        (
+            loader_rate(
+                lambda: make_mixture_loader(
+                    [("slimpajama", prose, 0.693584), ("starcoder", code, 0.306416)],
+                    seq_len=seq,
+                    batch_size=batch,
+                    shuffle=True,
+                    seed=0,
+                )
+            )
+            for _ in range(args.repeats)
+        ),
+        key=lambda r: r[0] / r[1],
+    )
     results["load_average_at_end"] = os.getloadavg()
     results["loader"] = {
-        "seq_len": seq, "batch_size": batch, "num_workers": 0,
-        "single_tokens_per_s": single[0] / single[1], "mixture_tokens_per_s": mixture[0] / mixture[1],
+        "seq_len": seq,
+        "batch_size": batch,
+        "num_workers": 0,
+        "single_tokens_per_s": single[0] / single[1],
+        "mixture_tokens_per_s": mixture[0] / mixture[1],
     }
 
     if args.json:
         print(json.dumps(results, indent=2))
         return
     v = results["versions"]
-    print(f"device: {results['device']} | Python {results['python']} | torch {v['torch']} | litdata {v['litdata']} | "
-          f"sentencepiece {v['sentencepiece']} | zstandard {v['zstandard']} | pyarrow {v['pyarrow']} | "
-          f"tokenizer: {args.vocab}-piece BPE\n")
-    print("| source | docs, input, parts | workers (= raw encode processes) | raw encode tokens/s per process "
-          "(best) | prepare wall s (repeats) | prepare tokens/s per worker (best) | vs raw encode | "
-          "per CPU-s: raw encode / prepare | vs raw encode |")
+    print(
+        f"device: {results['device']} | Python {results['python']} | torch {v['torch']} | litdata {v['litdata']} | "
+        f"sentencepiece {v['sentencepiece']} | zstandard {v['zstandard']} | pyarrow {v['pyarrow']} | "
+        f"tokenizer: {args.vocab}-piece BPE\n"
+    )
+    print(
+        "| source | docs, input, parts | workers (= raw encode processes) | raw encode tokens/s per process "
+        "(best) | prepare wall s (repeats) | prepare tokens/s per worker (best) | vs raw encode | "
+        "per CPU-s: raw encode / prepare | vs raw encode |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for name, e in results["sources"].items():
         for w, p in e["prepare"].items():
-            print(f"| {name} | {e['docs']:,} docs, {e['input_mb']} MB, {e['tokens']:,} tokens, {e['parts']} parts | "
-                  f"{w} | {p['raw_encode_tokens_per_s_per_process']:,.0f} | {', '.join(map(str, p['wall_s']))} | "
-                  f"{p['tokens_per_s_per_worker']:,.0f} | {100 * p['vs_raw_encode']:.0f}% | "
-                  f"{p['raw_encode_tokens_per_cpu_s']:,.0f} / {p['tokens_per_cpu_s']:,.0f} | "
-                  f"{100 * p['cpu_vs_raw_encode']:.0f}% |")
+            print(
+                f"| {name} | {e['docs']:,} docs, {e['input_mb']} MB, {e['tokens']:,} tokens, {e['parts']} parts | "
+                f"{w} | {p['raw_encode_tokens_per_s_per_process']:,.0f} | {', '.join(map(str, p['wall_s']))} | "
+                f"{p['tokens_per_s_per_worker']:,.0f} | {100 * p['vs_raw_encode']:.0f}% | "
+                f"{p['raw_encode_tokens_per_cpu_s']:,.0f} / {p['tokens_per_cpu_s']:,.0f} | "
+                f"{100 * p['cpu_vs_raw_encode']:.0f}% |"
+            )
     lo = results["loader"]
-    print(f"\nloader (seq_len {lo['seq_len']}, batch {lo['batch_size']}, num_workers 0, local chunks): "
-          f"one dataset {lo['single_tokens_per_s']:,.0f} tokens/s, "
-          f"two-source mixture {lo['mixture_tokens_per_s']:,.0f} tokens/s (per process)")
-    print(f"load average (1, 5, 15 min) at start {results['load_average_at_start']}, "
-          f"at end {results['load_average_at_end']}")
+    print(
+        f"\nloader (seq_len {lo['seq_len']}, batch {lo['batch_size']}, num_workers 0, local chunks): "
+        f"one dataset {lo['single_tokens_per_s']:,.0f} tokens/s, "
+        f"two-source mixture {lo['mixture_tokens_per_s']:,.0f} tokens/s (per process)"
+    )
+    print(
+        f"load average (1, 5, 15 min) at start {results['load_average_at_start']}, "
+        f"at end {results['load_average_at_end']}"
+    )
 
 
 if __name__ == "__main__":

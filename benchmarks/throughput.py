@@ -71,7 +71,13 @@ from models.llama import Llama  # noqa: E402
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true")
 
 # Dense (no sparsity) peak FLOP/s per GPU for bf16/fp16 tensor-core math, from the vendors' datasheets.
-PEAK_BF16 = {"H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "A100": 312e12}
+PEAK_BF16 = {
+    "H200": 989e12,
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H100": 989e12,
+    "A100": 312e12,
+}
 
 # Kernel sets for our model. `default`: the config defaults (what a run that sets nothing gets);
 # `baseline`: the training path before fused kernels (SDPA, eager norms/RoPE/SwiGLU, logits + F.cross_entropy).
@@ -107,7 +113,9 @@ def parse_kernel_set(spec: str) -> dict[str, Any]:
         key, _, value = item.partition("=")
         key = key.strip().removeprefix("model.")
         if key not in KERNEL_FIELDS:
-            raise SystemExit(f"--ours {spec!r}: {key!r} is not a kernel field ({', '.join(KERNEL_FIELDS)})")
+            raise SystemExit(
+                f"--ours {spec!r}: {key!r} is not a kernel field ({', '.join(KERNEL_FIELDS)})"
+            )
         out[key] = value.strip().lower() == "true" if key == "compile" else value.strip()
     return out
 
@@ -143,13 +151,19 @@ def build_ours(cfg, kernel_set: dict, device, precision, ac: str) -> Contender:
     apply_activation_checkpointing(model, ac)
     if mcfg.compile:
         kernels.compile_blocks(model)
-    resolved = kernels.plan(mcfg, device, torch.bfloat16 if precision != "32-true" else torch.float32)
+    resolved = kernels.plan(
+        mcfg, device, torch.bfloat16 if precision != "32-true" else torch.float32
+    )
 
     def loss_fn(inputs, targets):
         with autocast(device, precision):
             return model(inputs, targets=targets)
 
-    info = {"kernels": dataclasses.asdict(resolved), "compile": mcfg.compile, "activation_checkpointing": ac}
+    info = {
+        "kernels": dataclasses.asdict(resolved),
+        "compile": mcfg.compile,
+        "activation_checkpointing": ac,
+    }
     return Contender(f"ours[{set_label(kernel_set)}]", model, loss_fn, adamw(model), info)
 
 
@@ -171,7 +185,9 @@ def build_hf(cfg, device, precision, weights_from: torch.nn.Module | None) -> Co
     fields = hf_config(cfg, torch.float32)
     for key in ("architectures", "model_type", "torch_dtype"):
         fields.pop(key, None)
-    hf_cfg = LlamaConfig(**fields, attn_implementation="sdpa")  # transformers' default where torch has SDPA
+    hf_cfg = LlamaConfig(
+        **fields, attn_implementation="sdpa"
+    )  # transformers' default where torch has SDPA
     torch.manual_seed(0)
     with device:
         model = LlamaForCausalLM(hf_cfg)
@@ -246,7 +262,9 @@ def train_step(c: Contender, inputs: torch.Tensor, targets: torch.Tensor) -> tor
     return loss.detach()
 
 
-def tracked_peak(c: Contender, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float | None]:
+def tracked_peak(
+    c: Contender, inputs: torch.Tensor, targets: torch.Tensor
+) -> dict[str, float | None]:
     """Peak tensor memory of one forward + backward (optimizer state resident), by kind, from torch's
     MemTracker (a dispatch mode that follows every tensor; works on CPUs, which have no allocator
     statistics): MiB of parameters, gradients, optimizer state, activations and temporaries at the
@@ -266,14 +284,23 @@ def tracked_peak(c: Contender, inputs: torch.Tensor, targets: torch.Tensor) -> d
     c.optimizer.zero_grad(set_to_none=True)
     peak = tracker.get_tracker_snapshot("peak")
     per_device = next(iter(peak.values()), {})
-    out = {f"peak_{str(k).split('.')[-1].lower()}_mib": v / 2**20 for k, v in per_device.items() if k != "Total"}
+    out = {
+        f"peak_{str(k).split('.')[-1].lower()}_mib": v / 2**20
+        for k, v in per_device.items()
+        if k != "Total"
+    }
     out["peak_mem_mib"] = per_device.get("Total", 0) / 2**20
     return out
 
 
 def measure(
-    contenders: list[Contender], batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
-    warmup: int, steps: int, rounds: int, log=print,
+    contenders: list[Contender],
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    warmup: int,
+    steps: int,
+    rounds: int,
+    log=print,
 ) -> dict[str, dict]:
     """Warm every contender up, then time `steps` steps of each in `rounds` interleaved rounds."""
     results: dict[str, dict] = {}
@@ -286,16 +313,21 @@ def measure(
         sync(device)
         results[c.name] = {"initial_loss": first, "warmup_s": time.perf_counter() - started,
                            "wall": [], "cpu": [], "losses": [], "round_wall": []}  # fmt: skip
-        log(f"  warmed up {c.name}: {warmup} steps in {results[c.name]['warmup_s']:.1f} s, first loss {first:.4f}")
+        log(
+            f"  warmed up {c.name}: {warmup} steps in {results[c.name]['warmup_s']:.1f} s, first loss {first:.4f}"
+        )
     per_round = max(1, -(-steps // rounds))
     for r in range(rounds):
-        order = contenders[r % len(contenders):] + contenders[: r % len(contenders)]
+        order = contenders[r % len(contenders) :] + contenders[: r % len(contenders)]
         for c in order:
             timings = []
             for s in range(per_round):
                 inputs, targets = batches[(r * per_round + s) % len(batches)]
                 if device.type == "cuda":
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start, end = (
+                        torch.cuda.Event(enable_timing=True),
+                        torch.cuda.Event(enable_timing=True),
+                    )
                     start.record()
                     loss = train_step(c, inputs, targets)
                     end.record()
@@ -303,21 +335,33 @@ def measure(
                 else:
                     cpu0, wall0 = time.process_time(), time.perf_counter()
                     loss = train_step(c, inputs, targets)
-                    timings.append((time.perf_counter() - wall0, None, time.process_time() - cpu0, loss))
+                    timings.append(
+                        (time.perf_counter() - wall0, None, time.process_time() - cpu0, loss)
+                    )
             sync(device)
             for a, b, cpu, loss in timings:
-                results[c.name]["wall"].append(a.elapsed_time(b) / 1e3 if device.type == "cuda" else a)
+                results[c.name]["wall"].append(
+                    a.elapsed_time(b) / 1e3 if device.type == "cuda" else a
+                )
                 if cpu is not None:
                     results[c.name]["cpu"].append(cpu)
                 results[c.name]["losses"].append(float(loss))
-            results[c.name]["round_wall"].append(statistics.median(results[c.name]["wall"][-per_round:]))
+            results[c.name]["round_wall"].append(
+                statistics.median(results[c.name]["wall"][-per_round:])
+            )
         if rounds <= 12 or (r + 1) % max(1, rounds // 8) == 0 or r + 1 == rounds:
-            log(f"  round {r + 1}/{rounds}: " + ", ".join(
-                f"{c.name} {results[c.name]['round_wall'][-1] * 1e3:.1f} ms" for c in contenders))
+            log(
+                f"  round {r + 1}/{rounds}: "
+                + ", ".join(
+                    f"{c.name} {results[c.name]['round_wall'][-1] * 1e3:.1f} ms" for c in contenders
+                )
+            )
     return results
 
 
-def peak_memory(c: Contender, batch: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> dict:
+def peak_memory(
+    c: Contender, batch: tuple[torch.Tensor, torch.Tensor], device: torch.device
+) -> dict:
     """GPU: torch.cuda.max_memory_allocated over one step. CPU: MemTracker's peak over forward + backward."""
     if device.type == "cuda":
         gc.collect()
@@ -325,7 +369,10 @@ def peak_memory(c: Contender, batch: tuple[torch.Tensor, torch.Tensor], device: 
         torch.cuda.reset_peak_memory_stats(device)
         train_step(c, *batch)
         sync(device)
-        return {"peak_mem_mib": torch.cuda.max_memory_allocated(device) / 2**20, "memory_source": "cuda allocator"}
+        return {
+            "peak_mem_mib": torch.cuda.max_memory_allocated(device) / 2**20,
+            "memory_source": "cuda allocator",
+        }
     return {**tracked_peak(c, *batch), "memory_source": "torch MemTracker"}
 
 
@@ -342,7 +389,9 @@ def peak_flops(device: torch.device, precision: str) -> tuple[float | None, str]
     return None, name
 
 
-def summarise(name: str, raw: dict, tokens_per_step: int, train_flops: float, peak: float | None) -> dict:
+def summarise(
+    name: str, raw: dict, tokens_per_step: int, train_flops: float, peak: float | None
+) -> dict:
     wall = sorted(raw["wall"])
     median = statistics.median(wall)
     q = statistics.quantiles(wall, n=10) if len(wall) >= 2 else [median] * 9
@@ -374,7 +423,15 @@ def versions() -> dict[str, str | None]:
 
     out: dict[str, str | None] = {"python": platform.python_version(), "torch": torch.__version__,
                                   "cuda": torch.version.cuda}  # fmt: skip
-    for pkg in ("transformers", "litgpt", "lightning", "flash-attn", "xformers", "liger-kernel", "triton"):
+    for pkg in (
+        "transformers",
+        "litgpt",
+        "lightning",
+        "flash-attn",
+        "xformers",
+        "liger-kernel",
+        "triton",
+    ):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
@@ -439,7 +496,9 @@ def run_compare(args, device, log=print) -> dict:
     skipped = {}
     if "hf" in peers:
         if hf_available():
-            contenders.append(build_hf(cfg, device, args.precision, weights_from=contenders[0].model))
+            contenders.append(
+                build_hf(cfg, device, args.precision, weights_from=contenders[0].model)
+            )
         else:
             skipped["hf"] = "transformers is not installed"
     if "litgpt" in peers:
@@ -466,9 +525,12 @@ def run_compare(args, device, log=print) -> dict:
                     key = f"{r['name']} / {peer}"
                     ratios[key] = r["tokens_per_s"] / by_name[peer]["tokens_per_s"]
                     ratios[key + " (paired per round)"] = statistics.median(
-                        b / a for a, b in zip(raw[r["name"]]["round_wall"], raw[peer]["round_wall"]))
+                        b / a for a, b in zip(raw[r["name"]]["round_wall"], raw[peer]["round_wall"])
+                    )
                     if "tokens_per_cpu_s" in r:
-                        ratios[key + " (cpu time)"] = r["tokens_per_cpu_s"] / by_name[peer]["tokens_per_cpu_s"]
+                        ratios[key + " (cpu time)"] = (
+                            r["tokens_per_cpu_s"] / by_name[peer]["tokens_per_cpu_s"]
+                        )
     return {
         **report_header("compare", device, device_name),
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
@@ -570,7 +632,10 @@ def run_sweep(args, device, log=print) -> dict:
     log(f"  baseline {set_label(current)}: {best:,.0f} tokens/s")
     for field, choices in options.items():
         for choice in choices:
-            if choice == current[field] or kernels.why_not(op_of[field], choice, device.type, dtype) is not None:
+            if (
+                choice == current[field]
+                or kernels.why_not(op_of[field], choice, device.type, dtype) is not None
+            ):
                 continue
             candidate = dict(current, **{field: choice})
             try:
@@ -611,7 +676,9 @@ def run_sweep(args, device, log=print) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def successor_batches(vocab: int, batch: int, seq_len: int, steps: int, device: torch.device, seed: int = 7):
+def successor_batches(
+    vocab: int, batch: int, seq_len: int, steps: int, device: torch.device, seed: int = 7
+):
     """`steps` batches of a learnable stream: each token is followed by its fixed random successor,
     except 10% of positions, which are uniform noise (the loss can fall from ln V to about
     0.33 + 0.1 ln V, 1.36 for V = 32000)."""
@@ -672,8 +739,14 @@ def run_curve(args, device, log=print) -> dict:
         rows.append(row)
     return {
         **report_header("curve", device, peak_flops(device, args.precision)[1]),
-        "config": {"model": cfg.name, "batch": args.batch, "seq_len": args.seq_len, "precision": args.precision,
-                   "steps": args.curve, "reference_precision": args.curve_reference},  # fmt: skip
+        "config": {
+            "model": cfg.name,
+            "batch": args.batch,
+            "seq_len": args.seq_len,
+            "precision": args.precision,
+            "steps": args.curve,
+            "reference_precision": args.curve_reference,
+        },  # fmt: skip
         "noise": {"vs": f"{reference_name} vs ours[eager]", **noise},
         "results": rows,
         "losses": curves,
@@ -683,42 +756,110 @@ def run_curve(args, device, log=print) -> dict:
 def print_curve(report: dict, out=print) -> None:
     noise = report["noise"]
     out("")
-    out(f"{'kernel set':<44} {'first':>8} {'final':>8} {'mean |gap|':>11} {'max |gap|':>10}  verdict")
+    out(
+        f"{'kernel set':<44} {'first':>8} {'final':>8} {'mean |gap|':>11} {'max |gap|':>10}  verdict"
+    )
     for r in report["results"]:
-        gaps = (f"{r['mean_abs_gap']:>11.4f} {r['max_abs_gap']:>10.4f}  "
-                + ("within noise" if r["within_noise"] else "OUTSIDE noise")) if "mean_abs_gap" in r else ""
+        gaps = (
+            (
+                f"{r['mean_abs_gap']:>11.4f} {r['max_abs_gap']:>10.4f}  "
+                + ("within noise" if r["within_noise"] else "OUTSIDE noise")
+            )
+            if "mean_abs_gap" in r
+            else ""
+        )
         out(f"{r['name']:<44} {r['first_loss']:>8.4f} {r['final_loss']:>8.4f} {gaps}")
-    out(f"  noise yardstick ({noise['vs']}, last quarter): mean |gap| {noise['mean_abs_gap']:.4f}, "
-        f"max {noise['max_abs_gap']:.4f}; within noise = mean |gap| <= 2 x that")
+    out(
+        f"  noise yardstick ({noise['vs']}, last quarter): mean |gap| {noise['mean_abs_gap']:.4f}, "
+        f"max {noise['max_abs_gap']:.4f}; within noise = mean |gap| <= 2 x that"
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="named size (default: tinyllama-1.1b on a GPU, llama-20m on a CPU)")
-    p.add_argument("--override", action="append", default=[], metavar="FIELD=VALUE",
-                   help="model field override, e.g. n_layers=4 (repeatable)")
-    p.add_argument("--batch", type=int, default=None, help="micro-batch (default: 8 on a GPU, 4 on a CPU)")
-    p.add_argument("--seq-len", type=int, default=None, help="sequence length (default: 2048 on a GPU, 256 on a CPU)")
-    p.add_argument("--precision", choices=PRECISIONS, default=None,
-                   help="default: bf16-mixed on a GPU, 32-true on a CPU")
-    p.add_argument("--ours", default="default",
-                   help="our kernel sets, ';'-separated: default | baseline | eager | key=value,... "
-                        "(e.g. 'default;baseline' or 'attention=sdpa,loss_kernel=chunked,compile=true')")
-    p.add_argument("--ac", choices=("none", "selective", "full"), default="none", help="activation checkpointing")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="named size (default: tinyllama-1.1b on a GPU, llama-20m on a CPU)",
+    )
+    p.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="model field override, e.g. n_layers=4 (repeatable)",
+    )
+    p.add_argument(
+        "--batch", type=int, default=None, help="micro-batch (default: 8 on a GPU, 4 on a CPU)"
+    )
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help="sequence length (default: 2048 on a GPU, 256 on a CPU)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=None,
+        help="default: bf16-mixed on a GPU, 32-true on a CPU",
+    )
+    p.add_argument(
+        "--ours",
+        default="default",
+        help="our kernel sets, ';'-separated: default | baseline | eager | key=value,... "
+        "(e.g. 'default;baseline' or 'attention=sdpa,loss_kernel=chunked,compile=true')",
+    )
+    p.add_argument(
+        "--ac",
+        choices=("none", "selective", "full"),
+        default="none",
+        help="activation checkpointing",
+    )
     p.add_argument("--peers", default="hf,litgpt", help="comma list of hf, litgpt (or none)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps per contender (compilation happens here)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per contender (default: 50 GPU, 12 CPU)")
-    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default: --steps, one step each)")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=3,
+        help="untimed steps per contender (compilation happens here)",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="timed steps per contender (default: 50 GPU, 12 CPU)",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="interleaved rounds (default: --steps, one step each)",
+    )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--json", default=None, help="write the figures to this JSON file")
-    p.add_argument("--sweep", action="store_true", help="find the largest micro-batch and the best kernel set")
+    p.add_argument(
+        "--sweep", action="store_true", help="find the largest micro-batch and the best kernel set"
+    )
     p.add_argument("--max-batch", type=int, default=64, help="sweep: largest micro-batch to try")
-    p.add_argument("--no-compile-in-sweep", action="store_true", help="sweep: do not try torch.compile")
-    p.add_argument("--curve", type=int, default=0, metavar="N",
-                   help="train each --ours set (and eager) N steps on a learnable stream and compare loss curves")
-    p.add_argument("--curve-reference", choices=PRECISIONS, default="32-true",
-                   help="curve: precision of the eager run that measures rounding noise")
+    p.add_argument(
+        "--no-compile-in-sweep", action="store_true", help="sweep: do not try torch.compile"
+    )
+    p.add_argument(
+        "--curve",
+        type=int,
+        default=0,
+        metavar="N",
+        help="train each --ours set (and eager) N steps on a learnable stream and compare loss curves",
+    )
+    p.add_argument(
+        "--curve-reference",
+        choices=PRECISIONS,
+        default="32-true",
+        help="curve: precision of the eager run that measures rounding noise",
+    )
     args = p.parse_args(argv)
     gpu = resolve_device(args.device).type == "cuda"
     args.model = args.model or ("tinyllama-1.1b" if gpu else "llama-20m")
@@ -743,7 +884,9 @@ def main(argv: list[str] | None = None) -> dict:
         print_curve(report)
     elif args.sweep:
         report = run_sweep(args, device)
-        print(f"\nlargest micro-batch without activation checkpointing: {report['largest_micro_batch']}")
+        print(
+            f"\nlargest micro-batch without activation checkpointing: {report['largest_micro_batch']}"
+        )
         print(f"best kernel set: {report['best_kernels']} -> {report['best_tokens_per_s']:,.0f} tokens/s"
               + (f", MFU {100 * report['best_mfu']:.1f}%" if report["best_mfu"] else ""))  # fmt: skip
     else:

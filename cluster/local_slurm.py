@@ -41,15 +41,21 @@ class SlurmUnavailable(RuntimeError):
     """This machine cannot run the local cluster; the message says why."""
 
 
-def _run(cmd: list[str], timeout: float = 60, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+def _run(
+    cmd: list[str], timeout: float = 60, check: bool = True, env: dict | None = None
+) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
+        raise RuntimeError(
+            f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}"
+        )
     return proc
 
 
 def _binaries_present() -> bool:
-    return all(shutil.which(b) for b in ("slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "munged"))
+    return all(
+        shutil.which(b) for b in ("slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "munged")
+    )
 
 
 def ensure_installed(allow_install: bool = True) -> None:
@@ -57,20 +63,28 @@ def ensure_installed(allow_install: bool = True) -> None:
     if _binaries_present() and MUNGE_KEY.is_file():
         return
     if not allow_install:
-        raise SlurmUnavailable("Slurm/munge are not installed (apt-get install slurmctld slurmd slurm-client munge)")
+        raise SlurmUnavailable(
+            "Slurm/munge are not installed (apt-get install slurmctld slurmd slurm-client munge)"
+        )
     if os.geteuid() != 0:
         raise SlurmUnavailable("Slurm/munge are not installed and installing them needs root")
     if shutil.which("apt-get") is None:
-        raise SlurmUnavailable("Slurm/munge are not installed and there is no apt-get to install them")
+        raise SlurmUnavailable(
+            "Slurm/munge are not installed and there is no apt-get to install them"
+        )
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     cmd = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *PACKAGES]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     if proc.returncode != 0:  # stale or missing package lists: refresh once
-        subprocess.run(["apt-get", "update", "-q"], capture_output=True, text=True, timeout=600, env=env)
+        subprocess.run(
+            ["apt-get", "update", "-q"], capture_output=True, text=True, timeout=600, env=env
+        )
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     if proc.returncode != 0 or not _binaries_present():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        raise SlurmUnavailable(f"could not install {' '.join(PACKAGES)} with apt-get: {' | '.join(tail)}")
+        raise SlurmUnavailable(
+            f"could not install {' '.join(PACKAGES)} with apt-get: {' | '.join(tail)}"
+        )
     if not MUNGE_KEY.is_file():
         _run(["mungekey", "--create", "--keyfile", str(MUNGE_KEY)], check=False)
         if not MUNGE_KEY.is_file():
@@ -105,8 +119,13 @@ def _pid_alive(pid: int) -> bool:
 class LocalSlurm:
     """One local cluster rooted in `root` (a directory it owns)."""
 
-    def __init__(self, root: Path | str = DEFAULT_DIR, nodes: int = 2, cpus_per_node: int | None = None,
-                 memory_mb: int = 8000) -> None:
+    def __init__(
+        self,
+        root: Path | str = DEFAULT_DIR,
+        nodes: int = 2,
+        cpus_per_node: int | None = None,
+        memory_mb: int = 8000,
+    ) -> None:
         self.root = Path(root).resolve()
         self.nodes = [f"n{i + 1}" for i in range(nodes)]
         self.cpus = cpus_per_node or max(2, os.cpu_count() or 2)
@@ -124,7 +143,9 @@ class LocalSlurm:
 
     def start(self, timeout: float = 60) -> LocalSlurm:
         if os.geteuid() != 0:
-            raise SlurmUnavailable("the local Slurm cluster runs its daemons as root (SlurmUser=root)")
+            raise SlurmUnavailable(
+                "the local Slurm cluster runs its daemons as root (SlurmUser=root)"
+            )
         ensure_installed()
         if self.running():
             return self
@@ -139,10 +160,14 @@ class LocalSlurm:
         try:
             started["munged"] = self._start_munged()
             started["slurmctld"] = self._start_daemon(
-                ["slurmctld", "-f", str(self.conf), "-i"], self.root / "slurmctld.pid", "slurmctld")
+                ["slurmctld", "-f", str(self.conf), "-i"], self.root / "slurmctld.pid", "slurmctld"
+            )
             for node in self.nodes:
                 started[f"slurmd-{node}"] = self._start_daemon(
-                    ["slurmd", "-f", str(self.conf), "-N", node], self.root / f"slurmd-{node}.pid", f"slurmd {node}")
+                    ["slurmd", "-f", str(self.conf), "-N", node],
+                    self.root / f"slurmd-{node}.pid",
+                    f"slurmd {node}",
+                )
         finally:
             self.state_file.write_text(json.dumps(started))
         self._wait_nodes_idle(timeout)
@@ -153,8 +178,10 @@ class LocalSlurm:
         if not pids or not all(_pid_alive(p) for p in pids.values()):
             return False
         try:
-            return self._node_states() and all(s.startswith("idle") or s.startswith("alloc") or s.startswith("mix")
-                                                for s in self._node_states().values())
+            return self._node_states() and all(
+                s.startswith("idle") or s.startswith("alloc") or s.startswith("mix")
+                for s in self._node_states().values()
+            )
         except (RuntimeError, subprocess.TimeoutExpired):
             return False
 
@@ -194,17 +221,25 @@ class LocalSlurm:
 
     def _start_munged(self) -> int:
         pid_file = self.root / "munge" / "munged.pid"
-        cmd = ["munged", "--force", f"--socket={self.munge_socket}", f"--pid-file={pid_file}",
-               f"--log-file={self.root / 'log' / 'munged.log'}", f"--seed-file={self.root / 'munge' / 'munged.seed'}",
-               f"--key-file={MUNGE_KEY}"]
+        cmd = [
+            "munged",
+            "--force",
+            f"--socket={self.munge_socket}",
+            f"--pid-file={pid_file}",
+            f"--log-file={self.root / 'log' / 'munged.log'}",
+            f"--seed-file={self.root / 'munge' / 'munged.seed'}",
+            f"--key-file={MUNGE_KEY}",
+        ]
         return self._start_daemon(cmd, pid_file, "munged")
 
     def _start_daemon(self, cmd: list[str], pid_file: Path, name: str) -> int:
         pid_file.unlink(missing_ok=True)
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30, env=self.env)
         if proc.returncode != 0:
-            raise RuntimeError(f"{name} did not start: {proc.stderr.strip() or proc.stdout.strip()} "
-                               f"(log in {self.root / 'log'})")
+            raise RuntimeError(
+                f"{name} did not start: {proc.stderr.strip() or proc.stdout.strip()} "
+                f"(log in {self.root / 'log'})"
+            )
         deadline = time.time() + 20
         while time.time() < deadline:
             if pid_file.is_file() and pid_file.read_text().strip().isdigit():
@@ -254,9 +289,13 @@ class LocalSlurm:
             "MaxJobCount=1000",
         ]
         for node, port in zip(self.nodes, node_ports):
-            lines.append(f"NodeName={node} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} "
-                         f"CPUs={self.cpus} RealMemory={self.memory_mb} State=UNKNOWN")
-        lines.append(f"PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP")
+            lines.append(
+                f"NodeName={node} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} "
+                f"CPUs={self.cpus} RealMemory={self.memory_mb} State=UNKNOWN"
+            )
+        lines.append(
+            f"PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP"
+        )
         return "\n".join(lines) + "\n"
 
     def _ensure_hosts(self) -> None:
@@ -269,9 +308,13 @@ class LocalSlurm:
         if missing:
             try:
                 with open("/etc/hosts", "a") as f:
-                    f.write(f"127.0.0.1 {' '.join(missing)}  # added by orchestrator cluster/local_slurm.py\n")
+                    f.write(
+                        f"127.0.0.1 {' '.join(missing)}  # added by orchestrator cluster/local_slurm.py\n"
+                    )
             except OSError as e:
-                raise SlurmUnavailable(f"node names {missing} do not resolve and /etc/hosts is not writable ({e})")
+                raise SlurmUnavailable(
+                    f"node names {missing} do not resolve and /etc/hosts is not writable ({e})"
+                )
 
     def _node_states(self) -> dict[str, str]:
         out = _run(["sinfo", "-h", "-N", "-o", "%N %t"], env=self.env, timeout=15).stdout
@@ -289,22 +332,38 @@ class LocalSlurm:
                 return
             for node, state in states.items():
                 if state.startswith(("down", "drain")):
-                    _run(["scontrol", "update", f"NodeName={node}", "State=RESUME"], env=self.env, check=False)
+                    _run(
+                        ["scontrol", "update", f"NodeName={node}", "State=RESUME"],
+                        env=self.env,
+                        check=False,
+                    )
             time.sleep(0.5)
-        raise RuntimeError(f"nodes did not become idle within {timeout:.0f}s: {states} (logs in {self.root / 'log'})")
+        raise RuntimeError(
+            f"nodes did not become idle within {timeout:.0f}s: {states} (logs in {self.root / 'log'})"
+        )
 
     # -- jobs ------------------------------------------------------------------------------
 
-    def sbatch(self, args: list[str], env: dict | None = None, cwd: str | Path | None = None) -> str:
-        proc = subprocess.run(["sbatch", "--parsable", *args], capture_output=True, text=True, timeout=60,
-                              env={**self.env, **(env or {})}, cwd=cwd)
+    def sbatch(
+        self, args: list[str], env: dict | None = None, cwd: str | Path | None = None
+    ) -> str:
+        proc = subprocess.run(
+            ["sbatch", "--parsable", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**self.env, **(env or {})},
+            cwd=cwd,
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"sbatch {' '.join(args)} failed: {proc.stderr.strip()}")
         return proc.stdout.strip().split(";")[0]
 
     def job(self, job_id: str) -> dict[str, str]:
         """`scontrol show job` as a dict (JobState, RestartCnt, ExitCode, ...); {} when Slurm forgot it."""
-        proc = _run(["scontrol", "-o", "show", "job", job_id], env=self.env, check=False, timeout=15)
+        proc = _run(
+            ["scontrol", "-o", "show", "job", job_id], env=self.env, check=False, timeout=15
+        )
         if proc.returncode != 0:
             return {}
         fields = {}
@@ -314,10 +373,23 @@ class LocalSlurm:
                 fields[k] = v
         return fields
 
-    def wait(self, job_id: str, until: tuple[str, ...] = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT",
-                                                            "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
-                                                            "DEADLINE"), timeout: float = 300,
-             poll: float = 0.5) -> dict[str, str]:
+    def wait(
+        self,
+        job_id: str,
+        until: tuple[str, ...] = (
+            "COMPLETED",
+            "FAILED",
+            "CANCELLED",
+            "TIMEOUT",
+            "NODE_FAIL",
+            "OUT_OF_MEMORY",
+            "PREEMPTED",
+            "BOOT_FAIL",
+            "DEADLINE",
+        ),
+        timeout: float = 300,
+        poll: float = 0.5,
+    ) -> dict[str, str]:
         deadline = time.time() + timeout
         info: dict[str, str] = {}
         while time.time() < deadline:
@@ -325,7 +397,9 @@ class LocalSlurm:
             if info.get("JobState") in until:
                 return info
             time.sleep(poll)
-        raise TimeoutError(f"job {job_id} not in {until} after {timeout:.0f}s: {info.get('JobState')} {info}")
+        raise TimeoutError(
+            f"job {job_id} not in {until} after {timeout:.0f}s: {info.get('JobState')} {info}"
+        )
 
     def cancel(self, job_id: str, signal_name: str | None = None) -> None:
         args = ["scancel", *([f"--signal={signal_name}"] if signal_name else []), job_id]
@@ -335,7 +409,9 @@ class LocalSlurm:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("action", choices=["up", "down", "status"])
-    parser.add_argument("--dir", default=str(DEFAULT_DIR), help="directory for config, state and logs")
+    parser.add_argument(
+        "--dir", default=str(DEFAULT_DIR), help="directory for config, state and logs"
+    )
     parser.add_argument("--nodes", type=int, default=2)
     args = parser.parse_args(argv)
     cluster = LocalSlurm(args.dir, nodes=args.nodes)
@@ -343,7 +419,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.action == "up":
             started = time.perf_counter()
             cluster.start()
-            print(f"Slurm is up ({', '.join(cluster.nodes)}) in {time.perf_counter() - started:.1f}s; use it with:")
+            print(
+                f"Slurm is up ({', '.join(cluster.nodes)}) in {time.perf_counter() - started:.1f}s; use it with:"
+            )
             print(f"export SLURM_CONF={cluster.conf}")
         elif args.action == "down":
             cluster.stop()

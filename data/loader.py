@@ -29,7 +29,9 @@ from litdata.streaming.item_loader import TokensLoader
 # litdata's TokensLoader builds tensors with torch.frombuffer over a read-only mmap and then
 # clones them, which is safe, but torch warns once per process; keep training logs clean.
 warnings.filterwarnings(
-    "ignore", message="The given buffer is not writable", category=UserWarning,
+    "ignore",
+    message="The given buffer is not writable",
+    category=UserWarning,
     module=r"litdata\.streaming\.item_loader",
 )
 
@@ -79,7 +81,9 @@ def _read_index(d: Path) -> dict[str, Any]:
     try:
         index: dict[str, Any] = json.loads((d / "index.json").read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{d / 'index.json'} is corrupt ({e}); rerun `orchestrator prepare`.") from e
+        raise ValueError(
+            f"{d / 'index.json'} is corrupt ({e}); rerun `orchestrator prepare`."
+        ) from e
     loader = (index.get("config") or {}).get("item_loader")
     if loader != "TokensLoader":
         raise ValueError(
@@ -237,18 +241,27 @@ def make_mixture_loader(
         index = _read_index(d)
         blocks = sum(int(c["dim"]) // (seq_len + 1) for c in index["chunks"])
         if blocks == 0:
-            raise ValueError(f"source {name!r} ({d}) holds fewer than one block of seq_len + 1 = {seq_len + 1} "
-                             f"tokens per chunk; use a shorter seq_len or prepare more data.")
-        ds = StreamingDataset(str(d.resolve()), item_loader=TokensLoader(block_size=seq_len + 1), shuffle=shuffle,
-                              seed=seed)
+            raise ValueError(
+                f"source {name!r} ({d}) holds fewer than one block of seq_len + 1 = {seq_len + 1} "
+                f"tokens per chunk; use a shorter seq_len or prepare more data."
+            )
+        ds = StreamingDataset(
+            str(d.resolve()),
+            item_loader=TokensLoader(block_size=seq_len + 1),
+            shuffle=shuffle,
+            seed=seed,
+        )
         # Every block is read once per source epoch, none dropped to even out ranks: sources cycle
         # forever, so no rank ever waits for the end of another's epoch. (Set after construction:
         # passing drop_last=False makes litdata warn about collectives, which do not apply here.)
         ds.set_drop_last(False)
         datasets.append(ds)
-    mixture = MixtureDataset(datasets, names=[s[0] for s in sources], weights=[float(s[2]) for s in sources],
-                             seed=seed)
-    return StreamingDataLoader(mixture, batch_size=batch_size, num_workers=num_workers, collate_fn=_to_int64)
+    mixture = MixtureDataset(
+        datasets, names=[s[0] for s in sources], weights=[float(s[2]) for s in sources], seed=seed
+    )
+    return StreamingDataLoader(
+        mixture, batch_size=batch_size, num_workers=num_workers, collate_fn=_to_int64
+    )
 
 
 def source_samples(loader: Any) -> dict[str, int] | None:

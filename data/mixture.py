@@ -52,7 +52,13 @@ __all__ = ["MixtureDataset"]
 class MixtureDataset(CombinedStreamingDataset):
     """Infinite, deterministically interleaved weighted mixture of ``StreamingDataset`` sources."""
 
-    def __init__(self, datasets: list[StreamingDataset], names: list[str], weights: list[float], seed: int = 0) -> None:
+    def __init__(
+        self,
+        datasets: list[StreamingDataset],
+        names: list[str],
+        weights: list[float],
+        seed: int = 0,
+    ) -> None:
         if len(names) != len(datasets) or len(weights) != len(datasets):
             raise ValueError("names, weights and datasets must have the same length")
         if len(set(names)) != len(names):
@@ -61,7 +67,9 @@ class MixtureDataset(CombinedStreamingDataset):
             raise ValueError(f"source weights must be positive, got {dict(zip(names, weights))}")
         super().__init__(datasets, seed=seed, weights=weights, iterate_over_all=False)
         self.names = list(names)
-        self._base: dict[int, list[int]] | None = None  # counts at the last weight change, per worker
+        self._base: dict[int, list[int]] | None = (
+            None  # counts at the last weight change, per worker
+        )
         self.distributed_env = _DistributedEnv.detect()
 
     # -- length: infinite ------------------------------------------------------------------------
@@ -72,7 +80,9 @@ class MixtureDataset(CombinedStreamingDataset):
         return None
 
     def __len__(self) -> int:  # torch's DataLoader asks; there is no end
-        raise TypeError("a MixtureDataset is infinite (sources cycle); count steps instead of epochs")
+        raise TypeError(
+            "a MixtureDataset is infinite (sources cycle); count steps instead of epochs"
+        )
 
     # -- iteration -------------------------------------------------------------------------------
 
@@ -80,14 +90,16 @@ class MixtureDataset(CombinedStreamingDataset):
         worker_env = _WorkerEnv.detect()
         counts = _for_worker(self._num_samples_yielded, worker_env.rank)
         base = _for_worker(self._base, worker_env.rank)
-        self._iterator = _MixtureIterator(self._datasets, self.names, self._weights, counts, base,
-                                          self._use_streaming_dataloader)
+        self._iterator = _MixtureIterator(
+            self._datasets, self.names, self._weights, counts, base, self._use_streaming_dataloader
+        )
         return self._iterator
 
     # -- state -----------------------------------------------------------------------------------
 
-    def state_dict(self, num_workers: int, batch_size: int, num_samples_yielded: list[int] | None = None
-                   ) -> dict[str, Any]:
+    def state_dict(
+        self, num_workers: int, batch_size: int, num_samples_yielded: list[int] | None = None
+    ) -> dict[str, Any]:
         return {
             "mixture": {
                 "names": list(self.names),
@@ -106,18 +118,25 @@ class MixtureDataset(CombinedStreamingDataset):
             return
         mix = (state_dict.get("dataset") or {}).get("mixture")
         if mix is None:
-            raise ValueError("the data-loader state is not from a mixture of sources (data.sources); a run "
-                             "cannot switch between data.dir and data.sources on resume")
+            raise ValueError(
+                "the data-loader state is not from a mixture of sources (data.sources); a run "
+                "cannot switch between data.dir and data.sources on resume"
+            )
         if mix["names"] != self.names:
-            raise ValueError(f"the checkpoint mixed sources {mix['names']}, this run has {self.names}: the sources "
-                             "(names and order) must stay the same to resume (weights may change)")
-        here = {"world_size": self.distributed_env.world_size, "num_workers": self.num_workers,
-                "batch_size": self.batch_size}
+            raise ValueError(
+                f"the checkpoint mixed sources {mix['names']}, this run has {self.names}: the sources "
+                "(names and order) must stay the same to resume (weights may change)"
+            )
+        here = {
+            "world_size": self.distributed_env.world_size,
+            "num_workers": self.num_workers,
+            "batch_size": self.batch_size,
+        }
         changed = {k: (mix[k], v) for k, v in here.items() if mix.get(k) != v}
         if changed:
             raise ValueError(
-                "a mixture resumes only with the same " + ", ".join(
-                    f"{k} (checkpoint {a}, now {b})" for k, (a, b) in changed.items())
+                "a mixture resumes only with the same "
+                + ", ".join(f"{k} (checkpoint {a}, now {b})" for k, (a, b) in changed.items())
                 + ": they decide which process reads which blocks"
             )
         counts = {int(k): list(v) for k, v in state_dict["num_samples_yielded"].items()}
@@ -141,8 +160,15 @@ def _for_worker(table: dict[Any, list[int]] | None, rank: int) -> list[int] | No
 
 
 class _MixtureIterator:
-    def __init__(self, datasets: list[StreamingDataset], names: list[str], weights: list[float],
-                 counts: list[int] | None, base: list[int] | None, use_streaming_dataloader: bool) -> None:
+    def __init__(
+        self,
+        datasets: list[StreamingDataset],
+        names: list[str],
+        weights: list[float],
+        counts: list[int] | None,
+        base: list[int] | None,
+        use_streaming_dataloader: bool,
+    ) -> None:
         n = len(datasets)
         self.datasets = datasets
         self.names = names
@@ -233,8 +259,12 @@ def _skip(ds: StreamingDataset, k: int) -> None:
         ds.upcoming_indexes = deque()
         return
     interval = intervals[chunk]
-    order = ds.shuffler(np.arange(interval[1], interval[2]), ds._shuffle_num_chunks, ds.current_epoch,
-                        int(ds.worker_chunks[chunk]))
+    order = ds.shuffler(
+        np.arange(interval[1], interval[2]),
+        ds._shuffle_num_chunks,
+        ds.current_epoch,
+        int(ds.worker_chunks[chunk]),
+    )
     ds.upcoming_indexes = deque(order[k:])
     ds.consumed_sample_count_in_curr_chunk = k
     ds.worker_next_chunk_index = chunk + 1

@@ -121,7 +121,9 @@ class PrepareOptions:
 
     def validate(self) -> None:
         if self.separator not in SEPARATORS:
-            raise ValueError(f"separator must be one of {', '.join(SEPARATORS)}, got {self.separator!r}.")
+            raise ValueError(
+                f"separator must be one of {', '.join(SEPARATORS)}, got {self.separator!r}."
+            )
         for name in ("min_chars", "min_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
@@ -129,7 +131,9 @@ class PrepareOptions:
             raise ValueError(f"chunk_bytes must be at least 1KB, got {self.chunk_bytes}.")
         if self.group_bytes < 1:
             raise ValueError(f"group_bytes must be positive, got {self.group_bytes}.")
-        RecordFilter(self.text_field, frozenset(self.exclude_sets), self.min_chars)  # checks the rest
+        RecordFilter(
+            self.text_field, frozenset(self.exclude_sets), self.min_chars
+        )  # checks the rest
 
     def record_filter(self) -> RecordFilter:
         return RecordFilter(self.text_field, frozenset(self.exclude_sets), self.min_chars)
@@ -155,7 +159,9 @@ class _Output:
 
     @property
     def fs(self) -> Any:
-        if self._fs is None:  # created lazily, in the process that uses it (clients are not fork-safe)
+        if (
+            self._fs is None
+        ):  # created lazily, in the process that uses it (clients are not fork-safe)
             from litdata.streaming.fs_provider import _get_fs_provider
 
             self._fs = _get_fs_provider(self.url, self.storage_options)
@@ -240,10 +246,14 @@ def is_prepared(output_dir: str | Path, storage_options: dict[str, Any] | None =
     )
 
 
-def read_stats(output_dir: str | Path, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+def read_stats(
+    output_dir: str | Path, storage_options: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The ``prepare_stats.json`` of a finished prepare."""
     if not is_prepared(output_dir, storage_options):
-        raise ValueError(f"{output_dir} is not a finished prepared dataset; run `orchestrator prepare`.")
+        raise ValueError(
+            f"{output_dir} is not a finished prepared dataset; run `orchestrator prepare`."
+        )
     return json.loads(_Output(output_dir, storage_options).read_text(STATS_FILE))
 
 
@@ -294,7 +304,9 @@ def _auto_group_bytes(routes: list[tuple[str, list[Path]]]) -> int:
     return min(16_000_000, max(64_000, total // 256))
 
 
-def _make_parts(input_path: Path, routes: list[tuple[str, list[Path]]], group_bytes: int) -> list[_Part]:
+def _make_parts(
+    input_path: Path, routes: list[tuple[str, list[Path]]], group_bytes: int
+) -> list[_Part]:
     base = input_path if input_path.is_dir() else input_path.parent
     parts: list[_Part] = []
     for route, files in routes:
@@ -393,8 +405,12 @@ class _SplitWriter:
 
         self._from_numpy = torch.from_numpy
         directory.mkdir(parents=True, exist_ok=True)
-        self.writer = BinaryWriter(str(directory), chunk_bytes=chunk_bytes, item_loader=TokensLoader())
-        self.writer._rank = part_index  # chunk file names: chunk-<part>-<n>.bin, unique across parts
+        self.writer = BinaryWriter(
+            str(directory), chunk_bytes=chunk_bytes, item_loader=TokensLoader()
+        )
+        self.writer._rank = (
+            part_index  # chunk file names: chunk-<part>-<n>.bin, unique across parts
+        )
         self.directory = directory
         self.items = 0
         self.docs = 0
@@ -491,16 +507,18 @@ def _process_part(part: _Part, reporter: _Reporter | None = None) -> dict[str, A
                 reporter.maybe_flush()
         stats.sets = +stats.sets  # drop zero counts left by too_short
         d = stats.to_dict()
-        files.append({
-            "file": label,
-            "part": part.index,
-            "docs": {s: v["docs"] for s, v in per_split.items() if v["docs"]},
-            "tokens": {s: v["tokens"] for s, v in per_split.items() if v["tokens"]},
-            "skipped": {r: c for r, c in d["skipped"].items() if c},
-            "skip_locations": d["skip_locations"],
-            "sets": d["sets"],
-            "error": reader.error,
-        })
+        files.append(
+            {
+                "file": label,
+                "part": part.index,
+                "docs": {s: v["docs"] for s, v in per_split.items() if v["docs"]},
+                "tokens": {s: v["tokens"] for s, v in per_split.items() if v["tokens"]},
+                "skipped": {r: c for r, c in d["skipped"].items() if c},
+                "skip_locations": d["skip_locations"],
+                "sets": d["sets"],
+                "error": reader.error,
+            }
+        )
     splits = {name: w.finish() for name, w in sorted(writers.items())}
     output: _Output | None = _STATE.get("output")
     if output is not None:  # object store: upload now, keep the local disk small
@@ -542,8 +560,16 @@ def _fmt_count(n: float) -> str:
 class _Progress:
     """One status line: parts, input bytes, tokens, tokens/s and ETA (by input bytes)."""
 
-    def __init__(self, enabled: bool, total_parts: int, done_parts: int, total_bytes: int, done_bytes: int,
-                 tokens: int, stream: Any = None) -> None:
+    def __init__(
+        self,
+        enabled: bool,
+        total_parts: int,
+        done_parts: int,
+        total_bytes: int,
+        done_bytes: int,
+        tokens: int,
+        stream: Any = None,
+    ) -> None:
         self.enabled = enabled
         self.stream = stream or sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
@@ -571,9 +597,11 @@ class _Progress:
         eta = (self.total_bytes - self.bytes) / rate_bytes if rate_bytes > 0 else float("nan")
         pct = 100.0 * self.bytes / max(self.total_bytes, 1)
         unit, div = ("GB", 1e9) if self.total_bytes >= 1e9 else ("MB", 1e6)
-        return (f"prepare {pct:5.1f}% | parts {self.done_parts}/{self.total_parts} | "
-                f"{self.bytes / div:.2f}/{self.total_bytes / div:.2f} {unit} | {self.tokens:,} tokens | "
-                f"{_fmt_count(rate_tokens)} tok/s | ETA {_fmt_duration(eta)}")
+        return (
+            f"prepare {pct:5.1f}% | parts {self.done_parts}/{self.total_parts} | "
+            f"{self.bytes / div:.2f}/{self.total_bytes / div:.2f} {unit} | {self.tokens:,} tokens | "
+            f"{_fmt_count(rate_tokens)} tok/s | ETA {_fmt_duration(eta)}"
+        )
 
     def show(self, final: bool = False) -> None:
         if not self.enabled:
@@ -602,14 +630,27 @@ def _check_same_inputs(existing: dict[str, Any], fingerprint: dict[str, Any], ou
         problems.append(f"input {existing.get('input_dir')} (now {fingerprint['input_dir']})")
     if existing.get("tokenizer_sha256") != fingerprint["tokenizer_sha256"]:
         problems.append(
-            f"a different tokenizer ({existing.get('tokenizer_path')}, now {fingerprint['tokenizer_path']})")
+            f"a different tokenizer ({existing.get('tokenizer_path')}, now {fingerprint['tokenizer_path']})"
+        )
     old_opts = existing.get("options")
     if old_opts is not None and old_opts != fingerprint["options"]:
-        changed = sorted(k for k in fingerprint["options"] if old_opts.get(k) != fingerprint["options"][k])
-        problems.append("other settings (" + ", ".join(f"{k}={old_opts.get(k)!r}, now {fingerprint['options'][k]!r}"
-                                                        for k in changed) + ")")
-    elif old_opts is None and existing.get("val_every") not in (None, fingerprint["options"]["val_every"]):
-        problems.append(f"val_every={existing.get('val_every')} (now {fingerprint['options']['val_every']})")
+        changed = sorted(
+            k for k in fingerprint["options"] if old_opts.get(k) != fingerprint["options"][k]
+        )
+        problems.append(
+            "other settings ("
+            + ", ".join(
+                f"{k}={old_opts.get(k)!r}, now {fingerprint['options'][k]!r}" for k in changed
+            )
+            + ")"
+        )
+    elif old_opts is None and existing.get("val_every") not in (
+        None,
+        fingerprint["options"]["val_every"],
+    ):
+        problems.append(
+            f"val_every={existing.get('val_every')} (now {fingerprint['options']['val_every']})"
+        )
     if problems:
         raise ValueError(
             f"{out} was already prepared from {' and '.join(problems)}. Use another output "
@@ -653,9 +694,14 @@ def prepare_dataset(
     in_path, tok_path = Path(input_dir), Path(tokenizer_path)
     out = _Output(output_dir, storage_options)
     opts = PrepareOptions(
-        text_field=text_field, exclude_sets=tuple(sorted(set(exclude_sets))), min_chars=min_chars,
-        min_tokens=min_tokens, separator=separator, chunk_bytes=_parse_bytes(chunk_bytes),
-        group_bytes=1 if group_bytes == "auto" else _parse_bytes(group_bytes), val_every=val_every,
+        text_field=text_field,
+        exclude_sets=tuple(sorted(set(exclude_sets))),
+        min_chars=min_chars,
+        min_tokens=min_tokens,
+        separator=separator,
+        chunk_bytes=_parse_bytes(chunk_bytes),
+        group_bytes=1 if group_bytes == "auto" else _parse_bytes(group_bytes),
+        val_every=val_every,
     )
     # Cheap checks first: nothing is created before the inputs are known to be usable.
     opts.validate()
@@ -679,9 +725,13 @@ def prepare_dataset(
         "tokenizer_path": str(tok_path.resolve()),
         "tokenizer_sha256": _sha256(tok_path),
         "options": asdict(opts),
-        "files": [[label, size, os.stat(path).st_mtime_ns] for p in parts for path, label, size in p.files],
+        "files": [
+            [label, size, os.stat(path).st_mtime_ns] for p in parts for path, label, size in p.files
+        ],
     }
-    fingerprint = json.loads(json.dumps(fingerprint))  # as it reads back from JSON (tuples -> lists)
+    fingerprint = json.loads(
+        json.dumps(fingerprint)
+    )  # as it reads back from JSON (tuples -> lists)
     if is_prepared(output_dir, storage_options) and not overwrite:
         existing = read_stats(output_dir, storage_options)
         _check_same_inputs(existing, fingerprint, out)
@@ -691,7 +741,13 @@ def prepare_dataset(
     if work_dir is not None:
         work = Path(work_dir)
     elif out.remote:
-        work = Path.home() / ".cache" / "orchestrator" / "prepare" / hashlib.sha256(out.url.encode()).hexdigest()[:16]
+        work = (
+            Path.home()
+            / ".cache"
+            / "orchestrator"
+            / "prepare"
+            / hashlib.sha256(out.url.encode()).hexdigest()[:16]
+        )
     else:
         work = out.path / _WORK_DIR
     plan_file = work / "plan.json"
@@ -712,11 +768,25 @@ def prepare_dataset(
     if max_parts is not None:
         pending = pending[:max_parts]
     done_tokens = sum(s["tokens"] for r in records.values() for s in r["splits"].values())
-    bar = _Progress(progress, len(parts), len(records), sum(p.size for p in parts),
-                    sum(p.size for p in parts if p.index in records), done_tokens)
-    job = _Job(str(tok_path.resolve()), opts, str(work), out.url if out.remote else None, dict(storage_options or {}))
+    bar = _Progress(
+        progress,
+        len(parts),
+        len(records),
+        sum(p.size for p in parts),
+        sum(p.size for p in parts if p.index in records),
+        done_tokens,
+    )
+    job = _Job(
+        str(tok_path.resolve()),
+        opts,
+        str(work),
+        out.url if out.remote else None,
+        dict(storage_options or {}),
+    )
     _run_parts(pending, job, num_workers, start_method, bar, records)
-    bar.tokens = sum(s["tokens"] for r in records.values() for s in r["splits"].values())  # exact, not streamed
+    bar.tokens = sum(
+        s["tokens"] for r in records.values() for s in r["splits"].values()
+    )  # exact, not streamed
     bar.show(final=True)
     if len(records) < len(parts):
         return {"finished": False, "parts_done": len(records), "parts": len(parts)}
@@ -724,7 +794,11 @@ def prepare_dataset(
     stats = _summarize(records, parts, fingerprint, layout, tokenizer, opts)
     for split in SPLITS:
         if stats["splits"][split]["docs"] == 0:
-            hint = " (hash holdout: lower --val-every)" if split == "val" and layout != "slimpajama" else ""
+            hint = (
+                " (hash holdout: lower --val-every)"
+                if split == "val" and layout != "slimpajama"
+                else ""
+            )
             raise ValueError(
                 f"Split {split!r} of {in_path} has no usable documents{hint} "
                 f"(skipped records: {stats['skipped']}). Check the input files; staged parts stay in {work}."
@@ -734,8 +808,14 @@ def prepare_dataset(
     return stats
 
 
-def _run_parts(pending: list[_Part], job: _Job, num_workers: int, start_method: str | None, bar: _Progress,
-               records: dict[int, dict[str, Any]]) -> None:
+def _run_parts(
+    pending: list[_Part],
+    job: _Job,
+    num_workers: int,
+    start_method: str | None,
+    bar: _Progress,
+    records: dict[int, dict[str, Any]],
+) -> None:
     if not pending:
         return
     # Import the chunk writer here, once: forked workers inherit it instead of each importing
@@ -759,7 +839,9 @@ def _run_parts(pending: list[_Part], job: _Job, num_workers: int, start_method: 
     ctx = mp.get_context(method)
     q = ctx.Queue()
     failures: list[BaseException] = []
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(job, q), maxtasksperchild=None) as pool:
+    with ctx.Pool(
+        workers, initializer=_init_worker, initargs=(job, q), maxtasksperchild=None
+    ) as pool:
         results = [(p, pool.apply_async(_process_part, (p,))) for p in pending]
         try:
             remaining = list(results)
@@ -774,8 +856,11 @@ def _run_parts(pending: list[_Part], job: _Job, num_workers: int, start_method: 
                         records[p.index] = r.get()
                         bar.part_done()
                     except Exception as e:  # noqa: BLE001 - re-raised below with the part's files
-                        failures.append(RuntimeError(
-                            f"Tokenizing {', '.join(f[1] for f in p.files)} failed: {type(e).__name__}: {e}"))
+                        failures.append(
+                            RuntimeError(
+                                f"Tokenizing {', '.join(f[1] for f in p.files)} failed: {type(e).__name__}: {e}"
+                            )
+                        )
                 remaining = still
                 if failures:
                     pool.terminate()
@@ -805,17 +890,27 @@ def _drain(q: Any, bar: _Progress, timeout: float) -> None:
         pass
 
 
-def _summarize(records: dict[int, dict[str, Any]], parts: list[_Part], fingerprint: dict[str, Any], layout: str,
-               tokenizer: Tokenizer, opts: PrepareOptions) -> dict[str, Any]:
+def _summarize(
+    records: dict[int, dict[str, Any]],
+    parts: list[_Part],
+    fingerprint: dict[str, Any],
+    layout: str,
+    tokenizer: Tokenizer,
+    opts: PrepareOptions,
+) -> dict[str, Any]:
     totals = SkipStats()
     split_skips = {s: SkipStats() for s in SPLITS}
-    split_docs = {s: {"docs": 0, "tokens": 0, "chunks": 0, "files": 0, "sets": Counter()} for s in SPLITS}
+    split_docs = {
+        s: {"docs": 0, "tokens": 0, "chunks": 0, "files": 0, "sets": Counter()} for s in SPLITS
+    }
     files = []
     for p in parts:
         rec = records[p.index]
         for f in rec["files"]:
-            fs = SkipStats(skipped=Counter(f["skipped"]),
-                           locations={k: list(v) for k, v in f["skip_locations"].items()})
+            fs = SkipStats(
+                skipped=Counter(f["skipped"]),
+                locations={k: list(v) for k, v in f["skip_locations"].items()},
+            )
             totals.merge(fs)
             # Skips belong to a file; for a hash holdout they are reported with train.
             split_skips["val" if p.route == "val" else "train"].merge(fs)
@@ -831,9 +926,14 @@ def _summarize(records: dict[int, dict[str, Any]], parts: list[_Part], fingerpri
     for name in SPLITS:
         d, sk = split_docs[name], split_skips[name].to_dict()
         splits[name] = {
-            "files": d["files"], "docs": d["docs"], "tokens": d["tokens"], "chunks": d["chunks"],
-            "skipped": sk["skipped"], "skipped_total": sk["skipped_total"],
-            "sets": dict(sorted(d["sets"].items())), "skip_locations": sk["skip_locations"],
+            "files": d["files"],
+            "docs": d["docs"],
+            "tokens": d["tokens"],
+            "chunks": d["chunks"],
+            "skipped": sk["skipped"],
+            "skipped_total": sk["skipped_total"],
+            "sets": dict(sorted(d["sets"].items())),
+            "skip_locations": sk["skip_locations"],
         }
     totals.docs = sum(d["docs"] for d in split_docs.values())
     t = totals.to_dict()
@@ -861,8 +961,13 @@ def _summarize(records: dict[int, dict[str, Any]], parts: list[_Part], fingerpri
     }
 
 
-def _merge(out: _Output, work: Path, records: dict[int, dict[str, Any]], parts: list[_Part],
-           stats: dict[str, Any]) -> None:
+def _merge(
+    out: _Output,
+    work: Path,
+    records: dict[int, dict[str, Any]],
+    parts: list[_Part],
+    stats: dict[str, Any],
+) -> None:
     """Publish: chunks into place, one index.json per split, stats, then the marker."""
     started = work / "merge_started"
     if not started.exists():
@@ -883,19 +988,30 @@ def _merge(out: _Output, work: Path, records: dict[int, dict[str, Any]], parts: 
             if config is None:
                 config = s["config"]
             elif config["data_format"] != s["config"]["data_format"]:
-                raise RuntimeError(f"part {p.index} was written with data format {s['config']['data_format']}, "
-                                   f"others with {config['data_format']}; rerun with --overwrite")
+                raise RuntimeError(
+                    f"part {p.index} was written with data format {s['config']['data_format']}, "
+                    f"others with {config['data_format']}; rerun with --overwrite"
+                )
             for c in s["chunks"]:
                 if not out.remote:
                     src = work / "parts" / f"{p.index:07d}" / split / c["filename"]
                     dst = out.path / split / c["filename"]
                     if src.exists():
                         dst.parent.mkdir(parents=True, exist_ok=True)
-                        shutil.move(src, dst)  # a rename on one filesystem (--work-dir may be elsewhere)
+                        shutil.move(
+                            src, dst
+                        )  # a rename on one filesystem (--work-dir may be elsewhere)
                     elif not dst.exists():
-                        raise RuntimeError(f"chunk {src} of a finished part is missing; rerun with --overwrite")
+                        raise RuntimeError(
+                            f"chunk {src} of a finished part is missing; rerun with --overwrite"
+                        )
                 chunks.append(c)
-        out.put_text(json.dumps({"chunks": chunks, "config": config, "updated_at": str(time.time())},
-                                sort_keys=True), split, "index.json")
+        out.put_text(
+            json.dumps(
+                {"chunks": chunks, "config": config, "updated_at": str(time.time())}, sort_keys=True
+            ),
+            split,
+            "index.json",
+        )
     out.put_text(json.dumps(stats, indent=1) + "\n", STATS_FILE)
     out.put_text("ok\n", COMPLETE_MARKER)  # last: marks everything above as finished

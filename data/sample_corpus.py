@@ -48,18 +48,63 @@ _ZSTD_LEVEL = 3
 # Vocabulary for generated names and facts.
 # ---------------------------------------------------------------------------------------------
 
-_ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr",
-           "st", "tr", "sh", "th", "gr", "pl", "h", "j"]
+_ONSETS = [
+    "b",
+    "d",
+    "f",
+    "g",
+    "k",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "t",
+    "v",
+    "z",
+    "br",
+    "dr",
+    "kr",
+    "st",
+    "tr",
+    "sh",
+    "th",
+    "gr",
+    "pl",
+    "h",
+    "j",
+]
 _VOWELS = ["a", "e", "i", "o", "u", "ai", "ei", "ou", "ia", "y"]
 _CODAS = ["", "", "", "n", "r", "l", "s", "m", "th", "nd", "rk", "st"]
 
 _CONTINENTS = ["Norvania", "Sudrel", "Estmark", "Westhalla"]
 _DIRECTIONS = ["north", "south", "east", "west", "centre"]
 _RIVER_WORDS = ["river", "lake", "bay", "valley"]
-_INDUSTRIES = ["wool", "grain", "salt", "timber", "copper", "fish", "glass", "wine", "paper",
-               "iron"]
-_PROFESSIONS = ["chemist", "painter", "poet", "engineer", "astronomer", "composer", "architect",
-                "botanist", "historian", "mathematician"]
+_INDUSTRIES = [
+    "wool",
+    "grain",
+    "salt",
+    "timber",
+    "copper",
+    "fish",
+    "glass",
+    "wine",
+    "paper",
+    "iron",
+]
+_PROFESSIONS = [
+    "chemist",
+    "painter",
+    "poet",
+    "engineer",
+    "astronomer",
+    "composer",
+    "architect",
+    "botanist",
+    "historian",
+    "mathematician",
+]
 _WORKS = {
     "chemist": "a study of {x} salts",
     "painter": "a series of paintings of {x}",
@@ -74,13 +119,37 @@ _WORKS = {
 }
 _ANIMALS = ["fox", "owl", "rabbit", "cat", "dog", "goat", "crow", "bear", "duck", "mouse"]
 _OBJECTS = ["key", "lamp", "map", "coin", "book", "bell", "basket", "ribbon", "stone", "box"]
-_PLACES = ["forest", "market", "river", "hill", "garden", "mill", "harbour", "bridge", "field",
-           "well"]
+_PLACES = [
+    "forest",
+    "market",
+    "river",
+    "hill",
+    "garden",
+    "mill",
+    "harbour",
+    "bridge",
+    "field",
+    "well",
+]
 _COLOURS = ["red", "blue", "green", "yellow", "white", "black", "silver", "brown"]
 _DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 _FOODS = ["bread", "soup", "cake", "pie", "stew", "porridge", "salad", "pancakes"]
-_INGREDIENTS = ["flour", "butter", "eggs", "milk", "sugar", "salt", "onions", "carrots", "apples",
-                "cheese", "honey", "rice", "beans", "tomatoes"]
+_INGREDIENTS = [
+    "flour",
+    "butter",
+    "eggs",
+    "milk",
+    "sugar",
+    "salt",
+    "onions",
+    "carrots",
+    "apples",
+    "cheese",
+    "honey",
+    "rice",
+    "beans",
+    "tomatoes",
+]
 _SHOPS = ["Bakery", "Library", "Pharmacy", "Museum", "Post Office", "Market Hall", "Bookshop"]
 
 
@@ -320,8 +389,13 @@ def _py_country(rng: random.Random, world: list[_Country]) -> str:
 
 
 def _github(rng: random.Random, world: list[_Country]) -> str:
-    makers: list[Callable[[random.Random], str]] = [_py_scale, _py_sum, _py_count, _py_max,
-                                                    _py_class]
+    makers: list[Callable[[random.Random], str]] = [
+        _py_scale,
+        _py_sum,
+        _py_count,
+        _py_max,
+        _py_class,
+    ]
     parts = [f"# {_name(rng, 2, 2).lower()}_utils.py\n\n"]
     for i in range(rng.randint(2, 3)):
         if i > 0:
@@ -519,9 +593,11 @@ def write_sample_corpus(
     }
     plan = {
         ("train", "example_train", train_docs): _split_files(
-            out, "train", "example_train", train_docs, docs_per_shard),
+            out, "train", "example_train", train_docs, docs_per_shard
+        ),
         ("validation", "example_holdout", val_docs): _split_files(
-            out, "validation", "example_holdout", val_docs, docs_per_shard),
+            out, "validation", "example_holdout", val_docs, docs_per_shard
+        ),
     }
     marker = out / MARKER_NAME
     if marker.is_file():

@@ -79,7 +79,9 @@ class SkipStats:
     # reason -> ["file:line", ...] (the first MAX_LOCATIONS of each reason)
     locations: dict[str, list[str]] = field(default_factory=dict)
 
-    def skip(self, reason: str, file: str | Path | None = None, line: int | None = None, count: int = 1) -> None:
+    def skip(
+        self, reason: str, file: str | Path | None = None, line: int | None = None, count: int = 1
+    ) -> None:
         if reason not in SKIP_REASONS:
             raise ValueError(f"unknown skip reason {reason!r}; expected one of {SKIP_REASONS}")
         self.skipped[reason] += count
@@ -106,22 +108,31 @@ class SkipStats:
             "skipped": {r: self.skipped.get(r, 0) for r in SKIP_REASONS},
             "skipped_total": self.total_skipped,
             "sets": dict(sorted(self.sets.items())),
-            "skip_locations": {r: list(self.locations[r]) for r in SKIP_REASONS if self.locations.get(r)},
+            "skip_locations": {
+                r: list(self.locations[r]) for r in SKIP_REASONS if self.locations.get(r)
+            },
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SkipStats:
-        return cls(docs=int(d["docs"]), skipped=Counter({k: v for k, v in d.get("skipped", {}).items() if v}),
-                   sets=Counter(d.get("sets", {})),
-                   locations={k: list(v) for k, v in d.get("skip_locations", {}).items()})
+        return cls(
+            docs=int(d["docs"]),
+            skipped=Counter({k: v for k, v in d.get("skipped", {}).items() if v}),
+            sets=Counter(d.get("sets", {})),
+            locations={k: list(v) for k, v in d.get("skip_locations", {}).items()},
+        )
 
 
 @dataclass(frozen=True)
 class RecordFilter:
     """Which field holds the text and which documents to keep."""
 
-    text_field: str = "text"  # SlimPajama: "text"; StarCoder: "content". Dotted for nested JSON keys.
-    exclude_sets: frozenset[str] = frozenset()  # meta.redpajama_set_name values to drop (e.g. RedPajamaGithub)
+    text_field: str = (
+        "text"  # SlimPajama: "text"; StarCoder: "content". Dotted for nested JSON keys.
+    )
+    exclude_sets: frozenset[str] = (
+        frozenset()
+    )  # meta.redpajama_set_name values to drop (e.g. RedPajamaGithub)
     min_chars: int = 0  # documents with fewer characters (after stripping whitespace) are dropped
 
     def __post_init__(self) -> None:
@@ -413,7 +424,9 @@ class ShardReader:
         try:
             for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=columns):
                 texts = batch.column(0).to_pylist()
-                metas: Iterable[Any] = batch.column(1).to_pylist() if len(columns) > 1 else [None] * len(texts)
+                metas: Iterable[Any] = (
+                    batch.column(1).to_pylist() if len(columns) > 1 else [None] * len(texts)
+                )
                 for text, meta in zip(texts, metas, strict=True):
                     row += 1
                     set_name = _set_name_of(meta) if meta is not None else "unknown"
@@ -426,15 +439,17 @@ class ShardReader:
     error: str | None = None  # what damaged the file, if anything (for reports)
 
 
-def iter_records(path: str | Path, stats: SkipStats | None = None, filter: RecordFilter | None = None
-                 ) -> Iterator[tuple[str, str]]:
+def iter_records(
+    path: str | Path, stats: SkipStats | None = None, filter: RecordFilter | None = None
+) -> Iterator[tuple[str, str]]:
     """Yield ``(text, set_name)`` for every kept record of one file, counting skips in ``stats``."""
     for rec in ShardReader(path, stats, filter):
         yield rec.text, rec.set_name
 
 
-def iter_documents(path: str | Path, stats: SkipStats | None = None, filter: RecordFilter | None = None
-                   ) -> Iterator[str]:
+def iter_documents(
+    path: str | Path, stats: SkipStats | None = None, filter: RecordFilter | None = None
+) -> Iterator[str]:
     """Yield the text of every kept record of one file, counting skips in ``stats``."""
     for rec in ShardReader(path, stats, filter):
         yield rec.text

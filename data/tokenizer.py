@@ -24,7 +24,13 @@ import sentencepiece as spm
 
 from data.shards import RecordFilter, SkipStats, find_shards, iter_documents
 
-__all__ = ["SEPARATORS", "Tokenizer", "install_tokenizer", "train_tokenizer", "resolve_training_dir"]
+__all__ = [
+    "SEPARATORS",
+    "Tokenizer",
+    "install_tokenizer",
+    "train_tokenizer",
+    "resolve_training_dir",
+]
 
 # How documents are delimited in the token stream (``prepare --separator``).
 SEPARATORS = ("bos+eos", "eos", "bos")
@@ -177,8 +183,13 @@ def install_tokenizer(source: str | Path, output_prefix: str | Path) -> Path:
     return out_model
 
 
-def _train(sentences: Iterator[str], model: io.BytesIO, vocab_size: int, num_threads: int | None,
-           byte_fallback: bool = True) -> None:
+def _train(
+    sentences: Iterator[str],
+    model: io.BytesIO,
+    vocab_size: int,
+    num_threads: int | None,
+    byte_fallback: bool = True,
+) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=sentences,
         model_writer=model,
@@ -255,12 +266,16 @@ class Tokenizer:
     def separator_ids(self, separator: str) -> tuple[list[int], list[int]]:
         """(ids before, ids after) each document for a ``prepare --separator`` value."""
         if separator not in SEPARATORS:
-            raise ValueError(f"separator must be one of {', '.join(SEPARATORS)}, got {separator!r}.")
+            raise ValueError(
+                f"separator must be one of {', '.join(SEPARATORS)}, got {separator!r}."
+            )
         before = [self.bos_id] if separator.startswith("bos") else []
         after = [self.eos_id] if separator.endswith("eos") else []
         if any(i < 0 for i in before + after):
-            raise ValueError(f"{self.path} has no {'bos' if self.bos_id < 0 else 'eos'} token for separator "
-                             f"{separator!r}; pick another --separator or a Llama-style tokenizer.")
+            raise ValueError(
+                f"{self.path} has no {'bos' if self.bos_id < 0 else 'eos'} token for separator "
+                f"{separator!r}; pick another --separator or a Llama-style tokenizer."
+            )
         return before, after
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:

@@ -27,15 +27,27 @@ LossKernel = Literal["auto", "cross_entropy", "chunked", "liger_fused", "liger",
 
 # Fields that choose an implementation, not a model: they may differ between a checkpoint and the
 # run that resumes from it.
-KERNEL_FIELDS = ("attention", "rmsnorm_kernel", "swiglu_kernel", "rope_kernel", "loss_kernel", "compile")
+KERNEL_FIELDS = (
+    "attention",
+    "rmsnorm_kernel",
+    "swiglu_kernel",
+    "rope_kernel",
+    "loss_kernel",
+    "compile",
+)
 
 
 @dataclass
 class ModelConfig:
     """Llama-2 architecture hyper-parameters, plus optional research variants (all off by default)."""
 
-    name: str = doc("tinyllama-1.1b", "Named size to start from (see `orchestrator models`); other model keys override it.")
-    vocab_size: int = doc(32000, "Vocabulary size (rows of the embedding); must be >= the tokenizer's.")
+    name: str = doc(
+        "tinyllama-1.1b",
+        "Named size to start from (see `orchestrator models`); other model keys override it.",
+    )
+    vocab_size: int = doc(
+        32000, "Vocabulary size (rows of the embedding); must be >= the tokenizer's."
+    )
     n_layers: int = doc(22, "Number of transformer blocks.")
     d_model: int = doc(2048, "Width of the residual stream.")
     n_heads: int = doc(32, "Query heads; must divide d_model.")
@@ -45,7 +57,9 @@ class ModelConfig:
     rope_base: float = doc(10000.0, "RoPE base frequency (theta).")
     norm_eps: float = doc(1e-5, "RMSNorm epsilon.")
     tie_embeddings: bool = doc(False, "Share the input embedding and the output projection.")
-    init_std: float = doc(0.02, "Std of the normal init; residual projections are scaled by 1/sqrt(2*n_layers).")
+    init_std: float = doc(
+        0.02, "Std of the normal init; residual projections are scaled by 1/sqrt(2*n_layers)."
+    )
     attention: AttentionKernel = doc(
         "auto",
         "Attention kernel: `sdpa` (torch scaled_dot_product_attention; its CUDA flash backend is "
@@ -54,27 +68,32 @@ class ModelConfig:
         "math), `auto` (flash_attn when installed and usable, else sdpa).",
     )
     rmsnorm_kernel: RMSNormKernel = doc(
-        "auto", "RMSNorm: `eager` (reference), `liger` (liger-kernel), `flash_attn` (flash-attn's Triton "
-        "rms_norm); `auto`: liger, then flash_attn, on CUDA when installed, else eager."
+        "auto",
+        "RMSNorm: `eager` (reference), `liger` (liger-kernel), `flash_attn` (flash-attn's Triton "
+        "rms_norm); `auto`: liger, then flash_attn, on CUDA when installed, else eager.",
     )
     swiglu_kernel: SwiGLUKernel = doc(
-        "auto", "SwiGLU activation silu(gate) * up: `eager`, `liger`, `flash_attn`, or `xformers` (its fused "
-        "SwiGLU op, projections included); `auto`: liger, then flash_attn, on CUDA when installed, else eager."
+        "auto",
+        "SwiGLU activation silu(gate) * up: `eager`, `liger`, `flash_attn`, or `xformers` (its fused "
+        "SwiGLU op, projections included); `auto`: liger, then flash_attn, on CUDA when installed, else eager.",
     )
     rope_kernel: RoPEKernel = doc(
-        "auto", "Rotary embedding: `eager`, `liger`, `flash_attn` (Triton rotary); `auto`: liger, then "
-        "flash_attn, on CUDA when installed, else eager."
+        "auto",
+        "Rotary embedding: `eager`, `liger`, `flash_attn` (Triton rotary); `auto`: liger, then "
+        "flash_attn, on CUDA when installed, else eager.",
     )
     loss_kernel: LossKernel = doc(
-        "auto", "Training loss: `cross_entropy` (logits, then F.cross_entropy in fp32: the reference), "
+        "auto",
+        "Training loss: `cross_entropy` (logits, then F.cross_entropy in fp32: the reference), "
         "`chunked` (fused linear + cross-entropy in plain PyTorch over token chunks, gradients computed in "
         "the forward: the [tokens x vocab] logits never exist), `liger_fused` (liger-kernel's fused linear + "
         "cross-entropy), `liger` / `flash_attn` (their cross-entropy on the logits); `auto`: liger_fused on "
         "CUDA when installed, else chunked.",
     )
     compile: bool = doc(
-        False, "torch.compile each transformer block (applied by the trainer after the model is built; "
-        "parameter names unchanged)."
+        False,
+        "torch.compile each transformer block (applied by the trainer after the model is built; "
+        "parameter names unchanged).",
     )
     attn_gate: AttnGate = doc(
         "none",
@@ -95,13 +114,23 @@ class ModelConfig:
     @property
     def gate_dim(self) -> int:
         """Output width of the attention gate projection (0 when there is no gate)."""
-        return {"none": 0, "headwise": self.n_heads, "elementwise": self.n_heads * self.head_dim}[self.attn_gate]
+        return {"none": 0, "headwise": self.n_heads, "elementwise": self.n_heads * self.head_dim}[
+            self.attn_gate
+        ]
 
     def validate(self) -> None:
         """Raise ConfigError naming the offending key and the fix; called before anything is built."""
         from orchestrator.schema import ConfigError
 
-        for key in ("vocab_size", "n_layers", "d_model", "n_heads", "n_kv_heads", "ffn_hidden", "max_seq_len"):
+        for key in (
+            "vocab_size",
+            "n_layers",
+            "d_model",
+            "n_heads",
+            "n_kv_heads",
+            "ffn_hidden",
+            "max_seq_len",
+        ):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"model.{key} must be positive, got {getattr(self, key)}")
         if self.d_model % self.n_heads:
@@ -115,7 +144,9 @@ class ModelConfig:
                 f"grouped-query attention needs n_heads % n_kv_heads == 0 (e.g. {_divisors_hint(self.n_heads)})"
             )
         if self.head_dim % 2:
-            raise ConfigError(f"model head_dim = d_model/n_heads = {self.head_dim} must be even for RoPE")
+            raise ConfigError(
+                f"model head_dim = d_model/n_heads = {self.head_dim} must be even for RoPE"
+            )
         for key in ("rope_base", "norm_eps", "init_std"):
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or not value > 0:
@@ -156,7 +187,9 @@ class ModelConfig:
 
     def num_non_embedding_params(self) -> int:
         """Parameters outside the embedding and output projection (the N of scaling-law fits)."""
-        return self.num_params() - self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
+        return self.num_params() - self.vocab_size * self.d_model * (
+            1 if self.tie_embeddings else 2
+        )
 
 
 # The ladder of named sizes. `tiny` learns the sample corpus on a CPU in minutes (its own
@@ -164,27 +197,77 @@ class ModelConfig:
 # 2b) and grouped-query attention; `llama-124m` is GPT-2-small scale (the model llm.c reproduces),
 # `tinyllama-1.1b` is exactly the released TinyLlama shape (1,100,048,384 parameters).
 SIZES: dict[str, dict] = {
-    "tiny": dict(vocab_size=1024, n_layers=4, d_model=256, n_heads=8, n_kv_heads=4, ffn_hidden=688, max_seq_len=256),
+    "tiny": dict(
+        vocab_size=1024,
+        n_layers=4,
+        d_model=256,
+        n_heads=8,
+        n_kv_heads=4,
+        ffn_hidden=688,
+        max_seq_len=256,
+    ),
     "llama-20m": dict(
-        vocab_size=32000, n_layers=6, d_model=256, n_heads=4, n_kv_heads=2, ffn_hidden=704, max_seq_len=2048
+        vocab_size=32000,
+        n_layers=6,
+        d_model=256,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_hidden=704,
+        max_seq_len=2048,
     ),
     "llama-60m": dict(
-        vocab_size=32000, n_layers=8, d_model=512, n_heads=8, n_kv_heads=2, ffn_hidden=1408, max_seq_len=2048
+        vocab_size=32000,
+        n_layers=8,
+        d_model=512,
+        n_heads=8,
+        n_kv_heads=2,
+        ffn_hidden=1408,
+        max_seq_len=2048,
     ),
     "llama-124m": dict(
-        vocab_size=32000, n_layers=12, d_model=768, n_heads=12, n_kv_heads=4, ffn_hidden=2048, max_seq_len=2048
+        vocab_size=32000,
+        n_layers=12,
+        d_model=768,
+        n_heads=12,
+        n_kv_heads=4,
+        ffn_hidden=2048,
+        max_seq_len=2048,
     ),
     "llama-400m": dict(
-        vocab_size=32000, n_layers=24, d_model=1024, n_heads=16, n_kv_heads=4, ffn_hidden=3584, max_seq_len=2048
+        vocab_size=32000,
+        n_layers=24,
+        d_model=1024,
+        n_heads=16,
+        n_kv_heads=4,
+        ffn_hidden=3584,
+        max_seq_len=2048,
     ),
     "llama-700m": dict(
-        vocab_size=32000, n_layers=24, d_model=1536, n_heads=24, n_kv_heads=4, ffn_hidden=4096, max_seq_len=2048
+        vocab_size=32000,
+        n_layers=24,
+        d_model=1536,
+        n_heads=24,
+        n_kv_heads=4,
+        ffn_hidden=4096,
+        max_seq_len=2048,
     ),
     "tinyllama-1.1b": dict(
-        vocab_size=32000, n_layers=22, d_model=2048, n_heads=32, n_kv_heads=4, ffn_hidden=5632, max_seq_len=2048
+        vocab_size=32000,
+        n_layers=22,
+        d_model=2048,
+        n_heads=32,
+        n_kv_heads=4,
+        ffn_hidden=5632,
+        max_seq_len=2048,
     ),
     "llama-2b": dict(
-        vocab_size=32000, n_layers=28, d_model=2560, n_heads=32, n_kv_heads=8, ffn_hidden=6912, max_seq_len=2048
+        vocab_size=32000,
+        n_layers=28,
+        d_model=2560,
+        n_heads=32,
+        n_kv_heads=8,
+        ffn_hidden=6912,
+        max_seq_len=2048,
     ),
 }
 

@@ -36,7 +36,9 @@ def matmul_params(cfg: ModelConfig) -> int:
     return cfg.n_layers * per_layer + cfg.vocab_size * d
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int | None = None, causal: bool = False) -> dict[str, float]:
+def flops_per_token(
+    cfg: ModelConfig, seq_len: int | None = None, causal: bool = False
+) -> dict[str, float]:
     """FLOPs per token of a sequence of `seq_len` tokens (default: model.max_seq_len).
 
     Returns a dict: `matmul` (forward, weight matmuls), `attention` (forward, scores and
@@ -57,7 +59,13 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None, causal: bool =
     }
 
 
-def mfu(tokens_per_second: float, cfg: ModelConfig, seq_len: int, peak_flops: float, causal: bool = False) -> float:
+def mfu(
+    tokens_per_second: float,
+    cfg: ModelConfig,
+    seq_len: int,
+    peak_flops: float,
+    causal: bool = False,
+) -> float:
     """Model FLOPs utilisation: achieved training FLOP/s over the hardware's peak (all devices).
 
     `tokens_per_second` and `peak_flops` must cover the same devices (e.g. the global

@@ -61,7 +61,9 @@ _LIBS: dict[str, SimpleNamespace | str] = {}  # name -> functions, or the reason
 def _import_flash_attn() -> SimpleNamespace:
     from flash_attn import flash_attn_func
 
-    ns = SimpleNamespace(flash_attn_func=flash_attn_func, rms_norm=None, rotary=None, cross_entropy=None, swiglu=None)
+    ns = SimpleNamespace(
+        flash_attn_func=flash_attn_func, rms_norm=None, rotary=None, cross_entropy=None, swiglu=None
+    )
     # The Triton ops are separate modules; older releases lack some of them.
     for attr, module, name in (
         ("rms_norm", "flash_attn.ops.triton.layer_norm", "rms_norm_fn"),
@@ -112,7 +114,11 @@ def _with_fp32_accumulation(fused_linear_cross_entropy):
     return fused_linear_cross_entropy
 
 
-_IMPORTERS = {"flash_attn": _import_flash_attn, "xformers": _import_xformers, "liger": _import_liger}
+_IMPORTERS = {
+    "flash_attn": _import_flash_attn,
+    "xformers": _import_xformers,
+    "liger": _import_liger,
+}
 _PACKAGES = {"flash_attn": "flash-attn", "xformers": "xformers", "liger": "liger-kernel"}
 
 
@@ -155,7 +161,9 @@ class KernelPlan:
     loss: str = "cross_entropy"
 
 
-EAGER = KernelPlan(attention="eager", rmsnorm="eager", swiglu="eager", rope="eager", loss="cross_entropy")
+EAGER = KernelPlan(
+    attention="eager", rmsnorm="eager", swiglu="eager", rope="eager", loss="cross_entropy"
+)
 
 # (library, attribute that must exist) for every named kernel; eager/sdpa/chunked/cross_entropy need none.
 _NEEDS = {
@@ -180,7 +188,13 @@ _AUTO_CUDA = {
     "rope": ("liger", "flash_attn", "eager"),
     "loss": ("liger_fused", "chunked"),
 }
-_AUTO_CPU = {"attention": "sdpa", "rmsnorm": "eager", "swiglu": "eager", "rope": "eager", "loss": "chunked"}
+_AUTO_CPU = {
+    "attention": "sdpa",
+    "rmsnorm": "eager",
+    "swiglu": "eager",
+    "rope": "eager",
+    "loss": "chunked",
+}
 CONFIG_KEYS = {
     "attention": "model.attention",
     "rmsnorm": "model.rmsnorm_kernel",
@@ -237,11 +251,19 @@ def compute_dtype(device_type: str, default: torch.dtype) -> torch.dtype:
 @torch.compiler.disable
 def plan(cfg, device: torch.device, dtype: torch.dtype) -> KernelPlan:
     """Resolve cfg's kernel strings for tensors on `device` computing in `dtype` (cached)."""
-    wanted = (cfg.attention, cfg.rmsnorm_kernel, cfg.swiglu_kernel, cfg.rope_kernel, cfg.loss_kernel)
+    wanted = (
+        cfg.attention,
+        cfg.rmsnorm_kernel,
+        cfg.swiglu_kernel,
+        cfg.rope_kernel,
+        cfg.loss_kernel,
+    )
     key = (wanted, device.type, dtype)
     if key not in _PLANS:
         ops = ("attention", "rmsnorm", "swiglu", "rope", "loss")
-        _PLANS[key] = KernelPlan(**{op: choose(op, w, device.type, dtype) for op, w in zip(ops, wanted)})
+        _PLANS[key] = KernelPlan(
+            **{op: choose(op, w, device.type, dtype) for op, w in zip(ops, wanted)}
+        )
     return _PLANS[key]
 
 
@@ -307,12 +329,18 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, kernel: str) -> torch.Tensor:
     if kernel == "liger":
         return _LIBS["liger"].swiglu(gate, up)
     if kernel == "flash_attn":
-        gate, up = _to_half(gate, up) if compute_dtype(gate.device.type, gate.dtype) in HALF else (gate, up)
+        gate, up = (
+            _to_half(gate, up)
+            if compute_dtype(gate.device.type, gate.dtype) in HALF
+            else (gate, up)
+        )
         return _LIBS["flash_attn"].swiglu(gate, up)
     raise ValueError(f"unknown swiglu kernel {kernel!r}")
 
 
-def swiglu_ffn(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+def swiglu_ffn(
+    x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor
+) -> torch.Tensor:
     """xformers' fused SwiGLU: w_down(silu(x w_gate^T) * (x w_up^T)). x: (B, T, D) -> (B, T, D).
 
     Its fused path runs for bf16/fp16 on sm80+ GPUs (otherwise xformers falls back to plain ops); under
@@ -349,7 +377,9 @@ def rope(
 # --------------------------------------------------------------------------------------------
 
 
-def output_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, kernel: str) -> torch.Tensor:
+def output_loss(
+    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, kernel: str
+) -> torch.Tensor:
     """Mean cross-entropy of the logits x @ weight^T against targets (IGNORE_INDEX skipped).
 
     x: (B, T, D) final hidden states (after the last norm); weight: (V, D); targets: (B, T).
@@ -363,17 +393,23 @@ def output_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ke
         return chunked_linear_cross_entropy(x2, weight, t, dtype=dtype)
     if kernel == "liger_fused":
         x2, w = x2.to(dtype), weight.to(dtype)
-        return _LIBS["liger"].fused_linear_cross_entropy(x2, w, t, ignore_index=IGNORE_INDEX).float()
+        return (
+            _LIBS["liger"].fused_linear_cross_entropy(x2, w, t, ignore_index=IGNORE_INDEX).float()
+        )
     logits = F.linear(x2.to(dtype), weight.to(dtype))  # (N, V)
     if kernel == "liger":
         return _LIBS["liger"].cross_entropy(logits, t, ignore_index=IGNORE_INDEX).float()
     if kernel == "flash_attn":
-        losses, _ = _LIBS["flash_attn"].cross_entropy(logits, t, ignore_index=IGNORE_INDEX, inplace_backward=True)
+        losses, _ = _LIBS["flash_attn"].cross_entropy(
+            logits, t, ignore_index=IGNORE_INDEX, inplace_backward=True
+        )
         return losses.float().sum() / (t != IGNORE_INDEX).sum().clamp(min=1)
     raise ValueError(f"unknown loss kernel {kernel!r}")
 
 
-CPU_LOGITS_BLOCK_BYTES = 256 * 2**20  # fp32 logits per chunk on a CPU (the block is kept between calls)
+CPU_LOGITS_BLOCK_BYTES = (
+    256 * 2**20
+)  # fp32 logits per chunk on a CPU (the block is kept between calls)
 
 
 def default_chunk_rows(n_rows: int, vocab: int, width: int, device_type: str = "cuda") -> int:
@@ -414,7 +450,9 @@ def chunked_linear_cross_entropy(
     dtype (an fp32 master weight gets it without a round trip through bf16).
     """
     dtype = dtype or x.dtype
-    chunk_rows = chunk_rows or default_chunk_rows(x.shape[0], weight.shape[0], x.shape[1], x.device.type)
+    chunk_rows = chunk_rows or default_chunk_rows(
+        x.shape[0], weight.shape[0], x.shape[1], x.device.type
+    )
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return _ChunkedLinearCrossEntropy.apply(x, weight, targets, chunk_rows, dtype)
     with torch.no_grad():
@@ -423,7 +461,10 @@ def chunked_linear_cross_entropy(
         total = x.new_zeros((), dtype=torch.float32)
         blocks = _LogitsBlocks(min(chunk_rows, x.shape[0]), weight.shape[0], x.device, dtype)
         for start in range(0, x.shape[0], chunk_rows):
-            xc, tc = x[start : start + chunk_rows], targets[start : start + chunk_rows]  # (n, D), (n,)
+            xc, tc = (
+                x[start : start + chunk_rows],
+                targets[start : start + chunk_rows],
+            )  # (n, D), (n,)
             total += _exp_nll(blocks.logits(xc, w_t), tc, blocks.fp32(xc.shape[0]))[0]
         return total / count
 
@@ -445,7 +486,9 @@ class _LogitsBlocks:
         self._half = None if self.half is None else self._buffer(rows, vocab, device, dtype)
 
     @classmethod
-    def _buffer(cls, rows: int, vocab: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    def _buffer(
+        cls, rows: int, vocab: int, device: torch.device, dtype: torch.dtype
+    ) -> torch.Tensor:
         if device.type != "cpu":
             return torch.empty(rows, vocab, dtype=dtype, device=device)
         if any(key[:2] != (rows, vocab) for key in cls._cpu_cache):
@@ -496,13 +539,18 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         N = x.shape[0]
         xd, wd = x.to(dtype), weight.to(dtype)  # (N, D), (V, D): no copies when already in dtype
         grad_x = torch.empty_like(x) if want_x else None  # (N, D), x's dtype
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None  # (V, D)
+        grad_w = (
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        )  # (V, D)
         total = x.new_zeros((), dtype=torch.float32)
         count = (targets != IGNORE_INDEX).sum().clamp(min=1)
         blocks = _LogitsBlocks(min(chunk_rows, N), weight.shape[0], x.device, dtype)
         w_t = wd.t()  # (D, V)
         for start in range(0, N, chunk_rows):
-            xc, tc = xd[start : start + chunk_rows], targets[start : start + chunk_rows]  # (n, D), (n,)
+            xc, tc = (
+                xd[start : start + chunk_rows],
+                targets[start : start + chunk_rows],
+            )  # (n, D), (n,)
             n = xc.shape[0]
             nll, exps, row_sum = _exp_nll(blocks.logits(xc, w_t), tc, blocks.fp32(n))
             total += nll
@@ -510,7 +558,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             # with scale = 1 / (row_sum * count), and 0 on ignored rows (no separate masking pass).
             rows = torch.arange(n, device=exps.device)
             exps[rows, tc.clamp(min=0)] -= row_sum
-            scale = torch.where(tc != IGNORE_INDEX, (row_sum * count).reciprocal(), 0.0)[:, None]  # (n, 1)
+            scale = torch.where(tc != IGNORE_INDEX, (row_sum * count).reciprocal(), 0.0)[
+                :, None
+            ]  # (n, 1)
             grad = exps.mul_(scale)  # (n, V) fp32
             if blocks.half is not None:
                 grad = blocks.half_grad(n).copy_(grad)  # (n, V) in the matmul dtype
@@ -533,7 +583,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         if ctx.grads is None:
-            raise RuntimeError("the chunked loss computed its gradients once; it cannot be backpropagated twice")
+            raise RuntimeError(
+                "the chunked loss computed its gradients once; it cannot be backpropagated twice"
+            )
         (grad_x, grad_w), ctx.grads = ctx.grads, None
         # Gradients are d(mean loss)/d input already; scale them unless the incoming gradient is 1
         # (checked on a CPU only, where it costs no device synchronisation).
@@ -566,7 +618,9 @@ def _save_ops() -> set:
         "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
     )  # fmt: skip
     ops = {getattr(aten, n).default for n in names if hasattr(aten, n)}
-    flash = getattr(torch.ops, "flash_attn", None)  # flash-attn >= 2.6 registers its kernels as torch ops
+    flash = getattr(
+        torch.ops, "flash_attn", None
+    )  # flash-attn >= 2.6 registers its kernels as torch ops
     for n in ("_flash_attn_forward",):
         if flash is not None and hasattr(flash, n):
             ops.add(getattr(flash, n).default)

@@ -60,14 +60,21 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 
 
 def rope_cos_sin(
-    seq_len: int, head_dim: int, base: float, device: torch.device, dtype: torch.dtype, offset: int = 0
+    seq_len: int,
+    head_dim: int,
+    base: float,
+    device: torch.device,
+    dtype: torch.dtype,
+    offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape (T, E) for positions offset..offset+T-1.
 
     Computed per call instead of cached in a buffer: it is cheap next to the matmuls, and
     a model built on the meta device (or sharded) has no buffer to re-materialise.
     """
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    inv_freq = 1.0 / (
+        base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    )
     positions = torch.arange(offset, offset + seq_len, device=device, dtype=torch.float32)
     freqs = torch.outer(positions, inv_freq)  # (T, E/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (T, E)
@@ -108,7 +115,9 @@ class KVCache:
         """Store k, v: (B, K, T, E) at start_pos; return all keys/values so far: (B, K, S, E)."""
         end = start_pos + k.shape[2]
         if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; writing up to position {end}")
+            raise ValueError(
+                f"KV cache holds {self.max_len} positions; writing up to position {end}"
+            )
         self.keys[layer][:, :, start_pos:end] = k
         self.values[layer][:, :, start_pos:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
@@ -126,7 +135,9 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
         # Gated attention: (D -> H*E) for elementwise, (D -> H) for headwise; the bias lets the
         # gate start anywhere in (0, 1) (a large bias makes it 1, i.e. the plain block).
-        self.g_proj = nn.Linear(cfg.d_model, cfg.gate_dim, bias=True) if cfg.attn_gate != "none" else None
+        self.g_proj = (
+            nn.Linear(cfg.d_model, cfg.gate_dim, bias=True) if cfg.attn_gate != "none" else None
+        )
 
     def forward(
         self,
@@ -141,13 +152,19 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         kernels = kernels or default_plan(self.cfg, x)
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, E)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, E)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, E)
+        k = (
+            self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        )  # (B, K, T, E)
+        v = (
+            self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        )  # (B, K, T, E)
         if kernels.rope == "eager":
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         else:
             q, k = fused.rope(q, k, cos, sin, kernels.rope)
-        if kv_cache is not None:  # generation: plain attention over the cached keys (any kernel choice)
+        if (
+            kv_cache is not None
+        ):  # generation: plain attention over the cached keys (any kernel choice)
             y = self.attend_cached(q, k, v, kv_cache, start_pos, eager=kernels.attention == "eager")
         elif kernels.attention in ("sdpa", "eager"):
             y = causal_attention(q, k, v, eager=kernels.attention == "eager")  # (B, H, T, E)
@@ -161,7 +178,13 @@ class Attention(nn.Module):
         return self.o_proj(y)  # (B, T, D)
 
     def attend_cached(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, start_pos: int, eager: bool
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: KVCache,
+        start_pos: int,
+        eager: bool,
     ) -> torch.Tensor:
         """q: (B, H, T, E), k, v: (B, K, T, E) of the new tokens -> (B, H, T, E) over cached + new keys."""
         T = q.shape[2]
@@ -172,7 +195,9 @@ class Attention(nn.Module):
         if k.shape[2] == T:  # a prompt filling an empty cache
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, E)
         # New tokens after cached ones: query t sees keys 0..S-T+t.
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, k.shape[2], q.device))
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=causal_mask(T, k.shape[2], q.device)
+        )
 
 
 def repeat_kv(k: torch.Tensor, v: torch.Tensor, n_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,7 +214,9 @@ def repeat_kv(k: torch.Tensor, v: torch.Tensor, n_heads: int) -> tuple[torch.Ten
 _SDPA_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eager: bool = False) -> torch.Tensor:
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eager: bool = False
+) -> torch.Tensor:
     """Causal self-attention through torch: SDPA, or the eager reference.
 
     q: (B, H, T, E); k, v: (B, K, T, E) -> (B, H, T, E).
@@ -199,8 +226,14 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eager: b
         k, v = repeat_kv(k, v, H)  # (B, H, T, E)
         return causal_attention_reference(q, k, v)
     grouped = k.shape[1] != H
-    if grouped and _SDPA_GQA and (not q.is_cuda or fused.compute_dtype("cuda", q.dtype) in fused.HALF):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, H, T, E)
+    if (
+        grouped
+        and _SDPA_GQA
+        and (not q.is_cuda or fused.compute_dtype("cuda", q.dtype) in fused.HALF)
+    ):
+        return F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=True
+        )  # (B, H, T, E)
     k, v = repeat_kv(k, v, H)  # (B, H, T, E)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, E)
 
@@ -232,7 +265,9 @@ class SwiGLU(nn.Module):
         if kernel == "xformers" and not _zero3_partitioned(self.gate_proj.weight):
             # One fused op, projections included (it reads the weights directly, which ZeRO-3 does
             # not gather outside the projections' own forward: there the activation alone is fused).
-            return fused.swiglu_ffn(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
+            return fused.swiglu_ffn(
+                x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight
+            )
         gate, up = self.gate_proj(x), self.up_proj(x)  # (B, T, F) each
         if kernel in ("eager", "xformers"):
             return self.down_proj(F.silu(gate) * up)  # (B, T, D)
@@ -264,7 +299,9 @@ class Block(nn.Module):
         kernels: KernelPlan | None = None,
     ) -> torch.Tensor:
         kernels = kernels or default_plan(self.attn.cfg, x)
-        h = self.attn(self.attn_norm(x, kernels.rmsnorm), cos, sin, kv_cache, start_pos, kernels)  # (B, T, D)
+        h = self.attn(
+            self.attn_norm(x, kernels.rmsnorm), cos, sin, kv_cache, start_pos, kernels
+        )  # (B, T, D)
         if self.attn_out_norm is not None:
             h = self.attn_out_norm(h, kernels.rmsnorm)
         x = x + h  # (B, T, D)
@@ -369,4 +406,6 @@ class Llama(nn.Module):
 
 def count_parameters(model: nn.Module) -> int:
     """Unique parameters (tied weights counted once); works on the meta device and under ZeRO-3."""
-    return sum(getattr(p, "ds_numel", p.numel()) for p in {id(p): p for p in model.parameters()}.values())
+    return sum(
+        getattr(p, "ds_numel", p.numel()) for p in {id(p): p for p in model.parameters()}.values()
+    )

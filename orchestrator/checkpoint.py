@@ -64,7 +64,9 @@ def checkpoint_step(path: Path) -> int:
 
 def is_published(path: Path) -> bool:
     """Renamed into place with a manifest (cheap; `verify` checks the contents)."""
-    return path.is_dir() and STEP_DIR.match(path.name) is not None and (path / MANIFEST_NAME).is_file()
+    return (
+        path.is_dir() and STEP_DIR.match(path.name) is not None and (path / MANIFEST_NAME).is_file()
+    )
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -125,7 +127,9 @@ def _payload_files(ckpt_dir: Path) -> list[Path]:
     return sorted(p for p in ckpt_dir.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
 
 
-def write_manifest(ckpt_dir: Path, info: dict[str, Any], known: dict[str, str] | None = None) -> dict[str, Any]:
+def write_manifest(
+    ckpt_dir: Path, info: dict[str, Any], known: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Flush every file of `ckpt_dir` to disk, then write the manifest describing them (last).
 
     `known`: SHA-256 digests already computed while writing (relative path -> hex), not re-read.
@@ -298,14 +302,22 @@ def writes_single_file(fabric: Fabric) -> bool:
     from lightning.fabric.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 
     strategy = fabric.strategy
-    return isinstance(strategy, (DDPStrategy, SingleDeviceStrategy)) and not isinstance(strategy, DeepSpeedStrategy)
+    return isinstance(strategy, (DDPStrategy, SingleDeviceStrategy)) and not isinstance(
+        strategy, DeepSpeedStrategy
+    )
 
 
 def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
 
 
-def _publish(cfg: Config, partial: Path, final: Path, info: dict[str, Any], known: dict[str, str] | None = None) -> None:
+def _publish(
+    cfg: Config,
+    partial: Path,
+    final: Path,
+    info: dict[str, Any],
+    known: dict[str, str] | None = None,
+) -> None:
     """Rank 0: config, manifest (last), atomic rename, retention."""
     save_config(cfg, partial / "config.yaml")
     write_manifest(partial, info, known)
@@ -355,7 +367,10 @@ class Checkpointer:
         final = self.root / f"step-{step:08d}"
         partial = self.root / f"step-{step:08d}.partial"
         started = time.perf_counter()
-        on_rank_zero(self.fabric, lambda: (self.root.mkdir(parents=True, exist_ok=True), shutil.rmtree(partial, True)))
+        on_rank_zero(
+            self.fabric,
+            lambda: (self.root.mkdir(parents=True, exist_ok=True), shutil.rmtree(partial, True)),
+        )
         self.fabric.barrier()
         # Every rank's RNG state, so each process continues its own random stream.
         full_state = dict(state, rng=gather_object(self.fabric, capture_rng()))
@@ -378,8 +393,10 @@ class Checkpointer:
             _agree_on_errors(self.fabric, error, f"writing checkpoint {partial}")
         except CheckpointError as e:
             on_rank_zero(self.fabric, lambda: shutil.rmtree(partial, ignore_errors=True))
-            raise CheckpointError(f"{e}. The previous checkpoints are intact; fix the cause (e.g. free disk "
-                                  "space) and rerun to resume from the latest one") from error
+            raise CheckpointError(
+                f"{e}. The previous checkpoints are intact; fix the cause (e.g. free disk "
+                "space) and rerun to resume from the latest one"
+            ) from error
         self.fabric.barrier()
 
         def publish() -> None:
@@ -397,12 +414,20 @@ class Checkpointer:
         _agree_on_errors(self.fabric, error, f"publishing checkpoint {final}")
         self.fabric.barrier()
         elapsed = time.perf_counter() - started
-        report = SaveReport(final, step, stall_seconds=elapsed, write_seconds=elapsed,
-                            size_bytes=dir_size(final), total_bytes=dir_size(self.root))
+        report = SaveReport(
+            final,
+            step,
+            stall_seconds=elapsed,
+            write_seconds=elapsed,
+            size_bytes=dir_size(final),
+            total_bytes=dir_size(self.root),
+        )
         self.completed.append(report)
         return report
 
-    def _save_async(self, full_state, partial: Path, final: Path, info, started: float) -> SaveReport:
+    def _save_async(
+        self, full_state, partial: Path, final: Path, info, started: float
+    ) -> SaveReport:
         """Snapshot the state to CPU memory now; write and publish it in a background thread."""
         if not writes_single_file(self.fabric):
             raise CheckpointError(
@@ -418,15 +443,24 @@ class Checkpointer:
             try:
                 digest = write_state_file(snapshot, partial / STATE_NAME)
                 _publish(self.cfg, partial, final, info, {STATE_NAME: digest})
-                self.completed.append(SaveReport(final, info["step"], stall_seconds=stall,
-                                                 write_seconds=time.perf_counter() - started,
-                                                 size_bytes=dir_size(final), total_bytes=dir_size(self.root)))
+                self.completed.append(
+                    SaveReport(
+                        final,
+                        info["step"],
+                        stall_seconds=stall,
+                        write_seconds=time.perf_counter() - started,
+                        size_bytes=dir_size(final),
+                        total_bytes=dir_size(self.root),
+                    )
+                )
             except BaseException as e:  # noqa: BLE001 - raised on the training thread at the next wait()
                 shutil.rmtree(partial, ignore_errors=True)
                 self._async_error = e
 
         if self.fabric.is_global_zero:
-            self._thread = threading.Thread(target=write, name=f"checkpoint-{final.name}", daemon=False)
+            self._thread = threading.Thread(
+                target=write, name=f"checkpoint-{final.name}", daemon=False
+            )
             self._thread.start()
         return SaveReport(final, info["step"], stall_seconds=stall)
 
@@ -434,7 +468,9 @@ class Checkpointer:
         """What Fabric itself would save: module / optimizer / stateful objects as state dicts."""
         from lightning.fabric.wrappers import _unwrap_objects
 
-        return self.fabric.strategy._convert_stateful_objects_in_state(_unwrap_objects(full_state), filter={})
+        return self.fabric.strategy._convert_stateful_objects_in_state(
+            _unwrap_objects(full_state), filter={}
+        )
 
     def wait(self) -> None:
         """Finish a background save; every rank learns if it failed."""

@@ -1,21 +1,21 @@
 """`orchestrator` command line (also `python -m orchestrator`).
 
-    orchestrator tokenizer   --input RAW_DIR --output PREFIX [--vocab-size 32000]
-    orchestrator prepare     --input RAW_DIR --output TOKENS_DIR --tokenizer PREFIX.model
-    orchestrator train       --config configs/quickstart.yaml [--section.key value ...]
-    orchestrator sample-data --out .cache/sample      (built-in corpus -> tokenizer -> tokens)
-    orchestrator demo                                  (sample data + 2-process CPU training)
-    orchestrator config      [--config FILE ...] [--reference]
-    orchestrator models      [--seq-len N]             (named sizes, parameter counts, FLOPs per token)
-    orchestrator export      --checkpoint CKPT_OR_RUN_DIR --output HF_DIR [--dtype bfloat16]
-    orchestrator consolidate CKPT_OR_RUN_DIR [--output FILE]   (any strategy's checkpoint -> one state dict)
-    orchestrator import      --input HF_DIR --output CKPT_DIR    (then train with --checkpoint.init_from CKPT_DIR)
-    orchestrator generate    --checkpoint CKPT_OR_RUN_DIR --prompt TEXT [--max-new-tokens 128]
-                             [--temperature 0.8] [--top-k 50] [--top-p 0.95] [--seed 0]
-    orchestrator evaluate    --checkpoint CKPT_OR_RUN_DIR [--data TOKENS_DIR]   (validation perplexity)
-    orchestrator evaluate    --hf-dir HF_DIR --tasks T1,T2 --include-path TASKS_DIR  (lm-evaluation-harness)
-    orchestrator plan        --gpu-hours H --device h100 [--gpus 8] | --params 1.1B | --model NAME | --flops C
-    orchestrator fit         RUN_DIR RUN_DIR ... [--plot fit.png]   (loss vs N and vs C power laws)
+orchestrator tokenizer   --input RAW_DIR --output PREFIX [--vocab-size 32000]
+orchestrator prepare     --input RAW_DIR --output TOKENS_DIR --tokenizer PREFIX.model
+orchestrator train       --config configs/quickstart.yaml [--section.key value ...]
+orchestrator sample-data --out .cache/sample      (built-in corpus -> tokenizer -> tokens)
+orchestrator demo                                  (sample data + 2-process CPU training)
+orchestrator config      [--config FILE ...] [--reference]
+orchestrator models      [--seq-len N]             (named sizes, parameter counts, FLOPs per token)
+orchestrator export      --checkpoint CKPT_OR_RUN_DIR --output HF_DIR [--dtype bfloat16]
+orchestrator consolidate CKPT_OR_RUN_DIR [--output FILE]   (any strategy's checkpoint -> one state dict)
+orchestrator import      --input HF_DIR --output CKPT_DIR    (then train with --checkpoint.init_from CKPT_DIR)
+orchestrator generate    --checkpoint CKPT_OR_RUN_DIR --prompt TEXT [--max-new-tokens 128]
+                         [--temperature 0.8] [--top-k 50] [--top-p 0.95] [--seed 0]
+orchestrator evaluate    --checkpoint CKPT_OR_RUN_DIR [--data TOKENS_DIR]   (validation perplexity)
+orchestrator evaluate    --hf-dir HF_DIR --tasks T1,T2 --include-path TASKS_DIR  (lm-evaluation-harness)
+orchestrator plan        --gpu-hours H --device h100 [--gpus 8] | --params 1.1B | --model NAME | --flops C
+orchestrator fit         RUN_DIR RUN_DIR ... [--plot fit.png]   (loss vs N and vs C power laws)
 """
 
 from __future__ import annotations
@@ -35,8 +35,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 def _record_filter(args: argparse.Namespace):
     from data.shards import RecordFilter
 
-    return RecordFilter(text_field=args.text_field, exclude_sets=frozenset(args.exclude_set or ()),
-                        min_chars=args.min_chars)
+    return RecordFilter(
+        text_field=args.text_field,
+        exclude_sets=frozenset(args.exclude_set or ()),
+        min_chars=args.min_chars,
+    )
 
 
 def cmd_tokenizer(args: argparse.Namespace) -> int:
@@ -47,17 +50,27 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
         print(f"Tokenizer {args.existing} checked and copied to {path}")
     else:
         if not args.input:
-            print("error: give --input CORPUS to train a tokenizer, or --existing MODEL to use one", file=sys.stderr)
+            print(
+                "error: give --input CORPUS to train a tokenizer, or --existing MODEL to use one",
+                file=sys.stderr,
+            )
             return 2
         path = train_tokenizer(
-            args.input, args.output, vocab_size=args.vocab_size, max_sentences=args.max_sentences,
-            byte_fallback=not args.no_byte_fallback, filter=_record_filter(args), num_threads=args.num_threads,
+            args.input,
+            args.output,
+            vocab_size=args.vocab_size,
+            max_sentences=args.max_sentences,
+            byte_fallback=not args.no_byte_fallback,
+            filter=_record_filter(args),
+            num_threads=args.num_threads,
         )
         print(f"Tokenizer written to {path}")
     tok = Tokenizer(path)
     padded = -(-tok.vocab_size // 64) * 64
-    print(f"vocab_size {tok.vocab_size} (unk={tok.unk_id}, bos={tok.bos_id}, eos={tok.eos_id}); train with "
-          f"--data.tokenizer {path} and --model.vocab_size >= {tok.vocab_size} (e.g. {padded}, a multiple of 64)")
+    print(
+        f"vocab_size {tok.vocab_size} (unk={tok.unk_id}, bos={tok.bos_id}, eos={tok.eos_id}); train with "
+        f"--data.tokenizer {path} and --model.vocab_size >= {tok.vocab_size} (e.g. {padded}, a multiple of 64)"
+    )
     return 0
 
 
@@ -66,10 +79,20 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     try:
         stats = prepare_dataset(
-            args.input, args.output, args.tokenizer, num_workers=args.num_workers, overwrite=args.overwrite,
-            chunk_bytes=args.chunk_bytes, val_every=args.val_every, text_field=args.text_field,
-            exclude_sets=args.exclude_set or (), min_chars=args.min_chars, min_tokens=args.min_tokens,
-            separator=args.separator, progress=not args.no_progress, work_dir=args.work_dir,
+            args.input,
+            args.output,
+            args.tokenizer,
+            num_workers=args.num_workers,
+            overwrite=args.overwrite,
+            chunk_bytes=args.chunk_bytes,
+            val_every=args.val_every,
+            text_field=args.text_field,
+            exclude_sets=args.exclude_set or (),
+            min_chars=args.min_chars,
+            min_tokens=args.min_tokens,
+            separator=args.separator,
+            progress=not args.no_progress,
+            work_dir=args.work_dir,
         )
     except PermissionError as e:  # an unwritable output: say so, no traceback
         print(f"error: {e}", file=sys.stderr)
@@ -80,14 +103,18 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def print_prepare_stats(stats: dict, output: str | Path) -> None:
     if stats.get("finished") is False:
-        print(f"Prepare unfinished ({stats['parts_done']}/{stats['parts']} parts done); run it again to finish")
+        print(
+            f"Prepare unfinished ({stats['parts_done']}/{stats['parts']} parts done); run it again to finish"
+        )
         return
     for split, s in stats.get("splits", stats).items():
         if isinstance(s, dict) and "docs" in s:
             skipped = {k: v for k, v in s.get("skipped", {}).items() if v}
             skipped_total = sum(skipped.values())
-            print(f"{split}: {s['docs']:,} documents, {s['tokens']:,} tokens, {skipped_total:,} records skipped"
-                  + (f" {skipped}" if skipped_total else ""))
+            print(
+                f"{split}: {s['docs']:,} documents, {s['tokens']:,} tokens, {skipped_total:,} records skipped"
+                + (f" {skipped}" if skipped_total else "")
+            )
     for reason, where in stats.get("skip_locations", {}).items():
         print(f"  {reason}: {', '.join(where[:5])}{' ...' if len(where) > 5 else ''}")
     print(f"Prepared data in {output} (details per file in {output}/prepare_stats.json)")
@@ -184,15 +211,21 @@ def cmd_models(args: argparse.Namespace) -> int:
     from models.flops import flops_per_token
 
     seq = args.seq_len
-    print(f"{'name':<16} {'params':>15} {'non-embed':>15} {'layers':>6} {'d_model':>7} {'heads':>5} {'kv':>3} "
-          f"{'ffn':>6} {'ctx':>5} {'train GFLOP/tok':>15}")
+    print(
+        f"{'name':<16} {'params':>15} {'non-embed':>15} {'layers':>6} {'d_model':>7} {'heads':>5} {'kv':>3} "
+        f"{'ffn':>6} {'ctx':>5} {'train GFLOP/tok':>15}"
+    )
     for name in SIZES:
         c = model_config(name)
         gflops = flops_per_token(c, seq or c.max_seq_len)["training"] / 1e9
-        print(f"{name:<16} {c.num_params():>15,} {c.num_non_embedding_params():>15,} {c.n_layers:>6} {c.d_model:>7} "
-              f"{c.n_heads:>5} {c.n_kv_heads:>3} {c.ffn_hidden:>6} {c.max_seq_len:>5} {gflops:>15.2f}")
-    print(f"\nUse a size with --model.name NAME (or model.name in a config). Training FLOPs per token = 3 x forward "
-          f"(matmuls + attention over {'--seq-len ' + str(seq) if seq else 'ctx'} tokens; see models/flops.py).")
+        print(
+            f"{name:<16} {c.num_params():>15,} {c.num_non_embedding_params():>15,} {c.n_layers:>6} {c.d_model:>7} "
+            f"{c.n_heads:>5} {c.n_kv_heads:>3} {c.ffn_hidden:>6} {c.max_seq_len:>5} {gflops:>15.2f}"
+        )
+    print(
+        f"\nUse a size with --model.name NAME (or model.name in a config). Training FLOPs per token = 3 x forward "
+        f"(matmuls + attention over {'--seq-len ' + str(seq) if seq else 'ctx'} tokens; see models/flops.py)."
+    )
     return 0
 
 
@@ -209,7 +242,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"Exported {ckpt} to {out}")
-    print(f"Load it with: LlamaForCausalLM.from_pretrained({str(out)!r}); AutoTokenizer.from_pretrained({str(out)!r})")
+    print(
+        f"Load it with: LlamaForCausalLM.from_pretrained({str(out)!r}); AutoTokenizer.from_pretrained({str(out)!r})"
+    )
     return 0
 
 
@@ -230,12 +265,18 @@ def cmd_import(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"Imported {args.input} as checkpoint {ckpt} (model weights only, step 0)")
-    print(f"Continue pretraining from it: orchestrator train --config {ckpt / 'config.yaml'} --config YOUR_RUN.yaml "
-          f"--checkpoint.init_from {ckpt}")
+    print(
+        f"Continue pretraining from it: orchestrator train --config {ckpt / 'config.yaml'} --config YOUR_RUN.yaml "
+        f"--checkpoint.init_from {ckpt}"
+    )
     if (ckpt / "tokenizer.model").is_file():
-        print(f"Prepare data with its tokenizer: orchestrator prepare --tokenizer {ckpt / 'tokenizer.model'} ...")
+        print(
+            f"Prepare data with its tokenizer: orchestrator prepare --tokenizer {ckpt / 'tokenizer.model'} ..."
+        )
     else:
-        print("note: the input has no tokenizer.model; prepare data with the sentencepiece model this model uses")
+        print(
+            "note: the input has no tokenizer.model; prepare data with the sentencepiece model this model uses"
+        )
     return 0
 
 
@@ -258,27 +299,43 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     if args.write_sample_tasks:
         names = ev.write_sample_tasks(args.write_sample_tasks)
-        print(f"Local harness tasks {', '.join(names)} written to {args.write_sample_tasks}; run them with "
-              f"`orchestrator evaluate --hf-dir HF_DIR --tasks {','.join(names)} --include-path {args.write_sample_tasks}`")
+        print(
+            f"Local harness tasks {', '.join(names)} written to {args.write_sample_tasks}; run them with "
+            f"`orchestrator evaluate --hf-dir HF_DIR --tasks {','.join(names)} --include-path {args.write_sample_tasks}`"
+        )
         if not (args.tasks or args.checkpoint or args.hf_dir):
             return 0
     harness = bool(args.tasks or args.local_task)
     if args.hf_dir and not harness:
-        print("error: --hf-dir is for harness tasks: add --tasks NAME (with --include-path) or --local-task FILE",
-              file=sys.stderr)
+        print(
+            "error: --hf-dir is for harness tasks: add --tasks NAME (with --include-path) or --local-task FILE",
+            file=sys.stderr,
+        )
         return 2
     if not harness:
         if not args.checkpoint:
-            print("error: give --checkpoint CKPT_OR_RUN_DIR (validation perplexity), or --hf-dir / --checkpoint with "
-                  "--tasks (lm-evaluation-harness)", file=sys.stderr)
+            print(
+                "error: give --checkpoint CKPT_OR_RUN_DIR (validation perplexity), or --hf-dir / --checkpoint with "
+                "--tasks (lm-evaluation-harness)",
+                file=sys.stderr,
+            )
             return 2
-        result = ev.evaluate_checkpoint(args.checkpoint, data=args.data, split=args.split, batch_size=args.batch_size,
-                                        seq_len=args.seq_len, max_batches=args.max_batches, device=args.device,
-                                        dtype=args.dtype)
-        print(f"{result['checkpoint']} (step {result['step']}) on {result['data']}: loss {result['loss']:.4f} | "
-              f"perplexity {result['perplexity']:.3f} | {result['bits_per_token']:.4f} bits/token | "
-              f"{result['tokens']:,} tokens in {result['sequences']:,} sequences of {result['seq_len']} "
-              f"({result['seconds']:.1f}s)")
+        result = ev.evaluate_checkpoint(
+            args.checkpoint,
+            data=args.data,
+            split=args.split,
+            batch_size=args.batch_size,
+            seq_len=args.seq_len,
+            max_batches=args.max_batches,
+            device=args.device,
+            dtype=args.dtype,
+        )
+        print(
+            f"{result['checkpoint']} (step {result['step']}) on {result['data']}: loss {result['loss']:.4f} | "
+            f"perplexity {result['perplexity']:.3f} | {result['bits_per_token']:.4f} bits/token | "
+            f"{result['tokens']:,} tokens in {result['sequences']:,} sequences of {result['seq_len']} "
+            f"({result['seconds']:.1f}s)"
+        )
     else:
         ev.go_offline()  # before anything imports the hub / datasets libraries
         tasks = [t for t in (args.tasks or "").split(",") if t]
@@ -296,12 +353,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         elif args.checkpoint:
             hf_dir = ev.export_for_harness(args.checkpoint)
         else:
-            print("error: harness tasks need --hf-dir (an `orchestrator export` output) or --checkpoint", file=sys.stderr)
+            print(
+                "error: harness tasks need --hf-dir (an `orchestrator export` output) or --checkpoint",
+                file=sys.stderr,
+            )
             return 2
-        results = ev.run_lm_eval(hf_dir, tasks, include_path=include, device=args.device if args.device != "auto"
-                                 else ("cuda" if __import__("torch").cuda.is_available() else "cpu"),
-                                 batch_size=args.batch_size, limit=args.limit,
-                                 dtype="float32" if args.dtype == "auto" else args.dtype, model_args=args.model_args)
+        results = ev.run_lm_eval(
+            hf_dir,
+            tasks,
+            include_path=include,
+            device=args.device
+            if args.device != "auto"
+            else ("cuda" if __import__("torch").cuda.is_available() else "cpu"),
+            batch_size=args.batch_size,
+            limit=args.limit,
+            dtype="float32" if args.dtype == "auto" else args.dtype,
+            model_args=args.model_args,
+        )
         print(ev.format_harness_results(results))
         result = {"model": str(hf_dir), "tasks": tasks, "results": results}
     if args.json:
@@ -316,9 +384,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from orchestrator.plan import DEFAULT_RESULTS, format_plan, make_plan, parse_count
 
     plan = make_plan(
-        gpu_hours=args.gpu_hours, device=args.device, params=args.params, model=args.model,
-        flops=parse_count(args.flops) if args.flops else None, gpus=args.gpus, mfu=args.mfu,
-        tokens_per_sec=args.tokens_per_sec, tokens_per_param=args.tokens_per_param,
+        gpu_hours=args.gpu_hours,
+        device=args.device,
+        params=args.params,
+        model=args.model,
+        flops=parse_count(args.flops) if args.flops else None,
+        gpus=args.gpus,
+        mfu=args.mfu,
+        tokens_per_sec=args.tokens_per_sec,
+        tokens_per_param=args.tokens_per_param,
         results=args.results or DEFAULT_RESULTS,
     )
     print(format_plan(plan))
@@ -332,7 +406,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     from orchestrator.fit import fit_runs, plot, read_run, report, results_dict
 
-    runs = [read_run(path, metric=args.metric, non_embedding=args.non_embedding) for path in args.runs]
+    runs = [
+        read_run(path, metric=args.metric, non_embedding=args.non_embedding) for path in args.runs
+    ]
     fits = fit_runs(runs)
     print(report(runs, fits))
     print(f"Plot: {plot(runs, fits, args.plot)}")
@@ -343,158 +419,344 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="orchestrator", description="Pretrain 1B-scale Llama models.")
+    parser = argparse.ArgumentParser(
+        prog="orchestrator", description="Pretrain 1B-scale Llama models."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add_record_filter(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--text-field", default="text",
-                       help="JSON key / Parquet column holding the document (SlimPajama: text, StarCoder: content)")
-        p.add_argument("--exclude-set", action="append", metavar="NAME",
-                       help="drop documents whose meta.redpajama_set_name is NAME (repeatable), e.g. RedPajamaGithub")
-        p.add_argument("--min-chars", type=int, default=0, help="drop documents shorter than this (characters)")
+        p.add_argument(
+            "--text-field",
+            default="text",
+            help="JSON key / Parquet column holding the document (SlimPajama: text, StarCoder: content)",
+        )
+        p.add_argument(
+            "--exclude-set",
+            action="append",
+            metavar="NAME",
+            help="drop documents whose meta.redpajama_set_name is NAME (repeatable), e.g. RedPajamaGithub",
+        )
+        p.add_argument(
+            "--min-chars", type=int, default=0, help="drop documents shorter than this (characters)"
+        )
 
-    p = sub.add_parser("tokenizer", help="train a sentencepiece BPE tokenizer on a corpus sample, or check and use "
-                                         "an existing one (e.g. Llama 2's tokenizer.model)")
-    p.add_argument("--input", help="corpus: a folder (or file) of *.jsonl, *.jsonl.zst, *.jsonl.gz, *.parquet")
+    p = sub.add_parser(
+        "tokenizer",
+        help="train a sentencepiece BPE tokenizer on a corpus sample, or check and use "
+        "an existing one (e.g. Llama 2's tokenizer.model)",
+    )
+    p.add_argument(
+        "--input", help="corpus: a folder (or file) of *.jsonl, *.jsonl.zst, *.jsonl.gz, *.parquet"
+    )
     p.add_argument("--output", required=True, help="output prefix; writes PREFIX.model")
-    p.add_argument("--existing", metavar="MODEL", help="use this sentencepiece .model instead of training one")
+    p.add_argument(
+        "--existing", metavar="MODEL", help="use this sentencepiece .model instead of training one"
+    )
     p.add_argument("--vocab-size", type=int, default=32000)
-    p.add_argument("--max-sentences", type=int, default=500_000,
-                   help="training sample size (document segments), spread over up to 64 files")
-    p.add_argument("--no-byte-fallback", action="store_true",
-                   help="map unknown characters to unk instead of UTF-8 byte pieces")
-    p.add_argument("--num-threads", type=int, default=None, help="sentencepiece trainer threads (default: all cores)")
+    p.add_argument(
+        "--max-sentences",
+        type=int,
+        default=500_000,
+        help="training sample size (document segments), spread over up to 64 files",
+    )
+    p.add_argument(
+        "--no-byte-fallback",
+        action="store_true",
+        help="map unknown characters to unk instead of UTF-8 byte pieces",
+    )
+    p.add_argument(
+        "--num-threads",
+        type=int,
+        default=None,
+        help="sentencepiece trainer threads (default: all cores)",
+    )
     add_record_filter(p)
     p.set_defaults(fn=cmd_tokenizer)
 
-    p = sub.add_parser("prepare", help="tokenize a corpus into litdata token chunks (train/ and val/)")
-    p.add_argument("--input", required=True,
-                   help="raw corpus: SlimPajama layout (train/, validation/) or a folder/file of *.jsonl, *.jsonl.zst, "
-                        "*.jsonl.gz, *.parquet (validation then held out by content hash, see --val-every)")
-    p.add_argument("--output", required=True, help="output directory or object-store URL (s3://...)")
+    p = sub.add_parser(
+        "prepare", help="tokenize a corpus into litdata token chunks (train/ and val/)"
+    )
+    p.add_argument(
+        "--input",
+        required=True,
+        help="raw corpus: SlimPajama layout (train/, validation/) or a folder/file of *.jsonl, *.jsonl.zst, "
+        "*.jsonl.gz, *.parquet (validation then held out by content hash, see --val-every)",
+    )
+    p.add_argument(
+        "--output", required=True, help="output directory or object-store URL (s3://...)"
+    )
     p.add_argument("--tokenizer", required=True, help="sentencepiece .model file")
-    p.add_argument("--num-workers", type=int, default=max(1, (os.cpu_count() or 1)), help="processes (default: cores)")
-    p.add_argument("--separator", default="bos+eos", choices=["bos+eos", "eos", "bos"],
-                   help="tokens around each document (default: [BOS] text [EOS], as Llama)")
-    p.add_argument("--min-tokens", type=int, default=0, help="drop documents with fewer tokens than this")
-    p.add_argument("--val-every", type=int, default=100,
-                   help="without a validation/ folder: hold out 1 in N documents (by content hash)")
+    p.add_argument(
+        "--num-workers",
+        type=int,
+        default=max(1, (os.cpu_count() or 1)),
+        help="processes (default: cores)",
+    )
+    p.add_argument(
+        "--separator",
+        default="bos+eos",
+        choices=["bos+eos", "eos", "bos"],
+        help="tokens around each document (default: [BOS] text [EOS], as Llama)",
+    )
+    p.add_argument(
+        "--min-tokens", type=int, default=0, help="drop documents with fewer tokens than this"
+    )
+    p.add_argument(
+        "--val-every",
+        type=int,
+        default=100,
+        help="without a validation/ folder: hold out 1 in N documents (by content hash)",
+    )
     p.add_argument("--chunk-bytes", default="64MB", help="litdata chunk size")
-    p.add_argument("--work-dir", default=None, help="staging folder (default: OUTPUT/.prepare_work; for URLs "
-                                                    "~/.cache/orchestrator/prepare/...)")
+    p.add_argument(
+        "--work-dir",
+        default=None,
+        help="staging folder (default: OUTPUT/.prepare_work; for URLs "
+        "~/.cache/orchestrator/prepare/...)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress line")
     p.add_argument("--overwrite", action="store_true", help="redo a completed output directory")
     add_record_filter(p)
     p.set_defaults(fn=cmd_prepare)
 
-    p = sub.add_parser("sample-data", help="build the built-in sample corpus, tokenizer and token chunks")
+    p = sub.add_parser(
+        "sample-data", help="build the built-in sample corpus, tokenizer and token chunks"
+    )
     p.add_argument("--out", default=".cache/sample")
     p.set_defaults(fn=cmd_sample_data)
 
-    p = sub.add_parser("train", help="pretrain (args: --config FILE and --section.key value overrides)",
-                       add_help=False)
+    p = sub.add_parser(
+        "train",
+        help="pretrain (args: --config FILE and --section.key value overrides)",
+        add_help=False,
+    )
     p.set_defaults(fn=cmd_train, takes_rest=True)
 
-    p = sub.add_parser("demo", help="sample data + 2-process CPU pretraining of the quickstart model")
+    p = sub.add_parser(
+        "demo", help="sample data + 2-process CPU pretraining of the quickstart model"
+    )
     p.add_argument("--data-dir", default=".cache/sample")
     p.add_argument("--run-dir", default="runs/demo")
     p.set_defaults(fn=cmd_demo, takes_rest=True)
 
     p = sub.add_parser("config", help="print the resolved config, or the reference of every key")
     p.add_argument("--reference", action="store_true", help="markdown table of every key")
-    p.add_argument("--write", metavar="FILE", help="with --reference: fill the marked block of FILE (README.md)")
+    p.add_argument(
+        "--write",
+        metavar="FILE",
+        help="with --reference: fill the marked block of FILE (README.md)",
+    )
     p.set_defaults(fn=cmd_config, takes_rest=True)
 
-    p = sub.add_parser("models", help="list the named model sizes with parameter counts and FLOPs per token")
-    p.add_argument("--seq-len", type=int, default=None, help="sequence length for FLOPs (default: each size's ctx)")
+    p = sub.add_parser(
+        "models", help="list the named model sizes with parameter counts and FLOPs per token"
+    )
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help="sequence length for FLOPs (default: each size's ctx)",
+    )
     p.set_defaults(fn=cmd_models)
 
-    p = sub.add_parser("export", help="training checkpoint -> Hugging Face LlamaForCausalLM directory")
-    p.add_argument("--checkpoint", required=True, help="checkpoint dir (or run dir: its latest checkpoint)")
-    p.add_argument("--output", required=True, help="directory to write (config.json, safetensors, tokenizer)")
-    p.add_argument("--tokenizer", default=None, help="sentencepiece .model (default: data.tokenizer of the run)")
-    p.add_argument("--no-tokenizer", action="store_true", help="export the weights and configs only")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weight dtype (auto: as stored in the checkpoint)")
-    p.add_argument("--max-shard-size", default="5GB", help="split safetensors files above this size")
+    p = sub.add_parser(
+        "export", help="training checkpoint -> Hugging Face LlamaForCausalLM directory"
+    )
+    p.add_argument(
+        "--checkpoint", required=True, help="checkpoint dir (or run dir: its latest checkpoint)"
+    )
+    p.add_argument(
+        "--output", required=True, help="directory to write (config.json, safetensors, tokenizer)"
+    )
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="sentencepiece .model (default: data.tokenizer of the run)",
+    )
+    p.add_argument(
+        "--no-tokenizer", action="store_true", help="export the weights and configs only"
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weight dtype (auto: as stored in the checkpoint)",
+    )
+    p.add_argument(
+        "--max-shard-size", default="5GB", help="split safetensors files above this size"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(fn=cmd_export)
 
-    p = sub.add_parser("consolidate", help="checkpoint of any strategy (DDP file, FSDP shards, DeepSpeed ZeRO) -> "
-                       "one full state dict file")
+    p = sub.add_parser(
+        "consolidate",
+        help="checkpoint of any strategy (DDP file, FSDP shards, DeepSpeed ZeRO) -> "
+        "one full state dict file",
+    )
     p.add_argument("checkpoint", help="checkpoint dir (or run dir: its latest checkpoint)")
-    p.add_argument("--output", default=None,
-                   help="file to write (default CKPT_DIR/consolidated.pt); torch.load(FILE, weights_only=True)['model']")
+    p.add_argument(
+        "--output",
+        default=None,
+        help="file to write (default CKPT_DIR/consolidated.pt); torch.load(FILE, weights_only=True)['model']",
+    )
     p.set_defaults(fn=cmd_consolidate)
 
-    p = sub.add_parser("import", help="Hugging Face Llama directory -> checkpoint to continue pretraining from")
-    p.add_argument("--input", required=True, help="HF model directory (config.json, *.safetensors or *.bin)")
-    p.add_argument("--output", required=True, help="checkpoint directory to write (state, config.yaml, ...)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="weight dtype in the checkpoint (float32: master weights for training)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing imported checkpoint")
+    p = sub.add_parser(
+        "import", help="Hugging Face Llama directory -> checkpoint to continue pretraining from"
+    )
+    p.add_argument(
+        "--input", required=True, help="HF model directory (config.json, *.safetensors or *.bin)"
+    )
+    p.add_argument(
+        "--output", required=True, help="checkpoint directory to write (state, config.yaml, ...)"
+    )
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="weight dtype in the checkpoint (float32: master weights for training)",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing imported checkpoint"
+    )
     p.set_defaults(fn=cmd_import)
 
     p = sub.add_parser("generate", help="sample text from a checkpoint (KV cache)")
-    p.add_argument("--checkpoint", required=True, help="checkpoint dir (or run dir: its latest checkpoint)")
+    p.add_argument(
+        "--checkpoint", required=True, help="checkpoint dir (or run dir: its latest checkpoint)"
+    )
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens (0 = all)")
+    p.add_argument(
+        "--top-k", type=int, default=50, help="sample from the k most likely tokens (0 = all)"
+    )
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (1 = off)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tokenizer", default=None, help="sentencepiece .model (default: data.tokenizer of the run)")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="sentencepiece .model (default: data.tokenizer of the run)",
+    )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto: bfloat16 on CUDA, float32 on CPU",
+    )
     p.set_defaults(fn=cmd_generate)
-    p = sub.add_parser("evaluate", help="validation perplexity of a checkpoint; lm-evaluation-harness tasks (local data)")
-    p.add_argument("--checkpoint", default=None, help="checkpoint dir (or run dir: its latest checkpoint)")
-    p.add_argument("--data", default=None, help="prepared dataset (prepare output or split dir); default: the run's "
-                   "validation split")
+    p = sub.add_parser(
+        "evaluate",
+        help="validation perplexity of a checkpoint; lm-evaluation-harness tasks (local data)",
+    )
+    p.add_argument(
+        "--checkpoint", default=None, help="checkpoint dir (or run dir: its latest checkpoint)"
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        help="prepared dataset (prepare output or split dir); default: the run's validation split",
+    )
     p.add_argument("--split", default="val", help="split of --data to read (default val)")
     p.add_argument("--seq-len", type=int, default=None, help="sequence length (default: the run's)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-batches", type=int, default=0, help="stop after this many batches (0 = whole split)")
+    p.add_argument(
+        "--max-batches", type=int, default=0, help="stop after this many batches (0 = whole split)"
+    )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--hf-dir", default=None, help="harness: an `orchestrator export` output (else --checkpoint is "
-                   "exported to a temporary directory)")
+    p.add_argument(
+        "--hf-dir",
+        default=None,
+        help="harness: an `orchestrator export` output (else --checkpoint is "
+        "exported to a temporary directory)",
+    )
     p.add_argument("--tasks", default=None, help="harness: comma-separated task names")
-    p.add_argument("--include-path", default=None, help="harness: directory of task YAML files (local tasks)")
-    p.add_argument("--local-task", action="append", default=None, metavar="FILE.jsonl",
-                   help="harness: make a task of this local JSON-lines file (named after it; may repeat)")
-    p.add_argument("--local-task-kind", default="perplexity", choices=["perplexity", "multiple_choice"],
-                   help="perplexity: lines {text}; multiple_choice: lines {context, choices, label}")
-    p.add_argument("--limit", type=float, default=None, help="harness: documents per task (or a fraction)")
-    p.add_argument("--model-args", default="", help="harness: more key=value,... for its hf model, e.g. "
-                   "add_bos_token=False for perplexity tasks (README: Evaluate)")
-    p.add_argument("--write-sample-tasks", metavar="DIR", default=None,
-                   help="write two tiny local harness tasks about the sample corpus into DIR")
+    p.add_argument(
+        "--include-path", default=None, help="harness: directory of task YAML files (local tasks)"
+    )
+    p.add_argument(
+        "--local-task",
+        action="append",
+        default=None,
+        metavar="FILE.jsonl",
+        help="harness: make a task of this local JSON-lines file (named after it; may repeat)",
+    )
+    p.add_argument(
+        "--local-task-kind",
+        default="perplexity",
+        choices=["perplexity", "multiple_choice"],
+        help="perplexity: lines {text}; multiple_choice: lines {context, choices, label}",
+    )
+    p.add_argument(
+        "--limit", type=float, default=None, help="harness: documents per task (or a fraction)"
+    )
+    p.add_argument(
+        "--model-args",
+        default="",
+        help="harness: more key=value,... for its hf model, e.g. "
+        "add_bos_token=False for perplexity tasks (README: Evaluate)",
+    )
+    p.add_argument(
+        "--write-sample-tasks",
+        metavar="DIR",
+        default=None,
+        help="write two tiny local harness tasks about the sample corpus into DIR",
+    )
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.set_defaults(fn=cmd_evaluate)
 
-    p = sub.add_parser("plan", help="compute-optimal model size and tokens (C = 6ND, 20 tokens/parameter) and wall time")
+    p = sub.add_parser(
+        "plan",
+        help="compute-optimal model size and tokens (C = 6ND, 20 tokens/parameter) and wall time",
+    )
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--gpu-hours", type=float, default=None, help="compute budget in GPU-hours (with --device)")
+    what.add_argument(
+        "--gpu-hours", type=float, default=None, help="compute budget in GPU-hours (with --device)"
+    )
     what.add_argument("--params", default=None, help="target model size, e.g. 1.1B, 400M")
     what.add_argument("--model", default=None, help="a named size (see `orchestrator models`)")
     what.add_argument("--flops", default=None, help="compute budget in FLOPs, e.g. 1.2e20")
-    p.add_argument("--device", default=None, help="h100, h100-pcie, h200, a100 (peak bf16 FLOP/s for budgets and MFU)")
+    p.add_argument(
+        "--device",
+        default=None,
+        help="h100, h100-pcie, h200, a100 (peak bf16 FLOP/s for budgets and MFU)",
+    )
     p.add_argument("--gpus", type=int, default=1, help="GPUs the run uses (wall time)")
-    p.add_argument("--mfu", type=float, default=None, help="model FLOPs utilisation to assume (default: measured in "
-                   "benchmarks/RESULTS.md for the device, else 0.40)")
-    p.add_argument("--tokens-per-sec", type=float, default=None, help="measured training tokens/s per GPU")
-    p.add_argument("--tokens-per-param", type=float, default=20.0, help="tokens per parameter at the optimum")
-    p.add_argument("--results", default=None, help="benchmark results file (default benchmarks/RESULTS.md)")
+    p.add_argument(
+        "--mfu",
+        type=float,
+        default=None,
+        help="model FLOPs utilisation to assume (default: measured in "
+        "benchmarks/RESULTS.md for the device, else 0.40)",
+    )
+    p.add_argument(
+        "--tokens-per-sec", type=float, default=None, help="measured training tokens/s per GPU"
+    )
+    p.add_argument(
+        "--tokens-per-param", type=float, default=20.0, help="tokens per parameter at the optimum"
+    )
+    p.add_argument(
+        "--results", default=None, help="benchmark results file (default benchmarks/RESULTS.md)"
+    )
     p.add_argument("--json", default=None, help="also write the plan to this JSON file")
     p.set_defaults(fn=cmd_plan)
 
-    p = sub.add_parser("fit", help="fit loss vs parameters and vs compute as power laws over finished runs; PNG plot")
+    p = sub.add_parser(
+        "fit",
+        help="fit loss vs parameters and vs compute as power laws over finished runs; PNG plot",
+    )
     p.add_argument("runs", nargs="+", help="run dirs (config.yaml + metrics.jsonl or tensorboard/)")
-    p.add_argument("--metric", default="val_loss", choices=["val_loss", "loss"],
-                   help="validation loss (default) or training loss")
-    p.add_argument("--non-embedding", action="store_true", help="N without embedding and output head (Kaplan)")
+    p.add_argument(
+        "--metric",
+        default="val_loss",
+        choices=["val_loss", "loss"],
+        help="validation loss (default) or training loss",
+    )
+    p.add_argument(
+        "--non-embedding", action="store_true", help="N without embedding and output head (Kaplan)"
+    )
     p.add_argument("--plot", default="scaling_fit.png", help="PNG to write")
     p.add_argument("--json", default=None, help="also write the fits to this JSON file")
     p.set_defaults(fn=cmd_fit)

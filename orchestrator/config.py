@@ -19,14 +19,22 @@ from orchestrator.schema import ConfigError, doc, from_dict, parse_overrides, se
 
 @dataclass
 class SourceConfig:
-    name: str = doc("", "Source name (letters, digits, _ . -); TensorBoard scalar data/tokens_<name>.")
-    dir: str = doc("", "Prepared dataset: an `orchestrator prepare` output (its train/ is read) or a split dir.")
+    name: str = doc(
+        "", "Source name (letters, digits, _ . -); TensorBoard scalar data/tokens_<name>."
+    )
+    dir: str = doc(
+        "",
+        "Prepared dataset: an `orchestrator prepare` output (its train/ is read) or a split dir.",
+    )
     weight: float = doc(1.0, "Relative sampling weight (the weights are normalised to sum to 1).")
 
 
 @dataclass
 class DataConfig:
-    dir: str = doc(".cache/sample/tokens", "Prepared dataset (output of `orchestrator prepare`) with train/ and val/.")
+    dir: str = doc(
+        ".cache/sample/tokens",
+        "Prepared dataset (output of `orchestrator prepare`) with train/ and val/.",
+    )
     sources: list[SourceConfig] = doc(
         [],
         "Train on a weighted mixture instead of data.dir/train: a list of {name, dir, weight}, e.g. "
@@ -40,7 +48,9 @@ class DataConfig:
         "Validation split, streamed separately (a prepared split dir, or a prepare output whose val/ is read); "
         "null: data.dir/val, or with data.sources the val/ of the first source.",
     )
-    tokenizer: str = doc(".cache/sample/tokenizer.model", "sentencepiece model used to prepare the data.")
+    tokenizer: str = doc(
+        ".cache/sample/tokenizer.model", "sentencepiece model used to prepare the data."
+    )
     num_workers: int = doc(0, "DataLoader worker processes per rank.")
     shuffle: bool = doc(True, "Shuffle training chunks and samples (seeded by run.seed).")
 
@@ -49,9 +59,13 @@ class DataConfig:
         for i, src in enumerate(self.sources):
             key = f"data.sources[{i}]"
             if not src.name or not re.fullmatch(r"[A-Za-z0-9_.-]+", src.name):
-                raise ConfigError(f"{key}.name={src.name!r} must be a non-empty name of letters, digits, _ . -")
+                raise ConfigError(
+                    f"{key}.name={src.name!r} must be a non-empty name of letters, digits, _ . -"
+                )
             if not src.dir:
-                raise ConfigError(f"{key}.dir is empty: give the output directory of `orchestrator prepare`")
+                raise ConfigError(
+                    f"{key}.dir is empty: give the output directory of `orchestrator prepare`"
+                )
             if not src.weight > 0:
                 raise ConfigError(f"{key}.weight={src.weight} must be positive")
             names.append(src.name)
@@ -87,7 +101,8 @@ class OptimizerConfig:
 class ScheduleConfig:
     warmup_steps: int = doc(2000, "Optimizer steps of linear warmup from 0 to optimizer.lr.")
     decay: Literal["cosine", "linear", "constant"] = doc(
-        "cosine", "Shape of the decay from optimizer.lr to optimizer.min_lr over the remaining steps."
+        "cosine",
+        "Shape of the decay from optimizer.lr to optimizer.min_lr over the remaining steps.",
     )
     decay_steps: int | None = doc(None, "Steps of warmup+decay; null means train.max_steps.")
 
@@ -103,27 +118,46 @@ class TrainConfig:
         None, "Tokens per optimizer step across all processes; alternative to global_batch_size."
     )
     seq_len: int | None = doc(None, "Training sequence length; null means model.max_seq_len.")
-    log_interval: int = doc(10, "Optimizer steps between progress lines and TensorBoard train scalars.")
+    log_interval: int = doc(
+        10, "Optimizer steps between progress lines and TensorBoard train scalars."
+    )
 
 
 @dataclass
 class EvalConfig:
-    interval: int = doc(100, "Optimizer steps between validation runs (0 disables; also run at the end).")
-    max_batches: int = doc(20, "Validation micro-batches per process per evaluation (0 = whole val split).")
-    at_start: bool = doc(True, "Evaluate before the first step (gives the initial validation loss).")
+    interval: int = doc(
+        100, "Optimizer steps between validation runs (0 disables; also run at the end)."
+    )
+    max_batches: int = doc(
+        20, "Validation micro-batches per process per evaluation (0 = whole val split)."
+    )
+    at_start: bool = doc(
+        True, "Evaluate before the first step (gives the initial validation loss)."
+    )
 
 
 @dataclass
 class CheckpointConfig:
     interval: int = doc(500, "Optimizer steps between checkpoints (a final one is always written).")
-    keep_last: int = doc(3, "Newest complete checkpoints to keep (older ones are deleted); 0 keeps all.")
-    keep_every: int = doc(0, "Also keep, permanently, every checkpoint whose step is a multiple of this (0: none).")
-    async_save: bool = doc(False, "Write checkpoints in a background thread; training stalls only for a CPU snapshot.")
-    verify_checksums: bool = doc(True, "Check every file's SHA-256 against the manifest before resuming from it.")
-    resume: str = doc("auto", "`auto`: latest complete checkpoint in the run dir; `never`; or a checkpoint path.")
+    keep_last: int = doc(
+        3, "Newest complete checkpoints to keep (older ones are deleted); 0 keeps all."
+    )
+    keep_every: int = doc(
+        0, "Also keep, permanently, every checkpoint whose step is a multiple of this (0: none)."
+    )
+    async_save: bool = doc(
+        False, "Write checkpoints in a background thread; training stalls only for a CPU snapshot."
+    )
+    verify_checksums: bool = doc(
+        True, "Check every file's SHA-256 against the manifest before resuming from it."
+    )
+    resume: str = doc(
+        "auto", "`auto`: latest complete checkpoint in the run dir; `never`; or a checkpoint path."
+    )
     init_from: str | None = doc(
-        None, "Checkpoint (e.g. from `orchestrator import`) whose model weights start a new run; "
-        "ignored once the run dir has its own checkpoints."
+        None,
+        "Checkpoint (e.g. from `orchestrator import`) whose model weights start a new run; "
+        "ignored once the run dir has its own checkpoints.",
     )
 
 
@@ -131,114 +165,159 @@ class CheckpointConfig:
 class LoggingConfig:
     tensorboard: bool = doc(True, "Write TensorBoard event files under <run.dir>/tensorboard.")
     batch_hashes: Literal["off", "batch", "sequence"] = doc(
-        "batch", "Fingerprints in metrics.jsonl for resume audits: one per micro-batch, one per sequence, or none."
+        "batch",
+        "Fingerprints in metrics.jsonl for resume audits: one per micro-batch, one per sequence, or none.",
     )
     peak_tflops: float | None = doc(
-        None, "Peak dense TFLOP/s of one device at the run's precision, for MFU (perf/mfu); null: from the device "
+        None,
+        "Peak dense TFLOP/s of one device at the run's precision, for MFU (perf/mfu); null: from the device "
         "table (bf16/fp16 dense: H100 SXM and H200 989, H100 PCIe 756, A100 312). Without a peak (CPU, fp32, "
-        "unknown GPU) only the achieved perf/tflops_per_device is logged."
+        "unknown GPU) only the achieved perf/tflops_per_device is logged.",
     )
     layer_grad_norms: bool = doc(
-        False, "Also log the gradient norm of every transformer block, the embedding and the output head "
-        "(grad_norm/<part>) at the log interval, before clipping."
+        False,
+        "Also log the gradient norm of every transformer block, the embedding and the output head "
+        "(grad_norm/<part>) at the log interval, before clipping.",
     )
     sample_interval: int = doc(
-        500, "Optimizer steps between sample generations from logging.sample_prompts (TensorBoard text `samples`, "
-        "metrics.jsonl); 0 disables. Greedy decoding; the training RNG streams are left untouched."
+        500,
+        "Optimizer steps between sample generations from logging.sample_prompts (TensorBoard text `samples`, "
+        "metrics.jsonl); 0 disables. Greedy decoding; the training RNG streams are left untouched.",
     )
     sample_prompts: list[str] = doc(
-        ["The capital of", "Once upon a time", "def add(a, b):"], "Fixed prompts for the sample generations."
+        ["The capital of", "Once upon a time", "def add(a, b):"],
+        "Fixed prompts for the sample generations.",
     )
     sample_tokens: int = doc(32, "New tokens generated per prompt for the sample generations.")
 
     def validate(self) -> None:
         if self.peak_tflops is not None and not self.peak_tflops > 0:
-            raise ConfigError(f"logging.peak_tflops must be positive (or null), got {self.peak_tflops}")
+            raise ConfigError(
+                f"logging.peak_tflops must be positive (or null), got {self.peak_tflops}"
+            )
         if self.sample_interval < 0:
-            raise ConfigError(f"logging.sample_interval must be >= 0 (0 disables), got {self.sample_interval}")
+            raise ConfigError(
+                f"logging.sample_interval must be >= 0 (0 disables), got {self.sample_interval}"
+            )
         if self.sample_interval and (self.sample_tokens < 1 or not self.sample_prompts):
-            raise ConfigError("logging.sample_interval > 0 needs logging.sample_tokens >= 1 and at least one "
-                              "logging.sample_prompts entry (or set logging.sample_interval 0)")
+            raise ConfigError(
+                "logging.sample_interval > 0 needs logging.sample_tokens >= 1 and at least one "
+                "logging.sample_prompts entry (or set logging.sample_interval 0)"
+            )
 
 
 @dataclass
 class GuardConfig:
-    skip_nonfinite: bool = doc(True, "Skip the update of a step whose loss or gradient norm is NaN or Inf.")
-    spike_factor: float = doc(0.0, "Skip the update of a step whose loss exceeds this x the running mean (0: off).")
+    skip_nonfinite: bool = doc(
+        True, "Skip the update of a step whose loss or gradient norm is NaN or Inf."
+    )
+    spike_factor: float = doc(
+        0.0, "Skip the update of a step whose loss exceeds this x the running mean (0: off)."
+    )
     spike_warmup: int = doc(50, "Good steps that build the running mean before spikes are judged.")
-    rollback_after: int = doc(5, "Bad steps in a row that roll the run back to the last checkpoint (0: never).")
-    rollback_skip_data: bool = doc(True, "After a rollback, go on with the data after the offending batches.")
-    max_rollbacks: int = doc(3, "Rollbacks before the run stops with an error instead of diverging.")
+    rollback_after: int = doc(
+        5, "Bad steps in a row that roll the run back to the last checkpoint (0: never)."
+    )
+    rollback_skip_data: bool = doc(
+        True, "After a rollback, go on with the data after the offending batches."
+    )
+    max_rollbacks: int = doc(
+        3, "Rollbacks before the run stops with an error instead of diverging."
+    )
 
 
 @dataclass
 class FaultsConfig:
-    nan_loss_at_steps: list[int] = doc([], "Fault drill: make the loss of these steps NaN, once each (tests the guard).")
+    nan_loss_at_steps: list[int] = doc(
+        [], "Fault drill: make the loss of these steps NaN, once each (tests the guard)."
+    )
 
 
 @dataclass
 class StrategyConfig:
     name: Literal["ddp", "fsdp", "deepspeed", "single", "auto"] = doc(
-        "ddp", "How the model is spread over processes: `ddp` (replicated), `fsdp` (FSDP2, `fully_shard` per "
+        "ddp",
+        "How the model is spread over processes: `ddp` (replicated), `fsdp` (FSDP2, `fully_shard` per "
         "transformer block), `deepspeed` (ZeRO, see strategy.zero_stage), `single` (one process, no "
-        "process group), `auto` (Fabric's choice)."
+        "process group), `auto` (Fabric's choice).",
     )
-    accelerator: Literal["auto", "cpu", "cuda"] = doc("auto", "Device type; `auto` uses CUDA when present.")
+    accelerator: Literal["auto", "cpu", "cuda"] = doc(
+        "auto", "Device type; `auto` uses CUDA when present."
+    )
     devices: int = doc(
-        1, "Processes (GPUs, or CPU processes) per node. Under Slurm (srun) and `fabric run` the launcher's "
-        "process count is used, and a different value here is reported."
+        1,
+        "Processes (GPUs, or CPU processes) per node. Under Slurm (srun) and `fabric run` the launcher's "
+        "process count is used, and a different value here is reported.",
     )
-    num_nodes: int = doc(1, "Number of nodes (taken from Slurm / `fabric run` when launched by them).")
+    num_nodes: int = doc(
+        1, "Number of nodes (taken from Slurm / `fabric run` when launched by them)."
+    )
     precision: Literal["32-true", "bf16-mixed", "bf16-true", "16-mixed"] = doc(
-        "32-true", "Numerical precision (Fabric precision string): `bf16-mixed` on GPU; `32-true`, `bf16-mixed` "
-        "or `bf16-true` on CPU."
+        "32-true",
+        "Numerical precision (Fabric precision string): `bf16-mixed` on GPU; `32-true`, `bf16-mixed` "
+        "or `bf16-true` on CPU.",
     )
     zero_stage: int = doc(
-        2, "DeepSpeed ZeRO stage (strategy.name=deepspeed): 1 shards optimizer state, 2 also gradients, 3 also "
-        "parameters."
+        2,
+        "DeepSpeed ZeRO stage (strategy.name=deepspeed): 1 shards optimizer state, 2 also gradients, 3 also "
+        "parameters.",
     )
     offload_optimizer: bool = doc(
-        False, "DeepSpeed: keep optimizer state (and its step) in CPU memory (GPU runs; slower, saves GPU memory)."
+        False,
+        "DeepSpeed: keep optimizer state (and its step) in CPU memory (GPU runs; slower, saves GPU memory).",
     )
-    offload_params: bool = doc(False, "DeepSpeed ZeRO-3: keep parameters in CPU memory between uses (GPU runs).")
+    offload_params: bool = doc(
+        False, "DeepSpeed ZeRO-3: keep parameters in CPU memory between uses (GPU runs)."
+    )
     reshard_after_forward: bool = doc(
-        True, "FSDP: free gathered parameters after each block's forward (ZeRO-3-like); false keeps them until "
-        "backward (ZeRO-2-like: more memory, less communication)."
+        True,
+        "FSDP: free gathered parameters after each block's forward (ZeRO-3-like); false keeps them until "
+        "backward (ZeRO-2-like: more memory, less communication).",
     )
     activation_checkpointing: bool | Literal["none", "selective", "full"] = doc(
-        False, "Recompute transformer-block activations in backward instead of storing them (any strategy): "
+        False,
+        "Recompute transformer-block activations in backward instead of storing them (any strategy): "
         "`full` (or true) keeps only each block's input; `selective` also keeps matmul and attention outputs "
-        "and recomputes norms, RoPE and activations; `none` (or false) stores everything."
+        "and recomputes norms, RoPE and activations; `none` (or false) stores everything.",
     )
     sharded_checkpoint: bool = doc(
-        True, "FSDP: every rank writes its own shard (a directory); false gathers one full file on rank 0. "
-        "DeepSpeed checkpoints are always sharded. `orchestrator consolidate` turns either into one file."
+        True,
+        "FSDP: every rank writes its own shard (a directory); false gathers one full file on rank 0. "
+        "DeepSpeed checkpoints are always sharded. `orchestrator consolidate` turns either into one file.",
     )
     timeout_s: int = doc(
-        1800, "Seconds any collective (and the start-up rendezvous) waits for the other ranks before the job "
-        "fails with an error instead of hanging (a rank that died, hangs, or lost its node)."
+        1800,
+        "Seconds any collective (and the start-up rendezvous) waits for the other ranks before the job "
+        "fails with an error instead of hanging (a rank that died, hangs, or lost its node).",
     )
     requeue: bool = doc(
-        True, "Inside a Slurm job: on SIGUSR1 (e.g. `#SBATCH --signal=USR1@300`) finish the step, save, run "
-        "`scontrol requeue $SLURM_JOB_ID` and exit; the requeued job resumes. SIGTERM saves and exits."
+        True,
+        "Inside a Slurm job: on SIGUSR1 (e.g. `#SBATCH --signal=USR1@300`) finish the step, save, run "
+        "`scontrol requeue $SLURM_JOB_ID` and exit; the requeued job resumes. SIGTERM saves and exits.",
     )
 
     def validate(self) -> None:
         if self.zero_stage not in (1, 2, 3):
             raise ConfigError(f"strategy.zero_stage must be 1, 2 or 3, got {self.zero_stage}")
         if self.offload_params and not (self.name == "deepspeed" and self.zero_stage == 3):
-            raise ConfigError("strategy.offload_params needs strategy.name=deepspeed and strategy.zero_stage=3")
+            raise ConfigError(
+                "strategy.offload_params needs strategy.name=deepspeed and strategy.zero_stage=3"
+            )
         if self.offload_optimizer and self.name != "deepspeed":
             raise ConfigError("strategy.offload_optimizer needs strategy.name=deepspeed")
         if self.accelerator == "cpu" and self.precision == "16-mixed":
-            raise ConfigError("strategy.precision=16-mixed needs a GPU; use 32-true or bf16-mixed on CPU")
+            raise ConfigError(
+                "strategy.precision=16-mixed needs a GPU; use 32-true or bf16-mixed on CPU"
+            )
         if self.timeout_s <= 0:
             raise ConfigError(f"strategy.timeout_s must be positive, got {self.timeout_s}")
 
 
 @dataclass
 class RunConfig:
-    dir: str = doc("runs/default", "Run directory: resolved config, checkpoints, TensorBoard logs, metrics.")
+    dir: str = doc(
+        "runs/default", "Run directory: resolved config, checkpoints, TensorBoard logs, metrics."
+    )
     seed: int = doc(1337, "Seed for model init and data order.")
 
 
@@ -255,7 +334,9 @@ class Config:
     logging: LoggingConfig = section(LoggingConfig, "TensorBoard and metrics.")
     strategy: StrategyConfig = section(StrategyConfig, "Parallelism and precision.")
     guard: GuardConfig = section(GuardConfig, "Bad-step detection and rollback.")
-    faults: FaultsConfig = section(FaultsConfig, "Fault injection for drills and tests (empty in real runs).")
+    faults: FaultsConfig = section(
+        FaultsConfig, "Fault injection for drills and tests (empty in real runs)."
+    )
 
     @property
     def seq_len(self) -> int:
@@ -297,14 +378,19 @@ class Config:
                 f"train.seq_len={self.train.seq_len} must be in 1..model.max_seq_len={self.model.max_seq_len}"
             )
         if self.train.global_batch_size is not None and self.train.global_batch_tokens is not None:
-            raise ConfigError("set only one of train.global_batch_size and train.global_batch_tokens")
+            raise ConfigError(
+                "set only one of train.global_batch_size and train.global_batch_tokens"
+            )
         if self.optimizer.lr <= 0:
             raise ConfigError(f"optimizer.lr must be positive, got {self.optimizer.lr}")
         if not 0 <= self.optimizer.min_lr <= self.optimizer.lr:
             raise ConfigError(
                 f"optimizer.min_lr={self.optimizer.min_lr} must be between 0 and optimizer.lr={self.optimizer.lr}"
             )
-        if self.checkpoint.resume not in ("auto", "never") and not Path(self.checkpoint.resume).exists():
+        if (
+            self.checkpoint.resume not in ("auto", "never")
+            and not Path(self.checkpoint.resume).exists()
+        ):
             raise ConfigError(
                 f"checkpoint.resume={self.checkpoint.resume!r} does not exist: give a checkpoint directory, "
                 "`auto` (latest in the run dir) or `never`"
@@ -368,7 +454,9 @@ def load_config(argv: list[str] | None = None, base: dict | None = None) -> Conf
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
         if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(loaded).__name__}")
+            raise ConfigError(
+                f"config file {path} must hold a mapping of sections, got {type(loaded).__name__}"
+            )
         layers.append(loaded)
     layers.append(parse_overrides(rest))
     return config_from_layers(layers)

@@ -46,7 +46,9 @@ def checkpoint_format(ckpt_dir: str | Path) -> str:
             return "dcp"
         if (state / "latest").is_file() or (state / "checkpoint").is_dir():
             return "deepspeed"
-        raise ValueError(f"{state} is a directory but neither a DeepSpeed nor a torch.distributed.checkpoint one")
+        raise ValueError(
+            f"{state} is a directory but neither a DeepSpeed nor a torch.distributed.checkpoint one"
+        )
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     raise FileNotFoundError(
@@ -54,7 +56,9 @@ def checkpoint_format(ckpt_dir: str | Path) -> str:
     )
 
 
-def load_model_state(ckpt_dir: str | Path, prefer_consolidated: bool = True) -> dict[str, torch.Tensor]:
+def load_model_state(
+    ckpt_dir: str | Path, prefer_consolidated: bool = True
+) -> dict[str, torch.Tensor]:
     """The model's full state dict (models/llama.py names, on CPU) from a checkpoint directory
     of any strategy, or from a file written by `consolidate`."""
     path = Path(ckpt_dir)
@@ -93,7 +97,9 @@ def _model_entry(state, source: Path) -> dict[str, torch.Tensor]:
         if state and all(isinstance(v, torch.Tensor) for v in state.values()):
             return state
     found = ", ".join(map(str, state)) if isinstance(state, dict) else type(state).__name__
-    raise ValueError(f"{source} holds no model weights (expected a dict with key 'model'; found {found})")
+    raise ValueError(
+        f"{source} holds no model weights (expected a dict with key 'model'; found {found})"
+    )
 
 
 def _load_dcp_model(state_dir: Path) -> dict[str, torch.Tensor]:
@@ -103,11 +109,17 @@ def _load_dcp_model(state_dir: Path) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     loaded: dict = {}
-    _load_state_dict(loaded, storage_reader=FileSystemReader(str(state_dir)),
-                     planner=_EmptyStateDictLoadPlanner(keys={"model"}), no_dist=True)
+    _load_state_dict(
+        loaded,
+        storage_reader=FileSystemReader(str(state_dir)),
+        planner=_EmptyStateDictLoadPlanner(keys={"model"}),
+        no_dist=True,
+    )
     if not isinstance(loaded.get("model"), dict):
         raise ValueError(f"{state_dir} holds no model weights (top-level keys: {sorted(loaded)})")
-    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in loaded["model"].items()}
+    return {
+        k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in loaded["model"].items()
+    }
 
 
 def _load_deepspeed_model(state_dir: Path) -> dict[str, torch.Tensor]:
@@ -117,7 +129,11 @@ def _load_deepspeed_model(state_dir: Path) -> dict[str, torch.Tensor]:
     from deepspeed.utils import logger as ds_logger
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    tag = (state_dir / "latest").read_text().strip() if (state_dir / "latest").is_file() else "checkpoint"
+    tag = (
+        (state_dir / "latest").read_text().strip()
+        if (state_dir / "latest").is_file()
+        else "checkpoint"
+    )
     level = ds_logger.level
     ds_logger.setLevel(logging.WARNING)
     try:
@@ -133,7 +149,7 @@ def _strip_prefixes(name: str) -> str:
         changed = False
         for prefix in WRAPPER_PREFIXES:
             if name.startswith(prefix):
-                name, changed = name[len(prefix):], True
+                name, changed = name[len(prefix) :], True
         if "._checkpoint_wrapped_module." in name:
             name, changed = name.replace("._checkpoint_wrapped_module.", "."), True
     return name
@@ -160,8 +176,10 @@ def consolidate(ckpt_dir: str | Path, output: str | Path | None = None) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     torch.save(payload, tmp)
     tmp.replace(out)  # never a half-written file under the final name
-    print(f"Consolidated {kind} checkpoint {ckpt_dir} ({len(model)} tensors, "
-          f"{sum(t.numel() for t in model.values()):,} parameters) into {out} in {time.perf_counter() - started:.1f}s")
+    print(
+        f"Consolidated {kind} checkpoint {ckpt_dir} ({len(model)} tensors, "
+        f"{sum(t.numel() for t in model.values()):,} parameters) into {out} in {time.perf_counter() - started:.1f}s"
+    )
     return out
 
 

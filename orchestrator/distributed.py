@@ -38,8 +38,15 @@ CLI_STRATEGIES: dict[str, tuple[str, int | None, bool | None, bool | None]] = {
     "auto": ("auto", None, None, None),
     "single_device": ("single", None, None, None),
 }
-CLI_PRECISION = {"32": "32-true", "32-true": "32-true", "bf16": "bf16-mixed", "bf16-mixed": "bf16-mixed",
-                 "bf16-true": "bf16-true", "16": "16-mixed", "16-mixed": "16-mixed"}
+CLI_PRECISION = {
+    "32": "32-true",
+    "32-true": "32-true",
+    "bf16": "bf16-mixed",
+    "bf16-mixed": "bf16-mixed",
+    "bf16-true": "bf16-true",
+    "16": "16-mixed",
+    "16-mixed": "16-mixed",
+}
 CLI_ACCELERATOR = {"cpu": "cpu", "cuda": "cuda", "gpu": "cuda", "auto": "auto"}
 _LT_KEYS = ("accelerator", "strategy", "devices", "num_nodes", "precision")
 
@@ -73,8 +80,14 @@ def resolve_launch(cfg) -> list[str]:
         cli = {k: os.environ.get(f"LT_{k.upper()}") for k in _LT_KEYS}
         if cli["accelerator"] is not None:
             if cli["accelerator"] not in CLI_ACCELERATOR:
-                raise ConfigError(f"fabric run --accelerator={cli['accelerator']} is not supported (cpu or cuda)")
-            override("accelerator", CLI_ACCELERATOR[cli["accelerator"]], f"fabric run --accelerator={cli['accelerator']}")
+                raise ConfigError(
+                    f"fabric run --accelerator={cli['accelerator']} is not supported (cpu or cuda)"
+                )
+            override(
+                "accelerator",
+                CLI_ACCELERATOR[cli["accelerator"]],
+                f"fabric run --accelerator={cli['accelerator']}",
+            )
         if cli["strategy"] is not None:
             if cli["strategy"] not in CLI_STRATEGIES:
                 raise ConfigError(
@@ -84,7 +97,11 @@ def resolve_launch(cfg) -> list[str]:
             name, stage, off_opt, off_par = CLI_STRATEGIES[cli["strategy"]]
             source = f"fabric run --strategy={cli['strategy']}"
             override("name", name, source)
-            for key, value in (("zero_stage", stage), ("offload_optimizer", off_opt), ("offload_params", off_par)):
+            for key, value in (
+                ("zero_stage", stage),
+                ("offload_optimizer", off_opt),
+                ("offload_params", off_par),
+            ):
                 if value is not None:
                     override(key, value, source)
         if cli["precision"] is not None:
@@ -92,11 +109,17 @@ def resolve_launch(cfg) -> list[str]:
                 raise ConfigError(
                     f"fabric run --precision={cli['precision']} is not supported; use one of {', '.join(CLI_PRECISION)}"
                 )
-            override("precision", CLI_PRECISION[cli["precision"]], f"fabric run --precision={cli['precision']}")
+            override(
+                "precision",
+                CLI_PRECISION[cli["precision"]],
+                f"fabric run --precision={cli['precision']}",
+            )
         # The processes exist: their count is a fact (torchrun's LOCAL_WORLD_SIZE / number of nodes).
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or _parse_devices(cli["devices"])
         override("devices", local, f"fabric run --devices={cli['devices']}")
-        override("num_nodes", int(cli["num_nodes"] or 1), f"fabric run --num-nodes={cli['num_nodes']}")
+        override(
+            "num_nodes", int(cli["num_nodes"] or 1), f"fabric run --num-nodes={cli['num_nodes']}"
+        )
         # Fabric would compare its LT_* variables with our (resolved, equivalent) objects and refuse.
         for key in _LT_KEYS:
             os.environ.pop(f"LT_{key.upper()}", None)
@@ -135,7 +158,9 @@ def resolve_accelerator(requested: str) -> str:
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("strategy.accelerator=cuda but no CUDA GPU is visible (use cpu, or check CUDA_VISIBLE_DEVICES)")
+        raise ConfigError(
+            "strategy.accelerator=cuda but no CUDA GPU is visible (use cpu, or check CUDA_VISIBLE_DEVICES)"
+        )
     return requested
 
 
@@ -148,7 +173,9 @@ def build_fabric(cfg, loggers: list | None = None) -> Fabric:
     s = cfg.strategy
     accelerator = resolve_accelerator(s.accelerator)
     if accelerator == "cpu" and s.precision == "16-mixed":
-        raise ConfigError("strategy.precision=16-mixed needs a GPU; use 32-true or bf16-mixed on CPU")
+        raise ConfigError(
+            "strategy.precision=16-mixed needs a GPU; use 32-true or bf16-mixed on CPU"
+        )
     fabric = _Fabric(
         accelerator=accelerator,
         strategy=build_strategy(cfg, accelerator),
@@ -197,8 +224,20 @@ def threads_per_process(devices: int) -> None:
 # A failing or vanished rank ends the job
 # --------------------------------------------------------------------------------------------
 
-_PEER_LOST = ("connection closed by peer", "connection reset by peer", "broken pipe", "timed out", "timeout",
-              "nccl", "gloo", "socket", "watchdog", "dist_backend", "distbackenderror", "connection refused")
+_PEER_LOST = (
+    "connection closed by peer",
+    "connection reset by peer",
+    "broken pipe",
+    "timed out",
+    "timeout",
+    "nccl",
+    "gloo",
+    "socket",
+    "watchdog",
+    "dist_backend",
+    "distbackenderror",
+    "connection refused",
+)
 
 
 def is_peer_failure(exc: BaseException) -> bool:
@@ -212,10 +251,14 @@ def fail_fast(exc: BaseException, timeout_s: int | None = None) -> None:
     """Report a fatal error on this rank clearly, stop the processes this one launched, and exit
     now (os._exit: never wait in atexit handlers or process-group teardown for peers that are gone).
     In a single-process run it returns and the caller re-raises."""
-    launcher = getattr(getattr(_current, "strategy", None), "launcher", None) if _current is not None else None
-    distributed = (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1) or bool(
-        getattr(launcher, "procs", None)
+    launcher = (
+        getattr(getattr(_current, "strategy", None), "launcher", None)
+        if _current is not None
+        else None
     )
+    distributed = (
+        dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    ) or bool(getattr(launcher, "procs", None))
     if not distributed:
         return  # one process: the caller re-raises, with the usual traceback
     rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0"
@@ -241,7 +284,11 @@ def _kill_launched_children() -> None:
     """Rank 0 of a Fabric-launched run started the other local ranks: do not leave them behind."""
     import signal
 
-    launcher = getattr(getattr(_current, "strategy", None), "launcher", None) if _current is not None else None
+    launcher = (
+        getattr(getattr(_current, "strategy", None), "launcher", None)
+        if _current is not None
+        else None
+    )
     for proc in getattr(launcher, "procs", []) or []:
         try:
             if proc.poll() is None:

@@ -44,7 +44,11 @@ class EpochTracker:
         return finished
 
     def state_dict(self) -> dict[str, Any]:
-        return {"oldest_open": self.oldest_open, "sequences": dict(self.sequences), "rank_epochs": self.rank_epochs}
+        return {
+            "oldest_open": self.oldest_open,
+            "sequences": dict(self.sequences),
+            "rank_epochs": self.rank_epochs,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.oldest_open = state["oldest_open"]
@@ -52,4 +56,6 @@ class EpochTracker:
         self.rank_epochs = list(state["rank_epochs"])
         same_world = len(self.rank_epochs) == self.fabric.world_size
         # On another world size every rank continues the oldest open epoch (the loader's state says where).
-        self.local_epoch = self.rank_epochs[self.fabric.global_rank] if same_world else self.oldest_open
+        self.local_epoch = (
+            self.rank_epochs[self.fabric.global_rank] if same_world else self.oldest_open
+        )

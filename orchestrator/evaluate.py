@@ -44,8 +44,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-OFFLINE_ENV = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               "HF_EVALUATE_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+OFFLINE_ENV = {
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_EVALUATE_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -74,16 +79,28 @@ def evaluate_checkpoint(
 
     ckpt_dir = resolve_checkpoint(checkpoint)
     dev = pick_device(device)
-    torch_dtype = (torch.bfloat16 if dev.type == "cuda" else torch.float32) if dtype == "auto" else DTYPES[dtype]
+    torch_dtype = (
+        (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+        if dtype == "auto"
+        else DTYPES[dtype]
+    )
     model, cfg = load_model(ckpt_dir, device=dev, dtype=torch_dtype)
     source = str(data) if data is not None else cfg.data.val_split()
     split_dir = resolve_split(source, split)
-    if Path(cfg.data.tokenizer).is_file():  # the ids must come from the tokenizer the model was trained with
-        check_datasets_match_tokenizer(cfg, [("--data", source, split_dir)], Path(cfg.data.tokenizer))
+    if Path(
+        cfg.data.tokenizer
+    ).is_file():  # the ids must come from the tokenizer the model was trained with
+        check_datasets_match_tokenizer(
+            cfg, [("--data", source, split_dir)], Path(cfg.data.tokenizer)
+        )
     T = seq_len or cfg.seq_len
     if not 0 < T <= cfg.model.max_seq_len:
-        raise ValueError(f"--seq-len {T} must be in 1..{cfg.model.max_seq_len} (the model's context)")
-    loader = make_dataloader(split_dir, seq_len=T, batch_size=batch_size, shuffle=False, seed=0, drop_last=False)
+        raise ValueError(
+            f"--seq-len {T} must be in 1..{cfg.model.max_seq_len} (the model's context)"
+        )
+    loader = make_dataloader(
+        split_dir, seq_len=T, batch_size=batch_size, shuffle=False, seed=0, drop_last=False
+    )
     started = time.perf_counter()
     total_loss, tokens, sequences = 0.0, 0, 0
     with torch.no_grad():
@@ -92,14 +109,21 @@ def evaluate_checkpoint(
                 break
             batch = batch.to(dev).long()  # (B, T+1)
             logits = model(batch[:, :-1])  # (B, T, V)
-            total_loss += float(F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum"))
+            total_loss += float(
+                F.cross_entropy(
+                    logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum"
+                )
+            )
             tokens += batch[:, 1:].numel()
             sequences += batch.shape[0]
     if tokens == 0:
         raise ValueError(f"{split_dir} holds no sequence of {T + 1} tokens: lower --seq-len")
     loss = total_loss / tokens
     meta = {}
-    for name in ("manifest.json", "meta.json"):  # the trainer's manifest (older checkpoints: meta.json)
+    for name in (
+        "manifest.json",
+        "meta.json",
+    ):  # the trainer's manifest (older checkpoints: meta.json)
         if (ckpt_dir / name).is_file():
             meta = json.loads((ckpt_dir / name).read_text())
             break
@@ -123,16 +147,20 @@ def evaluate_checkpoint(
 # --------------------------------------------------------------------------------------------
 
 
-def write_local_task(out_dir: str | Path, name: str, data_file: str | Path, kind: str = "perplexity") -> Path:
+def write_local_task(
+    out_dir: str | Path, name: str, data_file: str | Path, kind: str = "perplexity"
+) -> Path:
     """A harness task `name` reading the local JSON-lines `data_file` (see the module docstring);
     returns the YAML path. Pass `out_dir` as the harness's include path."""
     data_file = Path(data_file).resolve()
     if not data_file.is_file():
-        raise FileNotFoundError(f"{data_file} does not exist: a local task needs its JSON-lines file")
+        raise FileNotFoundError(
+            f"{data_file} does not exist: a local task needs its JSON-lines file"
+        )
     first = json.loads(next(line for line in data_file.read_text().splitlines() if line.strip()))
     if kind == "perplexity":
         if not isinstance(first.get("text"), str):
-            raise ValueError(f"{data_file}: a perplexity task needs lines like {{\"text\": ...}}")
+            raise ValueError(f'{data_file}: a perplexity task needs lines like {{"text": ...}}')
         body = [
             "output_type: loglikelihood_rolling",
             'doc_to_text: ""',
@@ -144,8 +172,10 @@ def write_local_task(out_dir: str | Path, name: str, data_file: str | Path, kind
         ]
     elif kind == "multiple_choice":
         if not ({"context", "choices", "label"} <= set(first)):
-            raise ValueError(f"{data_file}: a multiple-choice task needs lines like "
-                             '{"context": ..., "choices": [...], "label": 0}')
+            raise ValueError(
+                f"{data_file}: a multiple-choice task needs lines like "
+                '{"context": ..., "choices": [...], "label": 0}'
+            )
         body = [
             "output_type: multiple_choice",
             'doc_to_text: "{{context}}"',
@@ -195,7 +225,11 @@ def write_sample_tasks(out_dir: str | Path, seed: int = 0, heldout_docs: int = 1
         for c in world:
             choices = [c.capital, *rng.sample([x for x in capitals if x != c.capital], 3)]
             rng.shuffle(choices)
-            doc = {"context": f"The capital of {c.name} is", "choices": choices, "label": choices.index(c.capital)}
+            doc = {
+                "context": f"The capital of {c.name} is",
+                "choices": choices,
+                "label": choices.index(c.capital),
+            }
             f.write(json.dumps(doc) + "\n")
     with (out / "sample_heldout.jsonl").open("w") as f:
         for i in range(heldout_docs):
@@ -212,8 +246,10 @@ def go_offline() -> None:
         os.environ[key] = OFFLINE_ENV[key]
     loaded = [m for m in ("huggingface_hub", "datasets") if m in sys.modules]
     if loaded and missing:
-        print(f"note: {', '.join(loaded)} already imported; offline mode relies on the environment it saw",
-              file=sys.stderr)
+        print(
+            f"note: {', '.join(loaded)} already imported; offline mode relies on the environment it saw",
+            file=sys.stderr,
+        )
 
 
 def run_lm_eval(
@@ -234,20 +270,30 @@ def run_lm_eval(
         from lm_eval import simple_evaluate
         from lm_eval.tasks import TaskManager
     except ImportError as e:
-        raise ImportError("lm-evaluation-harness is not installed: pip install 'lm-eval[hf]' "
-                          "(or this project's `eval` extra)") from e
+        raise ImportError(
+            "lm-evaluation-harness is not installed: pip install 'lm-eval[hf]' "
+            "(or this project's `eval` extra)"
+        ) from e
     hf_dir = Path(hf_dir)
     if not (hf_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{hf_dir} has no config.json: pass a directory written by `orchestrator export`")
+        raise FileNotFoundError(
+            f"{hf_dir} has no config.json: pass a directory written by `orchestrator export`"
+        )
     # Indexing the harness's thousands of built-in task files takes long; local tasks need none of them.
-    manager = TaskManager(include_path=str(include_path), include_defaults=False) if include_path else None
+    manager = (
+        TaskManager(include_path=str(include_path), include_defaults=False)
+        if include_path
+        else None
+    )
     if manager is None or any(t not in manager.all_tasks for t in tasks):
         manager = TaskManager(include_path=str(include_path) if include_path else None)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         where = f" under {include_path}" if include_path else ""
-        raise ValueError(f"unknown harness task(s) {unknown}{where}: write one with `orchestrator evaluate "
-                         "--local-task FILE.jsonl` or `--write-sample-tasks DIR`, and pass --include-path")
+        raise ValueError(
+            f"unknown harness task(s) {unknown}{where}: write one with `orchestrator evaluate "
+            "--local-task FILE.jsonl` or `--write-sample-tasks DIR`, and pass --include-path"
+        )
     out = simple_evaluate(
         model="hf",
         model_args=f"pretrained={hf_dir},dtype={dtype}" + (f",{model_args}" if model_args else ""),

@@ -66,8 +66,10 @@ class PowerLaw:
         return self.E + self.A * np.power(x, -self.alpha)
 
     def describe(self, var: str) -> str:
-        return (f"L({var}) = {fmt_err(self.E, self.E_err)} + {self.A:.4g} * {var}^-{fmt_err(self.alpha, self.alpha_err)}"
-                f"   ({self.points} runs, rms log residual {self.rms_log_residual:.2e})")
+        return (
+            f"L({var}) = {fmt_err(self.E, self.E_err)} + {self.A:.4g} * {var}^-{fmt_err(self.alpha, self.alpha_err)}"
+            f"   ({self.points} runs, rms log residual {self.rms_log_residual:.2e})"
+        )
 
 
 def fmt_err(value: float, err: float) -> str:
@@ -108,7 +110,10 @@ def _curve_from_jsonl(path: Path, metric: str) -> list[tuple[float, float]]:
         if "loss" in r and "tokens_seen" in r:
             tokens_at[step] = float(r["tokens_seen"])
         if metric in r and r[metric] is not None and math.isfinite(r[metric]):
-            points[step] = (r.get("tokens_seen"), float(r[metric]))  # a resumed run's later line wins
+            points[step] = (
+                r.get("tokens_seen"),
+                float(r[metric]),
+            )  # a resumed run's later line wins
     tokens_at.setdefault(0, 0.0)
     curve = []
     for step in sorted(points):
@@ -153,13 +158,17 @@ def read_run(path: str | Path, metric: str = "val_loss", non_embedding: bool = F
         run_dir, jsonl, tb = path.parent, None, path
     config = run_dir / "config.yaml"
     if not config.is_file():
-        raise FileNotFoundError(f"{config} is missing: fit needs each run's config.yaml for its parameter count")
+        raise FileNotFoundError(
+            f"{config} is missing: fit needs each run's config.yaml for its parameter count"
+        )
     curve = _curve_from_jsonl(jsonl, metric) if jsonl is not None and jsonl.is_file() else []
     if not curve and tb is not None and tb.is_dir():
         curve = _curve_from_tensorboard(tb, metric)
     curve = [(t, loss) for t, loss in curve if t > 0]  # the step-0 evaluation has spent no compute
     if not curve:
-        raise ValueError(f"{path}: no {metric} with tokens seen > 0 in metrics.jsonl or tensorboard/")
+        raise ValueError(
+            f"{path}: no {metric} with tokens seen > 0 in metrics.jsonl or tensorboard/"
+        )
     return Run(name=run_dir.name, params=_model_params(config, non_embedding), curve=curve)
 
 
@@ -175,7 +184,9 @@ def fit_power_law(x: np.ndarray, y: np.ndarray) -> PowerLaw:
     x = np.asarray(x, dtype=float)
     y = np.asarray(y, dtype=float)
     if len(x) < 3:
-        raise ValueError(f"a power law with an irreducible term has 3 parameters: need >= 3 runs, got {len(x)}")
+        raise ValueError(
+            f"a power law with an irreducible term has 3 parameters: need >= 3 runs, got {len(x)}"
+        )
     if np.any(x <= 0) or np.any(y <= 0):
         raise ValueError("x and loss must be positive")
     x_ref = float(np.exp(np.mean(np.log(x))))  # conditioning: fit in units of the geometric mean
@@ -202,8 +213,16 @@ def fit_power_law(x: np.ndarray, y: np.ndarray) -> PowerLaw:
     lower = np.array([0.0, -np.inf, 0.0])
     upper = np.array([y.min() * (1 - 1e-9), np.inf, 10.0])
     theta0 = np.clip(theta0, lower + 1e-12, upper - 1e-12)
-    sol = least_squares(residuals, theta0, bounds=(lower, upper), x_scale="jac", xtol=1e-14, ftol=1e-14,
-                        gtol=1e-14, max_nfev=20000)
+    sol = least_squares(
+        residuals,
+        theta0,
+        bounds=(lower, upper),
+        x_scale="jac",
+        xtol=1e-14,
+        ftol=1e-14,
+        gtol=1e-14,
+        max_nfev=20000,
+    )
     E, log_a, alpha = sol.x
     dof = len(x) - 3
     rss = float(np.sum(sol.fun**2))
@@ -217,9 +236,21 @@ def fit_power_law(x: np.ndarray, y: np.ndarray) -> PowerLaw:
     # Back to absolute units: A x_ref^alpha x^-alpha.
     A = float(np.exp(log_a) * x_ref**alpha)
     # d(log A_abs) = d(log_a) + log(x_ref) d(alpha): first-order error, ignoring the correlation's sign.
-    A_err = float(A * math.hypot(errs[1], math.log(x_ref) * errs[2])) if np.all(np.isfinite(errs)) else math.nan
-    return PowerLaw(E=float(E), A=A, alpha=float(alpha), E_err=float(errs[0]), A_err=A_err,
-                    alpha_err=float(errs[2]), points=len(x), rms_log_residual=math.sqrt(rss / len(x)))
+    A_err = (
+        float(A * math.hypot(errs[1], math.log(x_ref) * errs[2]))
+        if np.all(np.isfinite(errs))
+        else math.nan
+    )
+    return PowerLaw(
+        E=float(E),
+        A=A,
+        alpha=float(alpha),
+        E_err=float(errs[0]),
+        A_err=A_err,
+        alpha_err=float(errs[2]),
+        points=len(x),
+        rms_log_residual=math.sqrt(rss / len(x)),
+    )
 
 
 def fit_runs(runs: list[Run]) -> dict[str, PowerLaw]:
@@ -247,7 +278,13 @@ def plot(runs: list[Run], fits: dict[str, PowerLaw], path: str | Path) -> Path:
     for run, color in zip(sorted(runs, key=lambda r: r.params), colors, strict=True):
         c = [6.0 * run.params * t for t, _ in run.curve]
         ax_c.plot(c, [loss for _, loss in run.curve], "-", color=color, alpha=0.6, lw=1)
-        ax_c.plot([run.compute], [run.loss], "o", color=color, label=f"{run.name} ({run.params / 1e6:,.0f}M)")
+        ax_c.plot(
+            [run.compute],
+            [run.loss],
+            "o",
+            color=color,
+            label=f"{run.name} ({run.params / 1e6:,.0f}M)",
+        )
         ax_n.plot([run.params], [run.loss], "o", color=color)
     for ax, key, xs, label in (
         (ax_c, "compute", [r.compute for r in runs], "C"),
@@ -255,9 +292,14 @@ def plot(runs: list[Run], fits: dict[str, PowerLaw], path: str | Path) -> Path:
     ):
         f = fits[key]
         grid = np.geomspace(min(xs) / 2, max(xs) * 2, 200)
-        ax.plot(grid, f(grid), "k--", lw=1.5,
-                label=f"{f.E:.3g} + {f.A:.3g}·{label}^-{f.alpha:.3f}" + ("" if not math.isfinite(f.alpha_err) else
-                                                                          f" (±{f.alpha_err:.2g})"))
+        ax.plot(
+            grid,
+            f(grid),
+            "k--",
+            lw=1.5,
+            label=f"{f.E:.3g} + {f.A:.3g}·{label}^-{f.alpha:.3f}"
+            + ("" if not math.isfinite(f.alpha_err) else f" (±{f.alpha_err:.2g})"),
+        )
         ax.axhline(f.E, color="gray", lw=0.8, ls=":")
         ax.set_xscale("log")
         ax.grid(True, which="both", alpha=0.3)
@@ -279,7 +321,9 @@ def plot(runs: list[Run], fits: dict[str, PowerLaw], path: str | Path) -> Path:
 def report(runs: list[Run], fits: dict[str, PowerLaw]) -> str:
     lines = [f"{'run':<24} {'params':>14} {'tokens':>16} {'compute (FLOPs)':>16} {'loss':>8}"]
     for r in sorted(runs, key=lambda r: r.params):
-        lines.append(f"{r.name:<24} {r.params:>14,} {r.tokens:>16,.0f} {r.compute:>16.3e} {r.loss:>8.4f}")
+        lines.append(
+            f"{r.name:<24} {r.params:>14,} {r.tokens:>16,.0f} {r.compute:>16.3e} {r.loss:>8.4f}"
+        )
     lines.append("")
     lines.append("loss vs parameters: " + fits["params"].describe("N"))
     lines.append("loss vs compute:    " + fits["compute"].describe("C"))
@@ -288,7 +332,15 @@ def report(runs: list[Run], fits: dict[str, PowerLaw]) -> str:
 
 def results_dict(runs: list[Run], fits: dict[str, PowerLaw]) -> dict[str, Any]:
     return {
-        "runs": [{"name": r.name, "params": r.params, "tokens": r.tokens, "compute": r.compute, "loss": r.loss}
-                 for r in runs],
+        "runs": [
+            {
+                "name": r.name,
+                "params": r.params,
+                "tokens": r.tokens,
+                "compute": r.compute,
+                "loss": r.loss,
+            }
+            for r in runs
+        ],
         "fits": {k: asdict(v) for k, v in fits.items()},
     }

@@ -66,14 +66,18 @@ def generate(
     B, T = input_ids.shape
     max_len = model.cfg.max_seq_len
     if T > max_len:
-        raise ValueError(f"the prompt has {T} tokens; the model's context is model.max_seq_len={max_len}")
+        raise ValueError(
+            f"the prompt has {T} tokens; the model's context is model.max_seq_len={max_len}"
+        )
     device = next(model.parameters()).device
     input_ids = input_ids.to(device)
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
     steps = min(max_new_tokens, max_len - T)
-    cache = KVCache(model.cfg, B, max_len=T + steps, device=device, dtype=next(model.parameters()).dtype)
+    cache = KVCache(
+        model.cfg, B, max_len=T + steps, device=device, dtype=next(model.parameters()).dtype
+    )
     was_training = model.training
     model.eval()
     out = [input_ids]

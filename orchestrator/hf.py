@@ -89,11 +89,15 @@ def load_checkpoint_config(ckpt_dir: str | Path):
 
     path = Path(ckpt_dir) / CONFIG_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: every checkpoint holds the config it was trained with")
+        raise FileNotFoundError(
+            f"{path} is missing: every checkpoint holds the config it was trained with"
+        )
     return config_from_dict(yaml.safe_load(path.read_text()))
 
 
-def load_model(ckpt_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+def load_model(
+    ckpt_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+):
     """(Llama, Config) from a checkpoint, built on the meta device so weights exist only once."""
     from models.llama import Llama
 
@@ -158,12 +162,16 @@ def check_exportable(cfg: ModelConfig) -> None:
         )
     if problems:
         raise ConfigError(
-            "this model cannot be exported as a LlamaForCausalLM: " + "; ".join(problems) + ". Only models "
+            "this model cannot be exported as a LlamaForCausalLM: "
+            + "; ".join(problems)
+            + ". Only models "
             "trained with these options off can be exported to the Hugging Face Llama format."
         )
 
 
-def hf_config(cfg: ModelConfig, dtype: torch.dtype, bos_id: int | None = 1, eos_id: int | None = 2) -> dict[str, Any]:
+def hf_config(
+    cfg: ModelConfig, dtype: torch.dtype, bos_id: int | None = 1, eos_id: int | None = 2
+) -> dict[str, Any]:
     """config.json for LlamaForCausalLM; readable by transformers 4.x (rope_theta) and 5.x (rope_parameters)."""
     check_exportable(cfg)
     return {
@@ -206,7 +214,13 @@ def model_config_from_hf(hf: dict[str, Any], source: str | Path = "config.json")
             f"({', '.join(architectures) or 'no architectures'}), not a Llama model: expected model_type 'llama' "
             "/ architectures ['LlamaForCausalLM']"
         )
-    required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    required = (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+    )
     missing = [k for k in required if k not in hf]
     if missing:
         raise ValueError(f"{source} lacks {', '.join(missing)}: it is not a complete Llama config")
@@ -218,16 +232,24 @@ def model_config_from_hf(hf: dict[str, Any], source: str | Path = "config.json")
     if hf.get("mlp_bias"):
         problems.append("mlp_bias=true (our feed-forward has no bias)")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    rope_type = (
+        rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    )
     if rope_type != "default":
         problems.append(f"RoPE scaling {rope_type!r} (we support plain RoPE with a base)")
     n_heads = hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads
     if head_dim * n_heads != hf["hidden_size"]:
-        problems.append(f"head_dim={head_dim} with {n_heads} heads != hidden_size={hf['hidden_size']}")
+        problems.append(
+            f"head_dim={head_dim} with {n_heads} heads != hidden_size={hf['hidden_size']}"
+        )
     if problems:
         raise ValueError(f"{source}: this Llama variant cannot be imported: " + "; ".join(problems))
-    rope_base = (rope.get("rope_theta") if isinstance(rope, dict) else None) or hf.get("rope_theta") or 10000.0
+    rope_base = (
+        (rope.get("rope_theta") if isinstance(rope, dict) else None)
+        or hf.get("rope_theta")
+        or 10000.0
+    )
     fields = dict(
         vocab_size=hf["vocab_size"],
         n_layers=hf["num_hidden_layers"],
@@ -316,7 +338,13 @@ def tokenizer_json(sp_model: str | Path) -> dict[str, Any]:
     normalizers.append({"type": "Replace", "pattern": {"String": " "}, "content": "▁"})
 
     special = [(i, p.piece) for i, p in enumerate(pieces) if p.type in (UNKNOWN, CONTROL)]
-    flags = {"single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
+    flags = {
+        "single_word": False,
+        "lstrip": False,
+        "rstrip": False,
+        "normalized": False,
+        "special": True,
+    }
     added_tokens = [{"id": i, "content": piece, **flags} for i, piece in special]
     decoders = [
         {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
@@ -330,7 +358,10 @@ def tokenizer_json(sp_model: str | Path) -> dict[str, Any]:
         bos = pieces[spec.bos_id].piece
         post_processor = {
             "type": "TemplateProcessing",
-            "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "single": [
+                {"SpecialToken": {"id": bos, "type_id": 0}},
+                {"Sequence": {"id": "A", "type_id": 0}},
+            ],
             "pair": [
                 {"SpecialToken": {"id": bos, "type_id": 0}},
                 {"Sequence": {"id": "A", "type_id": 0}},
@@ -355,14 +386,18 @@ def tokenizer_json(sp_model: str | Path) -> dict[str, Any]:
             "continuing_subword_prefix": None,
             "end_of_word_suffix": None,
             "fuse_unk": True,
-            "byte_fallback": bool(spec.byte_fallback),  # no "ignore_merges": older `tokenizers` reject the key
+            "byte_fallback": bool(
+                spec.byte_fallback
+            ),  # no "ignore_merges": older `tokenizers` reject the key
             "vocab": vocab,
             "merges": merge_list,
         },
     }
 
 
-def write_tokenizer(sp_model: str | Path, out_dir: str | Path, model_max_length: int) -> dict[str, int | None]:
+def write_tokenizer(
+    sp_model: str | Path, out_dir: str | Path, model_max_length: int
+) -> dict[str, int | None]:
     """Write the tokenizer files of a Hugging Face model directory; returns {"bos_id", "eos_id", "vocab_size"}.
 
     `tokenizer_class` is PreTrainedTokenizerFast, which loads tokenizer.json as written (the
@@ -375,12 +410,26 @@ def write_tokenizer(sp_model: str | Path, out_dir: str | Path, model_max_length:
     spec = proto.trainer_spec
     piece = lambda i: proto.pieces[i].piece if i >= 0 else None  # noqa: E731
     shutil.copyfile(sp_model, out_dir / "tokenizer.model")
-    (out_dir / "tokenizer.json").write_text(json.dumps(tokenizer_json(sp_model), ensure_ascii=False, indent=2))
-    specials = {"bos_token": piece(spec.bos_id), "eos_token": piece(spec.eos_id), "unk_token": piece(spec.unk_id)}
+    (out_dir / "tokenizer.json").write_text(
+        json.dumps(tokenizer_json(sp_model), ensure_ascii=False, indent=2)
+    )
+    specials = {
+        "bos_token": piece(spec.bos_id),
+        "eos_token": piece(spec.eos_id),
+        "unk_token": piece(spec.unk_id),
+    }
     specials = {k: v for k, v in specials.items() if v is not None}
-    flags = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
+    flags = {
+        "lstrip": False,
+        "normalized": False,
+        "rstrip": False,
+        "single_word": False,
+        "special": True,
+    }
     added = {  # unknown (2) and control (3) pieces
-        str(i): {"content": p.piece, **flags} for i, p in enumerate(proto.pieces) if p.type in (2, 3)
+        str(i): {"content": p.piece, **flags}
+        for i, p in enumerate(proto.pieces)
+        if p.type in (2, 3)
     }
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -415,7 +464,15 @@ def parse_size(text: str | int) -> int:
     if not m:
         raise ValueError(f"size {text!r} is not like 5GB, 500MB or a number of bytes")
     unit = (m.group(2) or "B").upper()
-    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
+    scale = {
+        "B": 1,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+    }[unit]
     return int(float(m.group(1)) * scale)
 
 
@@ -456,10 +513,16 @@ def to_hf_state_dict(
     names = hf_names(cfg)
     missing = [k for k in names if k not in state]
     if missing:
-        raise ValueError(f"the checkpoint lacks {len(missing)} model tensors, e.g. {', '.join(missing[:3])}")
-    unexpected = [k for k in state if k not in names and not (cfg.tie_embeddings and k == "lm_head.weight")]
+        raise ValueError(
+            f"the checkpoint lacks {len(missing)} model tensors, e.g. {', '.join(missing[:3])}"
+        )
+    unexpected = [
+        k for k in state if k not in names and not (cfg.tie_embeddings and k == "lm_head.weight")
+    ]
     if unexpected:
-        raise ValueError(f"the checkpoint holds tensors a Llama model does not have: {', '.join(unexpected[:5])}")
+        raise ValueError(
+            f"the checkpoint holds tensors a Llama model does not have: {', '.join(unexpected[:5])}"
+        )
     out = {}
     for ours, theirs in names.items():
         t = state[ours].detach().to("cpu")
@@ -486,7 +549,9 @@ def export_checkpoint(
     check_exportable(cfg.model)  # before reading gigabytes of weights
     out = Path(output)
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty: choose a new --output or pass --overwrite")
+        raise FileExistsError(
+            f"{out} exists and is not empty: choose a new --output or pass --overwrite"
+        )
     sp_model = None
     if with_tokenizer:
         sp_model = Path(tokenizer or cfg.data.tokenizer)
@@ -523,7 +588,11 @@ def export_checkpoint(
     save_safetensors(tensors, tmp, parse_size(max_shard_size))
     config = hf_config(cfg.model, out_dtype, bos_id, eos_id)
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    generation = {"bos_token_id": bos_id, "eos_token_id": eos_id, "max_length": cfg.model.max_seq_len}
+    generation = {
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "max_length": cfg.model.max_seq_len,
+    }
     (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
     if out.exists():
         shutil.rmtree(out)
@@ -561,7 +630,9 @@ def load_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
                 tensors.update(load_file(path))
             else:
                 try:
-                    tensors.update(torch.load(path, map_location="cpu", mmap=True, weights_only=True))
+                    tensors.update(
+                        torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+                    )
                 except RuntimeError:  # a pre-zipfile pickle cannot be memory-mapped
                     tensors.update(torch.load(path, map_location="cpu", weights_only=True))
         return tensors
@@ -585,7 +656,9 @@ def from_hf_state_dict(
     known = set(names.values()) | {"lm_head.weight"}
     unexpected = [k for k in hf_state if k not in known and not k.endswith("rotary_emb.inv_freq")]
     if unexpected:
-        raise ValueError(f"the weights hold tensors a Llama model does not have: {', '.join(unexpected[:5])}")
+        raise ValueError(
+            f"the weights hold tensors a Llama model does not have: {', '.join(unexpected[:5])}"
+        )
     state = {}
     for ours, theirs in names.items():
         t = hf_state[theirs]
@@ -605,7 +678,9 @@ def from_hf_state_dict(
     return state
 
 
-def import_hf(hf_dir: str | Path, output: str | Path, dtype: str = "float32", overwrite: bool = False) -> Path:
+def import_hf(
+    hf_dir: str | Path, output: str | Path, dtype: str = "float32", overwrite: bool = False
+) -> Path:
     """A Hugging Face Llama directory -> checkpoint directory `output` (start a run with
     `--checkpoint.init_from output`); returns it."""
     from orchestrator.checkpoint import config_hash, write_manifest
@@ -613,7 +688,9 @@ def import_hf(hf_dir: str | Path, output: str | Path, dtype: str = "float32", ov
 
     hf_dir = Path(hf_dir)
     if not hf_dir.is_dir():
-        raise FileNotFoundError(f"{hf_dir} is not a directory (give the folder holding config.json and the weights)")
+        raise FileNotFoundError(
+            f"{hf_dir} is not a directory (give the folder holding config.json and the weights)"
+        )
     config_path = hf_dir / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(
@@ -624,7 +701,9 @@ def import_hf(hf_dir: str | Path, output: str | Path, dtype: str = "float32", ov
         raise ValueError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}")
     out = Path(output)
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty: choose a new --output or pass --overwrite")
+        raise FileExistsError(
+            f"{out} exists and is not empty: choose a new --output or pass --overwrite"
+        )
     model_cfg = model_config_from_hf(json.loads(config_path.read_text()), config_path)
     state = from_hf_state_dict(load_hf_weights(hf_dir), model_cfg, DTYPES[dtype])
 

@@ -214,7 +214,11 @@ def preserved_rng(device: torch.device) -> Iterator[None]:
     import numpy as np
 
     py_state, np_state = random.getstate(), np.random.get_state()
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    devices = (
+        [device.index if device.index is not None else torch.cuda.current_device()]
+        if device.type == "cuda"
+        else []
+    )
     try:
         with torch.random.fork_rng(devices=devices):
             yield
@@ -223,7 +227,9 @@ def preserved_rng(device: torch.device) -> Iterator[None]:
         np.random.set_state(np_state)
 
 
-def generate_samples(model: torch.nn.Module, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
+def generate_samples(
+    model: torch.nn.Module, tokenizer, prompts: list[str], max_new_tokens: int
+) -> list[str]:
     """Greedy completions of `prompts` (each decoded with its prompt), RNG streams untouched.
 
     Every caller runs exactly len(prompts) x (1 + max_new_tokens - 1) forward passes (no early stop
@@ -235,13 +241,22 @@ def generate_samples(model: torch.nn.Module, tokenizer, prompts: list[str], max_
     with preserved_rng(device), torch.no_grad():
         for prompt in prompts:
             ids = tokenizer.encode(prompt, bos=True)[-model.cfg.max_seq_len + 1 :]
-            out = generate(model, torch.tensor([ids]), max_new_tokens, temperature=0.0, eos_id=None,
-                           vocab_limit=tokenizer.vocab_size)[0].tolist()
+            out = generate(
+                model,
+                torch.tensor([ids]),
+                max_new_tokens,
+                temperature=0.0,
+                eos_id=None,
+                vocab_limit=tokenizer.vocab_size,
+            )[0].tolist()
             new = out[len(ids) :]
             if tokenizer.eos_id >= 0 and tokenizer.eos_id in new:
                 new = new[: new.index(tokenizer.eos_id)]
-            texts.append(tokenizer.decode(ids[1:] + new) if ids and ids[0] == tokenizer.bos_id else
-                         tokenizer.decode(ids + new))
+            texts.append(
+                tokenizer.decode(ids[1:] + new)
+                if ids and ids[0] == tokenizer.bos_id
+                else tokenizer.decode(ids + new)
+            )
     return texts
 
 
@@ -311,8 +326,16 @@ class Monitor:
         finally:
             self.interval_data_seconds += time.perf_counter() - started
 
-    def train_step(self, step: int, loss: float, lr: float, grad_norm: float, tokens_seen: int,
-                   step_tokens: int, batch_hashes: list[str] | None) -> None:
+    def train_step(
+        self,
+        step: int,
+        loss: float,
+        lr: float,
+        grad_norm: float,
+        tokens_seen: int,
+        step_tokens: int,
+        batch_hashes: list[str] | None,
+    ) -> None:
         """Called after every optimizer step; prints and logs every train.log_interval steps."""
         now = time.perf_counter()
         if self.step_started is not None:
@@ -321,8 +344,14 @@ class Monitor:
         self.interval_tokens += step_tokens
         self.interval_steps += 1
         self.tokens_seen = tokens_seen
-        record: dict[str, Any] = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                                  "tokens_seen": tokens_seen, "time": time.time()}
+        record: dict[str, Any] = {
+            "step": step,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens_seen": tokens_seen,
+            "time": time.time(),
+        }
         if batch_hashes is not None:
             record["batch_hashes"] = batch_hashes
         if not self.log_step(step):
@@ -346,8 +375,11 @@ class Monitor:
         self.fabric.log_dict(scalars, step=step)
         extra = {k.replace("/", "_"): v for k, v in scalars.items() if not k.startswith("train/")}
         self.record({**record, "tokens_per_sec": tokens_per_sec, "eta_seconds": eta, **extra})
-        speed = (f"MFU {100 * scalars['perf/mfu']:.1f}%" if "perf/mfu" in scalars
-                 else f"{format_flops(scalars.get('perf/tflops_per_device', 0.0) * 1e12)}/device")
+        speed = (
+            f"MFU {100 * scalars['perf/mfu']:.1f}%"
+            if "perf/mfu" in scalars
+            else f"{format_flops(scalars.get('perf/tflops_per_device', 0.0) * 1e12)}/device"
+        )
         self.fabric.print(
             f"step {step:>6}/{self.cfg.train.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
             f"grad_norm {grad_norm:.3f} | {tokens_per_sec:,.0f} tok/s | {speed} | tokens {tokens_seen:,} | "
@@ -367,8 +399,12 @@ class Monitor:
         step_seconds = self.interval_step_seconds
         if step_seconds <= 0:  # begin_step() was not called: fall back to the interval's wall time
             step_seconds = time.perf_counter() - self.interval_start
-        flops_per_device = (self.interval_tokens / max(step_seconds, 1e-9) * self.flops_per_token
-                            / self.fabric.world_size)
+        flops_per_device = (
+            self.interval_tokens
+            / max(step_seconds, 1e-9)
+            * self.flops_per_token
+            / self.fabric.world_size
+        )
         data = min(self.interval_data_seconds, step_seconds)
         out = {
             "perf/tflops_per_device": flops_per_device / 1e12,
@@ -406,16 +442,28 @@ class Monitor:
                 from data.tokenizer import Tokenizer
 
                 self.tokenizer = Tokenizer(self.cfg.data.tokenizer)
-            texts = generate_samples(unwrap(model), self.tokenizer, list(self.cfg.logging.sample_prompts),
-                                     self.cfg.logging.sample_tokens)
+            texts = generate_samples(
+                unwrap(model),
+                self.tokenizer,
+                list(self.cfg.logging.sample_prompts),
+                self.cfg.logging.sample_tokens,
+            )
         except Exception as e:  # a monitoring feature must never end the run
             self.samples_failed = True
-            self.fabric.print(f"warning: sample generation failed ({type(e).__name__}: {e}); "
-                              "no more samples this run", flush=True)
+            self.fabric.print(
+                f"warning: sample generation failed ({type(e).__name__}: {e}); "
+                "no more samples this run",
+                flush=True,
+            )
             return
         prompts = list(self.cfg.logging.sample_prompts)
         self.text("samples", "\n\n".join(as_preformatted(t) for t in texts), step)
-        self.record({"step": step, "samples": [{"prompt": p, "text": t} for p, t in zip(prompts, texts, strict=True)]})
+        self.record(
+            {
+                "step": step,
+                "samples": [{"prompt": p, "text": t} for p, t in zip(prompts, texts, strict=True)],
+            }
+        )
         self.fabric.print(f"step {step:>6}/{self.cfg.train.max_steps} | samples:", flush=True)
         for text in texts:
             self.fabric.print("    " + " ".join(text.split())[:200], flush=True)
@@ -427,20 +475,35 @@ class Monitor:
         if self.tokens_seen is not None:
             record["tokens_seen"] = self.tokens_seen
         self.record(record)
-        self.fabric.print(f"step {step:>6}/{self.cfg.train.max_steps} | val_loss {loss:.4f} | "
-                          f"val_ppl {perplexity:.2f}", flush=True)
+        self.fabric.print(
+            f"step {step:>6}/{self.cfg.train.max_steps} | val_loss {loss:.4f} | "
+            f"val_ppl {perplexity:.2f}",
+            flush=True,
+        )
 
     def epoch_end(self, step: int, epoch: int, sequences: int, blocks: int) -> None:
         """Report the blocks an epoch never showed (drop_last remainders; an elastic resume)."""
         unseen = blocks - sequences
         self.fabric.log_dict({"data/epoch_unseen_blocks": float(unseen)}, step=step)
-        self.record({"step": step, "epoch_end": epoch, "epoch_sequences": sequences, "epoch_blocks": blocks,
-                     "epoch_unseen_blocks": unseen})
-        self.fabric.print(f"epoch {epoch} done at step {step}: {sequences:,} of {blocks:,} training blocks read "
-                          f"({unseen:,} not seen this epoch: drop_last remainders per rank, or a resume on a "
-                          "different number of processes)", flush=True)
+        self.record(
+            {
+                "step": step,
+                "epoch_end": epoch,
+                "epoch_sequences": sequences,
+                "epoch_blocks": blocks,
+                "epoch_unseen_blocks": unseen,
+            }
+        )
+        self.fabric.print(
+            f"epoch {epoch} done at step {step}: {sequences:,} of {blocks:,} training blocks read "
+            f"({unseen:,} not seen this epoch: drop_last remainders per rank, or a resume on a "
+            "different number of processes)",
+            flush=True,
+        )
 
-    def data_sources(self, step: int, samples_by_source: dict[str, int] | None, seq_len: int) -> None:
+    def data_sources(
+        self, step: int, samples_by_source: dict[str, int] | None, seq_len: int
+    ) -> None:
         """Tokens consumed from each source of a data mixture, summed over all ranks; logged at the
         train.log_interval steps (TensorBoard data/tokens_<source>, a metrics.jsonl record).
 
@@ -451,42 +514,66 @@ class Monitor:
         if step % self.cfg.train.log_interval and step != self.cfg.train.max_steps:
             return
         names = list(samples_by_source)
-        local = torch.tensor([samples_by_source[n] for n in names], dtype=torch.int64, device=self.fabric.device)
+        local = torch.tensor(
+            [samples_by_source[n] for n in names], dtype=torch.int64, device=self.fabric.device
+        )
         total = self.fabric.all_reduce(local, reduce_op="sum").tolist()
         tokens = {name: int(count) * seq_len for name, count in zip(names, total, strict=True)}
         all_tokens = max(sum(tokens.values()), 1)
         self.fabric.log_dict({f"data/tokens_{n}": float(t) for n, t in tokens.items()}, step=step)
         self.record({"step": step, "tokens_by_source": tokens})
-        self.fabric.print(f"step {step:>6}/{self.cfg.train.max_steps} | data: " + ", ".join(
-            f"{n} {t:,} tokens ({100 * t / all_tokens:.1f}%)" for n, t in tokens.items()), flush=True)
+        self.fabric.print(
+            f"step {step:>6}/{self.cfg.train.max_steps} | data: "
+            + ", ".join(
+                f"{n} {t:,} tokens ({100 * t / all_tokens:.1f}%)" for n, t in tokens.items()
+            ),
+            flush=True,
+        )
 
     def bad_step(self, step: int, reason: str, total: int) -> None:
         self.fabric.log_dict({"train/bad_steps": float(total)}, step=step)
         self.record({"step": step, "bad_step": reason, "bad_steps_total": total})
-        self.fabric.print(f"step {step:>6}/{self.cfg.train.max_steps} | skipped update: {reason} "
-                          f"({total} bad step(s) so far)", flush=True)
+        self.fabric.print(
+            f"step {step:>6}/{self.cfg.train.max_steps} | skipped update: {reason} "
+            f"({total} bad step(s) so far)",
+            flush=True,
+        )
 
     def rollback(self, step: int, target: Path, rollbacks: int) -> None:
         self.fabric.log_dict({"train/rollbacks": float(rollbacks)}, step=step)
         self.record({"step": step, "rollback_to": str(target), "rollbacks_total": rollbacks})
-        self.fabric.print(f"step {step:>6}/{self.cfg.train.max_steps} | too many bad steps in a row: rolled back "
-                          f"to {target} (rollback {rollbacks}/{self.cfg.guard.max_rollbacks})", flush=True)
+        self.fabric.print(
+            f"step {step:>6}/{self.cfg.train.max_steps} | too many bad steps in a row: rolled back "
+            f"to {target} (rollback {rollbacks}/{self.cfg.guard.max_rollbacks})",
+            flush=True,
+        )
 
     def checkpoint(self, report) -> None:
         values = {"checkpoint/stall_seconds": report.stall_seconds}
         if report.write_seconds is None:
-            self.fabric.print(f"Saving checkpoint {report.path} in the background "
-                              f"(training stalled {report.stall_seconds:.2f}s)", flush=True)
+            self.fabric.print(
+                f"Saving checkpoint {report.path} in the background "
+                f"(training stalled {report.stall_seconds:.2f}s)",
+                flush=True,
+            )
         else:
             values["checkpoint/write_seconds"] = report.write_seconds
             values["checkpoint/size_mb"] = report.size_bytes / 2**20
             values["checkpoint/all_checkpoints_mb"] = report.total_bytes / 2**20
-            self.fabric.print(f"Saved checkpoint {report.path} ({report.size_bytes / 2**20:,.1f} MB in "
-                              f"{report.write_seconds:.2f}s, training stalled {report.stall_seconds:.2f}s; "
-                              f"checkpoints use {report.total_bytes / 2**20:,.1f} MB)", flush=True)
+            self.fabric.print(
+                f"Saved checkpoint {report.path} ({report.size_bytes / 2**20:,.1f} MB in "
+                f"{report.write_seconds:.2f}s, training stalled {report.stall_seconds:.2f}s; "
+                f"checkpoints use {report.total_bytes / 2**20:,.1f} MB)",
+                flush=True,
+            )
         self.fabric.log_dict(values, step=report.step)
-        self.record({"step": report.step, "checkpoint": str(report.path),
-                     **{k.split("/")[1]: v for k, v in values.items()}})
+        self.record(
+            {
+                "step": report.step,
+                "checkpoint": str(report.path),
+                **{k.split("/")[1]: v for k, v in values.items()},
+            }
+        )
 
     def close(self) -> None:
         for logger in self.fabric.loggers:

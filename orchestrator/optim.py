@@ -14,7 +14,10 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     o = cfg.optimizer
     return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [
+            {"params": decay, "weight_decay": o.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
         lr=o.lr,
         betas=(o.beta1, o.beta2),
         eps=o.eps,

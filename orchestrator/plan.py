@@ -44,7 +44,9 @@ def parse_count(text: str | float | int) -> float:
     return float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}[m.group(2)]
 
 
-def compute_optimal(flops: float, tokens_per_param: float = TOKENS_PER_PARAM) -> tuple[float, float]:
+def compute_optimal(
+    flops: float, tokens_per_param: float = TOKENS_PER_PARAM
+) -> tuple[float, float]:
     """(N, D) with 6 N D = flops and D = tokens_per_param x N."""
     n = math.sqrt(flops / (6.0 * tokens_per_param))
     return n, tokens_per_param * n
@@ -100,15 +102,23 @@ def read_results(path: str | Path = DEFAULT_RESULTS) -> list[Measured]:
             continue  # the separator line
         cols = dict(zip(header, cells, strict=False))
         model = next((v for k, v in cols.items() if "model" in k or k in ("size", "name")), None)
-        device = next((v for k, v in cols.items() if "device" in k or "gpu" == k or k.startswith("hardware")), None)
+        device = next(
+            (v for k, v in cols.items() if "device" in k or "gpu" == k or k.startswith("hardware")),
+            None,
+        )
         tps_key = next((k for k in cols if re.search(r"tok\w*\s*/\s*s", k)), None)
         if model is None or device is None or tps_key is None:
             continue
         tps = _number(cols[tps_key])
         if tps is None:
             continue
-        if "gpu" not in tps_key and "device" not in tps_key:  # a total: divide by the GPU count if given
-            gpus = next((_number(v) for k, v in cols.items() if k in ("gpus", "devices", "world size")), None)
+        if (
+            "gpu" not in tps_key and "device" not in tps_key
+        ):  # a total: divide by the GPU count if given
+            gpus = next(
+                (_number(v) for k, v in cols.items() if k in ("gpus", "devices", "world size")),
+                None,
+            )
             tps /= gpus or 1
         rows.append(Measured(model=model, device=device, tokens_per_sec=tps, source=str(path)))
     return rows
@@ -121,8 +131,13 @@ def size_of(model_cell: str) -> str | None:
     return max(matches, key=len) if matches else None
 
 
-def throughput(name: str, device: str | None, tokens_per_sec: float | None = None, mfu: float | None = None,
-               results: str | Path = DEFAULT_RESULTS) -> tuple[float | None, str]:
+def throughput(
+    name: str,
+    device: str | None,
+    tokens_per_sec: float | None = None,
+    mfu: float | None = None,
+    results: str | Path = DEFAULT_RESULTS,
+) -> tuple[float | None, str]:
     """Tokens/s per GPU for named size `name` on `device`, and where the figure comes from."""
     from orchestrator.monitor import device_peak_flops
 
@@ -131,7 +146,11 @@ def throughput(name: str, device: str | None, tokens_per_sec: float | None = Non
     peak = device_peak_flops(device) if device else None
     fpt = training_flops_per_token(name)
     if device and mfu is None:
-        rows = [r for r in read_results(results) if device.lower().replace("-", " ") in r.device.lower().replace("-", " ")]
+        rows = [
+            r
+            for r in read_results(results)
+            if device.lower().replace("-", " ") in r.device.lower().replace("-", " ")
+        ]
         same = [r for r in rows if size_of(r.model) == name]
         if same:
             r = same[0]
@@ -140,8 +159,10 @@ def throughput(name: str, device: str | None, tokens_per_sec: float | None = Non
         if other and peak:
             r = other[0]
             measured_mfu = r.tokens_per_sec * training_flops_per_token(size_of(r.model)) / peak
-            return (measured_mfu * peak / fpt,
-                    f"MFU {100 * measured_mfu:.0f}% measured with {r.model} on {r.device} ({Path(r.source).name})")
+            return (
+                measured_mfu * peak / fpt,
+                f"MFU {100 * measured_mfu:.0f}% measured with {r.model} on {r.device} ({Path(r.source).name})",
+            )
     if peak:
         use = DEFAULT_MFU if mfu is None else mfu
         how = "given" if mfu is not None else "assumed, no measurement for this device"
@@ -167,24 +188,34 @@ def make_plan(
 
     given = [x is not None for x in (gpu_hours, params, model, flops)]
     if sum(given) != 1:
-        raise ValueError("give exactly one of --gpu-hours (with --device), --params, --model, --flops")
+        raise ValueError(
+            "give exactly one of --gpu-hours (with --device), --params, --model, --flops"
+        )
     plan: dict[str, Any] = {"tokens_per_param": tokens_per_param, "device": device, "gpus": gpus}
     if gpu_hours is not None:
         peak = device_peak_flops(device) if device else None
         if peak is None:
-            raise ValueError(f"--gpu-hours needs a --device with a known peak ({', '.join(_device_names())}); "
-                             "or give --flops")
+            raise ValueError(
+                f"--gpu-hours needs a --device with a known peak ({', '.join(_device_names())}); "
+                "or give --flops"
+            )
         use_mfu = mfu
         source = "given" if mfu is not None else "assumed"
         if mfu is None and not tokens_per_sec:
-            rows = [r for r in read_results(results) if device.lower() in r.device.lower() and size_of(r.model)]
+            rows = [
+                r
+                for r in read_results(results)
+                if device.lower() in r.device.lower() and size_of(r.model)
+            ]
             if rows:
                 r = rows[0]
                 use_mfu = r.tokens_per_sec * training_flops_per_token(size_of(r.model)) / peak
                 source = f"measured with {r.model} ({Path(r.source).name})"
         use_mfu = DEFAULT_MFU if use_mfu is None else use_mfu
         flops = gpu_hours * 3600 * peak * use_mfu
-        plan.update(budget=f"{gpu_hours:,.0f} {device.upper()} GPU-hours at {100 * use_mfu:.0f}% MFU ({source})")
+        plan.update(
+            budget=f"{gpu_hours:,.0f} {device.upper()} GPU-hours at {100 * use_mfu:.0f}% MFU ({source})"
+        )
     if flops is not None:
         n, d = compute_optimal(flops, tokens_per_param)
         plan.setdefault("budget", f"{flops:.3g} FLOPs")
@@ -192,8 +223,12 @@ def make_plan(
     else:
         n = float(model_config(model).num_params()) if model else parse_count(params)
         d = tokens_per_param * n
-        plan.update(flops=6 * n * d, optimal_params=n, optimal_tokens=d,
-                    budget=f"model size {model or f'{n:,.0f} parameters'}")
+        plan.update(
+            flops=6 * n * d,
+            optimal_params=n,
+            optimal_tokens=d,
+            budget=f"model size {model or f'{n:,.0f} parameters'}",
+        )
     name = model or nearest_size(plan["optimal_params"])
     n_named = model_config(name).num_params()
     tps, tps_source = throughput(name, device, tokens_per_sec, mfu, results)
@@ -206,12 +241,16 @@ def make_plan(
         d_named = plan["flops"] / (6 * n_named)
     else:
         d_named = tokens_per_param * n_named
-    plan.update(model=name, model_params=n_named, model_tokens=d_named, model_flops=6 * n_named * d_named)
+    plan.update(
+        model=name, model_params=n_named, model_tokens=d_named, model_flops=6 * n_named * d_named
+    )
     ratio = plan["optimal_params"] / n_named
     if ratio > 1.5 or ratio < 1 / 1.5:
-        plan["note"] = (f"the compute-optimal size is {ratio:.1f}x {name}; the nearest named size is "
-                        f"{'over' if ratio > 1 else 'under'}-trained for this budget (define a custom size with "
-                        "--model.n_layers / --model.d_model / ... to match it)")
+        plan["note"] = (
+            f"the compute-optimal size is {ratio:.1f}x {name}; the nearest named size is "
+            f"{'over' if ratio > 1 else 'under'}-trained for this budget (define a custom size with "
+            "--model.n_layers / --model.d_model / ... to match it)"
+        )
     if tps:
         seconds = d_named / (tps * gpus)
         plan.update(wall_seconds=seconds, gpu_hours_needed=seconds * gpus / 3600)
@@ -249,8 +288,10 @@ def format_plan(plan: dict[str, Any]) -> str:
     tps = plan.get("tokens_per_sec_per_gpu")
     if tps:
         lines.append(f"Throughput:      {tps:,.0f} tokens/s per GPU ({plan['throughput_source']})")
-        lines.append(f"Wall time:       {format_duration_long(plan['wall_seconds'])} on {plan['gpus']} GPU(s) "
-                     f"({plan['gpu_hours_needed']:,.0f} GPU-hours)")
+        lines.append(
+            f"Wall time:       {format_duration_long(plan['wall_seconds'])} on {plan['gpus']} GPU(s) "
+            f"({plan['gpu_hours_needed']:,.0f} GPU-hours)"
+        )
     else:
         lines.append(f"Wall time:       ? ({plan['throughput_source']})")
     if plan.get("note"):

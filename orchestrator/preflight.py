@@ -17,7 +17,13 @@ def check_inputs(cfg: Config) -> None:
             key = f"data.sources[{i}].dir"
             datasets.append((key, src.dir, prepared_split(key, src.dir, "train")))
     if cfg.data.val_dir:
-        datasets.append(("data.val_dir", cfg.data.val_dir, prepared_split("data.val_dir", cfg.data.val_dir, "val")))
+        datasets.append(
+            (
+                "data.val_dir",
+                cfg.data.val_dir,
+                prepared_split("data.val_dir", cfg.data.val_dir, "val"),
+            )
+        )
     if not cfg.data.sources or not cfg.data.val_dir:
         key = "data.sources[0].dir" if cfg.data.sources else "data.dir"
         value = cfg.data.sources[0].dir if cfg.data.sources else cfg.data.dir
@@ -72,7 +78,9 @@ def prepared_split(key: str, value: str, split: str) -> Path:
     )
 
 
-def check_datasets_match_tokenizer(cfg: Config, datasets: list[tuple[str, str, Path]], tokenizer_path: Path) -> None:
+def check_datasets_match_tokenizer(
+    cfg: Config, datasets: list[tuple[str, str, Path]], tokenizer_path: Path
+) -> None:
     """Token ids only mean something with the tokenizer they were made with, and must fit the embedding."""
     import hashlib
     import json
@@ -118,9 +126,15 @@ def check_resume_compatible(cfg: Config) -> None:
         saved = (yaml.safe_load((Path(path) / "config.yaml").read_text()) or {}).get("model", {})
         current = to_dict(cfg.model)
         # Kernel choices (attention, fused kernels, compile) compute the same model: they may change.
-        differing = [k for k in current if k in saved and saved[k] != current[k] and k not in ("name", *KERNEL_FIELDS)]
+        differing = [
+            k
+            for k in current
+            if k in saved and saved[k] != current[k] and k not in ("name", *KERNEL_FIELDS)
+        ]
         if differing:
-            details = ", ".join(f"model.{k}={saved[k]!r} there but {current[k]!r} here" for k in differing)
+            details = ", ".join(
+                f"model.{k}={saved[k]!r} there but {current[k]!r} here" for k in differing
+            )
             raise ConfigError(
                 f"checkpoint {path} was trained with a different model ({details}): use the same model "
                 "settings, a new run.dir, or --checkpoint.resume never"

@@ -23,7 +23,9 @@ class ConfigError(ValueError):
 def doc(default: Any, help: str) -> Any:
     """A dataclass field with a default and a one-line description (shown in the config reference)."""
     if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help})
+        return dataclasses.field(
+            default_factory=lambda: type(default)(default), metadata={"help": help}
+        )
     return dataclasses.field(default=default, metadata={"help": help})
 
 
@@ -166,7 +168,9 @@ def parse_overrides(args: list[str]) -> dict:
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--") or len(arg) == 2:
-            raise ConfigError(f"unexpected argument {arg!r}: overrides look like `--section.key value`")
+            raise ConfigError(
+                f"unexpected argument {arg!r}: overrides look like `--section.key value`"
+            )
         key = arg[2:]
         if "=" in key:
             key, raw = key.split("=", 1)
@@ -191,5 +195,7 @@ def reference(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
         if dataclasses.is_dataclass(tp):
             rows.extend(reference(tp, key))
         else:
-            rows.append((key, _type_name(tp), repr(getattr(obj, f.name)), f.metadata.get("help", "")))
+            rows.append(
+                (key, _type_name(tp), repr(getattr(obj, f.name)), f.metadata.get("help", ""))
+            )
     return rows

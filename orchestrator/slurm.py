@@ -49,8 +49,12 @@ class StopSignals:
             self.restore()
             raise SystemExit(128 + signal.SIGTERM)
         self.received = max(self.received, code)
-        print(f"[rank {os.environ.get('RANK', os.environ.get('SLURM_PROCID', '0'))}] received "
-              f"{NAMES[code]}: stopping after the current step with a checkpoint", file=sys.stderr, flush=True)
+        print(
+            f"[rank {os.environ.get('RANK', os.environ.get('SLURM_PROCID', '0'))}] received "
+            f"{NAMES[code]}: stopping after the current step with a checkpoint",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def agreed(self, fabric) -> int:
         """The strongest signal any rank received (collective: every rank calls it every step)."""
@@ -79,7 +83,9 @@ def requeue_job() -> tuple[bool, str]:
     if scontrol is None:
         return False, "scontrol is not on PATH"
     try:
-        proc = subprocess.run([scontrol, "requeue", job], capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(
+            [scontrol, "requeue", job], capture_output=True, text=True, timeout=60
+        )
     except (OSError, subprocess.TimeoutExpired) as e:
         return False, f"scontrol requeue {job} failed: {e}"
     if proc.returncode != 0:
@@ -104,18 +110,33 @@ def finish_stop(fabric, cfg, stop: int, step: int) -> dict:
                 # request to cluster/pretrain.slurm, which runs `scontrol requeue` on the host.
                 marker = requeue_marker(cfg.run.dir)
                 marker.write_text(os.environ.get("SLURM_JOB_ID", "") + "\n")
-                requeued, detail = True, f"asked the batch script to requeue Slurm job {os.environ.get('SLURM_JOB_ID')} ({marker})"
+                requeued, detail = (
+                    True,
+                    f"asked the batch script to requeue Slurm job {os.environ.get('SLURM_JOB_ID')} ({marker})",
+                )
         requeued, detail = fabric.broadcast((requeued, detail))
     if fabric.is_global_zero:
-        print(f"Stopped by {NAMES[stop]} after step {step}/{cfg.train.max_steps}; checkpoint {latest}", flush=True)
+        print(
+            f"Stopped by {NAMES[stop]} after step {step}/{cfg.train.max_steps}; checkpoint {latest}",
+            flush=True,
+        )
         if requeued:
             print(f"{detail}: it resumes from that checkpoint when Slurm restarts it", flush=True)
         elif detail:
-            print(f"warning: could not requeue ({detail}); resubmit the job to resume", file=sys.stderr, flush=True)
+            print(
+                f"warning: could not requeue ({detail}); resubmit the job to resume",
+                file=sys.stderr,
+                flush=True,
+            )
         else:
             print("Run the same command again to resume.", flush=True)
-    return {"steps": step, "stopped_by": NAMES[stop], "requeued": requeued, "latest_checkpoint": str(latest),
-            "exit_code": 128 + signal.SIGTERM if stop == TERM else 0}
+    return {
+        "steps": step,
+        "stopped_by": NAMES[stop],
+        "requeued": requeued,
+        "latest_checkpoint": str(latest),
+        "exit_code": 128 + signal.SIGTERM if stop == TERM else 0,
+    }
 
 
 def job_env(argv: list[str]) -> str:
@@ -132,11 +153,22 @@ def job_env(argv: list[str]) -> str:
     cpus = int(os.environ.get("SLURM_CPUS_PER_TASK") or 1)
     workers = cfg.data.num_workers
     if workers + 1 > cpus:
-        print(f"warning: data.num_workers={workers} worker processes + the training process per task exceed "
-              f"--cpus-per-task={cpus}: lower data.num_workers or raise --cpus-per-task", file=sys.stderr)
+        print(
+            f"warning: data.num_workers={workers} worker processes + the training process per task exceed "
+            f"--cpus-per-task={cpus}: lower data.num_workers or raise --cpus-per-task",
+            file=sys.stderr,
+        )
     threads = max(1, cpus - workers)
-    return "\n".join([f"RUN_DIR={shlex.quote(str(cfg.run.dir))}", f"CONFIG_THREADS={threads}",
-                      f"CONFIG_ACCELERATOR={shlex.quote(cfg.strategy.accelerator)}"]) + "\n"
+    return (
+        "\n".join(
+            [
+                f"RUN_DIR={shlex.quote(str(cfg.run.dir))}",
+                f"CONFIG_THREADS={threads}",
+                f"CONFIG_ACCELERATOR={shlex.quote(cfg.strategy.accelerator)}",
+            ]
+        )
+        + "\n"
+    )
 
 
 if __name__ == "__main__":
@@ -147,5 +179,8 @@ if __name__ == "__main__":
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
     else:
-        print("usage: python -m orchestrator.slurm job-env [--config FILE] [--section.key value ...]", file=sys.stderr)
+        print(
+            "usage: python -m orchestrator.slurm job-env [--config FILE] [--section.key value ...]",
+            file=sys.stderr,
+        )
         sys.exit(2)

@@ -86,7 +86,9 @@ def _checkpointed_forward(forward, selective, *args, **kwargs):
     if selective:
         from models.kernels import selective_checkpoint_context
 
-        return checkpoint(forward, *args, use_reentrant=False, context_fn=selective_checkpoint_context, **kwargs)
+        return checkpoint(
+            forward, *args, use_reentrant=False, context_fn=selective_checkpoint_context, **kwargs
+        )
     return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
@@ -117,15 +119,23 @@ def parallelize_fsdp(
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mesh = device_mesh["data_parallel"] if "data_parallel" in (device_mesh.mesh_dim_names or ()) else device_mesh
+    mesh = (
+        device_mesh["data_parallel"]
+        if "data_parallel" in (device_mesh.mesh_dim_names or ())
+        else device_mesh
+    )
     apply_activation_checkpointing(model, activation_checkpointing)  # a no-op for false / none
     kwargs: dict[str, Any] = {"mesh": mesh}
     if param_dtype is not None:
-        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        kwargs["mp_policy"] = MixedPrecisionPolicy(
+            param_dtype=param_dtype, reduce_dtype=torch.float32
+        )
     blocks = _blocks(model)
     for i, block in enumerate(blocks):
         # The last block's parameters are needed again at once by backward: keep them gathered.
-        fully_shard(block, reshard_after_forward=reshard_after_forward and i < len(blocks) - 1, **kwargs)
+        fully_shard(
+            block, reshard_after_forward=reshard_after_forward and i < len(blocks) - 1, **kwargs
+        )
     fully_shard(model, reshard_after_forward=reshard_after_forward, **kwargs)
     return model
 
@@ -169,7 +179,9 @@ def _fsdp_strategy_class():
 
             # The full-state-dict variant torch.save's straight to `path` without creating its folder.
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-            return super().save_checkpoint(path, state, storage_options=storage_options, filter=filter)
+            return super().save_checkpoint(
+                path, state, storage_options=storage_options, filter=filter
+            )
 
         def load_checkpoint(self, path, state=None, strict=True, weights_only=None):
             # Lightning's sharded (DCP) load puts the saved state dict of stateful objects (scheduler,
@@ -178,9 +190,15 @@ def _fsdp_strategy_class():
 
             stateful = {}
             if isinstance(state, dict):
-                stateful = {k: v for k, v in state.items()
-                            if isinstance(v, _Stateful) and not isinstance(v, (nn.Module, torch.optim.Optimizer))}
-            remainder = super().load_checkpoint(path, state=state, strict=strict, weights_only=weights_only)
+                stateful = {
+                    k: v
+                    for k, v in state.items()
+                    if isinstance(v, _Stateful)
+                    and not isinstance(v, (nn.Module, torch.optim.Optimizer))
+                }
+            remainder = super().load_checkpoint(
+                path, state=state, strict=strict, weights_only=weights_only
+            )
             for key, obj in stateful.items():
                 if state.get(key) is not obj:
                     obj.load_state_dict(state[key])
@@ -209,8 +227,14 @@ def deepspeed_config(cfg, on_gpu: bool) -> dict[str, Any]:
         "allgather_bucket_size": 200_000_000,
     }
     if s.zero_stage == 3:
-        zero.update({"stage3_param_persistence_threshold": 100_000, "stage3_max_live_parameters": 1_000_000_000,
-                     "stage3_prefetch_bucket_size": 50_000_000, "sub_group_size": 1_000_000_000})
+        zero.update(
+            {
+                "stage3_param_persistence_threshold": 100_000,
+                "stage3_max_live_parameters": 1_000_000_000,
+                "stage3_prefetch_bucket_size": 50_000_000,
+                "sub_group_size": 1_000_000_000,
+            }
+        )
     if s.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
     if s.offload_params:
@@ -269,8 +293,11 @@ def _deepspeed_strategy_class():
             import warnings
 
             # DeepSpeed calls torch.distributed's *_tensor collectives, deprecated in recent torch: once per bucket.
-            warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed\.",
-                                    category=FutureWarning)
+            warnings.filterwarnings(
+                "ignore",
+                message=r".*is deprecated\. Please use `torch\.distributed\.",
+                category=FutureWarning,
+            )
 
         def _on_gpu(self) -> bool:
             return isinstance(self.accelerator, CUDAAccelerator)
@@ -321,7 +348,9 @@ def _deepspeed_strategy_class():
             # partitions ZeRO-3 parameters afterwards.
             return DDPStrategy.module_init_context(self, empty_init=empty_init)
 
-        def clip_gradients_norm(self, module, optimizer, max_norm, norm_type=2.0, error_if_nonfinite=True):
+        def clip_gradients_norm(
+            self, module, optimizer, max_norm, norm_type=2.0, error_if_nonfinite=True
+        ):
             import math
 
             engine = self._deepspeed_engine
@@ -336,7 +365,9 @@ def _deepspeed_strategy_class():
                 from deepspeed.runtime.utils import combine_grad_norm_groups
 
                 norm = combine_grad_norm_groups(zero._get_norm_groups())
-            norm = torch.as_tensor(norm, dtype=torch.float32).cpu() / float(getattr(zero, "loss_scale", 1.0) or 1.0)
+            norm = torch.as_tensor(norm, dtype=torch.float32).cpu() / float(
+                getattr(zero, "loss_scale", 1.0) or 1.0
+            )
             if norm.item() < 0:  # DeepSpeed's marker for inf/nan
                 norm = torch.tensor(float("nan"))
             if error_if_nonfinite and not torch.isfinite(norm):
@@ -404,7 +435,9 @@ def _discard_gradients_of_skipped_steps(engine) -> None:
     zero.__class__ = type(cls.__name__, (cls,), {"zero_grad": zero_grad})
 
 
-def __getattr__(name: str):  # CPUCapableDeepSpeedStrategy without importing deepspeed at module import
+def __getattr__(
+    name: str,
+):  # CPUCapableDeepSpeedStrategy without importing deepspeed at module import
     if name == "CPUCapableDeepSpeedStrategy":
         return _deepspeed_strategy_class()
     raise AttributeError(name)
@@ -443,10 +476,15 @@ def build_strategy(cfg, accelerator: str) -> Any:
         )
     if s.name == "deepspeed":
         cls = _deepspeed_strategy_class()
-        return cls(config=deepspeed_config(cfg, on_gpu), timeout=timeout,
-                   process_group_backend="nccl" if on_gpu else "gloo")
+        return cls(
+            config=deepspeed_config(cfg, on_gpu),
+            timeout=timeout,
+            process_group_backend="nccl" if on_gpu else "gloo",
+        )
     if s.name == "single":
-        return SingleDeviceStrategy(device=torch.device("cuda", 0) if on_gpu else torch.device("cpu"))
+        return SingleDeviceStrategy(
+            device=torch.device("cuda", 0) if on_gpu else torch.device("cpu")
+        )
     return "auto"
 
 
@@ -454,15 +492,19 @@ def scheduler_optimizer(optimizer):
     """The torch optimizer a learning-rate scheduler drives: under DeepSpeed, the one inside the ZeRO
     optimizer (whose parameter groups DeepSpeed steps); otherwise `optimizer` itself."""
     inner = getattr(optimizer, "optimizer", optimizer)  # Fabric's wrapper
-    if not isinstance(inner, torch.optim.Optimizer) and isinstance(getattr(inner, "optimizer", None),
-                                                                  torch.optim.Optimizer):
+    if not isinstance(inner, torch.optim.Optimizer) and isinstance(
+        getattr(inner, "optimizer", None), torch.optim.Optimizer
+    ):
         return inner.optimizer  # DeepSpeed's ZeRO optimizer wraps the client's torch optimizer
     return optimizer
 
 
 def wants_activation_checkpointing_outside(cfg) -> bool:
     """FSDP applies it inside its parallelize function; the others need it before fabric.setup."""
-    return checkpointing_mode(cfg.strategy.activation_checkpointing) != "none" and cfg.strategy.name != "fsdp"
+    return (
+        checkpointing_mode(cfg.strategy.activation_checkpointing) != "none"
+        and cfg.strategy.name != "fsdp"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -471,7 +513,9 @@ def wants_activation_checkpointing_outside(cfg) -> bool:
 
 
 @torch.no_grad()
-def load_full_model_state(fabric, model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True) -> None:
+def load_full_model_state(
+    fabric, model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True
+) -> None:
     """Load a plain state dict (models/llama.py names, e.g. from `load_model_state`) into `model`
     after `fabric.setup`, whatever the strategy: replicated, FSDP2-sharded or ZeRO-partitioned.
     Every rank passes the same full state dict."""
@@ -488,13 +532,18 @@ def load_full_model_state(fabric, model: nn.Module, state_dict: dict[str, torch.
         inner = module.module
         params = list(inner.parameters())
         stage3 = module.zero_optimization_stage() == 3
-        context = deepspeed.zero.GatheredParameters(params, modifier_rank=0) if stage3 else _nullcontext()
+        context = (
+            deepspeed.zero.GatheredParameters(params, modifier_rank=0) if stage3 else _nullcontext()
+        )
         with context:
             _load_plain(inner, state_dict, strict)
         if hasattr(module.optimizer, "refresh_fp32_params"):
             module.optimizer.refresh_fp32_params()  # the optimizer's fp32 master copy follows the weights
         return
-    from lightning.fabric.strategies.model_parallel import _has_dtensor_modules, _load_raw_module_state
+    from lightning.fabric.strategies.model_parallel import (
+        _has_dtensor_modules,
+        _load_raw_module_state,
+    )
 
     if _has_dtensor_modules(module):
         _load_raw_module_state(state_dict, module, world_size=fabric.world_size, strict=strict)
@@ -504,7 +553,9 @@ def load_full_model_state(fabric, model: nn.Module, state_dict: dict[str, torch.
 
 
 def _load_plain(module: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool) -> None:
-    module.load_state_dict(state_dict, strict=strict)  # copies in place: shared/flattened storage stays
+    module.load_state_dict(
+        state_dict, strict=strict
+    )  # copies in place: shared/flattened storage stays
 
 
 class _nullcontext:
@@ -535,25 +586,39 @@ def check_resume_strategy(ckpt_dir, cfg, world_size: int) -> None:
         kind = checkpoint_format(ckpt_dir)
         saved = (yaml.safe_load((ckpt_dir / "config.yaml").read_text()) or {}).get("strategy", {})
         manifest = ckpt_dir / "manifest.json"
-        saved_world = __import__("json").loads(manifest.read_text()).get("world_size") if manifest.is_file() else None
+        saved_world = (
+            __import__("json").loads(manifest.read_text()).get("world_size")
+            if manifest.is_file()
+            else None
+        )
     except (OSError, ValueError):
         return  # unreadable: the loader reports it
     s = cfg.strategy
-    wanted = {"ddp": "file", "single": "file", "auto": "file",
-              "fsdp": "dcp" if s.sharded_checkpoint else "file", "deepspeed": "deepspeed"}[s.name]
+    wanted = {
+        "ddp": "file",
+        "single": "file",
+        "auto": "file",
+        "fsdp": "dcp" if s.sharded_checkpoint else "file",
+        "deepspeed": "deepspeed",
+    }[s.name]
     problem = None
     replicated = ("ddp", "single", "auto")
     if kind != wanted:
         problem = f"it holds a {kind!r} checkpoint, this run ({strategy_label(cfg)}) reads {wanted!r} ones"
-    elif kind == "file" and saved.get("name") and (saved["name"] in replicated) != (s.name in replicated):
+    elif (
+        kind == "file"
+        and saved.get("name")
+        and (saved["name"] in replicated) != (s.name in replicated)
+    ):
         problem = f"its optimizer state is laid out for {saved['name']}, this run uses {s.name}"
     elif kind == "deepspeed" and saved.get("zero_stage") not in (None, s.zero_stage):
         problem = f"it was written by ZeRO stage {saved.get('zero_stage')}, this run uses stage {s.zero_stage}"
     elif kind == "deepspeed" and saved_world not in (None, world_size):
         problem = f"its ZeRO partitions are for {saved_world} processes, this run has {world_size}"
     if problem:
-        source = f"{saved.get('name', '?')}" + (f" (ZeRO-{saved.get('zero_stage')})" if saved.get("name") == "deepspeed"
-                                                else "")
+        source = f"{saved.get('name', '?')}" + (
+            f" (ZeRO-{saved.get('zero_stage')})" if saved.get("name") == "deepspeed" else ""
+        )
         raise ConfigError(
             f"cannot resume from {ckpt_dir}: {problem} (written with strategy {source}). Resume with the "
             f"strategy and world size that wrote it, or start a new run from its weights: "

@@ -98,7 +98,9 @@ def train(cfg: Config) -> dict:
         compile_blocks(model)
     optimizer = build_optimizer(model, cfg)
     model, optimizer = fabric.setup(model, optimizer)
-    scheduler = build_scheduler(scheduler_optimizer(optimizer), cfg)  # DeepSpeed: its inner torch optimizer
+    scheduler = build_scheduler(
+        scheduler_optimizer(optimizer), cfg
+    )  # DeepSpeed: its inner torch optimizer
     if cfg.data.sources:  # weighted mixture of prepared datasets
         train_loader = make_mixture_loader(
             [(s.name, s.dir, s.weight) for s in cfg.data.sources],
@@ -118,8 +120,12 @@ def train(cfg: Config) -> dict:
             num_workers=cfg.data.num_workers,
         )
     progress = {"step": 0, "tokens_seen": 0, "initial_val_loss": None}
-    epochs = EpochTracker(fabric, sum(num_blocks(resolve_split(s.dir), cfg.seq_len) for s in cfg.data.sources)
-                          if cfg.data.sources else num_blocks(Path(cfg.data.dir) / "train", cfg.seq_len))
+    epochs = EpochTracker(
+        fabric,
+        sum(num_blocks(resolve_split(s.dir), cfg.seq_len) for s in cfg.data.sources)
+        if cfg.data.sources
+        else num_blocks(Path(cfg.data.dir) / "train", cfg.seq_len),
+    )
     guard = StepGuard(cfg)
     state = {
         "model": model,
@@ -134,7 +140,10 @@ def train(cfg: Config) -> dict:
     # Rank 0 verifies the checkpoints (checksums) once; every rank loads the one it chose.
     resume_from, damaged = fabric.broadcast(on_rank_zero(fabric, lambda: ckpt.choose_resume(cfg)))
     for path, reason in damaged:
-        fabric.print(f"Skipping damaged checkpoint {path}: {reason}; falling back to an older one", flush=True)
+        fabric.print(
+            f"Skipping damaged checkpoint {path}: {reason}; falling back to an older one",
+            flush=True,
+        )
     if resume_from is not None:
         check_resume_strategy(resume_from, cfg, fabric.world_size)
         checkpointer.load(resume_from, state)
@@ -175,18 +184,28 @@ def train(cfg: Config) -> dict:
             if cfg.logging.batch_hashes == "batch":
                 hashes.append(f"{batch_fingerprint(tokens):016x}")
             elif cfg.logging.batch_hashes == "sequence":
-                hashes.extend(f"{epochs.local_epoch}:{batch_fingerprint(seq):016x}" for seq in tokens)
+                hashes.extend(
+                    f"{epochs.local_epoch}:{batch_fingerprint(seq):016x}" for seq in tokens
+                )
             with fabric.no_backward_sync(model, enabled=micro_step < accumulation - 1):
-                loss = model(inputs, targets=targets)  # mean next-token loss through model.loss_kernel
+                loss = model(
+                    inputs, targets=targets
+                )  # mean next-token loss through model.loss_kernel
                 if step in cfg.faults.nan_loss_at_steps and step not in faults_fired:
-                    loss = loss * float("nan")  # a transient fault: once per step number per process
+                    loss = loss * float(
+                        "nan"
+                    )  # a transient fault: once per step number per process
                 fabric.backward(loss / accumulation)
             step_loss += loss.detach() / accumulation
         if step in cfg.faults.nan_loss_at_steps:
             faults_fired.add(step)
-        monitor.layer_grad_norms(step, model)  # logging.layer_grad_norms: per-block norms, before clipping
+        monitor.layer_grad_norms(
+            step, model
+        )  # logging.layer_grad_norms: per-block norms, before clipping
         max_norm = cfg.optimizer.grad_clip if cfg.optimizer.grad_clip > 0 else float("inf")
-        grad_norm = float(fabric.clip_gradients(model, optimizer, max_norm=max_norm, error_if_nonfinite=False))
+        grad_norm = float(
+            fabric.clip_gradients(model, optimizer, max_norm=max_norm, error_if_nonfinite=False)
+        )
         mean_loss = fabric.all_reduce(step_loss, reduce_op="mean").item()
         lr = optimizer.param_groups[0]["lr"]
         bad_reason = guard.judge(mean_loss, grad_norm)
@@ -198,7 +217,9 @@ def train(cfg: Config) -> dict:
         progress["tokens_seen"] += tokens_per_step
 
         all_hashes = [h for rank in gather_object(fabric, hashes) for h in rank] if hashes else None
-        monitor.train_step(step, mean_loss, lr, grad_norm, progress["tokens_seen"], tokens_per_step, all_hashes)
+        monitor.train_step(
+            step, mean_loss, lr, grad_norm, progress["tokens_seen"], tokens_per_step, all_hashes
+        )
         monitor.data_sources(step, source_samples(train_loader), cfg.seq_len)
         for epoch, sequences in epochs.end_step():
             monitor.epoch_end(step, epoch, sequences, epochs.blocks)
@@ -242,8 +263,15 @@ def train(cfg: Config) -> dict:
     return summary
 
 
-def roll_back(fabric: Fabric, cfg: Config, checkpointer: ckpt.Checkpointer, state: dict, guard: StepGuard,
-              monitor: Monitor, step: int) -> dict:
+def roll_back(
+    fabric: Fabric,
+    cfg: Config,
+    checkpointer: ckpt.Checkpointer,
+    state: dict,
+    guard: StepGuard,
+    monitor: Monitor,
+    step: int,
+) -> dict:
     """Too many bad steps in a row: reload the last good checkpoint instead of diverging further."""
     guard.rollbacks += 1
     if guard.rollbacks > cfg.guard.max_rollbacks:
@@ -254,7 +282,9 @@ def roll_back(fabric: Fabric, cfg: Config, checkpointer: ckpt.Checkpointer, stat
     checkpointer.wait()
     target, _ = fabric.broadcast(on_rank_zero(fabric, lambda: ckpt.choose_resume(cfg)))
     if target is None:
-        raise RuntimeError(f"step {step}: {guard.consecutive_bad} bad steps in a row and no checkpoint to roll back to")
+        raise RuntimeError(
+            f"step {step}: {guard.consecutive_bad} bad steps in a row and no checkpoint to roll back to"
+        )
     counters = guard.state_dict()
     to_load = dict(state)
     if cfg.guard.rollback_skip_data:
@@ -284,7 +314,9 @@ def endless(loader) -> Iterator[tuple[bool, torch.Tensor]]:
             yield finished_epoch, batch
             yielded, finished_epoch = True, False
         if not yielded:
-            raise ValueError("the training split yields no batch: it is smaller than one micro-batch per process")
+            raise ValueError(
+                "the training split yields no batch: it is smaller than one micro-batch per process"
+            )
         finished_epoch = True
 
 

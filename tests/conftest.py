@@ -26,7 +26,9 @@ def prepare_sample_corpus(root: Path, train_docs: int, val_docs: int, docs_per_s
     from data.sample_corpus import write_sample_corpus
     from data.tokenizer import train_tokenizer
 
-    write_sample_corpus(root / "raw", train_docs=train_docs, val_docs=val_docs, docs_per_shard=docs_per_shard)
+    write_sample_corpus(
+        root / "raw", train_docs=train_docs, val_docs=val_docs, docs_per_shard=docs_per_shard
+    )
     tokenizer = train_tokenizer(root / "raw", root / "tokenizer", vocab_size=512)
     prepare_dataset(root / "raw", root / "tokens", tokenizer, num_workers=1)
     return root / "tokens", tokenizer
@@ -34,7 +36,9 @@ def prepare_sample_corpus(root: Path, train_docs: int, val_docs: int, docs_per_s
 
 @pytest.fixture(scope="session")
 def sample_data(tmp_path_factory):
-    return prepare_sample_corpus(tmp_path_factory.mktemp("sample"), train_docs=400, val_docs=80, docs_per_shard=200)
+    return prepare_sample_corpus(
+        tmp_path_factory.mktemp("sample"), train_docs=400, val_docs=80, docs_per_shard=200
+    )
 
 
 @pytest.fixture(scope="session")
@@ -47,9 +51,23 @@ def monitored_run(sample_data, tmp_path_factory):
     tokens, _ = sample_data
     run_dir = tmp_path_factory.mktemp("monitored")
     proc = train(
-        run_dir, sample_data, "--train.max_steps", "6", "--eval.interval", "3", "--checkpoint.interval", "6",
-        "--data.sources", f"[{{name: prose, dir: {tokens}, weight: 0.7}}, {{name: code, dir: {tokens}, weight: 0.3}}]",
-        "--faults.nan_loss_at_steps", "[3]", "--logging.layer_grad_norms", "true",
-        "--logging.sample_interval", "3", "--logging.peak_tflops", "1",
+        run_dir,
+        sample_data,
+        "--train.max_steps",
+        "6",
+        "--eval.interval",
+        "3",
+        "--checkpoint.interval",
+        "6",
+        "--data.sources",
+        f"[{{name: prose, dir: {tokens}, weight: 0.7}}, {{name: code, dir: {tokens}, weight: 0.3}}]",
+        "--faults.nan_loss_at_steps",
+        "[3]",
+        "--logging.layer_grad_norms",
+        "true",
+        "--logging.sample_interval",
+        "3",
+        "--logging.peak_tflops",
+        "1",
     )
     return run_dir, proc

@@ -22,8 +22,27 @@ TEXTS = [
     "",
 ]
 
-_WORDS = ["the", "model", "train", "token", "Llama", "pretraining", "data", "loss", "step", "value", "capital",
-          "of", "is", "river", "über", "naïve", "café", "return", "def"]
+_WORDS = [
+    "the",
+    "model",
+    "train",
+    "token",
+    "Llama",
+    "pretraining",
+    "data",
+    "loss",
+    "step",
+    "value",
+    "capital",
+    "of",
+    "is",
+    "river",
+    "über",
+    "naïve",
+    "café",
+    "return",
+    "def",
+]
 
 
 def train_sentencepiece(path: Path, vocab_size: int = 400) -> Path:
@@ -56,7 +75,15 @@ def small_config(**overrides) -> ModelConfig:
     """A 2-layer GQA model (4 query heads, 2 KV heads) over a 400-piece tokenizer's vocabulary."""
     from models.config import model_config
 
-    fields = dict(vocab_size=416, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, ffn_hidden=176, max_seq_len=64)
+    fields = dict(
+        vocab_size=416,
+        n_layers=2,
+        d_model=64,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_hidden=176,
+        max_seq_len=64,
+    )
     fields.update(overrides)
     return model_config("tiny", **fields)
 
@@ -93,6 +120,11 @@ def write_checkpoint(root: Path, model: Llama, tokenizer: Path | None, step: int
     }
     torch.save(state, ckpt / "state")
     save_config(cfg, ckpt / "config.yaml")
-    info = {"step": step, "tokens_seen": step * 1024, "config_hash": config_hash(cfg), "world_size": 1}
+    info = {
+        "step": step,
+        "tokens_seen": step * 1024,
+        "config_hash": config_hash(cfg),
+        "world_size": 1,
+    }
     write_manifest(ckpt, {**info, "strategy": "ddp", "time": 0.0})
     return ckpt

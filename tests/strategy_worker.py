@@ -54,7 +54,9 @@ class SyntheticLoader:
         self.rank, self.world = _world()
         per_step = GLOBAL_BATCH // batch_size  # micro-batch chunks per optimizer step (all ranks)
         if GLOBAL_BATCH % batch_size or per_step % self.world:
-            raise ValueError("SYNTH_GLOBAL_BATCH must be a multiple of micro_batch_size x processes")
+            raise ValueError(
+                "SYNTH_GLOBAL_BATCH must be a multiple of micro_batch_size x processes"
+            )
         self.accumulation = per_step // self.world
         self.read = 0  # micro-batches this rank has yielded
 

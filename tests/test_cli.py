@@ -37,7 +37,18 @@ def test_models_lists_sizes(capsys):
 
 
 def test_config_prints_resolved_values(capsys):
-    assert main(["config", "--config", str(REPO_ROOT / "configs" / "quickstart.yaml"), "--train.max_steps", "7"]) == 0
+    assert (
+        main(
+            [
+                "config",
+                "--config",
+                str(REPO_ROOT / "configs" / "quickstart.yaml"),
+                "--train.max_steps",
+                "7",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "max_steps: 7" in out and "name: tiny" in out
     assert main(["config", "--no.such_key", "1"]) == 2

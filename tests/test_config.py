@@ -11,8 +11,22 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 def test_yaml_then_dotted_overrides(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({"train": {"max_steps": 7, "micro_batch_size": 2}, "model": {"name": "tiny"}}))
-    cfg = load_config(["--config", str(path), "--train.max_steps", "10", "--optimizer.lr=1e-3", "--model.n_layers", "2"])
+    path.write_text(
+        yaml.safe_dump(
+            {"train": {"max_steps": 7, "micro_batch_size": 2}, "model": {"name": "tiny"}}
+        )
+    )
+    cfg = load_config(
+        [
+            "--config",
+            str(path),
+            "--train.max_steps",
+            "10",
+            "--optimizer.lr=1e-3",
+            "--model.n_layers",
+            "2",
+        ]
+    )
     assert cfg.train.max_steps == 10
     assert cfg.train.micro_batch_size == 2
     assert cfg.optimizer.lr == pytest.approx(1e-3)
@@ -35,14 +49,26 @@ def test_resolved_config_round_trips(tmp_path):
 @pytest.mark.parametrize(
     "argv, fragment",
     [
-        (["--train.max_stepz", "3"], "unknown config key 'train.max_stepz'; did you mean 'train.max_steps'"),
+        (
+            ["--train.max_stepz", "3"],
+            "unknown config key 'train.max_stepz'; did you mean 'train.max_steps'",
+        ),
         (["--bogus.key", "1"], "unknown config key 'bogus'"),
-        (["--model.name", "tiny", "--model.n_heads", "7"], "model.n_heads=7 does not divide model.d_model=256"),
-        (["--model.name", "tiny", "--model.n_kv_heads", "3"], "model.n_kv_heads=3 does not divide model.n_heads=8"),
+        (
+            ["--model.name", "tiny", "--model.n_heads", "7"],
+            "model.n_heads=7 does not divide model.d_model=256",
+        ),
+        (
+            ["--model.name", "tiny", "--model.n_kv_heads", "3"],
+            "model.n_kv_heads=3 does not divide model.n_heads=8",
+        ),
         (["--model.name", "gpt-99"], "model.name='gpt-99' is not a known size; known sizes: tiny"),
         (["--train.max_steps", "ten"], "train.max_steps='ten' must be an integer"),
         (["--strategy.precision", "fp8"], "strategy.precision='fp8' is not one of"),
-        (["--optimizer.min_lr", "1", "--optimizer.lr", "0.1"], "optimizer.min_lr=1.0 must be between"),
+        (
+            ["--optimizer.min_lr", "1", "--optimizer.lr", "0.1"],
+            "optimizer.min_lr=1.0 must be between",
+        ),
         (["--config", "/nonexistent.yaml"], "config file /nonexistent.yaml does not exist"),
         (["--train.max_steps"], "has no value"),
     ],
@@ -54,10 +80,22 @@ def test_bad_config_names_the_key(argv, fragment):
 
 
 def test_global_batch_sets_accumulation():
-    cfg = load_config(["--model.name", "tiny", "--train.micro_batch_size", "4", "--train.global_batch_size", "32"])
+    cfg = load_config(
+        ["--model.name", "tiny", "--train.micro_batch_size", "4", "--train.global_batch_size", "32"]
+    )
     assert cfg.gradient_accumulation(world_size=2) == 4
-    cfg = load_config(["--model.name", "tiny", "--train.micro_batch_size", "4", "--train.seq_len", "128",
-                       "--train.global_batch_tokens", "4096"])
+    cfg = load_config(
+        [
+            "--model.name",
+            "tiny",
+            "--train.micro_batch_size",
+            "4",
+            "--train.seq_len",
+            "128",
+            "--train.global_batch_tokens",
+            "4096",
+        ]
+    )
     assert cfg.gradient_accumulation(world_size=2) == 4
     with pytest.raises(ConfigError, match="not a multiple of train.micro_batch_size x processes"):
         cfg.gradient_accumulation(world_size=3)
@@ -66,5 +104,10 @@ def test_global_batch_sets_accumulation():
 def test_reference_documents_every_key():
     rows = reference(Config)
     keys = {r[0] for r in rows}
-    assert {"train.max_steps", "model.n_kv_heads", "strategy.precision", "checkpoint.resume"} <= keys
+    assert {
+        "train.max_steps",
+        "model.n_kv_heads",
+        "strategy.precision",
+        "checkpoint.resume",
+    } <= keys
     assert all(r[3] for r in rows), [r[0] for r in rows if not r[3]]

@@ -49,7 +49,10 @@ TRAIN_DOCS, VAL_DOCS, VOCAB = 300, 50, 512
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_sample_corpus(
-        tmp_path_factory.mktemp("corpus"), seed=0, train_docs=TRAIN_DOCS, val_docs=VAL_DOCS,
+        tmp_path_factory.mktemp("corpus"),
+        seed=0,
+        train_docs=TRAIN_DOCS,
+        val_docs=VAL_DOCS,
         docs_per_shard=100,
     )
 
@@ -135,7 +138,9 @@ def test_sample_corpus_is_deterministic_and_idempotent(tmp_path: Path) -> None:
 
     # Different parameters: regenerated, stale shards of ours removed.
     write_sample_corpus(tmp_path / "a", **{**kwargs, "train_docs": 40})
-    assert sorted(p.name for p in (a / "train" / "chunk1").iterdir()) == ["example_train_0.jsonl.zst"]
+    assert sorted(p.name for p in (a / "train" / "chunk1").iterdir()) == [
+        "example_train_0.jsonl.zst"
+    ]
 
     with pytest.raises(ValueError, match="train_docs=0"):
         write_sample_corpus(tmp_path / "d", train_docs=0)
@@ -156,8 +161,13 @@ _BAD_LINES = [
     "",  # blank_line
     json.dumps({"text": "good two"}),
 ]
-_EXPECTED_SKIPS = {"blank_line": 1, "invalid_utf8": 1, "invalid_json": 1, "missing_text": 3,
-                   "empty_text": 2}
+_EXPECTED_SKIPS = {
+    "blank_line": 1,
+    "invalid_utf8": 1,
+    "invalid_json": 1,
+    "missing_text": 3,
+    "empty_text": 2,
+}
 _NO_SKIPS = dict.fromkeys(SKIP_REASONS, 0)
 
 
@@ -197,24 +207,36 @@ def test_filters_text_field_excluded_sets_and_min_length(tmp_path: Path) -> None
     path = tmp_path / "s.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in lines))
     stats = SkipStats()
-    flt = RecordFilter(text_field="content", exclude_sets=frozenset({"RedPajamaGithub"}), min_chars=10)
+    flt = RecordFilter(
+        text_field="content", exclude_sets=frozenset({"RedPajamaGithub"}), min_chars=10
+    )
     assert list(iter_documents(path, stats, flt)) == ["a long enough book text"]
-    assert {k: v for k, v in stats.skipped.items() if v} == {"excluded_set": 1, "too_short": 1, "missing_text": 1}
+    assert {k: v for k, v in stats.skipped.items() if v} == {
+        "excluded_set": 1,
+        "too_short": 1,
+        "missing_text": 1,
+    }
     nested = tmp_path / "n.jsonl"
     nested.write_text(json.dumps({"doc": {"body": "nested text"}}) + "\n")
-    assert list(iter_documents(nested, filter=RecordFilter(text_field="doc.body"))) == ["nested text"]
+    assert list(iter_documents(nested, filter=RecordFilter(text_field="doc.body"))) == [
+        "nested text"
+    ]
 
 
 def test_damaged_files_keep_what_came_before_and_count_the_rest(tmp_path: Path) -> None:
     multi = tmp_path / "multi.jsonl.zst"
     cctx = zstandard.ZstdCompressor()
-    multi.write_bytes(cctx.compress(b'{"text": "a"}\n{"text": "b') + cctx.compress(b'"}\n{"text": "c"}'))
+    multi.write_bytes(
+        cctx.compress(b'{"text": "a"}\n{"text": "b') + cctx.compress(b'"}\n{"text": "c"}')
+    )
     assert [t for t, _ in iter_records(multi)] == ["a", "b", "c"]
 
     docs = [json.dumps({"text": f"document {i} " * 20}) for i in range(3000)]
     big = "\n".join(docs).encode()
-    for name, data in [("truncated.jsonl.zst", cctx.compress(big)[:5000]),
-                       ("truncated.jsonl.gz", gzip.compress(big)[:5000])]:
+    for name, data in [
+        ("truncated.jsonl.zst", cctx.compress(big)[:5000]),
+        ("truncated.jsonl.gz", gzip.compress(big)[:5000]),
+    ]:
         path = tmp_path / name
         path.write_bytes(data)
         stats = SkipStats()
@@ -261,14 +283,28 @@ def test_find_shards(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     (empty / "sub").mkdir(parents=True)
     (empty / "sub" / "notes.txt").write_text("x")
-    with pytest.raises(FileNotFoundError,
-                       match=rf"No \.jsonl, \.jsonl\.zst, \.jsonl\.gz or \.parquet files found under {empty}"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=rf"No \.jsonl, \.jsonl\.zst, \.jsonl\.gz or \.parquet files found under {empty}",
+    ):
         find_shards(empty)
-    for rel in ["b/2.jsonl.zst", "a/1.jsonl", "a/z/0.jsonl.zst", "a/skip.json", "c/3.parquet", "c/4.jsonl.gz"]:
+    for rel in [
+        "b/2.jsonl.zst",
+        "a/1.jsonl",
+        "a/z/0.jsonl.zst",
+        "a/skip.json",
+        "c/3.parquet",
+        "c/4.jsonl.gz",
+    ]:
         (empty / rel).parent.mkdir(parents=True, exist_ok=True)
         (empty / rel).write_bytes(b"")
     assert [p.relative_to(empty).as_posix() for p in find_shards(empty)] == [
-        "a/1.jsonl", "a/z/0.jsonl.zst", "b/2.jsonl.zst", "c/3.parquet", "c/4.jsonl.gz"]
+        "a/1.jsonl",
+        "a/z/0.jsonl.zst",
+        "b/2.jsonl.zst",
+        "c/3.parquet",
+        "c/4.jsonl.gz",
+    ]
     assert find_shards(empty / "a" / "1.jsonl") == [empty / "a" / "1.jsonl"]  # a single file
 
 
@@ -283,8 +319,13 @@ def test_tokenizer_conventions_and_round_trip(corpus: Path, tokenizer: Tokenizer
     assert tokenizer._sp.unk_id() == 0
 
     samples = _texts(corpus / "validation")[:20] + [
-        "  leading spaces", "trailing  ", "\n\nnewlines\n", "tabs\tand  double  spaces",
-        "digits 1234567", "unicode: é ü 你好 🙂", "def f(x):\n    return x + 1\n",
+        "  leading spaces",
+        "trailing  ",
+        "\n\nnewlines\n",
+        "tabs\tand  double  spaces",
+        "digits 1234567",
+        "unicode: é ü 你好 🙂",
+        "def f(x):\n    return x + 1\n",
     ]
     for text in samples:
         ids = tokenizer.encode(text)
@@ -298,15 +339,25 @@ def test_tokenizer_conventions_and_round_trip(corpus: Path, tokenizer: Tokenizer
     assert len(tokenizer.encode("1234567")) >= 7
 
 
-def test_tokenizer_training_is_deterministic(corpus: Path, tokenizer_path: Path, tmp_path: Path) -> None:
+def test_tokenizer_training_is_deterministic(
+    corpus: Path, tokenizer_path: Path, tmp_path: Path
+) -> None:
     again = train_tokenizer(corpus, tmp_path / "again", vocab_size=VOCAB)
     assert again == tmp_path / "again.model"
     assert again.read_bytes() == tokenizer_path.read_bytes()
 
 
-def test_tokenizer_options_and_existing_model(corpus: Path, tokenizer_path: Path, tmp_path: Path) -> None:
-    no_bytes = Tokenizer(train_tokenizer(corpus, tmp_path / "nb", vocab_size=300, byte_fallback=False))
-    assert no_bytes.vocab_size == 300 and (no_bytes.bos_id, no_bytes.eos_id, no_bytes.unk_id) == (1, 2, 0)
+def test_tokenizer_options_and_existing_model(
+    corpus: Path, tokenizer_path: Path, tmp_path: Path
+) -> None:
+    no_bytes = Tokenizer(
+        train_tokenizer(corpus, tmp_path / "nb", vocab_size=300, byte_fallback=False)
+    )
+    assert no_bytes.vocab_size == 300 and (no_bytes.bos_id, no_bytes.eos_id, no_bytes.unk_id) == (
+        1,
+        2,
+        0,
+    )
     assert no_bytes.unk_id in no_bytes.encode("🙂")  # no byte pieces: unknown characters become unk
     # An existing model (e.g. Llama 2's) is checked and copied.
     installed = install_tokenizer(tokenizer_path, tmp_path / "llama")
@@ -320,11 +371,15 @@ def test_tokenizer_errors(tmp_path: Path, corpus: Path) -> None:
     missing = tmp_path / "missing.model"
     with pytest.raises(FileNotFoundError, match=rf"{missing} not found.*orchestrator tokenizer"):
         Tokenizer(missing)
-    with pytest.raises(FileNotFoundError, match=rf"Input directory {tmp_path / 'nope'} does not exist"):
+    with pytest.raises(
+        FileNotFoundError, match=rf"Input directory {tmp_path / 'nope'} does not exist"
+    ):
         train_tokenizer(tmp_path / "nope", tmp_path / "tok")
     with pytest.raises(ValueError, match="too small"):
         train_tokenizer(corpus, tmp_path / "tok", vocab_size=100)
-    with pytest.raises(ValueError, match=rf"on {corpus} \(vocab_size=60000\) failed.*Vocabulary size too high"):
+    with pytest.raises(
+        ValueError, match=rf"on {corpus} \(vocab_size=60000\) failed.*Vocabulary size too high"
+    ):
         train_tokenizer(corpus, tmp_path / "tok", vocab_size=60_000)
     junk = tmp_path / "junk.model"
     junk.write_bytes(b"not a model")
@@ -368,8 +423,9 @@ def test_prepare_writes_token_datasets_matching_the_tokenizer(
 
         # make_dataloader (no shuffle) yields the token stream cut into seq_len + 1 blocks.
         seq_len, batch = 31, 4
-        loader = make_dataloader(prepared / split, seq_len=seq_len, batch_size=batch,
-                                 shuffle=False, seed=0)
+        loader = make_dataloader(
+            prepared / split, seq_len=seq_len, batch_size=batch, shuffle=False, seed=0
+        )
         batches = list(loader)
         assert all(b.dtype == torch.int64 and b.shape == (batch, seq_len + 1) for b in batches)
         flat = torch.cat([b.reshape(-1) for b in batches])
@@ -385,8 +441,10 @@ def test_prepare_is_idempotent_and_detects_unfinished_runs(
     corpus: Path, tokenizer_path: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "prep"
-    env_before = {k: os.environ.get(k) for k in
-                  ("DATA_OPTIMIZER_CACHE_FOLDER", "DATA_OPTIMIZER_DATA_CACHE_FOLDER")}
+    env_before = {
+        k: os.environ.get(k)
+        for k in ("DATA_OPTIMIZER_CACHE_FOLDER", "DATA_OPTIMIZER_DATA_CACHE_FOLDER")
+    }
     sigint_before = signal.getsignal(signal.SIGINT)
     first = prepare_dataset(corpus, out, tokenizer_path)
     # litdata's cache env vars and SIGINT handler are restored after the call.
@@ -408,7 +466,9 @@ def test_prepare_is_idempotent_and_detects_unfinished_runs(
 
     # Reusing a finished prepare with another tokenizer would mix vocabularies: refused.
     other_tok = train_tokenizer(corpus, tmp_path / "other", vocab_size=400)
-    with pytest.raises(ValueError, match=rf"{out} was already prepared from a different tokenizer.*overwrite"):
+    with pytest.raises(
+        ValueError, match=rf"{out} was already prepared from a different tokenizer.*overwrite"
+    ):
         prepare_dataset(corpus, out, other_tok)
     other = prepare_dataset(corpus, out, other_tok, overwrite=True)
     assert other["vocab_size"] == 400 and other["tokenizer_path"] == str(other_tok.resolve())
@@ -430,7 +490,9 @@ def test_prepare_counts_skips_across_workers_and_holds_out_validation(
     out = tmp_path / "out"
     # group_bytes=1: every file is a part of its own, so the 2 workers share the files.
     stats = prepare_dataset(src, out, tokenizer_path, num_workers=2, val_every=5, group_bytes=1)
-    assert stats["layout"] == "flat_hash_holdout" and stats["val_every"] == 5 and stats["parts"] == 4
+    assert (
+        stats["layout"] == "flat_hash_holdout" and stats["val_every"] == 5 and stats["parts"] == 4
+    )
     train, val = stats["splits"]["train"], stats["splits"]["val"]
     # Skips are summed over all files/workers and counted once (with train, for a holdout).
     assert train["skipped"] == {**_NO_SKIPS, **{k: 4 * v for k, v in _EXPECTED_SKIPS.items()}}
@@ -452,17 +514,23 @@ def test_prepare_counts_skips_across_workers_and_holds_out_validation(
     assert sum(decoded("val").values()) == val["docs"]
 
 
-def test_prepare_errors_before_doing_work(corpus: Path, tokenizer_path: Path, tmp_path: Path) -> None:
+def test_prepare_errors_before_doing_work(
+    corpus: Path, tokenizer_path: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "out"
     missing_in = tmp_path / "no_corpus"
     with pytest.raises(FileNotFoundError, match=rf"Input directory {missing_in} does not exist"):
         prepare_dataset(missing_in, out, tokenizer_path)
     empty_in = tmp_path / "empty_corpus"
     (empty_in / "train").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match=rf"No \.jsonl.*files found under {empty_in / 'train'}"):
+    with pytest.raises(
+        FileNotFoundError, match=rf"No \.jsonl.*files found under {empty_in / 'train'}"
+    ):
         prepare_dataset(empty_in, out, tokenizer_path)
     missing_tok = tmp_path / "tok.model"
-    with pytest.raises(FileNotFoundError, match=rf"Tokenizer model {missing_tok} not found.*orchestrator tokenizer"):
+    with pytest.raises(
+        FileNotFoundError, match=rf"Tokenizer model {missing_tok} not found.*orchestrator tokenizer"
+    ):
         prepare_dataset(corpus, out, missing_tok)
     only_val = tmp_path / "only_val"
     (only_val / "validation").mkdir(parents=True)
@@ -478,7 +546,9 @@ def test_prepare_errors_before_doing_work(corpus: Path, tokenizer_path: Path, tm
     locked.chmod(0o500)
     try:
         if not os.access(locked, os.W_OK):  # (root may write anywhere: then see the next test)
-            with pytest.raises(PermissionError, match=rf"Cannot write to the output {locked / 'out'}"):
+            with pytest.raises(
+                PermissionError, match=rf"Cannot write to the output {locked / 'out'}"
+            ):
                 prepare_dataset(corpus, locked / "out", tokenizer_path)
     finally:
         locked.chmod(0o700)
@@ -492,7 +562,9 @@ def test_unwritable_output_is_reported(corpus: Path, tokenizer_path: Path, tmp_p
         prepare_dataset(corpus, blocker / "out", tokenizer_path)
 
 
-def test_a_damaged_shard_is_skipped_and_the_run_finishes(corpus: Path, tokenizer_path: Path, tmp_path: Path) -> None:
+def test_a_damaged_shard_is_skipped_and_the_run_finishes(
+    corpus: Path, tokenizer_path: Path, tmp_path: Path
+) -> None:
     broken = tmp_path / "broken"
     (broken / "validation").mkdir(parents=True)
     (broken / "train").mkdir()
@@ -516,7 +588,9 @@ def test_make_dataloader_errors(prepared: Path, tmp_path: Path) -> None:
         make_dataloader(missing, seq_len=8, batch_size=2, shuffle=False, seed=0)
     plain = tmp_path / "plain"
     plain.mkdir()
-    with pytest.raises(ValueError, match=rf"{plain} is not a prepared litdata dataset.*orchestrator prepare"):
+    with pytest.raises(
+        ValueError, match=rf"{plain} is not a prepared litdata dataset.*orchestrator prepare"
+    ):
         make_dataloader(plain, seq_len=8, batch_size=2, shuffle=False, seed=0)
     # The prepare root instead of a split: say which folder to use.
     with pytest.raises(ValueError, match=rf"use {prepared / 'train'}"):
@@ -528,8 +602,14 @@ def test_make_dataloader_errors(prepared: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_loader_state_dict_resumes_exactly(prepared: Path, num_workers: int) -> None:
     def loader() -> StreamingDataLoader:
-        return make_dataloader(prepared / "train", seq_len=63, batch_size=4, shuffle=True,
-                               seed=1234, num_workers=num_workers)
+        return make_dataloader(
+            prepared / "train",
+            seq_len=63,
+            batch_size=4,
+            shuffle=True,
+            seed=1234,
+            num_workers=num_workers,
+        )
 
     reference = list(loader())
     assert len(reference) > 10
@@ -557,6 +637,7 @@ def test_loader_state_dict_resumes_exactly(prepared: Path, num_workers: int) -> 
 def test_loader_epochs_reshuffle_and_resume_inside_a_later_epoch(prepared: Path) -> None:
     """Multi-epoch: every epoch is a full, reshuffled pass; a resume inside epoch 2 gives the rest of
     epoch 2 and then a full epoch 3 (not only the tail of the data, as after a fast-forward)."""
+
     def loader() -> StreamingDataLoader:
         return make_dataloader(prepared / "train", seq_len=63, batch_size=4, shuffle=True, seed=5)
 
@@ -564,7 +645,9 @@ def test_loader_epochs_reshuffle_and_resume_inside_a_later_epoch(prepared: Path)
     epochs = [list(reference) for _ in range(3)]
     blocks = [sorted(tuple(s.tolist()) for b in e for s in b) for e in epochs]
     assert blocks[0] == blocks[1] == blocks[2]  # each epoch: the same blocks...
-    assert not all(torch.equal(a, b) for a, b in zip(epochs[0], epochs[1], strict=True))  # ...in a new order
+    assert not all(
+        torch.equal(a, b) for a, b in zip(epochs[0], epochs[1], strict=True)
+    )  # ...in a new order
 
     k = len(epochs[1]) // 2
     first = loader()

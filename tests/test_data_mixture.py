@@ -64,10 +64,18 @@ def as_rank(rank: int, world: int = WORLD):
         _DistributedEnv.detect = original  # type: ignore[method-assign]
 
 
-def _loader(sources, rank: int, num_workers: int, weights: dict[str, float] | None = None, world: int = WORLD):
+def _loader(
+    sources,
+    rank: int,
+    num_workers: int,
+    weights: dict[str, float] | None = None,
+    world: int = WORLD,
+):
     srcs = [(n, d, (weights or WEIGHTS)[n]) for n, d, _ in sources]
     with as_rank(rank, world):
-        return make_mixture_loader(srcs, seq_len=T, batch_size=BATCH, shuffle=True, seed=7, num_workers=num_workers)
+        return make_mixture_loader(
+            srcs, seq_len=T, batch_size=BATCH, shuffle=True, seed=7, num_workers=num_workers
+        )
 
 
 def _batches(loader, rank: int, n: int, world: int = WORLD) -> list[torch.Tensor]:
@@ -89,11 +97,14 @@ def _worker_shares(directory: str, rank: int, num_workers: int, epoch: int) -> l
     from litdata import StreamingDataset
 
     with as_rank(rank):
-        ds = StreamingDataset(directory, item_loader=TokensLoader(block_size=T + 1), shuffle=True, seed=7)
+        ds = StreamingDataset(
+            directory, item_loader=TokensLoader(block_size=T + 1), shuffle=True, seed=7
+        )
         ds.set_drop_last(False)
         ds.get_len(max(1, num_workers), BATCH)
-        _, intervals = ds.shuffler.get_chunks_and_intervals_per_workers(ds.distributed_env, max(1, num_workers),
-                                                                          BATCH, epoch)
+        _, intervals = ds.shuffler.get_chunks_and_intervals_per_workers(
+            ds.distributed_env, max(1, num_workers), BATCH, epoch
+        )
     workers = range(rank * max(1, num_workers), (rank + 1) * max(1, num_workers))
     return [sum(iv[2] - iv[1] for iv in intervals[w]) for w in workers]
 
@@ -103,7 +114,9 @@ def test_full_epoch_reads_every_block_once_in_proportion(sources, num_workers: i
     nw = max(1, num_workers)
     # Enough batches for every worker of every rank to finish its first epoch of both sources.
     n_batches = 160
-    per_source_epoch: dict[str, list[Counter]] = {name: [Counter(), Counter()] for name, _, _ in sources}
+    per_source_epoch: dict[str, list[Counter]] = {
+        name: [Counter(), Counter()] for name, _, _ in sources
+    }
     consumed = Counter()
     for rank in range(WORLD):
         loader = _loader(sources, rank, num_workers)
@@ -145,7 +158,9 @@ def test_stop_at_a_random_batch_and_resume_exactly(sources, num_workers: int) ->
             first = _loader(sources, rank, num_workers)
             seen = _batches(first, rank, stop)
             with as_rank(rank):
-                state = pickle.loads(pickle.dumps(first.state_dict()))  # as it goes through a checkpoint
+                state = pickle.loads(
+                    pickle.dumps(first.state_dict())
+                )  # as it goes through a checkpoint
             counts_at_stop = source_samples(first)
             resumed = _loader(sources, rank, num_workers)
             with as_rank(rank):
@@ -173,7 +188,10 @@ def test_weights_may_change_on_resume_and_topology_may_not(sources) -> None:
     # Positions are kept: nothing read before the change is read again (first epoch still running).
     seen_before = {x for b in _batches(_loader(sources, 0, 0), 0, 20) for x in _ids(b)}
     assert not seen_before & set(after)
-    assert source_samples(changed) == {"slimpajama": before["slimpajama"] + 50, "starcoder": before["starcoder"] + 50}
+    assert source_samples(changed) == {
+        "slimpajama": before["slimpajama"] + 50,
+        "starcoder": before["starcoder"] + 50,
+    }
 
     other_world = _loader(sources, 0, 0, world=4)
     with as_rank(0, 4), pytest.raises(ValueError, match=r"same world_size \(checkpoint 2, now 4\)"):
@@ -193,13 +211,19 @@ def test_mixture_errors(sources, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="names must be unique"):
         make_mixture_loader([sources[0], sources[0]], seq_len=T, batch_size=2, shuffle=True, seed=0)
     with pytest.raises(ValueError, match="weights must be positive"):
-        make_mixture_loader([(n, d, 0.0) for n, d, _ in sources], seq_len=T, batch_size=2, shuffle=True, seed=0)
+        make_mixture_loader(
+            [(n, d, 0.0) for n, d, _ in sources], seq_len=T, batch_size=2, shuffle=True, seed=0
+        )
     with pytest.raises(ValueError, match="does not exist"):
-        make_mixture_loader([("x", str(tmp_path / "nope"), 1.0)], seq_len=T, batch_size=2, shuffle=True, seed=0)
+        make_mixture_loader(
+            [("x", str(tmp_path / "nope"), 1.0)], seq_len=T, batch_size=2, shuffle=True, seed=0
+        )
     # A source too small to give every process a block fails with a message, not a hang.
     tiny = tmp_path / "tiny"
     _write_source(tiny, 3, 1, 1)
-    loader = _loader([("tiny", str(tiny), 1.0)], 0, 0, weights={"tiny": 1.0})  # the block goes to rank 1
+    loader = _loader(
+        [("tiny", str(tiny), 1.0)], 0, 0, weights={"tiny": 1.0}
+    )  # the block goes to rank 1
     with pytest.raises(RuntimeError, match="gives this data-loader worker no block"):
         _batches(loader, 0, 1)
 
@@ -219,9 +243,16 @@ def mixture_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, 
     write_sample_corpus(root / "raw", train_docs=400, val_docs=80, docs_per_shard=200)
     tok = train_tokenizer(root / "raw", root / "tokenizer", vocab_size=512)
     # Two sources from one corpus: prose (SlimPajama without its GitHub subset) and code.
-    prepare_dataset(root / "raw", root / "prose", tok, num_workers=1, exclude_sets=["RedPajamaGithub"])
-    prepare_dataset(root / "raw", root / "code", tok, num_workers=1,
-                    exclude_sets=[s for s in SET_NAMES if s != "RedPajamaGithub"])
+    prepare_dataset(
+        root / "raw", root / "prose", tok, num_workers=1, exclude_sets=["RedPajamaGithub"]
+    )
+    prepare_dataset(
+        root / "raw",
+        root / "code",
+        tok,
+        num_workers=1,
+        exclude_sets=[s for s in SET_NAMES if s != "RedPajamaGithub"],
+    )
     return root / "prose", root / "code", tok
 
 
@@ -230,15 +261,37 @@ def test_trainer_mixes_sources_reports_tokens_and_resumes_exactly(mixture_data, 
     from tests.training import TINY, run_cli, step_records
 
     prose, code, tok = mixture_data
-    args = [sys.executable, "-m", "orchestrator", "train", *TINY, "--data.tokenizer", str(tok),
-            "--data.sources", f"[{{name: prose, dir: {prose}, weight: 0.7}}, {{name: code, dir: {code}, weight: 0.3}}]",
-            "--data.val_dir", str(code),  # validation streamed separately (here: the code source's val/)
-            "--train.max_steps", "4", "--eval.interval", "0", "--checkpoint.interval", "2"]
+    args = [
+        sys.executable,
+        "-m",
+        "orchestrator",
+        "train",
+        *TINY,
+        "--data.tokenizer",
+        str(tok),
+        "--data.sources",
+        f"[{{name: prose, dir: {prose}, weight: 0.7}}, {{name: code, dir: {code}, weight: 0.3}}]",
+        "--data.val_dir",
+        str(code),  # validation streamed separately (here: the code source's val/)
+        "--train.max_steps",
+        "4",
+        "--eval.interval",
+        "0",
+        "--checkpoint.interval",
+        "2",
+    ]
     straight = tmp_path / "straight"
     run_cli([*args, "--run.dir", str(straight)])
     resumed = tmp_path / "resumed"
-    proc = run_cli([*args, "--run.dir", str(resumed), "--checkpoint.resume",
-                    str(straight / "checkpoints" / "step-00000002")])
+    proc = run_cli(
+        [
+            *args,
+            "--run.dir",
+            str(resumed),
+            "--checkpoint.resume",
+            str(straight / "checkpoints" / "step-00000002"),
+        ]
+    )
     assert "Resumed from" in proc.stdout
 
     def records(run: Path, key: str) -> dict[int, object]:
@@ -267,20 +320,37 @@ def test_preflight_checks_every_dataset_of_a_mixture(mixture_data, tmp_path) -> 
     from orchestrator.schema import ConfigError
 
     prose, code, tok = mixture_data
-    base = ["--model.vocab_size", "512", "--data.tokenizer", str(tok), "--run.dir", str(tmp_path / "run")]
+    base = [
+        "--model.vocab_size",
+        "512",
+        "--data.tokenizer",
+        str(tok),
+        "--run.dir",
+        str(tmp_path / "run"),
+    ]
 
     def sources(second: Path) -> list[str]:
-        return ["--data.sources",
-                f"[{{name: prose, dir: {prose}, weight: 0.7}}, {{name: code, dir: {second}, weight: 0.3}}]"]
+        return [
+            "--data.sources",
+            f"[{{name: prose, dir: {prose}, weight: 0.7}}, {{name: code, dir: {second}, weight: 0.3}}]",
+        ]
 
     check_inputs(load_config([*base, *sources(code)]))  # fine
-    with pytest.raises(ConfigError, match=rf"data.sources\[1\].dir={tmp_path / 'nope'} does not exist"):
+    with pytest.raises(
+        ConfigError, match=rf"data.sources\[1\].dir={tmp_path / 'nope'} does not exist"
+    ):
         check_inputs(load_config([*base, *sources(tmp_path / "nope")]))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ConfigError, match=r"data.sources\[1\].dir=.* has no prepared 'train' split"):
+    with pytest.raises(
+        ConfigError, match=r"data.sources\[1\].dir=.* has no prepared 'train' split"
+    ):
         check_inputs(load_config([*base, *sources(tmp_path / "empty")]))
-    with pytest.raises(ConfigError, match=rf"data.val_dir={tmp_path / 'empty'} has no prepared 'val' split"):
-        check_inputs(load_config([*base, *sources(code), "--data.val_dir", str(tmp_path / "empty")]))
+    with pytest.raises(
+        ConfigError, match=rf"data.val_dir={tmp_path / 'empty'} has no prepared 'val' split"
+    ):
+        check_inputs(
+            load_config([*base, *sources(code), "--data.val_dir", str(tmp_path / "empty")])
+        )
     # Data prepared with another tokenizer, or ids beyond the embedding, are refused before training.
     copy = tmp_path / "copy.model"
     copy.write_bytes(tok.read_bytes())  # the same tokenizer elsewhere: accepted
@@ -288,9 +358,13 @@ def test_preflight_checks_every_dataset_of_a_mixture(mixture_data, tmp_path) -> 
     from data.tokenizer import train_tokenizer
 
     different = train_tokenizer(prose.parent / "raw", tmp_path / "different", vocab_size=400)
-    with pytest.raises(ConfigError, match=r"data.sources\[0\].dir=.* was prepared with the tokenizer"):
+    with pytest.raises(
+        ConfigError, match=r"data.sources\[0\].dir=.* was prepared with the tokenizer"
+    ):
         check_inputs(load_config([*base, *sources(code), "--data.tokenizer", str(different)]))
     with pytest.raises(ConfigError, match=r"unique"):
-        load_config([*base, "--data.sources", f"[{{name: a, dir: {prose}}}, {{name: a, dir: {code}}}]"])
+        load_config(
+            [*base, "--data.sources", f"[{{name: a, dir: {prose}}}, {{name: a, dir: {code}}}]"]
+        )
     with pytest.raises(ConfigError, match=r"data.sources\[0\].weight=-1.0 must be positive"):
         load_config([*base, "--data.sources", f"[{{name: a, dir: {prose}, weight: -1}}]"])

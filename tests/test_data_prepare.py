@@ -91,9 +91,14 @@ def write_slimpajama(root: Path, seed: int = 0) -> dict:
     # A truncated shard (last in train/): its complete leading records are kept, the rest is one skip.
     records = docs("train", 200)
     cobj = zstandard.ZstdCompressor(level=3).compressobj()  # one frame, flushed block by block
-    data = b"".join(cobj.compress(json.dumps(r).encode() + b"\n") + (cobj.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
-                                                                    if i % 10 == 9 else b"")
-                    for i, r in enumerate(records)) + cobj.flush()
+    data = (
+        b"".join(
+            cobj.compress(json.dumps(r).encode() + b"\n")
+            + (cobj.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK) if i % 10 == 9 else b"")
+            for i, r in enumerate(records)
+        )
+        + cobj.flush()
+    )
     data = data[: len(data) // 3]
     complete = _complete_lines_of_truncated(data)
     assert 0 < len(complete) < 200
@@ -117,19 +122,29 @@ def write_starcoder(root: Path) -> list[str]:
     for lang, n_files in [("python", 2), ("rust", 1)]:
         (root / lang).mkdir(parents=True)
         for f in range(n_files):
-            contents = [f"# {lang} file {f} snippet {i}\ndef f_{i}(x):\n    return x * {i}\n" for i in range(60)]
+            contents = [
+                f"# {lang} file {f} snippet {i}\ndef f_{i}(x):\n    return x * {i}\n"
+                for i in range(60)
+            ]
             valid += contents
             cells = contents[:30] + [None, ""] + contents[30:]
-            pq.write_table(pa.table({
-                "max_stars_repo_path": [f"repo/{lang}/{i}.src" for i in range(len(cells))],
-                "content": cells,
-                "id": list(range(len(cells))),
-            }), root / lang / f"train-{f:05d}-of-{n_files:05d}.parquet", row_group_size=16)
+            pq.write_table(
+                pa.table(
+                    {
+                        "max_stars_repo_path": [f"repo/{lang}/{i}.src" for i in range(len(cells))],
+                        "content": cells,
+                        "id": list(range(len(cells))),
+                    }
+                ),
+                root / lang / f"train-{f:05d}-of-{n_files:05d}.parquet",
+                row_group_size=16,
+            )
     (root / "jsonl").mkdir()
-    extra = [f"fn main() {{ println!(\"{i}\"); }}\n" for i in range(25)]
+    extra = [f'fn main() {{ println!("{i}"); }}\n' for i in range(25)]
     valid += extra
     (root / "jsonl" / "extra.jsonl.gz").write_bytes(
-        gzip.compress("".join(json.dumps({"content": c}) + "\n" for c in extra).encode()))
+        gzip.compress("".join(json.dumps({"content": c}) + "\n" for c in extra).encode())
+    )
     (root / "rust" / "train-broken.parquet").write_bytes(b"PAR1" + os.urandom(64) + b"PAR1")
     return valid
 
@@ -149,12 +164,21 @@ def _decoded(tok: Tokenizer, split_dir: Path, before: int, after: int) -> list[s
     return [tok.decode(d[before : len(d) - after].tolist()) for d in read_documents(split_dir)]
 
 
-def test_slimpajama_counts_exclusion_separator_and_round_trip(slimpajama, tokenizer_path, tmp_path) -> None:
+def test_slimpajama_counts_exclusion_separator_and_round_trip(
+    slimpajama, tokenizer_path, tmp_path
+) -> None:
     root, expected = slimpajama
     tok = Tokenizer(tokenizer_path)
     out = tmp_path / "out"
-    stats = prepare_dataset(root, out, tokenizer_path, num_workers=2, group_bytes=1, separator="eos",
-                            exclude_sets=["RedPajamaGithub"])
+    stats = prepare_dataset(
+        root,
+        out,
+        tokenizer_path,
+        num_workers=2,
+        group_bytes=1,
+        separator="eos",
+        exclude_sets=["RedPajamaGithub"],
+    )
     assert is_prepared(out) and stats["layout"] == "slimpajama" and stats["separator"] == "eos"
     # Counts by reason, for the whole input and per split.
     assert stats["skipped"] == {r: expected["skips"].get(r, 0) for r in SKIP_REASONS}
@@ -163,14 +187,22 @@ def test_slimpajama_counts_exclusion_separator_and_round_trip(slimpajama, tokeni
     assert "RedPajamaGithub" not in stats["splits"]["train"]["sets"]
     # With file and line.
     locs = stats["skip_locations"]
-    assert locs["invalid_json"] == ["train/chunk1/example_train_0.jsonl.zst:21",
-                                    "validation/chunk1/example_holdout_0.jsonl.zst:21"]
+    assert locs["invalid_json"] == [
+        "train/chunk1/example_train_0.jsonl.zst:21",
+        "validation/chunk1/example_holdout_0.jsonl.zst:21",
+    ]
     assert locs["blank_line"][0] == "train/chunk1/example_train_0.jsonl.zst:26"
-    assert locs["truncated_file"] == [f"train/chunk2/example_train_3.jsonl.zst:{expected['truncated_line']}"]
+    assert locs["truncated_file"] == [
+        f"train/chunk2/example_train_3.jsonl.zst:{expected['truncated_line']}"
+    ]
     per_file = {f["file"]: f for f in stats["files"]}
-    assert set(per_file) == {"train/chunk1/example_train_0.jsonl.zst", "train/chunk1/example_train_1.jsonl.zst",
-                             "train/chunk2/example_train_2.jsonl.zst", "train/chunk2/example_train_3.jsonl.zst",
-                             "validation/chunk1/example_holdout_0.jsonl.zst"}  # test/ never read
+    assert set(per_file) == {
+        "train/chunk1/example_train_0.jsonl.zst",
+        "train/chunk1/example_train_1.jsonl.zst",
+        "train/chunk2/example_train_2.jsonl.zst",
+        "train/chunk2/example_train_3.jsonl.zst",
+        "validation/chunk1/example_holdout_0.jsonl.zst",
+    }  # test/ never read
     assert per_file["train/chunk2/example_train_3.jsonl.zst"]["skipped"]["truncated_file"] == 1
     assert sum(sum(f["docs"].values()) for f in stats["files"]) == stats["docs"]
     assert sum(sum(f["tokens"].values()) for f in stats["files"]) == stats["tokens"]
@@ -192,19 +224,30 @@ def test_separators_and_min_length(slimpajama, tokenizer_path, tmp_path) -> None
     tok = Tokenizer(tokenizer_path)
     kept = expected["train"]
     cut = sorted(len(t.strip()) for t in kept)[len(kept) // 3]
-    stats = prepare_dataset(root, tmp_path / "bos", tokenizer_path, separator="bos",
-                            exclude_sets=["RedPajamaGithub"], min_chars=cut)
+    stats = prepare_dataset(
+        root,
+        tmp_path / "bos",
+        tokenizer_path,
+        separator="bos",
+        exclude_sets=["RedPajamaGithub"],
+        min_chars=cut,
+    )
     longer = [t for t in kept if len(t.strip()) >= cut]
     assert stats["splits"]["train"]["docs"] == len(longer)
     assert stats["skipped"]["too_short"] == len(kept) - len(longer) + sum(
-        len(t.strip()) < cut for t in expected["val"])
-    assert all(int(d[0]) == tok.bos_id and tok.eos_id not in d.tolist()
-               for d in read_documents(tmp_path / "bos" / "train"))
+        len(t.strip()) < cut for t in expected["val"]
+    )
+    assert all(
+        int(d[0]) == tok.bos_id and tok.eos_id not in d.tolist()
+        for d in read_documents(tmp_path / "bos" / "train")
+    )
     assert _decoded(tok, tmp_path / "bos" / "train", 1, 0) == longer
     # Default bos+eos, and a minimum in tokens.
     stats = prepare_dataset(root, tmp_path / "both", tokenizer_path, min_tokens=200)
     docs = read_documents(tmp_path / "both" / "train")
-    assert all(int(d[0]) == tok.bos_id and int(d[-1]) == tok.eos_id and len(d) - 2 >= 200 for d in docs)
+    assert all(
+        int(d[0]) == tok.bos_id and int(d[-1]) == tok.eos_id and len(d) - 2 >= 200 for d in docs
+    )
     assert stats["skipped"]["too_short"] > 0 and stats["skipped"]["excluded_set"] == 0
 
 
@@ -213,10 +256,15 @@ def test_starcoder_parquet_content_field_and_hash_holdout(tmp_path, tokenizer_pa
     valid = write_starcoder(root)
     tok = Tokenizer(tokenizer_path)
     out = tmp_path / "out"
-    stats = prepare_dataset(root, out, tokenizer_path, text_field="content", val_every=4, num_workers=2,
-                            group_bytes=1)
+    stats = prepare_dataset(
+        root, out, tokenizer_path, text_field="content", val_every=4, num_workers=2, group_bytes=1
+    )
     assert stats["layout"] == "flat_hash_holdout"
-    assert {k: v for k, v in stats["skipped"].items() if v} == {"missing_text": 3, "empty_text": 3, "corrupt_file": 1}
+    assert {k: v for k, v in stats["skipped"].items() if v} == {
+        "missing_text": 3,
+        "empty_text": 3,
+        "corrupt_file": 1,
+    }
     assert stats["skip_locations"]["corrupt_file"] == ["rust/train-broken.parquet:0"]
     assert "python/train-00000-of-00002.parquet:31" in stats["skip_locations"]["missing_text"]
     train = _decoded(tok, out / "train", 1, 1)
@@ -238,11 +286,15 @@ def _indexes(out: Path) -> dict[str, list]:
 def uninterrupted(slimpajama, tokenizer_path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("straight") / "out"
     # One worker, small chunks: several chunks per part, several parts.
-    prepare_dataset(slimpajama[0], out, tokenizer_path, num_workers=1, group_bytes=1, chunk_bytes="4KB")
+    prepare_dataset(
+        slimpajama[0], out, tokenizer_path, num_workers=1, group_bytes=1, chunk_bytes="4KB"
+    )
     return out
 
 
-def test_interrupted_prepare_resumes_to_identical_chunks(slimpajama, tokenizer_path, uninterrupted, tmp_path) -> None:
+def test_interrupted_prepare_resumes_to_identical_chunks(
+    slimpajama, tokenizer_path, uninterrupted, tmp_path
+) -> None:
     root = slimpajama[0]
     out = tmp_path / "out"
     kwargs = dict(group_bytes=1, chunk_bytes="4KB")
@@ -270,17 +322,26 @@ def test_interrupted_prepare_resumes_to_identical_chunks(slimpajama, tokenizer_p
     assert not (out / ".prepare_work").exists()
 
 
-def test_killed_prepare_resumes_to_identical_chunks(slimpajama, tokenizer_path, uninterrupted, tmp_path) -> None:
+def test_killed_prepare_resumes_to_identical_chunks(
+    slimpajama, tokenizer_path, uninterrupted, tmp_path
+) -> None:
     root, out = slimpajama[0], tmp_path / "out"
-    code = (f"from data.prepare import prepare_dataset; import time, data.prepare as p\n"
-            f"orig = p._process_part\n"
-            f"def slow(*a, **k):\n    r = orig(*a, **k); time.sleep(0.3); return r\n"
-            f"p._process_part = slow\n"
-            f"prepare_dataset({str(root)!r}, {str(out)!r}, {str(tokenizer_path)!r}, num_workers=2, "
-            f"group_bytes=1, chunk_bytes='4KB')\n")
+    code = (
+        f"from data.prepare import prepare_dataset; import time, data.prepare as p\n"
+        f"orig = p._process_part\n"
+        f"def slow(*a, **k):\n    r = orig(*a, **k); time.sleep(0.3); return r\n"
+        f"p._process_part = slow\n"
+        f"prepare_dataset({str(root)!r}, {str(out)!r}, {str(tokenizer_path)!r}, num_workers=2, "
+        f"group_bytes=1, chunk_bytes='4KB')\n"
+    )
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     work = out / ".prepare_work" / "parts"
     deadline = time.time() + 60
     while time.time() < deadline and len(list(work.glob("*.json"))) < 2 and proc.poll() is None:
@@ -294,27 +355,42 @@ def test_killed_prepare_resumes_to_identical_chunks(slimpajama, tokenizer_path, 
     assert _indexes(out) == _indexes(uninterrupted)
 
 
-def test_a_finished_prepare_is_kept_until_its_replacement_is_complete(slimpajama, tokenizer_path, tmp_path) -> None:
+def test_a_finished_prepare_is_kept_until_its_replacement_is_complete(
+    slimpajama, tokenizer_path, tmp_path
+) -> None:
     root, out = slimpajama[0], tmp_path / "out"
     prepare_dataset(root, out, tokenizer_path)
     before = _chunk_bytes(out)
     # An overwrite that is interrupted leaves the old dataset finished and intact.
-    assert prepare_dataset(root, out, tokenizer_path, overwrite=True, separator="eos", group_bytes=1,
-                           max_parts=1)["finished"] is False
+    assert (
+        prepare_dataset(
+            root, out, tokenizer_path, overwrite=True, separator="eos", group_bytes=1, max_parts=1
+        )["finished"]
+        is False
+    )
     assert is_prepared(out) and _chunk_bytes(out) == before
-    stats = prepare_dataset(root, out, tokenizer_path, overwrite=True, separator="eos", group_bytes=1)
+    stats = prepare_dataset(
+        root, out, tokenizer_path, overwrite=True, separator="eos", group_bytes=1
+    )
     assert stats["separator"] == "eos" and _chunk_bytes(out) != before and is_prepared(out)
     # Other settings on a finished output are refused without --overwrite.
-    with pytest.raises(ValueError, match=r"already prepared from other settings \(.*separator='eos', now 'bos\+eos'"):
+    with pytest.raises(
+        ValueError,
+        match=r"already prepared from other settings \(.*separator='eos', now 'bos\+eos'",
+    ):
         prepare_dataset(root, out, tokenizer_path, group_bytes=1)
 
 
 def test_prepare_to_an_object_store(slimpajama, tokenizer_path, tmp_path, monkeypatch) -> None:
     """s3:// output against moto's in-process S3 (no network)."""
-    moto = pytest.importorskip("moto", reason="moto (S3 mock) not installed: object-store output untested")
+    moto = pytest.importorskip(
+        "moto", reason="moto (S3 mock) not installed: object-store output untested"
+    )
     import boto3
 
-    for k, v in dict(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1").items():
+    for k, v in dict(
+        AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1"
+    ).items():
         monkeypatch.setenv(k, v)
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
     root = slimpajama[0]
@@ -325,19 +401,32 @@ def test_prepare_to_an_object_store(slimpajama, tokenizer_path, tmp_path, monkey
         s3.create_bucket(Bucket="corpus")
         url = "s3://corpus/slimpajama/tokens"
         # One worker: moto's S3 lives in this process only.
-        first = prepare_dataset(root, url, tokenizer_path, num_workers=1, group_bytes=1, max_parts=2,
-                                work_dir=tmp_path / "work")
+        first = prepare_dataset(
+            root,
+            url,
+            tokenizer_path,
+            num_workers=1,
+            group_bytes=1,
+            max_parts=2,
+            work_dir=tmp_path / "work",
+        )
         assert first["finished"] is False and not is_prepared(url)
-        stats = prepare_dataset(root, url, tokenizer_path, num_workers=1, group_bytes=1, work_dir=tmp_path / "work")
+        stats = prepare_dataset(
+            root, url, tokenizer_path, num_workers=1, group_bytes=1, work_dir=tmp_path / "work"
+        )
         assert is_prepared(url) and not (tmp_path / "work").exists()
         keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="corpus")["Contents"])
-        assert "slimpajama/tokens/_COMPLETE" in keys and "slimpajama/tokens/train/index.json" in keys
+        assert (
+            "slimpajama/tokens/_COMPLETE" in keys and "slimpajama/tokens/train/index.json" in keys
+        )
         fetched = tmp_path / "fetched"
         for key in keys:
             dest = fetched / key.removeprefix("slimpajama/tokens/")
             dest.parent.mkdir(parents=True, exist_ok=True)
             s3.download_file("corpus", key, str(dest))
-        with pytest.raises(PermissionError, match="Cannot write to the output s3://missing-bucket/x"):
+        with pytest.raises(
+            PermissionError, match="Cannot write to the output s3://missing-bucket/x"
+        ):
             prepare_dataset(root, "s3://missing-bucket/x", tokenizer_path, num_workers=1)
     assert _chunk_bytes(fetched) == _chunk_bytes(local)
     assert _indexes(fetched) == _indexes(local)

@@ -16,7 +16,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
     """~250 blocks of 65 tokens: one epoch is ~15 steps of 16 sequences."""
-    return prepare_sample_corpus(tmp_path_factory.mktemp("elastic"), train_docs=60, val_docs=20, docs_per_shard=30)
+    return prepare_sample_corpus(
+        tmp_path_factory.mktemp("elastic"), train_docs=60, val_docs=20, docs_per_shard=30
+    )
 
 
 def sequence_hashes(run_dir):
@@ -31,14 +33,27 @@ def test_elastic_resume_carries_the_data_position(small_data, tmp_path, before, 
     dataset = make_dataset(tokens / "train", 64, shuffle=False, seed=0)
     blocks = {f"{batch_fingerprint(dataset[i].long()):016x}" for i in range(len(dataset))}
     assert len(blocks) == len(dataset)
-    common = ["--schedule.decay_steps", "17", "--logging.batch_hashes", "sequence", "--eval.interval", "0"]
-    train(tmp_path, small_data, *common, "--train.max_steps", "5", "--strategy.devices", str(before))
-    proc = train(tmp_path, small_data, *common, "--train.max_steps", "17", "--strategy.devices", str(after))
+    common = [
+        "--schedule.decay_steps",
+        "17",
+        "--logging.batch_hashes",
+        "sequence",
+        "--eval.interval",
+        "0",
+    ]
+    train(
+        tmp_path, small_data, *common, "--train.max_steps", "5", "--strategy.devices", str(before)
+    )
+    proc = train(
+        tmp_path, small_data, *common, "--train.max_steps", "17", "--strategy.devices", str(after)
+    )
     assert "Resumed from" in proc.stdout and f"{after} process(es)" in proc.stdout
 
     steps, hashes = sequence_hashes(tmp_path)
     assert [r["step"] for r in steps] == list(range(1, 18))
-    assert all(len(r["batch_hashes"]) == 16 for r in steps)  # the global batch is the same on 1 or 2
+    assert all(
+        len(r["batch_hashes"]) == 16 for r in steps
+    )  # the global batch is the same on 1 or 2
     # Sequence fingerprints are "<epoch>:<hash>" (each rank's own epoch). Within epoch 0 no
     # sequence repeats and all are real blocks; 2 -> 1 misses only the drop_last remainder,
     # 1 -> 2 (litdata's elastic split of the rest) may miss a few more: either way the trainer
@@ -49,8 +64,11 @@ def test_elastic_resume_carries_the_data_position(small_data, tmp_path, before, 
     unseen = len(blocks - set(first_epoch))
     if (before, after) == (2, 1):
         assert unseen == len(blocks) % 2
-    (report,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
-                 if "epoch_end" in line]
+    (report,) = [
+        json.loads(line)
+        for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+        if "epoch_end" in line
+    ]
     assert report["epoch_sequences"] == len(first_epoch)
     assert report["epoch_unseen_blocks"] == unseen
     assert report["epoch_blocks"] == len(blocks)

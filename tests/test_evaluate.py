@@ -25,20 +25,33 @@ def test_validation_perplexity_of_a_checkpoint(monitored_run, sample_data, capsy
     # The whole split, in order: every token of every full (seq_len + 1)-token block.
     assert result["tokens"] == result["sequences"] * 64
     # The same model on (part of) the same split as the run's own last validation.
-    final_val = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if "val_loss" in x][-1]
+    final_val = [
+        json.loads(x)
+        for x in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if "val_loss" in x
+    ][-1]
     assert result["loss"] == pytest.approx(final_val["val_loss"], abs=0.1)
     # Against a direct computation on the first batches.
     from data.loader import make_dataloader
     from orchestrator.hf import load_model
 
     model, _ = load_model(run_dir)
-    batch = next(iter(make_dataloader(tokens / "val", seq_len=64, batch_size=4, shuffle=False, seed=0)))
+    batch = next(
+        iter(make_dataloader(tokens / "val", seq_len=64, batch_size=4, shuffle=False, seed=0))
+    )
     with torch.no_grad():
         direct = F.cross_entropy(model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten()).item()
-    assert evaluate_checkpoint(run_dir, batch_size=4, max_batches=1)["loss"] == pytest.approx(direct, rel=1e-5)
+    assert evaluate_checkpoint(run_dir, batch_size=4, max_batches=1)["loss"] == pytest.approx(
+        direct, rel=1e-5
+    )
 
     out = tmp_path / "eval.json"
-    assert cli_main(["evaluate", "--checkpoint", str(run_dir), "--max-batches", "3", "--json", str(out)]) == 0
+    assert (
+        cli_main(
+            ["evaluate", "--checkpoint", str(run_dir), "--max-batches", "3", "--json", str(out)]
+        )
+        == 0
+    )
     line = capsys.readouterr().out
     assert "(step 6)" in line and "perplexity" in line and "bits/token" in line
     assert json.loads(out.read_text())["sequences"] == 3 * 8
@@ -76,8 +89,9 @@ def _bits_per_byte(loglikelihoods, docs):
 DOCS = ["The capital of Norvania is far away.", "17 + 25 = 42", "def add(a, b):\n    return a + b"]
 
 
-def test_lm_evaluation_harness_on_an_exported_model_with_local_tasks(monitored_run, sample_data, tmp_path,
-                                                                     monkeypatch, capsys):
+def test_lm_evaluation_harness_on_an_exported_model_with_local_tasks(
+    monitored_run, sample_data, tmp_path, monkeypatch, capsys
+):
     pytest.importorskip("lm_eval")
     from orchestrator.hf import export_checkpoint
 
@@ -94,9 +108,26 @@ def test_lm_evaluation_harness_on_an_exported_model_with_local_tasks(monitored_r
     for key, value in {**OFFLINE_ENV, "HF_HOME": str(tmp_path / "hf_home")}.items():
         monkeypatch.setenv(key, value)  # what the command sets before the hub libraries load
     out = tmp_path / "results.json"
-    assert cli_main(["evaluate", "--hf-dir", str(hf_dir), "--tasks", "sample_capitals,sample_heldout",
-                     "--include-path", str(tasks_dir), "--local-task", str(mine), "--device", "cpu",
-                     "--json", str(out)]) == 0
+    assert (
+        cli_main(
+            [
+                "evaluate",
+                "--hf-dir",
+                str(hf_dir),
+                "--tasks",
+                "sample_capitals,sample_heldout",
+                "--include-path",
+                str(tasks_dir),
+                "--local-task",
+                str(mine),
+                "--device",
+                "cpu",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     results = json.loads(out.read_text())["results"]
     assert set(results) == {"sample_capitals", "sample_heldout", "mine"}
@@ -107,11 +138,15 @@ def test_lm_evaluation_harness_on_an_exported_model_with_local_tasks(monitored_r
     items = [json.loads(x) for x in (tasks_dir / "sample_capitals.jsonl").read_text().splitlines()]
     correct = 0
     for item in items:
-        scores = _our_loglikelihoods(run_dir, tokenizer, [(item["context"], " " + c) for c in item["choices"]])
+        scores = _our_loglikelihoods(
+            run_dir, tokenizer, [(item["context"], " " + c) for c in item["choices"]]
+        )
         correct += max(range(len(scores)), key=scores.__getitem__) == item["label"]
     assert results["sample_capitals"]["acc,none"] == pytest.approx(correct / len(items))
     # Rolling perplexity with the defaults: after a doubled BOS (lm-eval 0.4.13; see evaluate.py)...
-    doubled = _bits_per_byte(_our_loglikelihoods(run_dir, tokenizer, [("", d) for d in DOCS], extra_bos=True), DOCS)
+    doubled = _bits_per_byte(
+        _our_loglikelihoods(run_dir, tokenizer, [("", d) for d in DOCS], extra_bos=True), DOCS
+    )
     assert results["mine"]["bits_per_byte,none"] == pytest.approx(doubled, rel=1e-4)
     # ...and with add_bos_token=False exactly [BOS] + document, as our own perplexity counts it.
     exact = run_lm_eval(hf_dir, ["mine"], include_path=tasks_dir, model_args="add_bos_token=False")

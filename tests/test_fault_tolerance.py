@@ -55,11 +55,21 @@ def test_sigkill_at_random_moments_then_identical_result(sample_data, uninterrup
     # until there were at least 3 + 3; a run that finishes first is wiped and started again.
     for attempt in range(30):
         kind = "mid-save" if attempt % 2 == 0 else "random"
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + (120 if kind == "mid-save" else rng.uniform(3.0, 9.0))
         while proc.poll() is None and time.monotonic() < deadline:
-            if kind == "mid-save" and root.is_dir() and any(p.name.endswith(".partial") for p in root.iterdir()):
+            if (
+                kind == "mid-save"
+                and root.is_dir()
+                and any(p.name.endswith(".partial") for p in root.iterdir())
+            ):
                 break
             time.sleep(0.0005 if kind == "mid-save" else 0.05)
         if proc.poll() is not None:  # finished before the kill
@@ -74,10 +84,14 @@ def test_sigkill_at_random_moments_then_identical_result(sample_data, uninterrup
         proc.wait()
         kills += 1
         mid_save += kind == "mid-save"
-        log.append(f"killed ({kind}); checkpoints: {[p.name for p in root.iterdir()] if root.is_dir() else []}")
+        log.append(
+            f"killed ({kind}); checkpoints: {[p.name for p in root.iterdir()] if root.is_dir() else []}"
+        )
         if kills >= 6 and mid_save >= 3:
             # The last restart runs to the end.
-            subprocess.run(cmd, cwd=REPO_ROOT, env=env, check=True, capture_output=True, timeout=600)
+            subprocess.run(
+                cmd, cwd=REPO_ROOT, env=env, check=True, capture_output=True, timeout=600
+            )
             break
     assert kills >= 6 and mid_save >= 3, log
 
@@ -115,24 +129,45 @@ def test_damaged_newest_checkpoint_falls_back(sample_data, uninterrupted, tmp_pa
         assert f"Skipping damaged checkpoint {newest}" in proc.stdout
         assert f"Resumed from {older} at step 11" in proc.stdout
     # The re-trained last step equals the original one.
-    assert last_record_per_step(tmp_path)[-1]["loss"] == last_record_per_step(uninterrupted)[-1]["loss"]
+    assert (
+        last_record_per_step(tmp_path)[-1]["loss"]
+        == last_record_per_step(uninterrupted)[-1]["loss"]
+    )
 
 
 def test_retention_keeps_last_and_every(sample_data, tmp_path):
-    train(tmp_path, sample_data, "--train.max_steps", "7", "--eval.interval", "0", "--checkpoint.interval", "1",
-          "--checkpoint.keep_last", "2", "--checkpoint.keep_every", "3")
+    train(
+        tmp_path,
+        sample_data,
+        "--train.max_steps",
+        "7",
+        "--eval.interval",
+        "0",
+        "--checkpoint.interval",
+        "1",
+        "--checkpoint.keep_last",
+        "2",
+        "--checkpoint.keep_every",
+        "3",
+    )
     names = [p.name for p in ckpt.list_checkpoints(tmp_path / "checkpoints")]
     assert names == ["step-00000003", "step-00000006", "step-00000007"]
     assert not any(p.name.endswith(".partial") for p in (tmp_path / "checkpoints").iterdir())
     manifest = ckpt.read_manifest(tmp_path / "checkpoints" / "step-00000007")
-    assert manifest["step"] == 7 and manifest["tokens_seen"] == 7 * 16 * 64 and manifest["world_size"] == 2
+    assert (
+        manifest["step"] == 7
+        and manifest["tokens_seen"] == 7 * 16 * 64
+        and manifest["world_size"] == 2
+    )
     assert ckpt.verify(tmp_path / "checkpoints" / "step-00000007") is None
 
 
 def test_async_save_matches_sync(sample_data, uninterrupted, tmp_path):
     proc = train(tmp_path, sample_data, *KILL_ARGS, "--checkpoint.async_save", "true")
     assert "in the background" in proc.stdout
-    assert [r["loss"] for r in last_record_per_step(tmp_path)] == [r["loss"] for r in last_record_per_step(uninterrupted)]
+    assert [r["loss"] for r in last_record_per_step(tmp_path)] == [
+        r["loss"] for r in last_record_per_step(uninterrupted)
+    ]
     a, b = final_weights(tmp_path), final_weights(uninterrupted)
     assert all(torch.equal(a[k], b[k]) for k in a)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -141,21 +176,44 @@ def test_async_save_matches_sync(sample_data, uninterrupted, tmp_path):
 
 
 def test_nan_step_is_skipped_and_counted(sample_data, tmp_path):
-    proc = train(tmp_path, sample_data, "--train.max_steps", "5", "--eval.interval", "0",
-                 "--faults.nan_loss_at_steps", "[3]")
+    proc = train(
+        tmp_path,
+        sample_data,
+        "--train.max_steps",
+        "5",
+        "--eval.interval",
+        "0",
+        "--faults.nan_loss_at_steps",
+        "[3]",
+    )
     assert "skipped update: non-finite loss (1 bad step(s) so far)" in proc.stdout
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "bad_step" in r] == [3]
     weights = final_weights(tmp_path)
-    assert all(torch.isfinite(w).all() for w in weights.values())  # the NaN never reached the weights
-    state = torch.load(ckpt.latest_checkpoint(tmp_path / "checkpoints") / ckpt.STATE_NAME, weights_only=True)
+    assert all(
+        torch.isfinite(w).all() for w in weights.values()
+    )  # the NaN never reached the weights
+    state = torch.load(
+        ckpt.latest_checkpoint(tmp_path / "checkpoints") / ckpt.STATE_NAME, weights_only=True
+    )
     assert state["guard"]["bad_steps"] == 1
 
 
 def test_repeated_bad_steps_roll_back(sample_data, tmp_path):
-    proc = train(tmp_path, sample_data, "--train.max_steps", "8", "--eval.interval", "0",
-                 "--checkpoint.interval", "2", "--guard.rollback_after", "2",
-                 "--faults.nan_loss_at_steps", "[5, 6]")
+    proc = train(
+        tmp_path,
+        sample_data,
+        "--train.max_steps",
+        "8",
+        "--eval.interval",
+        "0",
+        "--checkpoint.interval",
+        "2",
+        "--guard.rollback_after",
+        "2",
+        "--faults.nan_loss_at_steps",
+        "[5, 6]",
+    )
     assert "rolled back to" in proc.stdout and "step-00000004" in proc.stdout
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     rollbacks = [r for r in records if "rollback_to" in r]
@@ -176,7 +234,9 @@ def test_malicious_checkpoint_is_refused(sample_data, uninterrupted, tmp_path, c
             return (os.system, (f"touch {marker}",))
 
     torch.save({"model": Exploit()}, target / ckpt.STATE_NAME)
-    ckpt.write_manifest(target, ckpt.read_manifest(target))  # a manifest that matches the crafted file
+    ckpt.write_manifest(
+        target, ckpt.read_manifest(target)
+    )  # a manifest that matches the crafted file
     proc = subprocess.run(
         [sys.executable, "-m", "orchestrator", "train", *TINY, *data_args(sample_data), "--run.dir", str(tmp_path),
          "--strategy.devices", "1", "--train.max_steps", "2"],
@@ -192,8 +252,11 @@ def test_malicious_checkpoint_is_refused(sample_data, uninterrupted, tmp_path, c
 def small_filesystem(tmp_path):
     mount_point = tmp_path / "small"
     mount_point.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3M", "tmpfs", str(mount_point)],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=3M", "tmpfs", str(mount_point)],
+        capture_output=True,
+        text=True,
+    )
     if result.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here ({result.stderr.strip()}); needs root")
     yield mount_point

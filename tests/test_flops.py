@@ -58,20 +58,27 @@ def test_tinyllama_figures():
     cfg = model_config("tinyllama-1.1b")
     f = flops_per_token(cfg, 2048)
     # 2 FLOPs per matmul weight (everything but the embedding and the norms) ...
-    assert matmul_params(cfg) == cfg.num_params() - cfg.vocab_size * cfg.d_model - (2 * cfg.n_layers + 1) * cfg.d_model
+    assert (
+        matmul_params(cfg)
+        == cfg.num_params() - cfg.vocab_size * cfg.d_model - (2 * cfg.n_layers + 1) * cfg.d_model
+    )
     assert f["matmul"] == 2 * matmul_params(cfg)
     # ... plus PaLM's 12 * L * H * E * T for attention (forward + backward).
     assert 3 * f["attention"] == 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * 2048
     assert f["training"] == pytest.approx(7.31e9, rel=1e-3)
     # 8 H100s at 3,000 tokens/s each in bf16 (989 TFLOP/s dense per GPU).
-    assert mfu(8 * 3000, cfg, 2048, 8 * 989e12) == pytest.approx(8 * 3000 * f["training"] / (8 * 989e12))
+    assert mfu(8 * 3000, cfg, 2048, 8 * 989e12) == pytest.approx(
+        8 * 3000 * f["training"] / (8 * 989e12)
+    )
 
 
 @pytest.mark.gpu
 def test_training_flops_with_fused_sdpa_on_gpu():
     # On CUDA FlopCounterMode counts the fused kernels: forward as here, backward as 2.5x forward
     # (it charges FlashAttention's recomputation of the scores), so it reads slightly higher.
-    cfg = small_config(n_layers=2, d_model=128, n_heads=4, n_kv_heads=2, ffn_hidden=352, max_seq_len=128)
+    cfg = small_config(
+        n_layers=2, d_model=128, n_heads=4, n_kv_heads=2, ffn_hidden=352, max_seq_len=128
+    )
     torch.manual_seed(0)
     model = Llama(cfg).cuda().bfloat16()
     ids = torch.randint(0, cfg.vocab_size, (2, 128), device="cuda")

@@ -17,7 +17,12 @@ def sp_model(tmp_path_factory):
 
 @pytest.mark.parametrize(
     "overrides",
-    [dict(), dict(attention="eager"), dict(attn_gate="elementwise", sandwich_norm=True), dict(attn_gate="headwise")],
+    [
+        dict(),
+        dict(attention="eager"),
+        dict(attn_gate="elementwise", sandwich_norm=True),
+        dict(attn_gate="headwise"),
+    ],
 )
 def test_kv_cache_matches_full_forward(overrides):
     cfg = small_config(**overrides)
@@ -27,8 +32,12 @@ def test_kv_cache_matches_full_forward(overrides):
         full = model(ids)  # (2, 40, V), the training path
         cache = KVCache(cfg, batch_size=2)
         chunks = [model(ids[:, :16], kv_cache=cache, start_pos=0)]  # prefill
-        chunks.append(model(ids[:, 16:20], kv_cache=cache, start_pos=16))  # several new tokens at once
-        chunks += [model(ids[:, t : t + 1], kv_cache=cache, start_pos=t) for t in range(20, 40)]  # one by one
+        chunks.append(
+            model(ids[:, 16:20], kv_cache=cache, start_pos=16)
+        )  # several new tokens at once
+        chunks += [
+            model(ids[:, t : t + 1], kv_cache=cache, start_pos=t) for t in range(20, 40)
+        ]  # one by one
     torch.testing.assert_close(torch.cat(chunks, dim=1), full, atol=1e-5, rtol=1e-5)
 
 

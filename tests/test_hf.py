@@ -6,9 +6,21 @@ import pytest
 import torch
 
 from orchestrator import cli
-from orchestrator.hf import export_checkpoint, import_hf, load_model, load_model_state, write_tokenizer
+from orchestrator.hf import (
+    export_checkpoint,
+    import_hf,
+    load_model,
+    load_model_state,
+    write_tokenizer,
+)
 from orchestrator.schema import ConfigError
-from tests.hf_helpers import TEXTS, random_model, small_config, train_sentencepiece, write_checkpoint
+from tests.hf_helpers import (
+    TEXTS,
+    random_model,
+    small_config,
+    train_sentencepiece,
+    write_checkpoint,
+)
 
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
@@ -25,7 +37,9 @@ def sp_model(tmp_path_factory):
 
 
 def load_hf(path):
-    return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    return LlamaForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
 
 
 @pytest.mark.parametrize(
@@ -43,7 +57,9 @@ def test_export_logits_match_transformers(tmp_path, sp_model, overrides):
     out = export_checkpoint(ckpt, tmp_path / "hf")
     hf = load_hf(out)
     assert hf.config.num_key_value_heads == cfg.n_kv_heads
-    ids = torch.randint(0, cfg.vocab_size, (2, cfg.max_seq_len), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(
+        0, cfg.vocab_size, (2, cfg.max_seq_len), generator=torch.Generator().manual_seed(1)
+    )
     with torch.no_grad():
         ours, theirs = model(ids), hf(ids).logits
     max_diff = (ours - theirs).abs().max().item()
@@ -92,7 +108,10 @@ def test_exported_tokenizer_encodes_like_sentencepiece(tmp_path, sp_model):
     tok = AutoTokenizer.from_pretrained(tmp_path)
     assert (tok.bos_token_id, tok.eos_token_id, tok.unk_token_id) == (1, 2, 0)
     for text in TEXTS:
-        ours = [sp.bos_id(), *sp.encode(text)]  # what the data pipeline feeds the model (before eos)
+        ours = [
+            sp.bos_id(),
+            *sp.encode(text),
+        ]  # what the data pipeline feeds the model (before eos)
         assert tok.encode(text) == ours, text
         assert tok.decode(ours, skip_special_tokens=True) == sp.decode(ours[1:])
 
@@ -113,7 +132,18 @@ def test_import_then_export_is_lossless(tmp_path, sp_model):
     released.save_pretrained(tmp_path / "released")
     write_tokenizer(sp_model, tmp_path / "released", 64)
 
-    assert cli.main(["import", "--input", str(tmp_path / "released"), "--output", str(tmp_path / "imported")]) == 0
+    assert (
+        cli.main(
+            [
+                "import",
+                "--input",
+                str(tmp_path / "released"),
+                "--output",
+                str(tmp_path / "imported"),
+            ]
+        )
+        == 0
+    )
     ckpt = tmp_path / "imported"
     meta = json.loads((ckpt / "meta.json").read_text())
     assert meta["step"] == 0
@@ -140,8 +170,17 @@ def test_import_then_export_is_lossless(tmp_path, sp_model):
     assert again.keys() == original.keys()
     for name, t in original.items():
         assert torch.equal(again[name], t), name
-    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "vocab_size", "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings"):
+    for key in (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "vocab_size",
+        "rms_norm_eps",
+        "max_position_embeddings",
+        "tie_word_embeddings",
+    ):
         assert getattr(LlamaConfig.from_pretrained(out), key) == getattr(config, key), key
     # ... and the sharded export imports again.
     import_hf(out, tmp_path / "imported2")
@@ -161,7 +200,9 @@ def test_export_refuses_options_llama_cannot_express(tmp_path, sp_model, option,
 
 
 def test_export_errors(tmp_path, sp_model, capsys):
-    ckpt = write_checkpoint(tmp_path / "run", random_model(small_config()), tmp_path / "missing.model")
+    ckpt = write_checkpoint(
+        tmp_path / "run", random_model(small_config()), tmp_path / "missing.model"
+    )
     with pytest.raises(FileNotFoundError, match="--tokenizer"):
         export_checkpoint(ckpt, tmp_path / "hf")
     export_checkpoint(ckpt, tmp_path / "weights-only", with_tokenizer=False)
@@ -181,9 +222,17 @@ def test_export_errors(tmp_path, sp_model, capsys):
     (ckpt / "state").mkdir()
     with pytest.raises(ValueError, match="neither a DeepSpeed nor a torch.distributed.checkpoint"):
         load_model_state(ckpt)
-    assert cli.main(["export", "--checkpoint", str(ckpt), "--output", str(tmp_path / "weights-only")]) == 2
+    assert (
+        cli.main(["export", "--checkpoint", str(ckpt), "--output", str(tmp_path / "weights-only")])
+        == 2
+    )
     assert "--overwrite" in capsys.readouterr().err
-    assert cli.main(["export", "--checkpoint", str(tmp_path / "nowhere"), "--output", str(tmp_path / "x")]) == 2
+    assert (
+        cli.main(
+            ["export", "--checkpoint", str(tmp_path / "nowhere"), "--output", str(tmp_path / "x")]
+        )
+        == 2
+    )
     assert "does not exist" in capsys.readouterr().err
 
 
@@ -192,12 +241,16 @@ def test_import_says_what_is_missing(tmp_path, sp_model):
     src.mkdir()
     with pytest.raises(FileNotFoundError, match="config.json is missing"):
         import_hf(src, tmp_path / "out")
-    (src / "config.json").write_text(json.dumps({"model_type": "mistral", "architectures": ["MistralForCausalLM"]}))
+    (src / "config.json").write_text(
+        json.dumps({"model_type": "mistral", "architectures": ["MistralForCausalLM"]})
+    )
     with pytest.raises(ValueError, match="not a Llama model"):
         import_hf(src, tmp_path / "out")
     hf_cfg = dict(model_type="llama", vocab_size=416, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
-    (src / "config.json").write_text(json.dumps({**hf_cfg, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}))
+    (src / "config.json").write_text(
+        json.dumps({**hf_cfg, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
+    )
     with pytest.raises(ValueError, match="llama3"):
         import_hf(src, tmp_path / "out")
     (src / "config.json").write_text(json.dumps(hf_cfg))

@@ -48,7 +48,9 @@ def run(fn, inputs: list[torch.Tensor], upstream_seed: int = 0):
     return out.detach(), [t.grad for t in inputs if t.requires_grad]
 
 
-def check_parity(kernel_fn, eager_fn, make_inputs, device: str, dtype: torch.dtype, fp32_tol: float = FP32_TOL):
+def check_parity(
+    kernel_fn, eager_fn, make_inputs, device: str, dtype: torch.dtype, fp32_tol: float = FP32_TOL
+):
     """kernel vs eager on `device` in `dtype`, both against eager in float64 on the CPU."""
     base = make_inputs()  # float32 on the CPU, fresh random values
     ref_out, ref_grads = run(eager_fn, [t.double() if t.is_floating_point() else t for t in base])
@@ -57,7 +59,8 @@ def check_parity(kernel_fn, eager_fn, make_inputs, device: str, dtype: torch.dty
     e_out, e_grads = run(eager_fn, cast)
     assert k_out.dtype == e_out.dtype and k_out.shape == e_out.shape
     for name, k, e, r in [("out", k_out, e_out, ref_out)] + [
-        (f"grad[{i}]", kg, eg, rg) for i, (kg, eg, rg) in enumerate(zip(k_grads, e_grads, ref_grads))
+        (f"grad[{i}]", kg, eg, rg)
+        for i, (kg, eg, rg) in enumerate(zip(k_grads, e_grads, ref_grads))
     ]:
         err_k, err_e = rel(k, r), rel(e, r)
         if dtype == torch.float32:
@@ -98,13 +101,20 @@ def eager_silu_mul(gate, up):
 def rope_inputs(T=48, H=8, K=4, E=64):
     def make():
         cos, sin = rope_cos_sin(T, E, 10000.0, torch.device("cpu"), torch.float32)
-        return [torch.randn(2, T, H, E).transpose(1, 2), torch.randn(2, T, K, E).transpose(1, 2), cos, sin]
+        return [
+            torch.randn(2, T, H, E).transpose(1, 2),
+            torch.randn(2, T, K, E).transpose(1, 2),
+            cos,
+            sin,
+        ]
 
     return make
 
 
 def eager_rope_qk(q, k, cos, sin):
-    return torch.cat([apply_rope(q, cos, sin).flatten(1), apply_rope(k, cos, sin).flatten(1)], dim=-1)
+    return torch.cat(
+        [apply_rope(q, cos, sin).flatten(1), apply_rope(k, cos, sin).flatten(1)], dim=-1
+    )
 
 
 def loss_inputs(N=300, D=64, V=1000, ignored=7):
@@ -149,7 +159,9 @@ def test_chunked_loss_edge_cases():
     x, w, t = loss_inputs(N=50, D=16, V=40)()
     # No gradient wanted (evaluation): the same loss, computed without the backward buffers.
     with torch.no_grad():
-        assert torch.allclose(kernels.chunked_linear_cross_entropy(x[0], w, t[0], 8), eager_loss(x, w, t), atol=1e-6)
+        assert torch.allclose(
+            kernels.chunked_linear_cross_entropy(x[0], w, t[0], 8), eager_loss(x, w, t), atol=1e-6
+        )
     # Only one input needs a gradient (frozen output projection, or frozen trunk).
     for frozen in (0, 1):
         inputs = [x[0].clone().requires_grad_(frozen != 0), w.clone().requires_grad_(frozen != 1)]
@@ -157,7 +169,9 @@ def test_chunked_loss_edge_cases():
         assert inputs[frozen].grad is None and inputs[1 - frozen].grad is not None
     # Every target ignored: loss 0 and zero gradients, not NaN.
     xi = x[0].clone().requires_grad_()
-    loss = kernels.chunked_linear_cross_entropy(xi, w, torch.full_like(t[0], kernels.IGNORE_INDEX), 8)
+    loss = kernels.chunked_linear_cross_entropy(
+        xi, w, torch.full_like(t[0], kernels.IGNORE_INDEX), 8
+    )
     loss.backward()
     assert loss.item() == 0.0 and torch.count_nonzero(xi.grad) == 0
     # Its gradients are computed once, in the forward: a second backward is refused, not silently wrong.
@@ -208,18 +222,30 @@ def test_chunked_loss_cpu_block_is_reused_and_follows_shape():
     # The default chunk: one block of up to CPU_LOGITS_BLOCK_BYTES on a CPU; liger's rule on a GPU.
     assert kernels.default_chunk_rows(1024, 32000, 256, "cpu") == 1024
     assert kernels.default_chunk_rows(8192, 32000, 256, "cpu") == 2096
-    assert kernels.default_chunk_rows(16384, 32000, 2048, "cuda") == 1024  # ceil(32000 / 2048) = 16 chunks
+    assert (
+        kernels.default_chunk_rows(16384, 32000, 2048, "cuda") == 1024
+    )  # ceil(32000 / 2048) = 16 chunks
 
 
 def tiny_cfg(**overrides) -> ModelConfig:
-    fields = dict(n_layers=2, vocab_size=512, max_seq_len=64, d_model=128, n_heads=4, n_kv_heads=2, ffn_hidden=352)
+    fields = dict(
+        n_layers=2,
+        vocab_size=512,
+        max_seq_len=64,
+        d_model=128,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_hidden=352,
+    )
     fields.update(overrides)
     return model_config("tiny", **fields)
 
 
 def model_loss_and_grads(model: Llama, ids, targets, autocast_dtype=None):
     model.zero_grad(set_to_none=True)
-    with torch.autocast(ids.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+    with torch.autocast(
+        ids.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None
+    ):
         loss = model(ids, targets=targets)
     loss.backward()
     return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
@@ -239,7 +265,9 @@ def test_default_training_path_matches_eager_model(tie):
     ids = torch.randint(0, cfg.vocab_size, (2, 48))
     targets = torch.randint(0, cfg.vocab_size, (2, 48))
     targets[0, :5] = kernels.IGNORE_INDEX
-    assert kernels.plan(cfg, ids.device, torch.float32) == KernelPlan("sdpa", "eager", "eager", "eager", "chunked")
+    assert kernels.plan(cfg, ids.device, torch.float32) == KernelPlan(
+        "sdpa", "eager", "eager", "eager", "chunked"
+    )
     ref_loss, ref_grads = model_loss_and_grads(ref, ids, targets)
     for dtype in (None, torch.bfloat16):
         loss_f, grads_f = model_loss_and_grads(fast, ids, targets, dtype)
@@ -250,7 +278,10 @@ def test_default_training_path_matches_eager_model(tie):
                 assert err_f <= FP32_TOL, (name, err_f)
             else:
                 assert err_f <= 3 * BF16_TOL and err_f <= 2 * err_e + 1e-3, (name, err_f, err_e)
-        assert abs(loss_f.item() - ref_loss.item()) <= (1e-5 if dtype is None else 1e-2) * ref_loss.item()
+        assert (
+            abs(loss_f.item() - ref_loss.item())
+            <= (1e-5 if dtype is None else 1e-2) * ref_loss.item()
+        )
 
 
 def test_output_head_logits_and_loss():
@@ -314,7 +345,9 @@ def test_selective_checkpointing_recomputes_no_matmul():
     none, selective, full = backward_ops("none"), backward_ops("selective"), backward_ops("full")
     matmuls_per_block = 7  # q, k, v, o, gate, up, down
     assert selective.get("mm", 0) == none.get("mm", 0)
-    assert full.get("mm", 0) >= none.get("mm", 0) + 2 * (matmuls_per_block - 1)  # down_proj: not needed again
+    assert full.get("mm", 0) >= none.get("mm", 0) + 2 * (
+        matmuls_per_block - 1
+    )  # down_proj: not needed again
     assert selective.get("rsqrt", 0) > none.get("rsqrt", 0)  # the norms are recomputed
 
 
@@ -325,7 +358,9 @@ def test_compiled_blocks_match_eager():
     plain, compiled = Llama(cfg), Llama(cfg)
     compiled.load_state_dict(plain.state_dict())
     kernels.compile_blocks(compiled)
-    assert list(compiled.state_dict()) == list(plain.state_dict())  # names unchanged (no _orig_mod.)
+    assert list(compiled.state_dict()) == list(
+        plain.state_dict()
+    )  # names unchanged (no _orig_mod.)
     ids, targets = torch.randint(0, 128, (2, 16)), torch.randint(0, 128, (2, 16))
     loss_p, grads_p = model_loss_and_grads(plain, ids, targets)
     loss_c, grads_c = model_loss_and_grads(compiled, ids, targets)
@@ -358,8 +393,12 @@ def test_kernel_fields_validate_and_change_no_parameter():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_auto_never_fails_on_cpu(dtype):
     cfg = tiny_cfg()
-    assert kernels.plan(cfg, torch.device("cpu"), dtype) == KernelPlan("sdpa", "eager", "eager", "eager", "chunked")
-    assert kernels.plan(dataclasses.replace(cfg, **EAGER_FIELDS), torch.device("cpu"), dtype) == EAGER
+    assert kernels.plan(cfg, torch.device("cpu"), dtype) == KernelPlan(
+        "sdpa", "eager", "eager", "eager", "chunked"
+    )
+    assert (
+        kernels.plan(dataclasses.replace(cfg, **EAGER_FIELDS), torch.device("cpu"), dtype) == EAGER
+    )
 
 
 @pytest.mark.skipif(CUDA, reason="checks the CPU refusal")
@@ -369,8 +408,12 @@ def test_auto_never_fails_on_cpu(dtype):
      ("rope_kernel", "flash_attn"), ("loss_kernel", "liger_fused")],
 )  # fmt: skip
 def test_asked_for_but_unusable_kernel_fails_clearly(field, value):
-    model = Llama(tiny_cfg(**{field: value}))  # building is fine: the choice is made per device and dtype
-    with pytest.raises(KernelUnavailable, match=rf"model\.{field}='{value}' cannot run: .*model\.{field}=auto"):
+    model = Llama(
+        tiny_cfg(**{field: value})
+    )  # building is fine: the choice is made per device and dtype
+    with pytest.raises(
+        KernelUnavailable, match=rf"model\.{field}='{value}' cannot run: .*model\.{field}=auto"
+    ):
         model(torch.randint(0, 512, (1, 8)))
     assert issubclass(KernelUnavailable, ConfigError)  # the trainer prints it as a config error
 
@@ -387,19 +430,32 @@ def test_choice_on_cuda_follows_what_is_installed(monkeypatch):
     monkeypatch.setattr(kernels, "_PLANS", {})
     bf16, fp32 = torch.bfloat16, torch.float32
     assert kernels.choose("attention", "auto", "cuda", bf16) == "flash_attn"
-    assert kernels.choose("attention", "auto", "cuda", fp32) == "sdpa"  # flash-attn is bf16/fp16 only
+    assert (
+        kernels.choose("attention", "auto", "cuda", fp32) == "sdpa"
+    )  # flash-attn is bf16/fp16 only
     assert kernels.choose("rmsnorm", "auto", "cuda", bf16) == "flash_attn"  # liger missing
     assert kernels.choose("swiglu", "auto", "cuda", bf16) == "eager"  # this flash-attn lacks swiglu
     assert kernels.choose("loss", "auto", "cuda", bf16) == "chunked"
     assert kernels.choose("attention", "auto", "cpu", bf16) == "sdpa"
-    with pytest.raises(KernelUnavailable, match="xformers is not usable here .*built for another torch"):
+    with pytest.raises(
+        KernelUnavailable, match="xformers is not usable here .*built for another torch"
+    ):
         kernels.choose("attention", "xformers", "cuda", bf16)
     with pytest.raises(KernelUnavailable, match="bf16/fp16 only"):
         kernels.choose("attention", "flash_attn", "cuda", fp32)
     with pytest.raises(KernelUnavailable, match="no swiglu"):
         kernels.choose("swiglu", "flash_attn", "cuda", bf16)
-    monkeypatch.setitem(kernels._LIBS, "liger", kernels.SimpleNamespace(
-        rms_norm=object(), rope=object(), swiglu=object(), cross_entropy=object(), fused_linear_cross_entropy=object()))
+    monkeypatch.setitem(
+        kernels._LIBS,
+        "liger",
+        kernels.SimpleNamespace(
+            rms_norm=object(),
+            rope=object(),
+            swiglu=object(),
+            cross_entropy=object(),
+            fused_linear_cross_entropy=object(),
+        ),
+    )
     assert kernels.choose("loss", "auto", "cuda", bf16) == "liger_fused"
     assert kernels.choose("rope", "auto", "cuda", bf16) == "liger"
 
@@ -411,11 +467,23 @@ def test_resume_may_change_kernels(tmp_path):
     from orchestrator.config import load_config, save_config
     from orchestrator.preflight import check_resume_compatible
 
-    saved = load_config(["--model.name", "tiny", "--model.attention", "sdpa", "--model.loss_kernel", "cross_entropy"])
+    saved = load_config(
+        [
+            "--model.name",
+            "tiny",
+            "--model.attention",
+            "sdpa",
+            "--model.loss_kernel",
+            "cross_entropy",
+        ]
+    )
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     save_config(saved, ckpt / "config.yaml")
-    assert yaml.safe_load((ckpt / "config.yaml").read_text())["model"]["loss_kernel"] == "cross_entropy"
+    assert (
+        yaml.safe_load((ckpt / "config.yaml").read_text())["model"]["loss_kernel"]
+        == "cross_entropy"
+    )
     now = load_config(["--model.name", "tiny", "--model.compile", "true", "--checkpoint.init_from", str(ckpt),
                        "--run.dir", str(tmp_path / "run")])  # fmt: skip
     check_resume_compatible(now)  # no error
@@ -440,11 +508,20 @@ def _gpu_case(op: str, kernel: str):
     """(kernel function, eager function, input maker) for one op."""
     if op == "attention":
         if kernel == "sdpa":
-            return (lambda q, k, v: causal_attention(q, k, v)), eager_attention, attention_inputs(T=256)
-        return (lambda q, k, v: kernels.attention(q, k, v, kernel)), eager_attention, attention_inputs(T=256)
+            return (
+                (lambda q, k, v: causal_attention(q, k, v)),
+                eager_attention,
+                attention_inputs(T=256),
+            )
+        return (
+            (lambda q, k, v: kernels.attention(q, k, v, kernel)),
+            eager_attention,
+            attention_inputs(T=256),
+        )
     if op == "rmsnorm":
         return (lambda x, w: kernels.rms_norm(x, w, 1e-5, kernel)), eager_rmsnorm, rmsnorm_inputs()
     if op == "swiglu" and kernel == "xformers":
+
         def make():
             return [torch.randn(2, 64, 256), torch.randn(512, 256) * 0.05, torch.randn(512, 256) * 0.05,
                     torch.randn(256, 512) * 0.05]  # fmt: skip
@@ -456,12 +533,17 @@ def _gpu_case(op: str, kernel: str):
     if op == "swiglu":
         return (lambda g, u: kernels.silu_mul(g, u, kernel)), eager_silu_mul, swiglu_inputs()
     if op == "rope":
+
         def fused_rope(q, k, cos, sin):
             q2, k2 = kernels.rope(q, k, cos, sin, kernel)
             return torch.cat([q2.flatten(1), k2.flatten(1)], dim=-1)
 
         return fused_rope, eager_rope_qk, rope_inputs()
-    return (lambda x, w, t: kernels.output_loss(x, w, t, kernel)), eager_loss, loss_inputs(N=1000, D=256, V=4000)
+    return (
+        (lambda x, w, t: kernels.output_loss(x, w, t, kernel)),
+        eager_loss,
+        loss_inputs(N=1000, D=256, V=4000),
+    )
 
 
 @pytest.mark.gpu
@@ -471,7 +553,10 @@ def test_library_kernel_matches_eager_on_gpu(op, kernel, dtype):
     problem = kernels.why_not(op, kernel, "cuda", dtype)
     if problem is not None:
         pytest.skip(problem)
-    if dtype == torch.float32 and (op, kernel) in {("swiglu", "xformers"), ("swiglu", "flash_attn")}:
+    if dtype == torch.float32 and (op, kernel) in {
+        ("swiglu", "xformers"),
+        ("swiglu", "flash_attn"),
+    }:
         pytest.skip("fused for bf16/fp16 only")
     torch.manual_seed(0)
     kernel_fn, eager_fn, make = _gpu_case(op, kernel)
@@ -509,4 +594,6 @@ def test_eager_rope_reference_and_layout():
     torch.testing.assert_close(apply_rope(q, cos, sin)[:, :, 0], q[:, :, 0])
     half = q.shape[-1] // 2
     pair_norm = lambda t: t[..., :half] ** 2 + t[..., half:] ** 2  # noqa: E731
-    torch.testing.assert_close(pair_norm(apply_rope(q, cos, sin)), pair_norm(q), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        pair_norm(apply_rope(q, cos, sin)), pair_norm(q), atol=1e-5, rtol=1e-5
+    )

@@ -39,7 +39,9 @@ def test_sdpa_matches_eager_reference():
     torch.manual_seed(0)
     cfg = model_config("tiny", n_layers=2, vocab_size=64, max_seq_len=32)
     sdpa = Llama(cfg)
-    eager = Llama(model_config("tiny", n_layers=2, vocab_size=64, max_seq_len=32, attention="eager"))
+    eager = Llama(
+        model_config("tiny", n_layers=2, vocab_size=64, max_seq_len=32, attention="eager")
+    )
     eager.load_state_dict(sdpa.state_dict())
     ids = torch.randint(0, 64, (3, 32))
     torch.testing.assert_close(sdpa(ids), eager(ids), atol=1e-5, rtol=1e-5)
@@ -62,6 +64,7 @@ def test_tied_embeddings_share_storage():
 
 
 # --- the ladder of sizes -----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", list(SIZES))
 def test_every_size_builds_on_meta_with_exact_count(name):
@@ -97,7 +100,11 @@ def test_sizes_and_options_usable_from_config():
 
     cfg = load_config(["--model.name", "llama-124m", "--model.attn_gate", "headwise", "--model.sandwich_norm", "true",
                        "--model.rope_base", "500000", "--model.norm_eps", "1e-6"])  # fmt: skip
-    assert (cfg.model.d_model, cfg.model.attn_gate, cfg.model.sandwich_norm) == (768, "headwise", True)
+    assert (cfg.model.d_model, cfg.model.attn_gate, cfg.model.sandwich_norm) == (
+        768,
+        "headwise",
+        True,
+    )
     assert cfg.model.rope_base == 500000.0 and cfg.model.norm_eps == 1e-6
     with pytest.raises(ConfigError, match="model.attn_gate"):
         load_config(["--model.name", "tiny", "--model.attn_gate", "per-head"])
@@ -105,7 +112,13 @@ def test_sizes_and_options_usable_from_config():
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("attn_gate", "both"), ("rope_base", 0.0), ("norm_eps", -1e-5), ("init_std", 0.0), ("attention", "flash")],
+    [
+        ("attn_gate", "both"),
+        ("rope_base", 0.0),
+        ("norm_eps", -1e-5),
+        ("init_std", 0.0),
+        ("attention", "flash"),
+    ],
 )
 def test_invalid_options_name_the_key(key, value):
     with pytest.raises(ConfigError, match=f"model.{key}"):
@@ -188,7 +201,9 @@ def test_headwise_gate_scales_each_head():
     attn = gated.attn
     with torch.no_grad():
         attn.g_proj.weight.zero_()
-        attn.g_proj.bias.copy_(torch.tensor([100.0, -100.0] * 4))  # heads 0,2,4,6 open; 1,3,5,7 shut
+        attn.g_proj.bias.copy_(
+            torch.tensor([100.0, -100.0] * 4)
+        )  # heads 0,2,4,6 open; 1,3,5,7 shut
         h = gated.attn_norm(x)
         out = attn(h, cos, sin)
         # Reference: plain attention with the shut heads' outputs zeroed before o_proj.
@@ -213,7 +228,9 @@ def test_sandwich_norm_shapes_counts_and_math():
     plain, sandwich, missing, (x, cos, sin) = _block_pair(sandwich_norm=True)
     assert sorted(missing) == ["attn_out_norm.weight", "ffn_out_norm.weight"]
     assert count_parameters(sandwich) - count_parameters(plain) == 2 * 256
-    assert isinstance(sandwich.attn_out_norm, RMSNorm) and sandwich.attn_out_norm.weight.shape == (256,)
+    assert isinstance(sandwich.attn_out_norm, RMSNorm) and sandwich.attn_out_norm.weight.shape == (
+        256,
+    )
     with torch.no_grad():
         sandwich.attn_out_norm.weight.mul_(0.5)
         y = sandwich(x, cos, sin)
@@ -229,7 +246,9 @@ def test_sandwich_norm_shapes_counts_and_math():
         assert not torch.allclose(y, plain(x, cos, sin), atol=1e-3)
 
 
-@pytest.mark.parametrize("options", [dict(attn_gate="elementwise", sandwich_norm=True), dict(attn_gate="headwise")])
+@pytest.mark.parametrize(
+    "options", [dict(attn_gate="elementwise", sandwich_norm=True), dict(attn_gate="headwise")]
+)
 def test_variants_train_and_keep_causality(options):
     torch.manual_seed(0)
     cfg = model_config("tiny", n_layers=2, vocab_size=97, max_seq_len=32, **options)

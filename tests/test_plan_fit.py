@@ -17,7 +17,15 @@ from tests.training import REPO_ROOT
 
 # Chinchilla (arXiv 2203.15556), table 3 via shared/notes/anchors.md: parameters -> (FLOPs, tokens).
 CHINCHILLA = {400e6: (1.92e19, 8.0e9), 1e9: (1.21e20, 20.2e9), 10e9: (1.23e22, 205.1e9)}
-LADDER = ["llama-20m", "llama-60m", "llama-124m", "llama-400m", "llama-700m", "tinyllama-1.1b", "llama-2b"]
+LADDER = [
+    "llama-20m",
+    "llama-60m",
+    "llama-124m",
+    "llama-400m",
+    "llama-700m",
+    "tinyllama-1.1b",
+    "llama-2b",
+]
 
 
 @pytest.mark.parametrize("params", sorted(CHINCHILLA))
@@ -47,8 +55,10 @@ def test_plan_from_gpu_hours_names_a_size_and_a_wall_time(tmp_path):
         "# Throughput\n\n| model | device | GPUs | tokens/s/GPU | MFU |\n|---|---|---|---|---|\n"
         "| tinyllama-1.1b | H100 SXM | 8 | 40,000 | 41% |\n| llama-124m | A100 | 1 | 100,000 | - |\n"
     )
-    assert [(r.model, r.tokens_per_sec) for r in read_results(results)] == [("tinyllama-1.1b", 40000.0),
-                                                                           ("llama-124m", 100000.0)]
+    assert [(r.model, r.tokens_per_sec) for r in read_results(results)] == [
+        ("tinyllama-1.1b", 40000.0),
+        ("llama-124m", 100000.0),
+    ]
     plan = make_plan(model="tinyllama-1.1b", device="h100", gpus=8, results=results)
     assert plan["tokens_per_sec_per_gpu"] == 40000
     assert plan["model_tokens"] == pytest.approx(20 * 1_100_048_384)
@@ -58,7 +68,12 @@ def test_plan_from_gpu_hours_names_a_size_and_a_wall_time(tmp_path):
     other = make_plan(model="llama-400m", device="a100", results=results)
     assert "measured with llama-124m" in other["throughput_source"]
     # Given on the command line, it wins.
-    assert make_plan(params="1B", device="h100", tokens_per_sec=12345, results=results)["tokens_per_sec_per_gpu"] == 12345
+    assert (
+        make_plan(params="1B", device="h100", tokens_per_sec=12345, results=results)[
+            "tokens_per_sec_per_gpu"
+        ]
+        == 12345
+    )
 
 
 def test_plan_cli(capsys):
@@ -87,9 +102,20 @@ def write_synthetic_runs(root, E, A, alpha, noise, seed=0):
         lines = [{"step": 0, "val_loss": 10.4, "tokens_seen": 0}]
         for k in range(1, 11):
             tokens = d_final * k / 10
-            loss = (E + A * n**-alpha * (d_final / tokens) ** alpha) * math.exp(rng.normal(0, noise))
-            lines.append({"step": 100 * k, "loss": loss, "lr": 1e-4, "grad_norm": 1.0, "tokens_seen": tokens})
-            lines.append({"step": 100 * k, "val_loss": loss, "val_perplexity": math.exp(loss), "tokens_seen": tokens})
+            loss = (E + A * n**-alpha * (d_final / tokens) ** alpha) * math.exp(
+                rng.normal(0, noise)
+            )
+            lines.append(
+                {"step": 100 * k, "loss": loss, "lr": 1e-4, "grad_norm": 1.0, "tokens_seen": tokens}
+            )
+            lines.append(
+                {
+                    "step": 100 * k,
+                    "val_loss": loss,
+                    "val_perplexity": math.exp(loss),
+                    "tokens_seen": tokens,
+                }
+            )
         (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
         dirs.append(run)
     return dirs
@@ -145,8 +171,23 @@ def test_fit_cli_writes_the_plot_and_reads_tensorboard_logs(tmp_path):
     assert read_run(tb_run).loss == pytest.approx(records[-1]["val_loss"])
 
     png, out_json = tmp_path / "fit.png", tmp_path / "fit.json"
-    proc = subprocess.run([sys.executable, "-m", "orchestrator", "fit", *map(str, dirs), "--plot", str(png),
-                           "--json", str(out_json)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator",
+            "fit",
+            *map(str, dirs),
+            "--plot",
+            str(png),
+            "--json",
+            str(out_json),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "loss vs parameters: L(N) = (1.69 ± " in proc.stdout and "N^-(0.34 ± " in proc.stdout
     assert "loss vs compute:    L(C) = (1.69 ± " in proc.stdout and "C^-(0.17 ± " in proc.stdout

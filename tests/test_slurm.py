@@ -72,7 +72,9 @@ def wait_for_step(run_dir, step, job, slurm, timeout=180):
         if any(r["step"] >= step for r in records(run_dir)):
             return
         state = slurm.job(job).get("JobState")
-        assert state in ("PENDING", "RUNNING", "CONFIGURING", None), f"job {job} is {state}: {job_log(run_dir, job)}"
+        assert state in ("PENDING", "RUNNING", "CONFIGURING", None), (
+            f"job {job} is {state}: {job_log(run_dir, job)}"
+        )
         time.sleep(0.3)
     raise TimeoutError(f"job {job} did not reach step {step}: {job_log(run_dir, job)}")
 
@@ -92,21 +94,34 @@ def rank_pid(job, rank):
             cmd = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if (f"SLURM_JOB_ID={job}".encode() in env and f"SLURM_PROCID={rank}".encode() in env
-                and b"orchestrator" in cmd and b"train" in cmd):
+        if (
+            f"SLURM_JOB_ID={job}".encode() in env
+            and f"SLURM_PROCID={rank}".encode() in env
+            and b"orchestrator" in cmd
+            and b"train" in cmd
+        ):
             return int(entry.name)
     raise LookupError(f"no training process of rank {rank} in job {job}")
 
 
 def test_sbatch_trains_requeues_on_usr1_and_resumes_exactly(slurm, sample_data, tmp_path):
-    schedule = ["--train.max_steps", str(STEPS), "--eval.interval", "6", "--checkpoint.interval", "6"]
+    schedule = [
+        "--train.max_steps",
+        str(STEPS),
+        "--eval.interval",
+        "6",
+        "--checkpoint.interval",
+        "6",
+    ]
     straight_dir, signalled_dir = tmp_path / "straight", tmp_path / "signalled"
     straight = submit(slurm, straight_dir, sample_data, *schedule)
     signalled = submit(slurm, signalled_dir, sample_data, *schedule)
 
     wait_for_step(signalled_dir, 3, signalled, slurm)
     signalled_at = time.perf_counter()
-    slurm.cancel(signalled, signal_name="USR1")  # what `#SBATCH --signal=USR1@300` sends before the time limit
+    slurm.cancel(
+        signalled, signal_name="USR1"
+    )  # what `#SBATCH --signal=USR1@300` sends before the time limit
     info = slurm.wait(signalled, timeout=400)
     finished_in = time.perf_counter() - signalled_at
     log = job_log(signalled_dir, signalled)
@@ -117,7 +132,9 @@ def test_sbatch_trains_requeues_on_usr1_and_resumes_exactly(slurm, sample_data, 
 
     # It saved at the step it was at, requeued itself, and the restart resumed from that checkpoint.
     assert "received SIGUSR1" in log and f"requeued Slurm job {signalled}" in log
-    assert "restart 0" in log and "restart 1" in log  # one log per job id, appended across the requeue
+    assert (
+        "restart 0" in log and "restart 1" in log
+    )  # one log per job id, appended across the requeue
     stopped_at = int(log.split("Stopped by SIGUSR1 after step ")[1].split("/")[0])
     assert 3 <= stopped_at < STEPS
     assert f"Resumed from {signalled_dir / 'checkpoints' / f'step-{stopped_at:08d}'}" in log
@@ -127,7 +144,9 @@ def test_sbatch_trains_requeues_on_usr1_and_resumes_exactly(slurm, sample_data, 
     assert [r["loss"] for r in b] == [r["loss"] for r in a]  # bitwise the uninterrupted run
     assert [r["batch_hashes"] for r in b] == [r["batch_hashes"] for r in a]  # the same batches...
     hashes = [h for r in b for h in r["batch_hashes"]]
-    assert len(hashes) == len(set(hashes)) == STEPS * 2  # ...each consumed once (2 ranks x 1 micro-batch)
+    assert (
+        len(hashes) == len(set(hashes)) == STEPS * 2
+    )  # ...each consumed once (2 ranks x 1 micro-batch)
     summary_a = json.loads((straight_dir / "summary.json").read_text())
     summary_b = json.loads((signalled_dir / "summary.json").read_text())
     assert summary_b["final_val_loss"] == summary_a["final_val_loss"]
@@ -138,7 +157,9 @@ def test_a_killed_or_hung_rank_fails_the_job_within_a_bound(slurm, sample_data, 
     endless = ["--train.max_steps", "100000", "--eval.interval", "0", "--checkpoint.interval", "0"]
     killed_dir, hung_dir = tmp_path / "killed", tmp_path / "hung"
     killed = submit(slurm, killed_dir, sample_data, *endless)
-    hung = submit(slurm, hung_dir, sample_data, *endless, "--strategy.timeout_s", str(HANG_TIMEOUT_S))
+    hung = submit(
+        slurm, hung_dir, sample_data, *endless, "--strategy.timeout_s", str(HANG_TIMEOUT_S)
+    )
     stopped_pid = None
     try:
         wait_for_step(killed_dir, 2, killed, slurm)
@@ -146,7 +167,9 @@ def test_a_killed_or_hung_rank_fails_the_job_within_a_bound(slurm, sample_data, 
         os.kill(rank_pid(killed, 1), signal.SIGKILL)  # a rank that dies (crash, OOM kill)
         killed_at = time.perf_counter()
         stopped_pid = rank_pid(hung, 1)
-        os.kill(stopped_pid, signal.SIGSTOP)  # a rank that hangs (stuck kernel, dead node without TCP reset)
+        os.kill(
+            stopped_pid, signal.SIGSTOP
+        )  # a rank that hangs (stuck kernel, dead node without TCP reset)
         hung_at = time.perf_counter()
 
         info = slurm.wait(killed, timeout=KILL_BOUND_S * 4, poll=0.2)
@@ -162,8 +185,10 @@ def test_a_killed_or_hung_rank_fails_the_job_within_a_bound(slurm, sample_data, 
                 os.kill(stopped_pid, signal.SIGCONT)
             except ProcessLookupError:
                 pass
-    print(f"killed rank: job {info['JobState']} after {killed_s:.1f}s; "
-          f"hung rank (timeout_s={HANG_TIMEOUT_S}): job {info_hung['JobState']} after {hung_s:.1f}s")
+    print(
+        f"killed rank: job {info['JobState']} after {killed_s:.1f}s; "
+        f"hung rank (timeout_s={HANG_TIMEOUT_S}): job {info_hung['JobState']} after {hung_s:.1f}s"
+    )
     assert info["JobState"] == "FAILED" and killed_s < KILL_BOUND_S, (info, killed_s)
     assert "lost contact with another rank" in job_log(killed_dir, killed)
     assert info_hung["JobState"] == "FAILED" and hung_s < HANG_BOUND_S, (info_hung, hung_s)

@@ -42,7 +42,14 @@ TINY = [
     # gradients (ZeRO keeps reduced partitions until its step) and carry on identically.
     "--faults.nan_loss_at_steps", "[3]",
 ]  # fmt: skip
-CPU2 = ["--strategy.accelerator", "cpu", "--strategy.devices", "2", "--strategy.precision", "32-true"]
+CPU2 = [
+    "--strategy.accelerator",
+    "cpu",
+    "--strategy.devices",
+    "2",
+    "--strategy.precision",
+    "32-true",
+]
 # Activation checkpointing is on for FSDP and ZeRO-3: it must not change a single bit.
 STRATEGIES = {
     "ddp": ["--strategy.name", "ddp"],
@@ -61,7 +68,9 @@ def clean_env():
 
 
 def run(args, timeout=600):
-    proc = subprocess.run(args, cwd=REPO_ROOT, env=clean_env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        args, cwd=REPO_ROOT, env=clean_env(), capture_output=True, text=True, timeout=timeout
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
 
@@ -74,7 +83,9 @@ class Run:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.log = self.run_dir.parent / f"{self.run_dir.name}.log"
         with self.log.open("w") as out:
-            self.proc = subprocess.Popen(args, cwd=REPO_ROOT, env=clean_env(), stdout=out, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                args, cwd=REPO_ROOT, env=clean_env(), stdout=out, stderr=subprocess.STDOUT
+            )
 
     def wait(self, timeout=900):
         try:
@@ -93,23 +104,61 @@ class Run:
         return self.log.read_text()
 
     def check(self):
-        assert self.ok, f"{self.run_dir.name} exited with {self.proc.returncode}:\n{self.stdout[-6000:]}"
+        assert self.ok, (
+            f"{self.run_dir.name} exited with {self.proc.returncode}:\n{self.stdout[-6000:]}"
+        )
         return self
 
 
 def start_worker(run_dir, sample_data, *extra):
     tokens, tokenizer = sample_data
-    return Run(run_dir, [sys.executable, str(WORKER), *TINY, *CPU2, "--data.dir", str(tokens), "--data.tokenizer",
-                         str(tokenizer), "--run.dir", str(run_dir), *extra])
+    return Run(
+        run_dir,
+        [
+            sys.executable,
+            str(WORKER),
+            *TINY,
+            *CPU2,
+            "--data.dir",
+            str(tokens),
+            "--data.tokenizer",
+            str(tokenizer),
+            "--run.dir",
+            str(run_dir),
+            *extra,
+        ],
+    )
 
 
 def start_fabric_run(run_dir, sample_data, config):
     """`fabric run --strategy=fsdp --devices=2 orchestrator/train.py` over a config saying ddp on 1 device."""
     tokens, tokenizer = sample_data
-    fabric = [str(Path(sys.executable).parent / "fabric"), "run", "--accelerator=cpu", "--devices=2", "--strategy=fsdp",
-              "orchestrator/train.py", "--"]
-    return Run(run_dir, [*fabric, *TINY, "--strategy.accelerator", "cpu", "--data.dir", str(tokens),
-                         "--data.tokenizer", str(tokenizer), "--config", str(config), "--run.dir", str(run_dir)])
+    fabric = [
+        str(Path(sys.executable).parent / "fabric"),
+        "run",
+        "--accelerator=cpu",
+        "--devices=2",
+        "--strategy=fsdp",
+        "orchestrator/train.py",
+        "--",
+    ]
+    return Run(
+        run_dir,
+        [
+            *fabric,
+            *TINY,
+            "--strategy.accelerator",
+            "cpu",
+            "--data.dir",
+            str(tokens),
+            "--data.tokenizer",
+            str(tokenizer),
+            "--config",
+            str(config),
+            "--run.dir",
+            str(run_dir),
+        ],
+    )
 
 
 def records(run_dir):
@@ -151,8 +200,12 @@ def runs(sample_data, tmp_path_factory):
     config = root / "ddp-on-one-device.yaml"
     config.write_text(yaml.safe_dump({"strategy": {"name": "ddp", "devices": 1}}))
     started = time.perf_counter()
-    first = {name: start_worker(root / name, sample_data, *flags) for name, flags in STRATEGIES.items()}
-    first["single"] = start_worker(root / "single", sample_data, "--strategy.name", "single", "--strategy.devices", "1")
+    first = {
+        name: start_worker(root / name, sample_data, *flags) for name, flags in STRATEGIES.items()
+    }
+    first["single"] = start_worker(
+        root / "single", sample_data, "--strategy.name", "single", "--strategy.devices", "1"
+    )
     first["fabric-a"] = start_fabric_run(root / "fabric-a", sample_data, config)
     for r in first.values():
         r.wait()
@@ -160,11 +213,21 @@ def runs(sample_data, tmp_path_factory):
     for name in STRATEGIES:
         if name != "ddp" and first[name].ok:  # (DDP resume: tests/test_train.py)
             copy_checkpoint(root / name, 2, root / f"resume-{name}")
-            second[f"resume-{name}"] = start_worker(root / f"resume-{name}", sample_data, *STRATEGIES[name])
+            second[f"resume-{name}"] = start_worker(
+                root / f"resume-{name}", sample_data, *STRATEGIES[name]
+            )
     if first["fsdp"].ok:
         second["zero3-from-fsdp"] = start_worker(
-            root / "zero3-from-fsdp", sample_data, *STRATEGIES["zero3"], "--checkpoint.init_from",
-            str(checkpoint(root / "fsdp", STEPS)), "--train.max_steps", "1", "--eval.at_start", "true")
+            root / "zero3-from-fsdp",
+            sample_data,
+            *STRATEGIES["zero3"],
+            "--checkpoint.init_from",
+            str(checkpoint(root / "fsdp", STEPS)),
+            "--train.max_steps",
+            "1",
+            "--eval.at_start",
+            "true",
+        )
     if first["fabric-a"].ok:
         copy_checkpoint(root / "fabric-a", 2, root / "fabric-b")
         second["fabric-b"] = start_fabric_run(root / "fabric-b", sample_data, config)
@@ -196,9 +259,13 @@ def test_two_processes_match_one_process(two_processes, one_process):
     assert [r["step"] for r in two] == list(range(1, STEPS + 1))
     # The same 16 sequences in every step (4 micro-batches: 4 on one process, 2 x 2 on two).
     for a, b in zip(two, one):
-        assert sorted(a["batch_hashes"]) == sorted(b["batch_hashes"]) and len(a["batch_hashes"]) == 4
+        assert (
+            sorted(a["batch_hashes"]) == sorted(b["batch_hashes"]) and len(a["batch_hashes"]) == 4
+        )
     diff = max_diff(losses(run_dir), losses(one_process))
-    print(f"{name}: max |loss(2 processes) - loss(1 process)| = {diff:.2e} (losses {losses(run_dir)})")
+    print(
+        f"{name}: max |loss(2 processes) - loss(1 process)| = {diff:.2e} (losses {losses(run_dir)})"
+    )
     assert diff <= 1e-6
     assert losses(run_dir)[2] == "nan"  # the drill fired, and the update was skipped...
     assert two[-1]["loss"] < two[0]["loss"]  # ...and training went on
@@ -213,7 +280,9 @@ def test_every_strategy_matches_ddp(two_processes, ddp_records):
     print(f"{name} vs ddp: bitwise={mine == ddp}, max diff {max_diff(mine, ddp):.2e}")
     assert max_diff(mine, ddp) <= 1e-6, (name, mine, ddp)
     params = load_config(TINY).model.num_params()
-    assert f"{params:,} parameters | 2 process(es)" in proc.stdout  # also when ZeRO-3 partitions them
+    assert (
+        f"{params:,} parameters | 2 process(es)" in proc.stdout
+    )  # also when ZeRO-3 partitions them
 
 
 def test_resume_is_bitwise(two_processes, runs):
@@ -225,8 +294,12 @@ def test_resume_is_bitwise(two_processes, runs):
     straight, resumed = records(run_dir), records(resumed_run.run_dir)
     assert [r["step"] for r in resumed] == [3, 4]
     assert losses(resumed_run.run_dir) == losses(run_dir)[2:]  # bitwise (step 3 skipped in both)
-    assert [r["lr"] for r in resumed] == [r["lr"] for r in straight[2:]]  # the scheduler was restored
-    assert [r["batch_hashes"] for r in resumed] == [r["batch_hashes"] for r in straight[2:]]  # and the data position
+    assert [r["lr"] for r in resumed] == [
+        r["lr"] for r in straight[2:]
+    ]  # the scheduler was restored
+    assert [r["batch_hashes"] for r in resumed] == [
+        r["batch_hashes"] for r in straight[2:]
+    ]  # and the data position
 
 
 def test_checkpoints_are_sharded_where_the_strategy_shards(two_processes):
@@ -237,7 +310,9 @@ def test_checkpoints_are_sharded_where_the_strategy_shards(two_processes):
     elif name == "fsdp":
         assert (state / ".metadata").is_file() and len(list(state.glob("*.distcp"))) == 2
     else:
-        assert (state / "latest").is_file() and len(list((state / "checkpoint").glob("*optim_states.pt"))) == 2
+        assert (state / "latest").is_file() and len(
+            list((state / "checkpoint").glob("*optim_states.pt"))
+        ) == 2
 
 
 def test_consolidate_gives_one_plain_state_dict(two_processes, ddp_records, tmp_path):
@@ -247,18 +322,31 @@ def test_consolidate_gives_one_plain_state_dict(two_processes, ddp_records, tmp_
 
     name, run_dir, _ = two_processes
     out = tmp_path / "full.pt"
-    proc = run([sys.executable, "-m", "orchestrator", "consolidate", str(run_dir), "--output", str(out)])
+    proc = run(
+        [sys.executable, "-m", "orchestrator", "consolidate", str(run_dir), "--output", str(out)]
+    )
     assert f"into {out}" in proc.stdout
     saved = torch.load(out, weights_only=True)  # plain tensors and containers only
     assert saved["step"] == STEPS
     state = saved["model"]
     cfg = model_config("tiny")
-    for key, value in dict(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, ffn_hidden=172, vocab_size=512,
-                           max_seq_len=64).items():
+    for key, value in dict(
+        n_layers=2,
+        d_model=64,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_hidden=172,
+        vocab_size=512,
+        max_seq_len=64,
+    ).items():
         setattr(cfg, key, value)
     reference = Llama(cfg).state_dict()
-    assert set(state) == set(reference)  # models/llama.py names: no wrapper prefixes, AC leaves no trace
-    assert all(state[k].shape == reference[k].shape and state[k].dtype == torch.float32 for k in state)
+    assert set(state) == set(
+        reference
+    )  # models/llama.py names: no wrapper prefixes, AC leaves no trace
+    assert all(
+        state[k].shape == reference[k].shape and state[k].dtype == torch.float32 for k in state
+    )
     ddp = load_model_state(checkpoint(ddp_records, STEPS))
     worst = max((state[k] - ddp[k]).abs().max().item() for k in ddp)
     print(f"{name}: max |w - w_ddp| after {STEPS} steps = {worst:.2e}")
@@ -287,11 +375,21 @@ def test_a_sharded_checkpoint_starts_a_run_of_another_strategy(runs):
     fsdp_dir, target = runs["fsdp"].check().run_dir, runs["zero3-from-fsdp"].check()
     assert "Initialised model weights from" in target.stdout
     # The source run's final validation (same 4 sequences, same world size).
-    source_val = [json.loads(l) for l in (fsdp_dir / "metrics.jsonl").read_text().splitlines() if "val_loss" in l][-1]
-    first_val = [json.loads(l) for l in (target.run_dir / "metrics.jsonl").read_text().splitlines()
-                 if "val_loss" in l][0]
+    source_val = [
+        json.loads(l)
+        for l in (fsdp_dir / "metrics.jsonl").read_text().splitlines()
+        if "val_loss" in l
+    ][-1]
+    first_val = [
+        json.loads(l)
+        for l in (target.run_dir / "metrics.jsonl").read_text().splitlines()
+        if "val_loss" in l
+    ][0]
     assert abs(first_val["val_loss"] - source_val["val_loss"]) <= 1e-6, (first_val, source_val)
-    before, after = load_model_state(checkpoint(fsdp_dir, STEPS)), load_model_state(checkpoint(target.run_dir, 1))
+    before, after = (
+        load_model_state(checkpoint(fsdp_dir, STEPS)),
+        load_model_state(checkpoint(target.run_dir, 1)),
+    )
     moved = max((after[k] - before[k]).abs().max().item() for k in before)
     assert 0 < moved < 2e-3  # one Adam step of lr <= 1e-3 from the loaded weights
 
@@ -304,7 +402,11 @@ def test_resuming_with_another_strategy_is_refused_clearly(two_processes):
     name, run_dir, _ = two_processes
     if name not in ("fsdp", "zero3"):
         pytest.skip("one sharded format of each kind")
-    other = ["--strategy.name", "deepspeed", "--strategy.zero_stage", "2"] if name == "fsdp" else ["--strategy.name", "ddp"]
+    other = (
+        ["--strategy.name", "deepspeed", "--strategy.zero_stage", "2"]
+        if name == "fsdp"
+        else ["--strategy.name", "ddp"]
+    )
     cfg = load_config([*TINY, *CPU2, *other])
     with pytest.raises(ConfigError, match="cannot resume from .*--checkpoint.init_from"):
         check_resume_strategy(checkpoint(run_dir, STEPS), cfg, world_size=2)
@@ -321,8 +423,13 @@ def test_fabric_run_honours_its_flags_trains_and_resumes(runs):
     import yaml
 
     first, second = runs["fabric-a"].check(), runs["fabric-b"].check()
-    assert "note: fabric run --strategy=fsdp sets strategy.name=fsdp (the config says ddp)" in first.stdout
-    assert "note: fabric run --devices=2 sets strategy.devices=2 (the config says 1)" in first.stdout
+    assert (
+        "note: fabric run --strategy=fsdp sets strategy.name=fsdp (the config says ddp)"
+        in first.stdout
+    )
+    assert (
+        "note: fabric run --devices=2 sets strategy.devices=2 (the config says 1)" in first.stdout
+    )
     assert (checkpoint(first.run_dir, 2) / "state" / ".metadata").is_file()  # really FSDP
     recorded = yaml.safe_load((first.run_dir / "config.yaml").read_text())["strategy"]
     assert (recorded["name"], recorded["devices"]) == ("fsdp", 2)
@@ -340,10 +447,29 @@ def test_a_killed_rank_ends_the_run_quickly(sample_data, tmp_path):
     """Outside Slurm (Fabric starts rank 1 as a child of rank 0): SIGKILL rank 1 mid-run."""
     tokens, tokenizer = sample_data
     env = clean_env()
-    args = [sys.executable, "-m", "orchestrator", "train", *TINY, *CPU2, "--train.max_steps", "100000",
-            "--checkpoint.interval", "0", "--data.dir", str(tokens), "--data.tokenizer", str(tokenizer),
-            "--run.dir", str(tmp_path), "--strategy.timeout_s", "60"]
-    proc = subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    args = [
+        sys.executable,
+        "-m",
+        "orchestrator",
+        "train",
+        *TINY,
+        *CPU2,
+        "--train.max_steps",
+        "100000",
+        "--checkpoint.interval",
+        "0",
+        "--data.dir",
+        str(tokens),
+        "--data.tokenizer",
+        str(tokenizer),
+        "--run.dir",
+        str(tmp_path),
+        "--strategy.timeout_s",
+        "60",
+    ]
+    proc = subprocess.Popen(
+        args, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         deadline = time.time() + 120
         while time.time() < deadline and not (tmp_path / "metrics.jsonl").is_file():
@@ -364,7 +490,9 @@ def test_a_killed_rank_ends_the_run_quickly(sample_data, tmp_path):
 
 
 def _children(pid):
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True
+    ).stdout
     return [int(p) for p in out.split()]
 
 
@@ -386,7 +514,9 @@ def test_launch_settings_agree_with_the_launcher(monkeypatch):
     s = cfg.strategy
     assert (s.name, s.zero_stage, s.devices, s.precision) == ("deepspeed", 3, 2, "bf16-mixed")
     assert len(notes) == 4 and all(n.startswith("fabric run --") for n in notes)
-    assert "LT_STRATEGY" not in os.environ  # handed over: Fabric must not compare it with our strategy object
+    assert (
+        "LT_STRATEGY" not in os.environ
+    )  # handed over: Fabric must not compare it with our strategy object
 
     monkeypatch.setenv("LT_STRATEGY", "xla")
     with pytest.raises(ConfigError, match="--strategy=xla is not supported"):
@@ -416,8 +546,20 @@ def test_deepspeed_config_and_strategy_validation():
     from orchestrator.schema import ConfigError
     from orchestrator.strategies import deepspeed_config
 
-    cfg = load_config(["--strategy.name", "deepspeed", "--strategy.zero_stage", "3", "--strategy.offload_optimizer",
-                       "true", "--strategy.offload_params", "true", "--optimizer.grad_clip", "0.5"])
+    cfg = load_config(
+        [
+            "--strategy.name",
+            "deepspeed",
+            "--strategy.zero_stage",
+            "3",
+            "--strategy.offload_optimizer",
+            "true",
+            "--strategy.offload_params",
+            "true",
+            "--optimizer.grad_clip",
+            "0.5",
+        ]
+    )
     ds = deepspeed_config(cfg, on_gpu=True)
     assert ds["zero_optimization"]["stage"] == 3
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
@@ -426,7 +568,10 @@ def test_deepspeed_config_and_strategy_validation():
     for bad, message in [
         (["--strategy.zero_stage", "4"], "zero_stage must be 1, 2 or 3"),
         (["--strategy.offload_params", "true"], "offload_params needs"),
-        (["--strategy.accelerator", "cpu", "--strategy.precision", "16-mixed"], "16-mixed needs a GPU"),
+        (
+            ["--strategy.accelerator", "cpu", "--strategy.precision", "16-mixed"],
+            "16-mixed needs a GPU",
+        ),
         (["--strategy.name", "megatron"], "strategy.name='megatron' is not one of"),
     ]:
         with pytest.raises(ConfigError, match=message):
@@ -450,7 +595,9 @@ def test_activation_checkpointing_changes_no_number():
     tokens = torch.randint(0, 128, (2, 33))
     grads = []
     for model in (plain, ckpt):
-        loss = torch.nn.functional.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
+        loss = torch.nn.functional.cross_entropy(
+            model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten()
+        )
         loss.backward()
         grads.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
     assert grads[0][0] == grads[1][0]

@@ -16,7 +16,9 @@ pytest.importorskip("transformers")
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("throughput_bench", REPO_ROOT / "benchmarks" / "throughput.py")
+    spec = importlib.util.spec_from_file_location(
+        "throughput_bench", REPO_ROOT / "benchmarks" / "throughput.py"
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules["throughput_bench"] = module
     spec.loader.exec_module(module)
@@ -30,7 +32,9 @@ TINY = ["--model", "tiny", "--override", "n_layers=1", "--override", "vocab_size
 def test_compare_writes_figures_and_ratios(bench, tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "litgpt_available", lambda: None)
     out = tmp_path / "figures.json"
-    report = bench.main([*TINY, "--ours", "default;baseline", "--peers", "hf,litgpt", "--json", str(out)])
+    report = bench.main(
+        [*TINY, "--ours", "default;baseline", "--peers", "hf,litgpt", "--json", str(out)]
+    )
     saved = json.loads(out.read_text())
     assert saved["results"] == json.loads(json.dumps(report["results"], default=str))
     names = [r["name"] for r in saved["results"]]
@@ -74,7 +78,10 @@ def test_peak_flops_table(bench, monkeypatch):
 
 def test_kernel_set_parsing(bench):
     assert bench.parse_kernel_set("baseline")["loss_kernel"] == "cross_entropy"
-    assert bench.parse_kernel_set("attention=sdpa,model.compile=true") == {"attention": "sdpa", "compile": True}
+    assert bench.parse_kernel_set("attention=sdpa,model.compile=true") == {
+        "attention": "sdpa",
+        "compile": True,
+    }
     with pytest.raises(SystemExit, match="not a kernel field"):
         bench.parse_kernel_set("n_layers=3")
 
@@ -82,7 +89,9 @@ def test_kernel_set_parsing(bench):
 def test_curve_compares_kernel_sets_with_the_eager_reference(bench, tmp_path):
     """Loss curves from the same weights and token stream: the default set, eager, and eager in fp32
     as the noise yardstick; on a CPU in fp32 the default set trains like eager to float rounding."""
-    report = bench.main([*TINY, "--curve", "30", "--ours", "default", "--json", str(tmp_path / "curve.json")])
+    report = bench.main(
+        [*TINY, "--curve", "30", "--ours", "default", "--json", str(tmp_path / "curve.json")]
+    )
     names = [r["name"] for r in report["results"]]
     assert names == ["ours[default]", "ours[eager]", "ours[eager] 32-true"]
     curves = report["losses"]

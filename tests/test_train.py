@@ -18,14 +18,32 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="session")
 def straight_run(sample_data, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("straight")
-    proc = train(run_dir, sample_data, "--train.max_steps", "6", "--eval.interval", "3", "--checkpoint.interval", "3")
+    proc = train(
+        run_dir,
+        sample_data,
+        "--train.max_steps",
+        "6",
+        "--eval.interval",
+        "3",
+        "--checkpoint.interval",
+        "3",
+    )
     return run_dir, proc
 
 
 def test_resume_is_bitwise_identical(sample_data, straight_run, tmp_path):
     straight_dir, _ = straight_run
     # First half: same schedule (decay over 6 steps), stop after 3 with a checkpoint.
-    train(tmp_path, sample_data, "--train.max_steps", "3", "--schedule.decay_steps", "6", "--eval.interval", "3")
+    train(
+        tmp_path,
+        sample_data,
+        "--train.max_steps",
+        "3",
+        "--schedule.decay_steps",
+        "6",
+        "--eval.interval",
+        "3",
+    )
     assert ckpt.latest_checkpoint(tmp_path / "checkpoints").name == "step-00000003"
     proc = train(tmp_path, sample_data, "--train.max_steps", "6", "--eval.interval", "3")
     assert "Resumed from" in proc.stdout and "step 3" in proc.stdout
@@ -33,7 +51,9 @@ def test_resume_is_bitwise_identical(sample_data, straight_run, tmp_path):
     straight = step_records(straight_dir)
     resumed = step_records(tmp_path)
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
-    assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]  # bitwise: exact float equality
+    assert [r["loss"] for r in resumed] == [
+        r["loss"] for r in straight
+    ]  # bitwise: exact float equality
     assert [r["batch_hashes"] for r in resumed] == [r["batch_hashes"] for r in straight]
     # Each step saw 16 distinct sequences (4 per micro-batch, 2 micro-batches, 2 ranks)...
     assert all(len(r["batch_hashes"]) == 4 for r in straight)
@@ -49,7 +69,10 @@ def test_learning_and_run_directory(straight_run):
     assert summary["tokens_seen"] == 6 * 16 * 64
     assert summary["final_val_loss"] < summary["initial_val_loss"]
     assert (run_dir / "config.yaml").is_file()
-    assert [p.name for p in ckpt.list_checkpoints(run_dir / "checkpoints")] == ["step-00000003", "step-00000006"]
+    assert [p.name for p in ckpt.list_checkpoints(run_dir / "checkpoints")] == [
+        "step-00000003",
+        "step-00000006",
+    ]
     # The printed end of the run says where everything is.
     assert f"tensorboard --logdir {run_dir / 'tensorboard'}" in proc.stdout
     assert "ETA" in proc.stdout and "tok/s" in proc.stdout
@@ -80,7 +103,9 @@ def test_checkpoint_holds_everything_to_resume(straight_run):
     state = torch.load(latest / ckpt.STATE_NAME, weights_only=True)
     assert {"model", "optimizer", "scheduler", "train_loader", "progress", "rng"} <= set(state)
     assert state["progress"]["step"] == 6
-    assert state["scheduler"]["last_epoch"] == 6  # stepped once per optimizer step, not per micro-batch
+    assert (
+        state["scheduler"]["last_epoch"] == 6
+    )  # stepped once per optimizer step, not per micro-batch
     assert len(state["rng"]) == 2  # one RNG state per rank
     assert (latest / "config.yaml").is_file()
 
@@ -89,7 +114,9 @@ def test_incomplete_checkpoints_are_never_resumed(sample_data, straight_run, tmp
     import shutil
 
     straight_dir, _ = straight_run
-    shutil.copytree(straight_dir / "checkpoints" / "step-00000003", tmp_path / "checkpoints" / "step-00000003")
+    shutil.copytree(
+        straight_dir / "checkpoints" / "step-00000003", tmp_path / "checkpoints" / "step-00000003"
+    )
     # A save interrupted after writing state but before meta.json, and a leftover .partial dir.
     broken = tmp_path / "checkpoints" / "step-00000006"
     shutil.copytree(straight_dir / "checkpoints" / "step-00000006", broken)
@@ -97,8 +124,18 @@ def test_incomplete_checkpoints_are_never_resumed(sample_data, straight_run, tmp
     (tmp_path / "checkpoints" / "step-00000009.partial").mkdir()
     assert ckpt.latest_checkpoint(tmp_path / "checkpoints").name == "step-00000003"
 
-    proc = train(tmp_path, sample_data, "--train.max_steps", "4", "--schedule.decay_steps", "6",
-                 "--eval.interval", "0", "--checkpoint.interval", "100")
+    proc = train(
+        tmp_path,
+        sample_data,
+        "--train.max_steps",
+        "4",
+        "--schedule.decay_steps",
+        "6",
+        "--eval.interval",
+        "0",
+        "--checkpoint.interval",
+        "100",
+    )
     assert "Resumed from" in proc.stdout and "step-00000003" in proc.stdout
     assert "Removed incomplete checkpoint" in proc.stdout
     assert not (tmp_path / "checkpoints" / "step-00000009.partial").exists()
@@ -106,11 +143,32 @@ def test_incomplete_checkpoints_are_never_resumed(sample_data, straight_run, tmp
 
 
 def test_script_and_fabric_run_entry_points(sample_data, tmp_path):
-    train(tmp_path / "script", sample_data, "--train.max_steps", "2", "--eval.interval", "0",
-          entry=[sys.executable, "orchestrator/train.py"])
+    train(
+        tmp_path / "script",
+        sample_data,
+        "--train.max_steps",
+        "2",
+        "--eval.interval",
+        "0",
+        entry=[sys.executable, "orchestrator/train.py"],
+    )
     fabric = Path(sys.executable).parent / "fabric"
-    train(tmp_path / "fabric", sample_data, "--train.max_steps", "2", "--eval.interval", "0",
-          entry=[str(fabric), "run", "--accelerator=cpu", "--devices=2", "orchestrator/train.py", "--"])
+    train(
+        tmp_path / "fabric",
+        sample_data,
+        "--train.max_steps",
+        "2",
+        "--eval.interval",
+        "0",
+        entry=[
+            str(fabric),
+            "run",
+            "--accelerator=cpu",
+            "--devices=2",
+            "orchestrator/train.py",
+            "--",
+        ],
+    )
     a, b = step_records(tmp_path / "script"), step_records(tmp_path / "fabric")
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
 
@@ -142,8 +200,16 @@ def test_bad_inputs_stop_before_training(sample_data, tmp_path, capsys):
 def test_init_from_starts_a_new_run_from_weights(sample_data, straight_run, tmp_path):
     straight_dir, _ = straight_run
     source = ckpt.latest_checkpoint(straight_dir / "checkpoints")
-    proc = train(tmp_path, sample_data, "--train.max_steps", "1", "--eval.interval", "0",
-                 "--checkpoint.init_from", str(source))
+    proc = train(
+        tmp_path,
+        sample_data,
+        "--train.max_steps",
+        "1",
+        "--eval.interval",
+        "0",
+        "--checkpoint.init_from",
+        str(source),
+    )
     assert "Initialised model weights from" in proc.stdout
     summary = json.loads((tmp_path / "summary.json").read_text())
     straight = json.loads((straight_dir / "summary.json").read_text())
@@ -153,6 +219,8 @@ def test_init_from_starts_a_new_run_from_weights(sample_data, straight_run, tmp_
 
 def test_resume_refuses_a_different_model(sample_data, straight_run, capsys):
     straight_dir, _ = straight_run
-    code = train_main([*TINY, *data_args(sample_data), "--run.dir", str(straight_dir), "--model.n_layers", "3"])
+    code = train_main(
+        [*TINY, *data_args(sample_data), "--run.dir", str(straight_dir), "--model.n_layers", "3"]
+    )
     assert code == 2
     assert "model.n_layers=2 there but 3 here" in capsys.readouterr().err

@@ -28,7 +28,9 @@ def run_cli(args, **kwargs):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
     env.pop("SLURM_JOB_ID", None)
     env.pop("SLURM_NTASKS", None)
-    proc = subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600, **kwargs)
+    proc = subprocess.run(
+        args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600, **kwargs
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 
@@ -41,5 +43,3 @@ def train(run_dir, sample_data, *extra, entry=None):
 def step_records(run_dir):
     lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if "loss" in r]
-
-
