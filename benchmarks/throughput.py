@@ -56,8 +56,9 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -209,8 +210,9 @@ def build_hf(cfg, device, precision, weights_from: torch.nn.Module | None) -> Co
 
 def litgpt_available() -> str | None:
     try:
-        import litgpt.model  # noqa: F401
         from importlib.metadata import version
+
+        import litgpt.model  # noqa: F401
 
         return version("litgpt")
     except Exception:  # noqa: BLE001
@@ -443,7 +445,7 @@ def report_header(mode: str, device: torch.device, device_name: str) -> dict[str
     """What every report (compare, sweep, curve) starts with: when, how, where, with what."""
     return {
         "mode": mode,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
         "device": device.type,
         "device_name": device_name,

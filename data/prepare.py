@@ -398,10 +398,9 @@ class _SplitWriter:
     """litdata chunks of one split of one part, named chunk-<part>-<n>.bin."""
 
     def __init__(self, directory: Path, part_index: int, chunk_bytes: int) -> None:
+        import torch
         from litdata.streaming.item_loader import TokensLoader
         from litdata.streaming.writer import BinaryWriter
-
-        import torch
 
         self._from_numpy = torch.from_numpy
         directory.mkdir(parents=True, exist_ok=True)

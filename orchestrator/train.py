@@ -19,17 +19,19 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
-import torch.nn.functional as F
 from lightning.fabric import Fabric
 
-from data.loader import make_dataloader, num_blocks
-from data.loader import make_mixture_loader, resolve_split, source_samples
+from data.loader import (
+    make_dataloader,
+    make_mixture_loader,
+    num_blocks,
+    resolve_split,
+    source_samples,
+)
 from models.kernels import compile_blocks
 from models.llama import Llama, count_parameters
 from orchestrator import checkpoint as ckpt
 from orchestrator.config import Config, load_config, save_config
-from orchestrator.epochs import EpochTracker
-from orchestrator.guard import StepGuard
 from orchestrator.distributed import (
     build_fabric,
     fail_fast,
@@ -38,9 +40,11 @@ from orchestrator.distributed import (
     on_rank_zero,
     threads_per_process,
 )
+from orchestrator.epochs import EpochTracker
+from orchestrator.guard import StepGuard
 from orchestrator.monitor import Monitor, batch_fingerprint, make_loggers, tensorboard_dir
-from orchestrator.preflight import check_inputs
 from orchestrator.optim import build_optimizer
+from orchestrator.preflight import check_inputs
 from orchestrator.schedule import build_scheduler
 from orchestrator.schema import ConfigError
 from orchestrator.slurm import StopSignals, finish_stop

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sys
 import pickle
 import random
+import sys
 from collections import Counter
 from pathlib import Path
 

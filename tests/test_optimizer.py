@@ -6,8 +6,8 @@ import torch
 from models.config import model_config
 from models.llama import Llama
 from orchestrator.config import Config, load_config
-from orchestrator.schema import ConfigError
 from orchestrator.optim import adamw_implementation, build_optimizer
+from orchestrator.schema import ConfigError
 
 
 def tiny_model() -> Llama:

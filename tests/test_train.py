@@ -1,8 +1,6 @@
 """End-to-end training on the real stack: Fabric (2 gloo processes), litdata, sentencepiece, TensorBoard."""
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -10,7 +8,7 @@ import pytest
 
 from orchestrator import checkpoint as ckpt
 from orchestrator.train import main as train_main
-from tests.training import REPO_ROOT, TINY, data_args, step_records, train
+from tests.training import TINY, data_args, step_records, train
 
 pytestmark = pytest.mark.slow
 
