@@ -6,9 +6,11 @@
 Builds the model and an AdamW state (weights + two moments: ~12 bytes per parameter in fp32),
 then, in one run and on one directory:
   raw write   write the same number of bytes with plain os.write + fsync (the disk's ceiling)
-  sync save   Checkpointer.save: torch.save via Fabric, fsync, SHA-256 manifest, atomic rename
+  sync save   Checkpointer.save (orchestrator/checkpoint/checkpointer.py): torch.save streamed to
+              disk while hashed, fsync, SHA-256 manifest, atomic rename
   async save  Checkpointer.save with checkpoint.async_save: training stalls only for a CPU snapshot
-  verify      SHA-256 of every file against the manifest (done before every resume)
+  verify      SHA-256 of every file against the manifest (orchestrator/checkpoint/manifest.py;
+              done before every resume)
   load        Checkpointer.load into the model and optimizer (weights-only unpickling)
 """
 
@@ -29,7 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from lightning.fabric import Fabric  # noqa: E402
 
-from orchestrator import checkpoint as ckpt  # noqa: E402
+from models.llama import Llama, count_parameters  # noqa: E402
+from orchestrator.checkpoint.checkpointer import Checkpointer  # noqa: E402
+from orchestrator.checkpoint.manifest import verify  # noqa: E402
 from orchestrator.config import load_config  # noqa: E402
 
 
@@ -82,8 +86,6 @@ def main() -> None:
     )
     fabric = Fabric(accelerator="cpu", devices=1)
 
-    from models.llama import Llama, count_parameters
-
     model = Llama(cfg.model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     for p in model.parameters():  # materialise AdamW's two moments without a costly backward
@@ -101,7 +103,7 @@ def main() -> None:
         "directory": str(work),
     }
 
-    checkpointer = ckpt.Checkpointer(fabric, cfg)
+    checkpointer = Checkpointer(fabric, cfg)
     report = checkpointer.save(state, step=1, tokens_seen=0)
     nbytes = report.size_bytes
     results["checkpoint_bytes"] = nbytes
@@ -114,7 +116,7 @@ def main() -> None:
     results["sync_save_gb_s"] = nbytes / report.write_seconds / 1e9
 
     started = time.perf_counter()
-    reason = ckpt.verify(report.path, checksums=True)
+    reason = verify(report.path, checksums=True)
     results["verify_s"] = time.perf_counter() - started
     assert reason is None, reason
 
@@ -123,7 +125,7 @@ def main() -> None:
     results["load_s"] = time.perf_counter() - started
 
     cfg.checkpoint.async_save = True
-    async_checkpointer = ckpt.Checkpointer(fabric, cfg)
+    async_checkpointer = Checkpointer(fabric, cfg)
     started = time.perf_counter()
     async_report = async_checkpointer.save(state, step=2, tokens_seen=0)
     async_checkpointer.wait()

@@ -38,7 +38,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import sentencepiece as spm  # noqa: E402
 import torch  # noqa: E402
+import zstandard  # noqa: E402
 
 from data.loader import make_dataloader, make_mixture_loader  # noqa: E402
 from data.prepare import prepare_dataset  # noqa: E402
@@ -50,10 +54,6 @@ SOURCES = {"slimpajama": "text", "starcoder": "content"}  # name -> text field
 
 
 def build_corpus(work: Path, prose_docs: int, code_files: int, vocab: int) -> Path:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import zstandard
-
     write_sample_corpus(
         work / "slimpajama",
         seed=0,
@@ -150,8 +150,6 @@ def raw_encode_parallel(tok: Path, texts: list[str], processes: int) -> tuple[in
 
 def raw_encode(tok: Path, texts: list[str]) -> tuple[int, float, float]:
     """(tokens, wall seconds, CPU seconds) of encoding every text in this process."""
-    import sentencepiece as spm
-
     sp = spm.SentencePieceProcessor(model_file=str(tok))
     encode = sp.encode
     cpu, start = cpu_seconds(), time.perf_counter()

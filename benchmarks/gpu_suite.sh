@@ -33,7 +33,7 @@ bench=(python3 benchmarks/throughput.py --model tinyllama-1.1b --seq-len 2048 --
 
 case "$step" in
   parity)
-    python3 -m pytest -q -ra -p no:cacheprovider tests/test_kernels.py 2>&1 | tee "$out/parity.log" ;;
+    python3 -m pytest -q -ra -p no:cacheprovider tests/models/test_kernels.py 2>&1 | tee "$out/parity.log" ;;
   compare)
     # Every kernel set that runs there, beside transformers' LlamaForCausalLM (sdpa) in the same run.
     "${bench[@]}" --batch 8 --steps 30 --peers hf \

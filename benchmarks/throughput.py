@@ -20,7 +20,8 @@ is reported. Per step: CUDA events on a GPU,
 the wall clock (and the process's CPU time) on a CPU. Reported: the median step time and
 tokens/s = batch x seq_len / median, per device (one process, one device); MFU = tokens/s x the
 analytical training FLOPs per token (models/flops.py: 6N + attention, not counting recomputation)
-/ the device's dense bf16/fp16 peak, known for H100, H200 and A100 (unknown elsewhere, and for fp32);
+/ the device's dense bf16/fp16 peak (orchestrator/devices.py: H100, H200, A100; unknown elsewhere,
+and for fp32);
 peak memory: torch.cuda.max_memory_allocated over one step on a GPU; on a CPU (no allocator
 statistics there) the peak of the tensors torch's MemTracker follows through one forward +
 backward with the optimizer state resident, by kind (parameters, gradients, optimizer state,
@@ -56,7 +57,9 @@ import shlex
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -68,17 +71,13 @@ from models import kernels  # noqa: E402
 from models.config import KERNEL_FIELDS, model_config  # noqa: E402
 from models.flops import flops_per_token  # noqa: E402
 from models.llama import Llama  # noqa: E402
+from orchestrator.config import Config  # noqa: E402
+from orchestrator.devices import device_peak_flops, pick_device  # noqa: E402
+from orchestrator.parallel.activation_checkpointing import apply_activation_checkpointing  # noqa: E402
+from orchestrator.parallel.compile import compile_blocks  # noqa: E402
+from orchestrator.training.optim import build_optimizer  # noqa: E402
 
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true")
-
-# Dense (no sparsity) peak FLOP/s per GPU for bf16/fp16 tensor-core math, from the vendors' datasheets.
-PEAK_BF16 = {
-    "H200": 989e12,
-    "H100 PCIe": 756e12,
-    "H100 NVL": 835e12,
-    "H100": 989e12,
-    "A100": 312e12,
-}
 
 # Kernel sets for our model. `default`: the config defaults (what a run that sets nothing gets);
 # `baseline`: the training path before fused kernels (SDPA, eager norms/RoPE/SwiGLU, logits + F.cross_entropy).
@@ -129,10 +128,7 @@ def set_label(kernel_set: dict[str, Any]) -> str:
 
 
 def adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
-    """The trainer's optimizer (orchestrator/optim.py build_optimizer) with its default settings."""
-    from orchestrator.config import Config
-    from orchestrator.optim import build_optimizer
-
+    """The trainer's optimizer (orchestrator/training/optim.py build_optimizer) with its default settings."""
     return build_optimizer(model, Config())
 
 
@@ -141,8 +137,6 @@ def autocast(device: torch.device, precision: str):
 
 
 def build_ours(cfg, kernel_set: dict, device, precision, ac: str) -> Contender:
-    from orchestrator.strategies import apply_activation_checkpointing
-
     mcfg = dataclasses.replace(cfg, **kernel_set)
     torch.manual_seed(0)
     with device:
@@ -151,7 +145,7 @@ def build_ours(cfg, kernel_set: dict, device, precision, ac: str) -> Contender:
         model = model.to(torch.bfloat16)
     apply_activation_checkpointing(model, ac)
     if mcfg.compile:
-        kernels.compile_blocks(model)
+        compile_blocks(model)
     resolved = kernels.plan(
         mcfg, device, torch.bfloat16 if precision != "32-true" else torch.float32
     )
@@ -169,7 +163,7 @@ def build_ours(cfg, kernel_set: dict, device, precision, ac: str) -> Contender:
 
 
 def hf_available() -> str | None:
-    try:
+    try:  # transformers: an optional peer (the dev extra)
         import transformers
 
         return transformers.__version__
@@ -178,10 +172,12 @@ def hf_available() -> str | None:
 
 
 def build_hf(cfg, device, precision, weights_from: torch.nn.Module | None) -> Contender:
+    # transformers: an optional peer; orchestrator.tools.hf needs the data stack (sentencepiece,
+    # safetensors), which this script does not otherwise require
     import transformers
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from orchestrator.hf import hf_config, to_hf_state_dict
+    from orchestrator.tools.hf import hf_config, to_hf_state_dict
 
     fields = hf_config(cfg, torch.float32)
     for key in ("architectures", "model_type", "torch_dtype"):
@@ -209,9 +205,7 @@ def build_hf(cfg, device, precision, weights_from: torch.nn.Module | None) -> Co
 
 
 def litgpt_available() -> str | None:
-    try:
-        from importlib.metadata import version
-
+    try:  # litgpt: an optional peer
         import litgpt.model  # noqa: F401
 
         return version("litgpt")
@@ -220,11 +214,12 @@ def litgpt_available() -> str | None:
 
 
 def build_litgpt(cfg, device, precision, seq_len: int) -> Contender:
-    from litgpt.config import Config
+    # litgpt: an optional peer
+    from litgpt.config import Config as LitConfig
     from litgpt.model import GPT
     from litgpt.utils import chunked_cross_entropy
 
-    lit_cfg = Config(
+    lit_cfg = LitConfig(
         name=f"llama-like-{cfg.name}", block_size=cfg.max_seq_len, vocab_size=cfg.vocab_size,
         padded_vocab_size=cfg.vocab_size, n_layer=cfg.n_layers, n_head=cfg.n_heads, n_embd=cfg.d_model,
         n_query_groups=cfg.n_kv_heads, head_size=cfg.head_dim, rotary_percentage=1.0, parallel_residual=False,
@@ -271,12 +266,10 @@ def tracked_peak(
     MemTracker (a dispatch mode that follows every tensor; works on CPUs, which have no allocator
     statistics): MiB of parameters, gradients, optimizer state, activations and temporaries at the
     peak, and the total."""
-    try:
+    try:  # torch's private API: absent from some builds
         from torch.distributed._tools.mem_tracker import MemTracker
-    except ImportError:  # a torch without it (private API)
+    except ImportError:
         return {"peak_mem_mib": None}
-    import warnings
-
     tracker = MemTracker()
     tracker.track_external(c.model, c.optimizer)
     with warnings.catch_warnings():
@@ -385,10 +378,7 @@ def peak_flops(device: torch.device, precision: str) -> tuple[float | None, str]
     name = torch.cuda.get_device_name(device)
     if precision == "32-true":
         return None, name
-    for key, value in PEAK_BF16.items():  # most specific first (PCIe / NVL before plain H100)
-        if key in name:
-            return value, name
-    return None, name
+    return device_peak_flops(name), name
 
 
 def summarise(
@@ -421,8 +411,6 @@ def summarise(
 
 
 def versions() -> dict[str, str | None]:
-    from importlib.metadata import PackageNotFoundError, version
-
     out: dict[str, str | None] = {"python": platform.python_version(), "torch": torch.__version__,
                                   "cuda": torch.version.cuda}  # fmt: skip
     for pkg in (
@@ -461,12 +449,6 @@ def make_batches(cfg, batch: int, seq_len: int, device: torch.device, n: int = 4
         tokens = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), generator=g)
         out.append((tokens[:, :-1].contiguous().to(device), tokens[:, 1:].contiguous().to(device)))
     return out
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def model_cfg(args):
@@ -863,7 +845,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="curve: precision of the eager run that measures rounding noise",
     )
     args = p.parse_args(argv)
-    gpu = resolve_device(args.device).type == "cuda"
+    gpu = pick_device(args.device).type == "cuda"
     args.model = args.model or ("tinyllama-1.1b" if gpu else "llama-20m")
     args.batch = args.batch or (8 if gpu else 4)
     args.seq_len = args.seq_len or (2048 if gpu else 256)
@@ -875,7 +857,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    device = resolve_device(args.device)
+    device = pick_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     if device.type == "cuda" and not args.curve:  # the curve's fp32 yardstick stays true fp32

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A real Slurm cluster on this machine: munged, slurmctld and two slurmd's (simulated nodes n1, n2).
 
-For the test suite (tests/test_slurm.py) and for anyone who wants to try cluster/pretrain.slurm
+For the test suite (tests/orchestrator/parallel/test_slurm.py) and for anyone who wants to try cluster/pretrain.slurm
 without a cluster. Debian/Ubuntu packages (slurmctld slurmd slurm-client munge), run as root,
 no systemd or cgroups needed.
 
@@ -314,7 +314,7 @@ class LocalSlurm:
             except OSError as e:
                 raise SlurmUnavailable(
                     f"node names {missing} do not resolve and /etc/hosts is not writable ({e})"
-                )
+                ) from e
 
     def _node_states(self) -> dict[str, str]:
         out = _run(["sinfo", "-h", "-N", "-o", "%N %t"], env=self.env, timeout=15).stdout

@@ -26,6 +26,8 @@ from litdata import StreamingDataLoader, StreamingDataset
 from litdata.constants import _TORCH_DTYPES_MAPPING
 from litdata.streaming.item_loader import TokensLoader
 
+from data.mixture import MixtureDataset
+
 # litdata's TokensLoader builds tensors with torch.frombuffer over a read-only mmap and then
 # clones them, which is safe, but torch warns once per process; keep training logs clean.
 warnings.filterwarnings(
@@ -229,7 +231,6 @@ def make_mixture_loader(
     See :class:`data.mixture.MixtureDataset` for the semantics (deterministic weighted
     interleaving, each source cycling through its own reshuffled epochs, exact resume).
     """
-    from data.mixture import MixtureDataset
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
@@ -267,7 +268,6 @@ def make_mixture_loader(
 def source_samples(loader: Any) -> dict[str, int] | None:
     """Samples (blocks) this process has consumed from each source of a mixture loader, from the
     loader's own (checkpointed) state; ``None`` for a single-dataset loader."""
-    from data.mixture import MixtureDataset
 
     dataset = getattr(loader, "dataset", None)
     if not isinstance(dataset, MixtureDataset):

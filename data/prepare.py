@@ -61,6 +61,7 @@ import queue
 import shutil
 import signal
 import sys
+import tempfile
 import time
 import zlib
 from collections import Counter
@@ -72,6 +73,7 @@ import numpy as np
 
 from data.shards import RecordFilter, ShardReader, SkipStats, find_shards
 from data.tokenizer import SEPARATORS, Tokenizer
+from data.util import file_sha256, format_duration, parse_size
 
 __all__ = [
     "COMPLETE_MARKER",
@@ -94,16 +96,6 @@ _URL_SCHEMES = ("s3://", "gs://", "r2://")
 
 def _is_url(path: str | Path) -> bool:
     return str(path).startswith(_URL_SCHEMES)
-
-
-def _parse_bytes(value: str | int) -> int:
-    if isinstance(value, int):
-        return value
-    s = value.strip().upper().removesuffix("B")
-    units = {"K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
-    if s and s[-1] in units:
-        return int(float(s[:-1]) * units[s[-1]])
-    return int(s)
 
 
 @dataclass(frozen=True)
@@ -162,7 +154,7 @@ class _Output:
         if (
             self._fs is None
         ):  # created lazily, in the process that uses it (clients are not fork-safe)
-            from litdata.streaming.fs_provider import _get_fs_provider
+            from litdata.streaming.fs_provider import _get_fs_provider  # see _SplitWriter
 
             self._fs = _get_fs_provider(self.url, self.storage_options)
         return self._fs
@@ -181,8 +173,6 @@ class _Output:
     def read_text(self, *parts: str) -> str:
         if not self.remote:
             return Path(self.join(*parts)).read_text()
-        import tempfile
-
         with tempfile.TemporaryDirectory() as tmp:
             local = os.path.join(tmp, "f")
             self.fs.download_file(self.join(*parts), local)
@@ -197,8 +187,6 @@ class _Output:
             tmp.write_text(text)
             os.replace(tmp, dest)
             return
-        import tempfile
-
         with tempfile.TemporaryDirectory() as tmp:
             local = os.path.join(tmp, "f")
             Path(local).write_text(text)
@@ -322,14 +310,6 @@ def _make_parts(
     return parts
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.int32)
 
@@ -398,6 +378,8 @@ class _SplitWriter:
     """litdata chunks of one split of one part, named chunk-<part>-<n>.bin."""
 
     def __init__(self, directory: Path, part_index: int, chunk_bytes: int) -> None:
+        # Imported on first use: torch and litdata take seconds to import, and planning, resume
+        # checks and input errors (which come first) need neither.
         import torch
         from litdata.streaming.item_loader import TokensLoader
         from litdata.streaming.writer import BinaryWriter
@@ -540,15 +522,6 @@ def _process_part(part: _Part, reporter: _Reporter | None = None) -> dict[str, A
 # ------------------------------------------------------------------------------------------------
 
 
-def _fmt_duration(seconds: float) -> str:
-    if seconds != seconds or seconds == float("inf"):
-        return "?"
-    s = int(seconds)
-    h, rem = divmod(s, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
-
-
 def _fmt_count(n: float) -> str:
     for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if n >= div:
@@ -599,7 +572,7 @@ class _Progress:
         return (
             f"prepare {pct:5.1f}% | parts {self.done_parts}/{self.total_parts} | "
             f"{self.bytes / div:.2f}/{self.total_bytes / div:.2f} {unit} | {self.tokens:,} tokens | "
-            f"{_fmt_count(rate_tokens)} tok/s | ETA {_fmt_duration(eta)}"
+            f"{_fmt_count(rate_tokens)} tok/s | ETA {format_duration(eta)}"
         )
 
     def show(self, final: bool = False) -> None:
@@ -698,8 +671,8 @@ def prepare_dataset(
         min_chars=min_chars,
         min_tokens=min_tokens,
         separator=separator,
-        chunk_bytes=_parse_bytes(chunk_bytes),
-        group_bytes=1 if group_bytes == "auto" else _parse_bytes(group_bytes),
+        chunk_bytes=parse_size(chunk_bytes),
+        group_bytes=1 if group_bytes == "auto" else parse_size(group_bytes),
         val_every=val_every,
     )
     # Cheap checks first: nothing is created before the inputs are known to be usable.
@@ -722,7 +695,7 @@ def prepare_dataset(
         "format_version": _FORMAT_VERSION,
         "input_dir": str(in_path.resolve()),
         "tokenizer_path": str(tok_path.resolve()),
-        "tokenizer_sha256": _sha256(tok_path),
+        "tokenizer_sha256": file_sha256(tok_path),
         "options": asdict(opts),
         "files": [
             [label, size, os.stat(path).st_mtime_ns] for p in parts for path, label, size in p.files

@@ -400,6 +400,7 @@ class ShardReader:
     # -- Parquet -------------------------------------------------------------------------------
 
     def _parquet(self) -> Iterator[Record]:
+        # pyarrow: a large import that only Parquet corpora (StarCoder) need.
         import pyarrow as pa
         import pyarrow.parquet as pq
 

@@ -13,10 +13,27 @@ a checkpoint trained with one set resumes, exports and generates with any other.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
-from orchestrator.schema import doc
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key and the fix.
+
+    Defined here, in the lowest layer, so that the model's own checks (and models/kernels.py's
+    `KernelUnavailable`) raise the class the orchestrator's config tree raises and reports.
+    """
+
+
+def doc(default: Any, help: str) -> Any:
+    """A dataclass field with a default and a one-line description (shown in the config reference)."""
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(
+            default_factory=lambda: type(default)(default), metadata={"help": help}
+        )
+    return dataclasses.field(default=default, metadata={"help": help})
+
 
 AttnGate = Literal["none", "headwise", "elementwise"]
 AttentionKernel = Literal["auto", "sdpa", "flash_attn", "xformers", "eager"]
@@ -120,8 +137,6 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the offending key and the fix; called before anything is built."""
-        from orchestrator.schema import ConfigError
-
         for key in (
             "vocab_size",
             "n_layers",
@@ -275,10 +290,6 @@ SIZES: dict[str, dict] = {
 def model_config(name: str, **overrides) -> ModelConfig:
     """The named size with `overrides` applied."""
     if name not in SIZES:
-        import difflib
-
-        from orchestrator.schema import ConfigError
-
         close = difflib.get_close_matches(name, list(SIZES), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ConfigError(

@@ -17,7 +17,7 @@ Convention (PaLM, arXiv 2204.02311 app. B; also Megatron-LM and nanoGPT):
   training step costs 3x forward; activation recomputation is not counted (MFU, unlike HFU,
   charges only the work the model needs).
 
-Against torch.utils.flop_counter.FlopCounterMode (tests/test_flops.py): on the eager attention
+Against torch.utils.flop_counter.FlopCounterMode (tests/models/test_flops.py): on the eager attention
 path (the full T x T score matrix with plain matmuls) the training count agrees exactly. On
 CUDA, FlopCounterMode charges the fused SDPA backward 2.5x its forward (FlashAttention recomputes
 the scores), so it reads a little higher than 3x forward; on CPU it does not count the fused

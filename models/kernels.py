@@ -1,7 +1,7 @@
 """Optional fused kernels for models/llama.py, each chosen by a config string.
 
 The eager code in models/llama.py is the reference every kernel here is tested against
-(tests/test_kernels.py, forward and backward, fp32 and bf16).
+(tests/models/test_kernels.py, forward and backward, fp32 and bf16).
 
     model.attention       auto | sdpa | flash_attn | xformers | eager
     model.rmsnorm_kernel  auto | eager | liger | flash_attn
@@ -41,7 +41,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from orchestrator.schema import ConfigError
+from models.config import ConfigError
 
 IGNORE_INDEX = -100  # targets with this value take no part in the loss (F.cross_entropy's default)
 HALF = (torch.bfloat16, torch.float16)
@@ -218,7 +218,10 @@ def why_not(op: str, kernel: str, device_type: str, dtype: torch.dtype) -> str |
     if device_type != "cuda":
         return f"{_PACKAGES[lib_name]} kernels need CUDA tensors, these are on {device_type}"
     if (op, kernel) == ("attention", "flash_attn") and dtype not in HALF:
-        return f"flash-attn computes in bf16/fp16 only, this run computes in {dtype} (use strategy.precision bf16-mixed)"
+        return (
+            f"flash-attn computes in bf16/fp16 only, this run computes in {dtype} "
+            "(use strategy.precision bf16-mixed)"
+        )
     return None
 
 
@@ -601,43 +604,3 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 # Applied from outside the model: torch.compile of the blocks, and what selective activation
 # checkpointing keeps
 # --------------------------------------------------------------------------------------------
-
-
-def compile_blocks(model: torch.nn.Module, **compile_kwargs) -> torch.nn.Module:
-    """torch.compile every transformer block in place (`Module.compile`): parameter names, state-dict
-    keys and hooks stay those of the plain model. Blocks share code, so one compilation serves all."""
-    for block in model.blocks:
-        block.compile(**compile_kwargs)
-    return model
-
-
-def _save_ops() -> set:
-    aten = torch.ops.aten
-    names = (
-        "mm", "addmm", "bmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_for_cpu",
-        "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
-    )  # fmt: skip
-    ops = {getattr(aten, n).default for n in names if hasattr(aten, n)}
-    flash = getattr(
-        torch.ops, "flash_attn", None
-    )  # flash-attn >= 2.6 registers its kernels as torch ops
-    for n in ("_flash_attn_forward",):
-        if flash is not None and hasattr(flash, n):
-            ops.add(getattr(flash, n).default)
-    return ops
-
-
-def selective_checkpoint_context():
-    """Context for `torch.utils.checkpoint(..., context_fn=...)`: keep the outputs of matmuls and
-    attention kernels, recompute everything else (norms, RoPE, activations, residual adds) in backward.
-
-    The recomputed ops are cheap and memory-bound; the saved ones are what would be costly to redo.
-    """
-    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
-
-    save = _save_ops()
-
-    def policy(ctx, op, *args, **kwargs):
-        return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
-
-    return create_selective_checkpoint_contexts(policy)

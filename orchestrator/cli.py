@@ -21,20 +21,35 @@ orchestrator fit         RUN_DIR RUN_DIR ... [--plot fit.png]   (loss vs N and v
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
+from importlib.resources import as_file, files
 from pathlib import Path
 
-from orchestrator.schema import ConfigError
+import yaml
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from data.prepare import is_prepared, prepare_dataset
+from data.sample_corpus import write_sample_corpus
+from data.shards import RecordFilter
+from data.tokenizer import Tokenizer, install_tokenizer, train_tokenizer
+from data.util import parse_count
+from models.config import SIZES, model_config
+from models.flops import flops_per_token
+from orchestrator.checkpoint.layout import resolve_checkpoint
+from orchestrator.config import Config, load_config
+from orchestrator.schema import ConfigError, reference, to_dict
+from orchestrator.tools.scaling import fit_runs, plot, read_run, report, results_dict
+
+# Package data (read through importlib.resources: works from an installed package, no checkout).
+# The demo config; configs/quickstart.yaml is a link to it (tests/orchestrator/test_cli.py checks).
+QUICKSTART_CONFIG = files("orchestrator") / "resources" / "quickstart.yaml"
 
 
-def _record_filter(args: argparse.Namespace):
-    from data.shards import RecordFilter
-
+def _record_filter(args: argparse.Namespace) -> RecordFilter:
     return RecordFilter(
         text_field=args.text_field,
         exclude_sets=frozenset(args.exclude_set or ()),
@@ -43,8 +58,6 @@ def _record_filter(args: argparse.Namespace):
 
 
 def cmd_tokenizer(args: argparse.Namespace) -> int:
-    from data.tokenizer import Tokenizer, install_tokenizer, train_tokenizer
-
     if args.existing:
         path = install_tokenizer(args.existing, args.output)
         print(f"Tokenizer {args.existing} checked and copied to {path}")
@@ -75,8 +88,6 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from data.prepare import prepare_dataset
-
     try:
         stats = prepare_dataset(
             args.input,
@@ -122,10 +133,6 @@ def print_prepare_stats(stats: dict, output: str | Path) -> None:
 
 def prepare_sample(out: Path) -> tuple[Path, Path]:
     """The built-in sample corpus, its tokenizer and token chunks under `out` (idempotent)."""
-    from data.prepare import is_prepared, prepare_dataset
-    from data.sample_corpus import write_sample_corpus
-    from data.tokenizer import train_tokenizer
-
     raw, tokenizer, tokens = out / "raw", out / "tokenizer.model", out / "tokens"
     if is_prepared(tokens) and tokenizer.is_file():
         print(f"Sample data already prepared in {out}")
@@ -146,6 +153,7 @@ def cmd_sample_data(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
+    # imported on use: loads torch/lightning (seconds)
     from orchestrator.train import main as train_main
 
     return train_main(rest)
@@ -153,23 +161,19 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
 
 def cmd_demo(args: argparse.Namespace, rest: list[str]) -> int:
     tokens, tokenizer = prepare_sample(Path(args.data_dir))
-    command = [
-        sys.executable, "-m", "orchestrator", "train",
-        "--config", str(REPO_ROOT / "configs" / "quickstart.yaml"),
-        "--data.dir", str(tokens), "--data.tokenizer", str(tokenizer),
-        "--run.dir", args.run_dir, *rest,
-    ]  # fmt: skip
-    print("Running:", " ".join(command), flush=True)
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    return subprocess.call(command, env=env)
+    with as_file(QUICKSTART_CONFIG) as config:  # a real file even from a zipped install
+        command = [
+            sys.executable, "-m", "orchestrator", "train",
+            "--config", str(config),
+            "--data.dir", str(tokens), "--data.tokenizer", str(tokenizer),
+            "--run.dir", args.run_dir, *rest,
+        ]  # fmt: skip
+        print("Running:", " ".join(command), flush=True)
+        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+        return subprocess.call(command, env=env)
 
 
 def cmd_config(args: argparse.Namespace, rest: list[str]) -> int:
-    import yaml
-
-    from orchestrator.config import load_config
-    from orchestrator.schema import to_dict
-
     if args.reference:
         table = reference_table()
         if args.write:
@@ -188,9 +192,6 @@ REFERENCE_END = "<!-- config-reference:end -->"
 
 def reference_table() -> str:
     """Markdown table of every config key (the README's reference is this, verbatim)."""
-    from orchestrator.config import Config
-    from orchestrator.schema import reference
-
     lines = ["| key | type | default | description |", "|---|---|---|---|"]
     for key, tp, default, help in reference(Config):
         lines.append(f"| `{key}` | {tp.replace('|', '/')} | `{default}` | {help} |")
@@ -207,9 +208,6 @@ def replace_marked_block(path: Path, body: str) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from models.config import SIZES, model_config
-    from models.flops import flops_per_token
-
     seq = args.seq_len
     print(
         f"{'name':<16} {'params':>15} {'non-embed':>15} {'layers':>6} {'d_model':>7} {'heads':>5} {'kv':>3} "
@@ -230,7 +228,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from orchestrator.hf import export_checkpoint, resolve_checkpoint
+    # imported on use: loads torch (seconds)
+    from orchestrator.tools.hf import export_checkpoint
 
     ckpt = resolve_checkpoint(args.checkpoint)
     try:
@@ -249,15 +248,16 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_consolidate(args: argparse.Namespace) -> int:
-    from orchestrator.consolidate import consolidate
-    from orchestrator.hf import resolve_checkpoint
+    # imported on use: loads torch (seconds)
+    from orchestrator.checkpoint.consolidate import consolidate
 
     consolidate(resolve_checkpoint(args.checkpoint), args.output)
     return 0
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from orchestrator.hf import import_hf
+    # imported on use: loads torch/lightning (seconds)
+    from orchestrator.tools.hf import import_hf
 
     try:
         ckpt = import_hf(args.input, args.output, dtype=args.dtype, overwrite=args.overwrite)
@@ -281,7 +281,8 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from orchestrator.generate import generate_text
+    # imported on use: loads torch (seconds)
+    from orchestrator.tools.generate import generate_text
 
     text = generate_text(
         args.checkpoint, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -293,15 +294,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    import json
-
-    from orchestrator import evaluate as ev
+    # imported on use: loads torch (seconds)
+    from orchestrator.devices import pick_device
+    from orchestrator.tools import evaluate as ev
 
     if args.write_sample_tasks:
         names = ev.write_sample_tasks(args.write_sample_tasks)
         print(
             f"Local harness tasks {', '.join(names)} written to {args.write_sample_tasks}; run them with "
-            f"`orchestrator evaluate --hf-dir HF_DIR --tasks {','.join(names)} --include-path {args.write_sample_tasks}`"
+            f"`orchestrator evaluate --hf-dir HF_DIR --tasks {','.join(names)} "
+            f"--include-path {args.write_sample_tasks}`"
         )
         if not (args.tasks or args.checkpoint or args.hf_dir):
             return 0
@@ -341,8 +343,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         tasks = [t for t in (args.tasks or "").split(",") if t]
         include = args.include_path
         if args.local_task:
-            import tempfile
-
             include = include or tempfile.mkdtemp(prefix="orchestrator-tasks-")
             for path in args.local_task:
                 name = Path(path).stem.replace("-", "_").replace(".", "_")
@@ -362,9 +362,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             hf_dir,
             tasks,
             include_path=include,
-            device=args.device
-            if args.device != "auto"
-            else ("cuda" if __import__("torch").cuda.is_available() else "cpu"),
+            device=str(pick_device(args.device)),
             batch_size=args.batch_size,
             limit=args.limit,
             dtype="float32" if args.dtype == "auto" else args.dtype,
@@ -379,9 +377,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    import json
-
-    from orchestrator.plan import DEFAULT_RESULTS, format_plan, make_plan, parse_count
+    # imported on use: loads torch (orchestrator.devices; seconds)
+    from orchestrator.tools.plan import DEFAULT_RESULTS, format_plan, make_plan
 
     plan = make_plan(
         gpu_hours=args.gpu_hours,
@@ -402,10 +399,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    import json
-
-    from orchestrator.fit import fit_runs, plot, read_run, report, results_dict
-
     runs = [
         read_run(path, metric=args.metric, non_embedding=args.non_embedding) for path in args.runs
     ]
@@ -728,8 +721,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--mfu",
         type=float,
         default=None,
-        help="model FLOPs utilisation to assume (default: measured in "
-        "benchmarks/RESULTS.md for the device, else 0.40)",
+        help="model FLOPs utilisation to assume (default: measured for the device in the "
+        "--results table, else 0.40)",
     )
     p.add_argument(
         "--tokens-per-sec", type=float, default=None, help="measured training tokens/s per GPU"
@@ -738,7 +731,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokens-per-param", type=float, default=20.0, help="tokens per parameter at the optimum"
     )
     p.add_argument(
-        "--results", default=None, help="benchmark results file (default benchmarks/RESULTS.md)"
+        "--results",
+        default=None,
+        metavar="FILE",
+        help="measured-throughput table to read (markdown, as benchmarks/RESULTS.md; default: the one "
+        "shipped with the package, orchestrator/resources/throughput.md)",
     )
     p.add_argument("--json", default=None, help="also write the plan to this JSON file")
     p.set_defaults(fn=cmd_plan)

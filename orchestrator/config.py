@@ -6,6 +6,7 @@ YAML, applies dotted overrides, checks every key and value, and returns a `Confi
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -473,7 +474,7 @@ def config_from_layers(layers: list[dict]) -> Config:
     for layer in layers:
         from_dict(Config, layer, base=cfg)
     cfg.validate()
-    return cfg
+    return make_paths_absolute(cfg)
 
 
 def config_from_dict(data: dict) -> Config:
@@ -481,5 +482,30 @@ def config_from_dict(data: dict) -> Config:
     return config_from_layers([data])
 
 
+def _absolute(path: str | None) -> str | None:
+    """A local path made absolute (against the working directory); URLs and None unchanged."""
+    if not path or "://" in path:
+        return path
+    return str(Path(path).expanduser().absolute())
+
+
+def make_paths_absolute(cfg: Config) -> Config:
+    """Every file-system path of `cfg` made absolute, in place, so that a resolved (and saved)
+    config means the same from any directory: export, evaluate and generate read data.tokenizer
+    from a checkpoint's config.yaml wherever they run."""
+    cfg.run.dir = _absolute(cfg.run.dir)
+    cfg.data.dir = _absolute(cfg.data.dir)
+    cfg.data.val_dir = _absolute(cfg.data.val_dir)
+    cfg.data.tokenizer = _absolute(cfg.data.tokenizer)
+    for source in cfg.data.sources:
+        source.dir = _absolute(source.dir)
+    cfg.checkpoint.init_from = _absolute(cfg.checkpoint.init_from)
+    if cfg.checkpoint.resume not in ("auto", "never"):
+        cfg.checkpoint.resume = _absolute(cfg.checkpoint.resume)
+    return cfg
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """The resolved config as YAML, its paths absolute (see `make_paths_absolute`)."""
+    data = to_dict(make_paths_absolute(copy.deepcopy(cfg)))
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))

@@ -15,18 +15,11 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+# The error and the documented-field helper are defined with the model's config (the lowest
+# layer, which imports nothing from orchestrator/); the whole config tree uses these two.
+from models.config import ConfigError, doc
 
-class ConfigError(ValueError):
-    """A bad configuration value; the message names the key and the fix."""
-
-
-def doc(default: Any, help: str) -> Any:
-    """A dataclass field with a default and a one-line description (shown in the config reference)."""
-    if isinstance(default, (list, dict)):
-        return dataclasses.field(
-            default_factory=lambda: type(default)(default), metadata={"help": help}
-        )
-    return dataclasses.field(default=default, metadata={"help": help})
+__all__ = ["ConfigError", "doc", "section", "coerce", "from_dict", "to_dict", "parse_overrides"]
 
 
 def section(cls: type, help: str) -> Any:

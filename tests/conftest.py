@@ -43,8 +43,8 @@ def sample_data(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def monitored_run(sample_data, tmp_path_factory):
-    """One short 2-process run with every monitoring feature on (tests/test_monitoring.py and
-    tests/test_evaluate.py share it): a two-source mixture, a NaN fault at step 3 (a skipped
+    """One short 2-process run with every monitoring feature on (tests/orchestrator/training/test_monitor.py and
+    tests/orchestrator/tools/test_evaluate.py share it): a two-source mixture, a NaN fault at step 3 (a skipped
     step), per-layer gradient norms, sample generations every 3 steps and a peak for MFU."""
     from tests.training import train
 

@@ -93,7 +93,7 @@ def random_model(cfg: ModelConfig, seed: int = 0) -> Llama:
     torch.manual_seed(seed)
     model = Llama(cfg)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim == 1:
                 p.add_(0.1 * torch.randn_like(p))
     return model.eval()
@@ -101,7 +101,8 @@ def random_model(cfg: ModelConfig, seed: int = 0) -> Llama:
 
 def write_checkpoint(root: Path, model: Llama, tokenizer: Path | None, step: int = 100) -> Path:
     """A checkpoint laid out as the trainer writes it: single-file `state`, config.yaml, manifest.json."""
-    from orchestrator.checkpoint import capture_rng, config_hash, write_manifest
+    from orchestrator.checkpoint.manifest import config_hash, write_manifest
+    from orchestrator.checkpoint.rng import capture_rng
     from orchestrator.config import Config, save_config
 
     ckpt = root / "checkpoints" / f"step-{step:08d}"

@@ -97,8 +97,12 @@ def make_dataloader(data_dir, seq_len: int, batch_size: int, shuffle: bool = Tru
 
 def main() -> int:
     import orchestrator.train as train
+    import orchestrator.training.data as training_data
+    import orchestrator.training.validation as validation
 
-    train.make_dataloader = make_dataloader
+    # The trainer builds its loaders in these two modules (the training and the validation data).
+    training_data.make_dataloader = make_dataloader
+    validation.make_dataloader = make_dataloader
     return train.main(sys.argv[1:])
 
 

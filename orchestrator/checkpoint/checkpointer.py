@@ -1,0 +1,320 @@
+"""Saving and restoring the training state: checkpoints that are either complete and verified,
+or never used.
+
+Writing: every rank writes into `step-00000100.partial/`; rank 0 then flushes every file to
+disk, writes the manifest (each file's size and SHA-256, step, tokens seen, config hash)
+last, and publishes the directory with an atomic rename. A crash at any moment leaves either
+the previous checkpoints untouched plus a `.partial` directory (removed at the next start),
+or a complete new checkpoint. DDP and single-device runs stream one file from rank 0 (hashed as
+it is written; optionally in a background thread); FSDP and DeepSpeed write per-rank shards
+through Fabric.
+
+Reading: `orchestrator/checkpoint/resume.py` chooses the checkpoint; `Checkpointer.load` fills the
+training state from it without running pickled code (`torch.load(weights_only=True)`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric import Fabric
+from lightning.fabric.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+from lightning.fabric.wrappers import _unwrap_objects
+
+from orchestrator.checkpoint.consolidate import load_model_state
+from orchestrator.checkpoint.files import (
+    fsync_dir,
+    refuse_unsafe_pickles,
+    write_state_file,
+)
+from orchestrator.checkpoint.layout import (
+    CONFIG_NAME,
+    META_NAME,
+    STATE_NAME,
+    CheckpointError,
+    checkpoint_root,
+    dir_size,
+    initial_progress,
+    partial_dir,
+    prune,
+    step_dir,
+)
+from orchestrator.checkpoint.manifest import config_hash, verify, write_manifest
+from orchestrator.checkpoint.rng import capture_rng, restore_rng
+from orchestrator.config import Config, save_config
+from orchestrator.parallel.launch import gather_object, on_rank_zero
+from orchestrator.parallel.strategy import load_full_model_state
+
+
+@dataclass
+class SaveReport:
+    path: Path
+    step: int
+    stall_seconds: float  # training was blocked this long
+    write_seconds: float | None = None  # total time to publish (None while an async save runs)
+    size_bytes: int | None = None
+    total_bytes: int | None = None  # all checkpoints of the run, after retention
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def writes_single_file(fabric: Fabric) -> bool:
+    """DDP and single-device runs hold the full state on rank 0, which writes one file; sharded
+    strategies (DeepSpeed, FSDP) write one file per rank through Fabric."""
+    strategy = fabric.strategy
+    return isinstance(strategy, (DDPStrategy, SingleDeviceStrategy)) and not isinstance(
+        strategy, DeepSpeedStrategy
+    )
+
+
+def _publish(
+    cfg: Config,
+    partial: Path,
+    final: Path,
+    info: dict[str, Any],
+    known: dict[str, str] | None = None,
+) -> None:
+    """Rank 0: config, manifest (last), atomic rename, retention."""
+    save_config(cfg, partial / CONFIG_NAME)
+    write_manifest(partial, info, known)
+    if final.exists():  # the same step again (after resuming from an older checkpoint)
+        shutil.rmtree(final)
+    partial.rename(final)
+    fsync_dir(final.parent)
+    prune(final.parent, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every, protect=final)
+
+
+def _manifest_info(fabric: Fabric, cfg: Config, step: int, tokens_seen: int) -> dict[str, Any]:
+    return {
+        "step": step,
+        "tokens_seen": tokens_seen,
+        "config_hash": config_hash(cfg),
+        "world_size": fabric.world_size,
+        "strategy": cfg.strategy.name,
+        "time": time.time(),
+    }
+
+
+def _agree_on_errors(fabric: Fabric, error: BaseException | None, what: str) -> None:
+    """Every rank learns whether any rank failed, so none waits forever at the next collective."""
+    errors = gather_object(fabric, None if error is None else f"{type(error).__name__}: {error}")
+    failed = [(rank, e) for rank, e in enumerate(errors) if e is not None]
+    if failed:
+        details = "; ".join(f"rank {rank}: {e}" for rank, e in failed)
+        raise CheckpointError(f"{what} failed ({details})") from error
+
+
+class Checkpointer:
+    """Saves (synchronously, or in a background thread) and restores the training state."""
+
+    def __init__(self, fabric: Fabric, cfg: Config) -> None:
+        self.fabric = fabric
+        self.cfg = cfg
+        self.root = checkpoint_root(cfg)
+        self._thread: threading.Thread | None = None
+        self._async_error: BaseException | None = None
+        self.completed: list[SaveReport] = []
+
+    # -- save ------------------------------------------------------------------------------
+
+    def due(self, step: int) -> bool:
+        """Every checkpoint.interval steps, and at the last step."""
+        interval = self.cfg.checkpoint.interval
+        return bool(interval and step % interval == 0) or step == self.cfg.train.max_steps
+
+    def maybe_save(self, state: dict[str, Any], step: int) -> SaveReport | None:
+        """Save the checkpoint of `step` when one is due (collective: every rank calls it)."""
+        if not self.due(step):
+            return None
+        return self.save(state, step, state["progress"]["tokens_seen"])
+
+    def save(self, state: dict[str, Any], step: int, tokens_seen: int) -> SaveReport:
+        """Write the checkpoint of `step` (collective: every rank calls it)."""
+        self.wait()  # one save at a time; also surfaces an earlier async failure
+        final = step_dir(self.root, step)
+        partial = partial_dir(final)
+        started = time.perf_counter()
+        on_rank_zero(
+            self.fabric,
+            lambda: (self.root.mkdir(parents=True, exist_ok=True), shutil.rmtree(partial, True)),
+        )
+        self.fabric.barrier()
+        # Every rank's RNG state, so each process continues its own random stream.
+        full_state = dict(state, rng=gather_object(self.fabric, capture_rng()))
+        info = _manifest_info(self.fabric, self.cfg, step, tokens_seen)
+        if self.cfg.checkpoint.async_save:
+            return self._save_async(full_state, partial, final, info, started)
+
+        error, known = None, {}
+        try:
+            if writes_single_file(self.fabric):
+                # Rank 0 streams the full state to disk, hashing as it writes (no in-memory copy).
+                converted = self._state_dicts(full_state)
+                if self.fabric.is_global_zero:
+                    known[STATE_NAME] = write_state_file(converted, partial / STATE_NAME)
+            else:
+                self.fabric.save(partial / STATE_NAME, full_state)
+        except Exception as e:  # noqa: BLE001 - reported to every rank below
+            error = e
+        try:
+            _agree_on_errors(self.fabric, error, f"writing checkpoint {partial}")
+        except CheckpointError as e:
+            on_rank_zero(self.fabric, lambda: shutil.rmtree(partial, ignore_errors=True))
+            raise CheckpointError(
+                f"{e}. The previous checkpoints are intact; fix the cause (e.g. free disk "
+                "space) and rerun to resume from the latest one"
+            ) from error
+        self.fabric.barrier()
+
+        def publish() -> None:
+            try:
+                _publish(self.cfg, partial, final, info, known)
+            except Exception:
+                shutil.rmtree(partial, ignore_errors=True)
+                raise
+
+        error = None
+        try:
+            on_rank_zero(self.fabric, publish)
+        except Exception as e:  # noqa: BLE001
+            error = e
+        _agree_on_errors(self.fabric, error, f"publishing checkpoint {final}")
+        self.fabric.barrier()
+        elapsed = time.perf_counter() - started
+        report = SaveReport(
+            final,
+            step,
+            stall_seconds=elapsed,
+            write_seconds=elapsed,
+            size_bytes=dir_size(final),
+            total_bytes=dir_size(self.root),
+        )
+        self.completed.append(report)
+        return report
+
+    def _save_async(
+        self, full_state, partial: Path, final: Path, info, started: float
+    ) -> SaveReport:
+        """Snapshot the state to CPU memory now; write and publish it in a background thread."""
+        if not writes_single_file(self.fabric):
+            raise CheckpointError(
+                "checkpoint.async_save works with ddp/single-device strategies; set it to false for sharded ones"
+            )
+        snapshot = None
+        if self.fabric.is_global_zero:
+            snapshot = _to_cpu_copy(self._state_dicts(full_state))
+        self.fabric.barrier()
+        stall = time.perf_counter() - started
+
+        def write() -> None:
+            try:
+                digest = write_state_file(snapshot, partial / STATE_NAME)
+                _publish(self.cfg, partial, final, info, {STATE_NAME: digest})
+                self.completed.append(
+                    SaveReport(
+                        final,
+                        info["step"],
+                        stall_seconds=stall,
+                        write_seconds=time.perf_counter() - started,
+                        size_bytes=dir_size(final),
+                        total_bytes=dir_size(self.root),
+                    )
+                )
+            except BaseException as e:  # noqa: BLE001 - raised on the training thread at the next wait()
+                shutil.rmtree(partial, ignore_errors=True)
+                self._async_error = e
+
+        if self.fabric.is_global_zero:
+            self._thread = threading.Thread(
+                target=write, name=f"checkpoint-{final.name}", daemon=False
+            )
+            self._thread.start()
+        return SaveReport(final, info["step"], stall_seconds=stall)
+
+    def _state_dicts(self, full_state: dict[str, Any]) -> dict[str, Any]:
+        """What Fabric itself would save: module / optimizer / stateful objects as state dicts."""
+        return self.fabric.strategy._convert_stateful_objects_in_state(
+            _unwrap_objects(full_state), filter={}
+        )
+
+    def wait(self) -> None:
+        """Finish a background save; every rank learns if it failed."""
+        if not self.cfg.checkpoint.async_save:
+            return
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._async_error = self._async_error, None
+        _agree_on_errors(self.fabric, error, "a background checkpoint save")
+
+    # -- load ------------------------------------------------------------------------------
+
+    def load(self, path: Path, state: dict[str, Any]) -> None:
+        """Fill `state` in place from checkpoint `path` (its stateful objects and plain values)."""
+        state["rng"] = None
+        with refuse_unsafe_pickles(path):
+            self.fabric.load(path / STATE_NAME, state, weights_only=True)
+        rng_per_rank = state.pop("rng")
+        if rng_per_rank is not None:
+            # Same world size: each rank takes its own stream; otherwise rank 0's is all we can offer.
+            same_world = len(rng_per_rank) == self.fabric.world_size
+            restore_rng(rng_per_rank[self.fabric.global_rank if same_world else 0])
+
+    def load_weights(self, path: Path, model: torch.nn.Module) -> None:
+        """Only the model weights of checkpoint `path` (a new run starting from pretrained weights)."""
+        reason = verify(path, checksums=self.cfg.checkpoint.verify_checksums)
+        if reason is not None:
+            raise CheckpointError(f"checkpoint.init_from={path} cannot be used: {reason}")
+        # Any strategy's checkpoint (file, FSDP shards, DeepSpeed ZeRO) into any strategy's model.
+        with refuse_unsafe_pickles(path):
+            try:
+                weights = load_model_state(path)
+            except ValueError as e:
+                raise CheckpointError(str(e)) from e
+        load_full_model_state(self.fabric, model, weights, strict=True)
+
+
+def _to_cpu_copy(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu_copy(v) for v in obj)
+    return obj
+
+
+def write_weights_checkpoint(
+    out: Path, model_state: dict[str, torch.Tensor], cfg: Config, info: dict[str, Any]
+) -> Path:
+    """A model-only checkpoint (step 0, no optimizer) that `--checkpoint.init_from` starts a run
+    from, published like the trainer's: written under `.partial`, manifest last, renamed into
+    place. Files already in `out.partial` (e.g. a tokenizer) become part of it."""
+    partial = partial_dir(out)
+    partial.mkdir(parents=True, exist_ok=True)
+    digest = write_state_file(
+        {"model": model_state, "progress": initial_progress()}, partial / STATE_NAME
+    )
+    save_config(cfg, partial / CONFIG_NAME)
+    info = {
+        "step": 0,
+        "tokens_seen": 0,
+        "config_hash": config_hash(cfg),
+        "world_size": 1,
+        "time": time.time(),
+        "model_only": True,
+        **info,
+    }
+    (partial / META_NAME).write_text(json.dumps(info, indent=2))
+    write_manifest(partial, info, {STATE_NAME: digest})
+    if out.exists():
+        shutil.rmtree(out)
+    partial.rename(out)
+    fsync_dir(out.parent)
+    return out

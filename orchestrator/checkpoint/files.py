@@ -1,0 +1,88 @@
+"""Bytes on disk: state files written while they are hashed, flushed to disk, and read back
+without ever running pickled code."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from orchestrator.checkpoint.layout import CheckpointError
+
+
+class UnsafeCheckpointError(CheckpointError, ValueError):
+    """The file holds pickled objects other than tensors and plain containers."""
+
+
+@contextmanager
+def refuse_unsafe_pickles(path: Path) -> Iterator[None]:
+    """Turn torch's weights-only refusal (inside the block) into one clear error about `path`."""
+    try:
+        yield
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(
+            f"refusing to load {path}: it contains pickled objects other than tensors and plain "
+            f"containers, which could run arbitrary code ({str(e).splitlines()[0]}). Only load "
+            "checkpoints written by this trainer or exported as safetensors."
+        ) from e
+
+
+def load_tensors(path: Path) -> Any:
+    """torch.load of a checkpoint file: memory-mapped (the optimizer state, twice the model, is
+    never read into memory) and weights-only (a checkpoint never runs pickled code)."""
+    with refuse_unsafe_pickles(path):
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fsync_file(path)
+    except OSError:  # some filesystems refuse fsync on directories; the rename is still atomic
+        pass
+
+
+class _HashingFile:
+    """A write-only file that hashes what passes through it (saves re-reading a multi-GB file)."""
+
+    def __init__(self, path: Path) -> None:
+        self.file = path.open("wb")
+        self.digest = hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def close_synced(self) -> str:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        return self.digest.hexdigest()
+
+
+def write_state_file(state: dict[str, Any], path: Path) -> str:
+    """torch.save straight to disk (fsynced), returning the file's SHA-256."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out = _HashingFile(path)
+    try:
+        torch.save(state, out)
+    except BaseException:
+        out.file.close()
+        raise
+    return out.close_synced()

@@ -1,0 +1,127 @@
+"""Which checkpoint a run resumes from, and whether this run can resume it at all.
+
+The checks here run before any process is launched (preflight) or before anything is loaded,
+so that a mismatch is one clear error naming the checkpoint and the fix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from models.config import KERNEL_FIELDS
+from orchestrator.checkpoint.consolidate import checkpoint_format
+from orchestrator.checkpoint.layout import (
+    MANIFEST_NAME,
+    CheckpointError,
+    checkpoint_root,
+    latest_checkpoint,
+    list_checkpoints,
+    saved_config,
+)
+from orchestrator.checkpoint.manifest import manifest_step, read_manifest, verify
+from orchestrator.config import Config
+from orchestrator.parallel.strategy import strategy_label
+from orchestrator.schema import ConfigError, to_dict
+
+
+def choose_resume(cfg: Config) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The checkpoint to resume from per checkpoint.resume, and the damaged ones passed over."""
+    if cfg.checkpoint.resume == "never":
+        return None, []
+    if cfg.checkpoint.resume != "auto":
+        path = Path(cfg.checkpoint.resume)
+        reason = verify(path, checksums=cfg.checkpoint.verify_checksums)
+        if reason is not None:
+            raise CheckpointError(f"checkpoint.resume={path} cannot be used: {reason}")
+        return path, []
+    skipped = []
+    for path in reversed(list_checkpoints(checkpoint_root(cfg))):
+        reason = verify(path, checksums=cfg.checkpoint.verify_checksums)
+        if reason is None:
+            return path, skipped
+        skipped.append((path, reason))
+    return None, skipped
+
+
+def resume_target(cfg: Config) -> Path | None:
+    """Where a run would resume from without verifying contents (cheap; for pre-launch checks)."""
+    if cfg.checkpoint.resume == "never":
+        return None
+    if cfg.checkpoint.resume == "auto":
+        return latest_checkpoint(checkpoint_root(cfg))
+    return Path(cfg.checkpoint.resume)
+
+
+def resume_step_hint(cfg: Config) -> int | None:
+    """The step a run will probably resume at (before verification), from the manifest."""
+    path = resume_target(cfg)
+    return None if path is None else manifest_step(path)
+
+
+def check_resume_compatible(cfg: Config) -> None:
+    """A checkpoint only continues a run of the same model; say so before loading it fails."""
+    for path in (resume_target(cfg), cfg.checkpoint.init_from):
+        if path is None:
+            continue
+        saved = saved_config(path).get("model", {})
+        current = to_dict(cfg.model)
+        # Kernel choices (attention, fused kernels, compile) compute the same model: they may change.
+        differing = [
+            k
+            for k in current
+            if k in saved and saved[k] != current[k] and k not in ("name", *KERNEL_FIELDS)
+        ]
+        if differing:
+            details = ", ".join(
+                f"model.{k}={saved[k]!r} there but {current[k]!r} here" for k in differing
+            )
+            raise ConfigError(
+                f"checkpoint {path} was trained with a different model ({details}): use the same model "
+                "settings, a new run.dir, or --checkpoint.resume never"
+            )
+
+
+def check_resume_strategy(ckpt_dir: str | Path, cfg: Config, world_size: int) -> None:
+    """A clear error, before loading, when checkpoint `ckpt_dir` cannot be resumed by this run's
+    strategy (its optimizer state is laid out for another one); the weights can always start a
+    new run."""
+    ckpt_dir = Path(ckpt_dir)
+    try:
+        kind = checkpoint_format(ckpt_dir)
+        saved = saved_config(ckpt_dir).get("strategy", {})
+        has_manifest = (ckpt_dir / MANIFEST_NAME).is_file()
+        saved_world = read_manifest(ckpt_dir).get("world_size") if has_manifest else None
+    except (OSError, ValueError):
+        return  # unreadable: the loader reports it
+    s = cfg.strategy
+    wanted = {
+        "ddp": "file",
+        "single": "file",
+        "auto": "file",
+        "fsdp": "dcp" if s.sharded_checkpoint else "file",
+        "deepspeed": "deepspeed",
+    }[s.name]
+    problem = None
+    replicated = ("ddp", "single", "auto")
+    if kind != wanted:
+        problem = f"it holds a {kind!r} checkpoint, this run ({strategy_label(cfg)}) reads {wanted!r} ones"
+    elif (
+        kind == "file"
+        and saved.get("name")
+        and (saved["name"] in replicated) != (s.name in replicated)
+    ):
+        problem = f"its optimizer state is laid out for {saved['name']}, this run uses {s.name}"
+    elif kind == "deepspeed" and saved.get("zero_stage") not in (None, s.zero_stage):
+        problem = f"it was written by ZeRO stage {saved.get('zero_stage')}, this run uses stage {s.zero_stage}"
+    elif kind == "deepspeed" and saved_world not in (None, world_size):
+        problem = f"its ZeRO partitions are for {saved_world} processes, this run has {world_size}"
+    if problem:
+        source = f"{saved.get('name', '?')}" + (
+            f" (ZeRO-{saved.get('zero_stage')})" if saved.get("name") == "deepspeed" else ""
+        )
+        raise ConfigError(
+            f"cannot resume from {ckpt_dir}: {problem} (written with strategy {source}). Resume with the "
+            f"strategy and world size that wrote it, or start a new run from its weights: "
+            f"`--checkpoint.init_from {ckpt_dir} --run.dir NEW_DIR` (any strategy; `orchestrator consolidate "
+            f"{ckpt_dir}` makes that instant)"
+        )

@@ -1,0 +1,228 @@
+"""DeepSpeed ZeRO (`strategy.name: deepspeed`), stage 1, 2 or 3, optional CPU offload of optimizer
+state / parameters, on GPUs (NCCL) and CPUs (gloo).
+
+Checkpoint: DeepSpeed's directory of per-rank model and optimizer shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import math
+import warnings
+from typing import Any
+
+import torch
+from lightning.fabric.accelerators import CUDAAccelerator
+from lightning.fabric.strategies import DDPStrategy, DeepSpeedStrategy
+from lightning.fabric.strategies.strategy import _BackwardSyncControl
+from lightning.fabric.utilities.seed import reset_seed
+from torch import nn
+
+from orchestrator.config import Config
+
+
+def deepspeed_config(cfg: Config, on_gpu: bool) -> dict[str, Any]:
+    """The DeepSpeed config for cfg.strategy (ZeRO stage, offload) and the optimizer's clipping."""
+    s = cfg.strategy
+    zero: dict[str, Any] = {
+        "stage": s.zero_stage,
+        "contiguous_gradients": True,
+        # Overlapping communication with backward uses CUDA streams; on CPU it buys nothing.
+        "overlap_comm": on_gpu,
+        "reduce_scatter": True,
+        "allgather_partitions": True,
+        "reduce_bucket_size": 200_000_000,
+        "allgather_bucket_size": 200_000_000,
+    }
+    if s.zero_stage == 3:
+        zero.update(
+            {
+                "stage3_param_persistence_threshold": 100_000,
+                "stage3_max_live_parameters": 1_000_000_000,
+                "stage3_prefetch_bucket_size": 50_000_000,
+                "sub_group_size": 1_000_000_000,
+            }
+        )
+    if s.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    if s.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
+    return {
+        "zero_optimization": zero,
+        # Our AdamW (torch.optim) is used as is, also with offload (DeepSpeed would otherwise insist
+        # on its compiled CPU Adam).
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        # Clipping happens inside DeepSpeed's step; the trainer's max_norm is applied to it (see below).
+        "gradient_clipping": float(cfg.optimizer.grad_clip),
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        # Gradient accumulation is the trainer's loop (fabric.no_backward_sync marks the boundary).
+        "gradient_accumulation_steps": 1,
+        "steps_per_print": 1 << 62,
+        "wall_clock_breakdown": False,
+    }
+
+
+class _BoundaryControl(_BackwardSyncControl):
+    """fabric.no_backward_sync(model, enabled) -> the engine's gradient-accumulation boundary."""
+
+    def no_backward_sync(self, module: nn.Module, enabled: bool):
+        from deepspeed import DeepSpeedEngine  # heavy import (seconds): ZeRO runs only
+
+        if isinstance(module, DeepSpeedEngine):
+            module.set_gradient_accumulation_boundary(not enabled)
+        return contextlib.nullcontext()
+
+
+class CPUCapableDeepSpeedStrategy(DeepSpeedStrategy):
+    """Fabric's DeepSpeedStrategy, usable on CPUs (gloo) as well as GPUs.
+
+    Differences from Lightning's class:
+    * CPU: no CUDA-only environment and device-index checks; the engine gets the local rank;
+      DeepSpeed's shared-memory all-reduce kernel (for inference, compiled with g++ on first
+      use) is not built.
+    * Gradient accumulation: the trainer's `no_backward_sync` marks DeepSpeed's accumulation
+      boundary, so one optimizer step follows N micro-batches exactly as under DDP.
+    * `clip_gradients` returns the global gradient norm before the step (DeepSpeed clips inside
+      its step, with the same max_norm).
+    * Parameters are built normally and partitioned by `deepspeed.initialize` (no
+      `zero.Init`), so every strategy starts from bitwise the same initial weights.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._backward_sync_control = _BoundaryControl()
+        # DeepSpeed calls torch.distributed's *_tensor collectives, deprecated in recent torch: once per bucket.
+        warnings.filterwarnings(
+            "ignore",
+            message=r".*is deprecated\. Please use `torch\.distributed\.",
+            category=FutureWarning,
+        )
+
+    def _on_gpu(self) -> bool:
+        return isinstance(self.accelerator, CUDAAccelerator)
+
+    def setup_environment(self) -> None:
+        if self._on_gpu():
+            return super().setup_environment()
+        # (`import deepspeed.comm.torch as m` would bind the torch package: deepspeed.comm imports torch)
+        ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
+        ds_torch_comm.build_shm_op = lambda: None  # inference-only kernel; skip its C++ build
+        DDPStrategy.setup_environment(self)  # -> self._setup_distributed()
+
+    def _setup_distributed(self) -> None:
+        if self._on_gpu():
+            return super()._setup_distributed()
+        reset_seed()
+        self._set_world_ranks()
+        self._init_deepspeed_distributed()
+        if not self._config_initialized:
+            self._format_config()
+            self._config_initialized = True
+
+    def _initialize_engine(self, model, optimizer=None, scheduler=None):
+        import deepspeed  # heavy import (seconds): ZeRO runs only
+
+        rank = self.root_device.index if self._on_gpu() else self.local_rank
+        parameters = filter(lambda p: p.requires_grad, model.parameters())
+        engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
+            args=argparse.Namespace(device_rank=rank),
+            config=self.config,
+            model=model,
+            model_parameters=parameters,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            dist_init_required=False,
+        )
+        _discard_gradients_of_skipped_steps(engine)
+        return engine, ds_optimizer, ds_scheduler
+
+    def module_init_context(self, empty_init: bool | None = None):
+        # Build the model as DDP would (on the device, real init); deepspeed.initialize
+        # partitions ZeRO-3 parameters afterwards.
+        return DDPStrategy.module_init_context(self, empty_init=empty_init)
+
+    def clip_gradients_norm(
+        self, module, optimizer, max_norm, norm_type=2.0, error_if_nonfinite=True
+    ):
+        engine = self._deepspeed_engine
+        zero = engine.optimizer
+        if float(norm_type) != 2.0:
+            raise ValueError("DeepSpeed computes the L2 gradient norm only")
+        # The trainer's max_norm is authoritative (DeepSpeed reads clip_grad at step time).
+        zero.clip_grad = 0.0 if math.isinf(max_norm) else float(max_norm)
+        if hasattr(zero, "scaled_global_norm"):  # ZeRO 1/2
+            norm = zero.scaled_global_norm()
+        else:  # ZeRO 3
+            # deepspeed: heavy import (seconds), ZeRO runs only
+            from deepspeed.runtime.utils import combine_grad_norm_groups
+
+            norm = combine_grad_norm_groups(zero._get_norm_groups())
+        norm = torch.as_tensor(norm, dtype=torch.float32).cpu() / float(
+            getattr(zero, "loss_scale", 1.0) or 1.0
+        )
+        if norm.item() < 0:  # DeepSpeed's marker for inf/nan
+            norm = torch.tensor(float("nan"))
+        if error_if_nonfinite and not torch.isfinite(norm):
+            raise RuntimeError(f"the total norm of the gradients is non-finite ({norm.item()})")
+        return norm
+
+
+def _discard_gradients_of_skipped_steps(engine) -> None:
+    """`optimizer.zero_grad()` after backward without `optimizer.step()` (the trainer skips the update
+    of a bad step) must also drop ZeRO's reduced gradient partitions; DeepSpeed itself does that
+    only inside its step (overflow path), so they would be added to the next step's gradients.
+
+    Also routes Fabric's `zero_grad` to the ZeRO optimizer itself: Fabric's wrapper subclasses the
+    optimizer's class, so DeepSpeed's zero_grad would run with the wrapper as `self` and reset
+    ZeRO-3's micro-step counter on the wrapper instead of the optimizer.
+    """
+    zero = engine.optimizer
+    cls = type(zero)
+    pending = {"gradients": False}
+    # Fabric steps the ZeRO optimizer itself (not engine.step): watch both.
+    backward, engine_step, zero_step = engine.backward, engine.step, zero.step
+
+    def backward_(*args, **kwargs):
+        pending["gradients"] = True
+        return backward(*args, **kwargs)
+
+    def engine_step_(*args, **kwargs):
+        pending["gradients"] = False
+        return engine_step(*args, **kwargs)
+
+    def zero_step_(*args, **kwargs):
+        pending["gradients"] = False
+        return zero_step(*args, **kwargs)
+
+    def discard() -> None:
+        if hasattr(zero, "_overflow_clean_up"):  # ZeRO-3: what its step does on overflow
+            zero._pre_step()
+            zero._partition_all_parameters()
+            zero._overflow_clean_up(zero.loss_scale)
+        elif hasattr(zero, "averaged_gradients"):  # ZeRO-1/2: likewise
+            if hasattr(zero, "_release_preflattened_grad_buffers"):
+                zero._release_preflattened_grad_buffers()
+            if getattr(zero, "cpu_offload", False):
+                zero.reset_cpu_buffers()
+            else:
+                for key in list(zero.averaged_gradients.keys()):
+                    zero.averaged_gradients[key] = None
+                for key in list(getattr(zero, "all_grad_tensors", {}).keys()):
+                    zero.all_grad_tensors[key] = None
+            zero.micro_step_id = -1  # INITIAL_MICRO_STEP_ID
+
+    def zero_grad(self, *args, **kwargs):
+        wrapped = self.__dict__.get("_optimizer")
+        real = wrapped if isinstance(wrapped, cls) else self  # called through Fabric's wrapper
+        if real is zero and pending["gradients"]:
+            pending["gradients"] = False
+            discard()
+        return cls.zero_grad(real, *args, **kwargs)
+
+    engine.backward = backward_
+    engine.step = engine_step_
+    zero.step = zero_step_
+    zero.__class__ = type(cls.__name__, (cls,), {"zero_grad": zero_grad})

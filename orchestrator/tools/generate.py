@@ -1,0 +1,152 @@
+"""Sampling from a checkpoint with a KV cache.
+
+    orchestrator generate --checkpoint runs/demo --prompt "The capital of" --max-new-tokens 64 \
+        --temperature 0.8 --top-k 50 --top-p 0.95 --seed 0
+
+The prompt is encoded as in training ([bos] + sentencepiece ids) and fed once (prefill); each
+new token then costs one forward pass over a single position, attending to the cached keys
+and values (`models.llama.KVCache`). `temperature 0` is greedy decoding. Generation stops at
+the end-of-sequence token, after `max_new_tokens`, or at the model's context length.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from data.tokenizer import Tokenizer
+from models.llama import KVCache, Llama
+from orchestrator.devices import pick_device
+from orchestrator.tools.hf import DTYPES, load_model
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """logits: (B, V) -> next token ids (B,). temperature <= 0 means greedy (argmax)."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature  # (B, V)
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0 < top_p < 1:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the tokens ranked before it already reach top_p (the first always stays).
+        drop = (probs.cumsum(dim=-1) - probs) >= top_p  # (B, V)
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)  # (B, V)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)  # (B,)
+
+
+@torch.no_grad()
+def generate(
+    model: Llama,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    seed: int | None = None,
+    vocab_limit: int | None = None,
+) -> torch.Tensor:
+    """input_ids: (B, T) prompts of equal length -> (B, T + n) with n <= max_new_tokens new tokens.
+
+    A sequence that has produced `eos_id` keeps receiving it until all have (or the budget ends).
+    `vocab_limit`: never produce ids >= this (the rows a padded embedding has beyond the tokenizer).
+    """
+    if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be (batch, length>0), got shape {tuple(input_ids.shape)}")
+    B, T = input_ids.shape
+    max_len = model.cfg.max_seq_len
+    if T > max_len:
+        raise ValueError(
+            f"the prompt has {T} tokens; the model's context is model.max_seq_len={max_len}"
+        )
+    device = next(model.parameters()).device
+    input_ids = input_ids.to(device)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    steps = min(max_new_tokens, max_len - T)
+    cache = KVCache(
+        model.cfg, B, max_len=T + steps, device=device, dtype=next(model.parameters()).dtype
+    )
+    was_training = model.training
+    model.eval()
+    out = [input_ids]
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    logits = model(input_ids, kv_cache=cache, start_pos=0)[:, -1]  # (B, V), prefill
+    for i in range(steps):
+        if vocab_limit is not None:
+            logits[:, vocab_limit:] = float("-inf")
+        token = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+        if eos_id is not None:
+            token = token.masked_fill(done, eos_id)
+            done |= token == eos_id
+        out.append(token[:, None])
+        if bool(done.all()) or i == steps - 1:
+            break
+        logits = model(token[:, None], kv_cache=cache, start_pos=T + i)[:, -1]  # (B, V)
+    model.train(was_training)
+    return torch.cat(out, dim=1)
+
+
+def generate_text(
+    checkpoint: str | Path,
+    prompt: str,
+    max_new_tokens: int = 128,
+    temperature: float = 0.8,
+    top_k: int | None = 50,
+    top_p: float | None = 0.95,
+    seed: int | None = 0,
+    tokenizer: str | Path | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+) -> str:
+    """Prompt + completion, decoded, from a checkpoint (or a run directory: its latest checkpoint)."""
+    dev = pick_device(device)
+    if dtype == "auto":
+        torch_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    elif dtype in DTYPES:
+        torch_dtype = DTYPES[dtype]
+    else:
+        raise ValueError(f"dtype={dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    model, cfg = load_model(checkpoint, device=dev, dtype=torch_dtype)
+    tok = Tokenizer(tokenizer or cfg.data.tokenizer)
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise ValueError(
+            f"tokenizer {tok.path} has {tok.vocab_size} pieces, more than model.vocab_size={cfg.model.vocab_size}: "
+            "pass the tokenizer the model was trained with (--tokenizer)"
+        )
+    ids = tok.encode(prompt, bos=True)
+    if len(ids) + max_new_tokens > cfg.model.max_seq_len:
+        print(
+            f"note: prompt ({len(ids)} tokens) + {max_new_tokens} new tokens exceed the context of "
+            f"{cfg.model.max_seq_len}; generation stops there",
+            file=sys.stderr,
+        )
+    out = generate(
+        model,
+        torch.tensor([ids]),
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        eos_id=tok.eos_id if tok.eos_id >= 0 else None,
+        seed=seed,
+        vocab_limit=tok.vocab_size,
+    )[0].tolist()
+    new = out[len(ids) :]
+    if tok.eos_id in new:
+        new = new[: new.index(tok.eos_id)]
+    return tok.decode(ids[1:] + new)

@@ -1,0 +1,289 @@
+"""Plan a compute-optimal run (Chinchilla, arXiv 2203.15556).
+
+    orchestrator plan --gpu-hours 2000 --device h100 [--gpus 8] [--mfu 0.4]
+    orchestrator plan --params 1.1B --device h100 --gpus 8
+    orchestrator plan --model llama-400m --device a100 --tokens-per-sec 60000
+    orchestrator plan --flops 1.2e20
+
+Training compute C ~= 6 N D (N parameters, D tokens). At the compute optimum D ~= 20 N, so
+N = sqrt(C / 120) and D = 20 N (Chinchilla's table: 400M -> 8.0B tokens, 1B -> 20.2B, 10B -> 205B).
+A GPU-hour budget becomes FLOPs as hours x 3600 x the device's dense bf16 peak
+(orchestrator.devices.DEVICE_PEAK_FLOPS) x MFU. The plan names the nearest of our model sizes
+(models/config.py, by log distance in parameters) and how many tokens it should see, and the wall
+time at the throughput measured for that device: `--tokens-per-sec` (per GPU) if given, else a row
+of the measured-throughput table for the device (same model size, or another size's measured MFU
+carried over through models/flops.py), else an assumed MFU (--mfu, default 40%, what published
+1B-scale H100 runs reach).
+
+The measured-throughput table ships with the package (orchestrator/resources/throughput.md, read
+through importlib.resources: no checkout needed); `--results FILE` reads another file of the
+same markdown format instead, e.g. benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from importlib.resources import files
+from importlib.resources.abc import Traversable
+from pathlib import Path
+from typing import Any
+
+from data.util import parse_count
+from models.config import SIZES, model_config
+from models.flops import flops_per_token
+from orchestrator.devices import device_names, device_peak_flops
+
+DEFAULT_RESULTS = files("orchestrator") / "resources" / "throughput.md"  # package data
+TOKENS_PER_PARAM = 20.0
+DEFAULT_MFU = 0.40
+PLAN_SEQ_LEN = 2048
+
+
+def compute_optimal(
+    flops: float, tokens_per_param: float = TOKENS_PER_PARAM
+) -> tuple[float, float]:
+    """(N, D) with 6 N D = flops and D = tokens_per_param x N."""
+    n = math.sqrt(flops / (6.0 * tokens_per_param))
+    return n, tokens_per_param * n
+
+
+def named_sizes() -> dict[str, int]:
+    """Parameter count of every named size (the sample-corpus `tiny` left out)."""
+    return {name: model_config(name).num_params() for name in SIZES if name != "tiny"}
+
+
+def nearest_size(params: float) -> str:
+    sizes = named_sizes()
+    return min(sizes, key=lambda name: abs(math.log(sizes[name] / params)))
+
+
+def training_flops_per_token(name: str, seq_len: int = PLAN_SEQ_LEN) -> float:
+    """Training FLOPs per token of a named size, with attention (models/flops.py)."""
+    return flops_per_token(model_config(name), seq_len)["training"]
+
+
+@dataclass
+class Measured:
+    model: str
+    device: str
+    tokens_per_sec: float  # per GPU
+    source: str
+
+
+def _number(cell: str) -> float | None:
+    """'45,455' -> 45455; '44,000-46,000' -> 45000; '41.8%' -> 41.8; '-' -> None."""
+    values = [float(x.replace(",", "")) for x in re.findall(r"\d[\d,]*\.?\d*", cell)]
+    return sum(values) / len(values) if values else None
+
+
+def read_results(path: str | Path | Traversable = DEFAULT_RESULTS) -> list[Measured]:
+    """Throughput rows of the markdown tables in a results file: a table whose header has a model
+    column, a device / GPU column and a tokens/s column (per GPU, or a total with a GPU count).
+    A file that does not exist has none."""
+    if isinstance(path, (str, os.PathLike)):
+        path = Path(path)
+    if not path.is_file():
+        return []
+    rows: list[Measured] = []
+    header: list[str] | None = None
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line.startswith("|"):
+            header = None
+            continue
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if header is None:
+            header = [c.lower() for c in cells]
+            continue
+        if all(set(c) <= set("-: ") for c in cells):
+            continue  # the separator line
+        cols = dict(zip(header, cells, strict=False))
+        model = next((v for k, v in cols.items() if "model" in k or k in ("size", "name")), None)
+        device = next(
+            (v for k, v in cols.items() if "device" in k or "gpu" == k or k.startswith("hardware")),
+            None,
+        )
+        tps_key = next((k for k in cols if re.search(r"tok\w*\s*/\s*s", k)), None)
+        if model is None or device is None or tps_key is None:
+            continue
+        tps = _number(cols[tps_key])
+        if tps is None:
+            continue
+        if (
+            "gpu" not in tps_key and "device" not in tps_key
+        ):  # a total: divide by the GPU count if given
+            gpus = next(
+                (_number(v) for k, v in cols.items() if k in ("gpus", "devices", "world size")),
+                None,
+            )
+            tps /= gpus or 1
+        rows.append(Measured(model=model, device=device, tokens_per_sec=tps, source=str(path)))
+    return rows
+
+
+def size_of(model_cell: str) -> str | None:
+    """The named size a results row is about (its name appears in the cell)."""
+    cell = model_cell.lower()
+    matches = [name for name in SIZES if name in cell]
+    return max(matches, key=len) if matches else None
+
+
+def throughput(
+    name: str,
+    device: str | None,
+    tokens_per_sec: float | None = None,
+    mfu: float | None = None,
+    results: str | Path | Traversable = DEFAULT_RESULTS,
+) -> tuple[float | None, str]:
+    """Tokens/s per GPU for named size `name` on `device`, and where the figure comes from."""
+    if tokens_per_sec:
+        return tokens_per_sec, "given on the command line"
+    peak = device_peak_flops(device) if device else None
+    fpt = training_flops_per_token(name)
+    if device and mfu is None:
+        rows = [
+            r
+            for r in read_results(results)
+            if device.lower().replace("-", " ") in r.device.lower().replace("-", " ")
+        ]
+        same = [r for r in rows if size_of(r.model) == name]
+        if same:
+            r = same[0]
+            return r.tokens_per_sec, f"measured, {Path(r.source).name}: {r.model} on {r.device}"
+        other = [r for r in rows if size_of(r.model)]
+        if other and peak:
+            r = other[0]
+            measured_mfu = r.tokens_per_sec * training_flops_per_token(size_of(r.model)) / peak
+            return (
+                measured_mfu * peak / fpt,
+                f"MFU {100 * measured_mfu:.0f}% measured with {r.model} on {r.device} ({Path(r.source).name})",
+            )
+    if peak:
+        use = DEFAULT_MFU if mfu is None else mfu
+        how = "given" if mfu is not None else "assumed, no measurement for this device"
+        return use * peak / fpt, f"MFU {100 * use:.0f}% ({how}) x {peak / 1e12:.0f} TFLOP/s peak"
+    return None, "unknown device and no --tokens-per-sec: no wall time"
+
+
+def make_plan(
+    gpu_hours: float | None = None,
+    device: str | None = None,
+    params: float | None = None,
+    model: str | None = None,
+    flops: float | None = None,
+    gpus: int = 1,
+    mfu: float | None = None,
+    tokens_per_sec: float | None = None,
+    tokens_per_param: float = TOKENS_PER_PARAM,
+    results: str | Path | Traversable = DEFAULT_RESULTS,
+) -> dict[str, Any]:
+    """The plan as a dict (see `format_plan`). Give exactly one of gpu_hours (with device), params,
+    model and flops."""
+    given = [x is not None for x in (gpu_hours, params, model, flops)]
+    if sum(given) != 1:
+        raise ValueError(
+            "give exactly one of --gpu-hours (with --device), --params, --model, --flops"
+        )
+    plan: dict[str, Any] = {"tokens_per_param": tokens_per_param, "device": device, "gpus": gpus}
+    if gpu_hours is not None:
+        peak = device_peak_flops(device) if device else None
+        if peak is None:
+            raise ValueError(
+                f"--gpu-hours needs a --device with a known peak ({', '.join(device_names())}); "
+                "or give --flops"
+            )
+        use_mfu = mfu
+        source = "given" if mfu is not None else "assumed"
+        if mfu is None and not tokens_per_sec:
+            rows = [
+                r
+                for r in read_results(results)
+                if device.lower() in r.device.lower() and size_of(r.model)
+            ]
+            if rows:
+                r = rows[0]
+                use_mfu = r.tokens_per_sec * training_flops_per_token(size_of(r.model)) / peak
+                source = f"measured with {r.model} ({Path(r.source).name})"
+        use_mfu = DEFAULT_MFU if use_mfu is None else use_mfu
+        flops = gpu_hours * 3600 * peak * use_mfu
+        plan.update(
+            budget=f"{gpu_hours:,.0f} {device.upper()} GPU-hours at {100 * use_mfu:.0f}% MFU ({source})"
+        )
+    if flops is not None:
+        n, d = compute_optimal(flops, tokens_per_param)
+        plan.setdefault("budget", f"{flops:.3g} FLOPs")
+        plan.update(flops=flops, optimal_params=n, optimal_tokens=d)
+    else:
+        n = float(model_config(model).num_params()) if model else parse_count(params)
+        d = tokens_per_param * n
+        plan.update(
+            flops=6 * n * d,
+            optimal_params=n,
+            optimal_tokens=d,
+            budget=f"model size {model or f'{n:,.0f} parameters'}",
+        )
+    name = model or nearest_size(plan["optimal_params"])
+    n_named = model_config(name).num_params()
+    tps, tps_source = throughput(name, device, tokens_per_sec, mfu, results)
+    plan.update(tokens_per_sec_per_gpu=tps, throughput_source=tps_source)
+    # A budget: the named size spends all of it (GPU-hours x its throughput, or FLOPs / 6N).
+    # A size: its own tokens_per_param x N.
+    if gpu_hours is not None and tps:
+        d_named = gpu_hours * 3600 * tps
+    elif params is None and model is None:
+        d_named = plan["flops"] / (6 * n_named)
+    else:
+        d_named = tokens_per_param * n_named
+    plan.update(
+        model=name, model_params=n_named, model_tokens=d_named, model_flops=6 * n_named * d_named
+    )
+    ratio = plan["optimal_params"] / n_named
+    if ratio > 1.5 or ratio < 1 / 1.5:
+        plan["note"] = (
+            f"the compute-optimal size is {ratio:.1f}x {name}; the nearest named size is "
+            f"{'over' if ratio > 1 else 'under'}-trained for this budget (define a custom size with "
+            "--model.n_layers / --model.d_model / ... to match it)"
+        )
+    if tps:
+        seconds = d_named / (tps * gpus)
+        plan.update(wall_seconds=seconds, gpu_hours_needed=seconds * gpus / 3600)
+    return plan
+
+
+def human(x: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{unit}"
+    return f"{x:.3g}"
+
+
+def format_duration_long(seconds: float) -> str:
+    days, rem = divmod(seconds, 86400)
+    hours = rem / 3600
+    return f"{int(days)}d {hours:.1f}h" if days else f"{hours:.1f}h"
+
+
+def format_plan(plan: dict[str, Any]) -> str:
+    lines = [
+        f"Budget:          {plan['budget']} -> C = {plan['flops']:.3g} FLOPs",
+        f"Compute-optimal: N = {human(plan['optimal_params'])} parameters, D = {human(plan['optimal_tokens'])} tokens "
+        f"(C = 6 N D, D = {plan['tokens_per_param']:g} N)",
+        f"Named size:      {plan['model']} ({plan['model_params']:,} parameters): train on "
+        f"{human(plan['model_tokens'])} tokens ({plan['model_tokens'] / plan['model_params']:.1f} tokens/parameter, "
+        f"{plan['model_flops']:.3g} FLOPs)",
+    ]
+    tps = plan.get("tokens_per_sec_per_gpu")
+    if tps:
+        lines.append(f"Throughput:      {tps:,.0f} tokens/s per GPU ({plan['throughput_source']})")
+        lines.append(
+            f"Wall time:       {format_duration_long(plan['wall_seconds'])} on {plan['gpus']} GPU(s) "
+            f"({plan['gpu_hours_needed']:,.0f} GPU-hours)"
+        )
+    else:
+        lines.append(f"Wall time:       ? ({plan['throughput_source']})")
+    if plan.get("note"):
+        lines.append(f"Note:            {plan['note']}")
+    return "\n".join(lines)

@@ -1,0 +1,346 @@
+"""Scaling-law fits over finished runs: loss against parameters and against compute.
+
+    orchestrator fit runs/ladder-* [--plot fit.png] [--json fit.json] [--non-embedding] [--metric val_loss]
+
+Each run is a run directory (its config.yaml gives the model, hence N) with a metrics.jsonl, or,
+without one, TensorBoard event files under tensorboard/ (val/loss, train/tokens_seen). A path to a
+metrics.jsonl or a tensorboard/ directory works too (config.yaml is looked up beside it).
+
+Every run contributes one point: its last validation loss L, its parameter count N (all
+parameters, Chinchilla's convention; --non-embedding for Kaplan's) and its training compute
+C = 6 N D with D the tokens it had seen at that point. Two power laws with an irreducible term
+are fitted by least squares on log L (so every run weighs the same, whatever its loss):
+
+    L(N) = E_N + A * N^-alpha_N          L(C) = E_C + B * C^-alpha_C
+
+For compute-optimal runs (D ~= 20 N, `orchestrator plan`), C = 120 N^2 and alpha_C = alpha_N / 2.
+The uncertainties are one standard error from the fit's covariance (residual variance x
+(J^T J)^-1; at least 4 runs are needed for them). The PNG shows every run's validation curve
+against compute, the final points, and both fitted curves.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from models.config import model_config
+
+
+@dataclass
+class Run:
+    name: str
+    params: int
+    curve: list[tuple[float, float]]  # (tokens seen, loss) of every validation, in step order
+
+    @property
+    def tokens(self) -> float:
+        return self.curve[-1][0]
+
+    @property
+    def loss(self) -> float:
+        return self.curve[-1][1]
+
+    @property
+    def compute(self) -> float:
+        return 6.0 * self.params * self.tokens
+
+
+@dataclass
+class PowerLaw:
+    """y = E + A * x^-alpha, with one-standard-error uncertainties (nan when they cannot be estimated)."""
+
+    E: float
+    A: float
+    alpha: float
+    E_err: float
+    A_err: float
+    alpha_err: float
+    points: int
+    rms_log_residual: float
+
+    def __call__(self, x: np.ndarray | float) -> np.ndarray | float:
+        return self.E + self.A * np.power(x, -self.alpha)
+
+    def describe(self, var: str) -> str:
+        return (
+            f"L({var}) = {fmt_err(self.E, self.E_err)} + {self.A:.4g} * {var}^-{fmt_err(self.alpha, self.alpha_err)}"
+            f"   ({self.points} runs, rms log residual {self.rms_log_residual:.2e})"
+        )
+
+
+def fmt_err(value: float, err: float) -> str:
+    if not math.isfinite(err):
+        return f"{value:.4g} (± n/a)"
+    return f"({value:.4g} ± {err:.2g})"
+
+
+# --------------------------------------------------------------------------------------------
+# Reading runs
+# --------------------------------------------------------------------------------------------
+
+
+def _model_params(config_file: Path, non_embedding: bool) -> int:
+    data = yaml.safe_load(config_file.read_text()) or {}
+    model = dict(data.get("model") or {})
+    if not model:
+        raise ValueError(f"{config_file} has no model section")
+    cfg = model_config(model.pop("name", "tinyllama-1.1b"), **model)
+    return cfg.num_non_embedding_params() if non_embedding else cfg.num_params()
+
+
+def _curve_from_jsonl(path: Path, metric: str) -> list[tuple[float, float]]:
+    tokens_at: dict[int, float] = {}
+    points: dict[int, tuple[float | None, float]] = {}
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a torn last line of a killed run
+        step = r.get("step")
+        if step is None:
+            continue
+        if "loss" in r and "tokens_seen" in r:
+            tokens_at[step] = float(r["tokens_seen"])
+        if metric in r and r[metric] is not None and math.isfinite(r[metric]):
+            points[step] = (
+                r.get("tokens_seen"),
+                float(r[metric]),
+            )  # a resumed run's later line wins
+    tokens_at.setdefault(0, 0.0)
+    curve = []
+    for step in sorted(points):
+        tokens, loss = points[step]
+        tokens = tokens if tokens is not None else tokens_at.get(step)
+        if tokens is not None:
+            curve.append((float(tokens), loss))
+    return curve
+
+
+def _curve_from_tensorboard(tb_dir: Path, metric: str) -> list[tuple[float, float]]:
+    # tensorboard: only runs without a metrics.jsonl need it
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tag = {"val_loss": "val/loss", "loss": "train/loss"}.get(metric, metric)
+    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = set(acc.Tags().get("scalars", []))
+    if tag not in tags or "train/tokens_seen" not in tags:
+        return []
+    tokens_at = {e.step: e.value for e in acc.Scalars("train/tokens_seen")}
+    tokens_at.setdefault(0, 0.0)
+    steps = sorted(tokens_at)
+    curve = []
+    for e in acc.Scalars(tag):
+        if e.step in tokens_at:
+            tokens = tokens_at[e.step]
+        else:  # tokens_seen is logged every log interval: interpolate linearly in steps
+            tokens = float(np.interp(e.step, steps, [tokens_at[s] for s in steps]))
+        if math.isfinite(e.value):
+            curve.append((float(tokens), float(e.value)))
+    return curve
+
+
+def read_run(path: str | Path, metric: str = "val_loss", non_embedding: bool = False) -> Run:
+    """One finished run from a run dir, its metrics.jsonl, or its tensorboard/ dir."""
+    path = Path(path)
+    if path.is_file():
+        run_dir, jsonl, tb = path.parent, path, None
+    elif (path / "metrics.jsonl").is_file() or (path / "config.yaml").is_file():
+        run_dir, jsonl, tb = path, path / "metrics.jsonl", path / "tensorboard"
+    else:  # a tensorboard dir
+        run_dir, jsonl, tb = path.parent, None, path
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        raise FileNotFoundError(
+            f"{config} is missing: fit needs each run's config.yaml for its parameter count"
+        )
+    curve = _curve_from_jsonl(jsonl, metric) if jsonl is not None and jsonl.is_file() else []
+    if not curve and tb is not None and tb.is_dir():
+        curve = _curve_from_tensorboard(tb, metric)
+    curve = [(t, loss) for t, loss in curve if t > 0]  # the step-0 evaluation has spent no compute
+    if not curve:
+        raise ValueError(
+            f"{path}: no {metric} with tokens seen > 0 in metrics.jsonl or tensorboard/"
+        )
+    return Run(name=run_dir.name, params=_model_params(config, non_embedding), curve=curve)
+
+
+# --------------------------------------------------------------------------------------------
+# Fitting
+# --------------------------------------------------------------------------------------------
+
+
+def fit_power_law(x: np.ndarray, y: np.ndarray) -> PowerLaw:
+    """Least-squares fit of log y = log(E + A x^-alpha), E >= 0, over points (x, y)."""
+    from scipy.optimize import least_squares  # scipy: heavy, only the fit needs it
+
+    x = np.asarray(x, dtype=float)
+    y = np.asarray(y, dtype=float)
+    if len(x) < 3:
+        raise ValueError(
+            f"a power law with an irreducible term has 3 parameters: need >= 3 runs, got {len(x)}"
+        )
+    if np.any(x <= 0) or np.any(y <= 0):
+        raise ValueError("x and loss must be positive")
+    x_ref = float(np.exp(np.mean(np.log(x))))  # conditioning: fit in units of the geometric mean
+    u = np.log(x / x_ref)
+    logy = np.log(y)
+
+    def model(theta: np.ndarray) -> np.ndarray:
+        E, log_a, alpha = theta
+        return np.log(E + np.exp(log_a - alpha * u))
+
+    def residuals(theta: np.ndarray) -> np.ndarray:
+        return model(theta) - logy
+
+    # Start from the best of a few irreducible terms, each with a linear fit of log(y - E) on u.
+    best = None
+    for frac in (0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98):
+        E0 = frac * y.min()
+        slope, intercept = np.polyfit(u, np.log(y - E0), 1)
+        theta0 = np.array([E0, intercept, max(-slope, 1e-3)])
+        cost = float(np.sum(residuals(theta0) ** 2))
+        if best is None or cost < best[0]:
+            best = (cost, theta0)
+    theta0 = best[1]
+    lower = np.array([0.0, -np.inf, 0.0])
+    upper = np.array([y.min() * (1 - 1e-9), np.inf, 10.0])
+    theta0 = np.clip(theta0, lower + 1e-12, upper - 1e-12)
+    sol = least_squares(
+        residuals,
+        theta0,
+        bounds=(lower, upper),
+        x_scale="jac",
+        xtol=1e-14,
+        ftol=1e-14,
+        gtol=1e-14,
+        max_nfev=20000,
+    )
+    E, log_a, alpha = sol.x
+    dof = len(x) - 3
+    rss = float(np.sum(sol.fun**2))
+    errs = np.full(3, np.nan)
+    if dof > 0:
+        try:
+            cov = np.linalg.inv(sol.jac.T @ sol.jac) * rss / dof
+            errs = np.sqrt(np.clip(np.diag(cov), 0, None))
+        except np.linalg.LinAlgError:
+            pass
+    # Back to absolute units: A x_ref^alpha x^-alpha.
+    A = float(np.exp(log_a) * x_ref**alpha)
+    # d(log A_abs) = d(log_a) + log(x_ref) d(alpha): first-order error, ignoring the correlation's sign.
+    A_err = (
+        float(A * math.hypot(errs[1], math.log(x_ref) * errs[2]))
+        if np.all(np.isfinite(errs))
+        else math.nan
+    )
+    return PowerLaw(
+        E=float(E),
+        A=A,
+        alpha=float(alpha),
+        E_err=float(errs[0]),
+        A_err=A_err,
+        alpha_err=float(errs[2]),
+        points=len(x),
+        rms_log_residual=math.sqrt(rss / len(x)),
+    )
+
+
+def fit_runs(runs: list[Run]) -> dict[str, PowerLaw]:
+    params = np.array([r.params for r in runs], dtype=float)
+    compute = np.array([r.compute for r in runs], dtype=float)
+    loss = np.array([r.loss for r in runs], dtype=float)
+    if len(set(params)) < 3:
+        raise ValueError(f"need runs of at least 3 different model sizes, got {len(set(params))}")
+    return {"params": fit_power_law(params, loss), "compute": fit_power_law(compute, loss)}
+
+
+# --------------------------------------------------------------------------------------------
+# Plot and report
+# --------------------------------------------------------------------------------------------
+
+
+def plot(runs: list[Run], fits: dict[str, PowerLaw], path: str | Path) -> Path:
+    import matplotlib  # matplotlib: heavy, only the plot needs it
+
+    matplotlib.use("Agg")  # before pyplot: no display needed
+    import matplotlib.pyplot as plt
+
+    fig, (ax_c, ax_n) = plt.subplots(1, 2, figsize=(12, 4.8))
+    colors = plt.cm.viridis(np.linspace(0, 0.9, len(runs)))
+    for run, color in zip(sorted(runs, key=lambda r: r.params), colors, strict=True):
+        c = [6.0 * run.params * t for t, _ in run.curve]
+        ax_c.plot(c, [loss for _, loss in run.curve], "-", color=color, alpha=0.6, lw=1)
+        ax_c.plot(
+            [run.compute],
+            [run.loss],
+            "o",
+            color=color,
+            label=f"{run.name} ({run.params / 1e6:,.0f}M)",
+        )
+        ax_n.plot([run.params], [run.loss], "o", color=color)
+    for ax, key, xs, label in (
+        (ax_c, "compute", [r.compute for r in runs], "C"),
+        (ax_n, "params", [r.params for r in runs], "N"),
+    ):
+        f = fits[key]
+        grid = np.geomspace(min(xs) / 2, max(xs) * 2, 200)
+        ax.plot(
+            grid,
+            f(grid),
+            "k--",
+            lw=1.5,
+            label=f"{f.E:.3g} + {f.A:.3g}·{label}^-{f.alpha:.3f}"
+            + ("" if not math.isfinite(f.alpha_err) else f" (±{f.alpha_err:.2g})"),
+        )
+        ax.axhline(f.E, color="gray", lw=0.8, ls=":")
+        ax.set_xscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.set_ylabel("validation loss")
+    ax_c.set_xlabel("training compute C = 6 N D (FLOPs)")
+    ax_n.set_xlabel("parameters N")
+    ax_c.set_title("loss vs compute (lines: runs; dots: final)")
+    ax_n.set_title("loss vs parameters (final validation loss)")
+    ax_c.legend(fontsize=7, loc="upper right")
+    ax_n.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def report(runs: list[Run], fits: dict[str, PowerLaw]) -> str:
+    lines = [f"{'run':<24} {'params':>14} {'tokens':>16} {'compute (FLOPs)':>16} {'loss':>8}"]
+    for r in sorted(runs, key=lambda r: r.params):
+        lines.append(
+            f"{r.name:<24} {r.params:>14,} {r.tokens:>16,.0f} {r.compute:>16.3e} {r.loss:>8.4f}"
+        )
+    lines.append("")
+    lines.append("loss vs parameters: " + fits["params"].describe("N"))
+    lines.append("loss vs compute:    " + fits["compute"].describe("C"))
+    return "\n".join(lines)
+
+
+def results_dict(runs: list[Run], fits: dict[str, PowerLaw]) -> dict[str, Any]:
+    return {
+        "runs": [
+            {
+                "name": r.name,
+                "params": r.params,
+                "tokens": r.tokens,
+                "compute": r.compute,
+                "loss": r.loss,
+            }
+            for r in runs
+        ],
+        "fits": {k: asdict(v) for k, v in fits.items()},
+    }

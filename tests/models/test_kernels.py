@@ -1,0 +1,604 @@
+"""Every attention backend and fused kernel against the eager reference, forward and backward.
+
+Tolerances (relative error ||out - ref|| / ||ref|| against a float64 reference computed on the CPU
+with the eager code, for outputs and for every input gradient):
+  fp32: at most 1e-5 (sdpa, chunked loss: fp32 arithmetic in another order);
+  bf16: at most 1e-2, and never more than twice the eager path's own bf16 error plus 1e-3
+        (a kernel may round differently from eager, not worse).
+On a CPU the kernels that run there are checked (sdpa, the chunked loss, `auto`, compile,
+activation checkpointing); the library kernels (flash-attn, xformers, liger-kernel) are GPU tests
+that skip without CUDA or without the library.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models import kernels
+from models.config import KERNEL_FIELDS, ModelConfig, model_config
+from models.kernels import EAGER, KernelPlan, KernelUnavailable
+from models.llama import Llama, apply_rope, causal_attention, rms_norm_reference, rope_cos_sin
+from orchestrator.schema import ConfigError
+
+# The reference kernel set: eager attention, norms, RoPE, SwiGLU and logits + F.cross_entropy.
+EAGER_FIELDS = dict(attention="eager", rmsnorm_kernel="eager", swiglu_kernel="eager", rope_kernel="eager",
+                    loss_kernel="cross_entropy")  # fmt: skip
+FP32_TOL = 1e-5
+BF16_TOL = 1e-2
+CUDA = torch.cuda.is_available()
+
+
+def rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    a, ref = a.detach().double().cpu(), ref.detach().double().cpu()
+    assert torch.isfinite(a).all(), "non-finite values"
+    return ((a - ref).norm() / ref.norm().clamp(min=1e-30)).item()
+
+
+def run(fn, inputs: list[torch.Tensor], upstream_seed: int = 0):
+    """fn(*inputs) and the gradients of (out * fixed random weights).sum() w.r.t. every input."""
+    inputs = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+    out = fn(*inputs)
+    g = torch.Generator().manual_seed(upstream_seed)
+    upstream = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.device, out.dtype)
+    (out * upstream).sum().backward()
+    return out.detach(), [t.grad for t in inputs if t.requires_grad]
+
+
+def check_parity(
+    kernel_fn, eager_fn, make_inputs, device: str, dtype: torch.dtype, fp32_tol: float = FP32_TOL
+):
+    """kernel vs eager on `device` in `dtype`, both against eager in float64 on the CPU."""
+    base = make_inputs()  # float32 on the CPU, fresh random values
+    ref_out, ref_grads = run(eager_fn, [t.double() if t.is_floating_point() else t for t in base])
+    cast = [t.to(device, dtype) if t.is_floating_point() else t.to(device) for t in base]
+    k_out, k_grads = run(kernel_fn, cast)
+    e_out, e_grads = run(eager_fn, cast)
+    assert k_out.dtype == e_out.dtype and k_out.shape == e_out.shape
+    for name, k, e, r in [("out", k_out, e_out, ref_out)] + [
+        (f"grad[{i}]", kg, eg, rg)
+        for i, (kg, eg, rg) in enumerate(zip(k_grads, e_grads, ref_grads))
+    ]:
+        err_k, err_e = rel(k, r), rel(e, r)
+        if dtype == torch.float32:
+            assert err_k <= fp32_tol, (name, err_k, err_e)
+        else:
+            assert err_k <= BF16_TOL and err_k <= 2 * err_e + 1e-3, (name, err_k, err_e)
+
+
+# --- inputs and eager references for each op ----------------------------------------------------
+
+
+def attention_inputs(B=2, T=96, H=8, K=4, E=64):
+    """q: (B, H, T, E), k, v: (B, K, T, E), as transposed views of (B, T, heads, E) like the model's."""
+    return lambda: [torch.randn(B, T, H, E).transpose(1, 2), torch.randn(B, T, K, E).transpose(1, 2),
+                    torch.randn(B, T, K, E).transpose(1, 2)]  # fmt: skip
+
+
+def eager_attention(q, k, v):
+    return causal_attention(q, k, v, eager=True)
+
+
+def rmsnorm_inputs():
+    return lambda: [torch.randn(2, 48, 256) * 3, 1 + 0.1 * torch.randn(256)]
+
+
+def eager_rmsnorm(x, w):
+    return rms_norm_reference(x, w, 1e-5)
+
+
+def swiglu_inputs():
+    return lambda: [torch.randn(2, 48, 384), torch.randn(2, 48, 384)]
+
+
+def eager_silu_mul(gate, up):
+    return F.silu(gate) * up
+
+
+def rope_inputs(T=48, H=8, K=4, E=64):
+    def make():
+        cos, sin = rope_cos_sin(T, E, 10000.0, torch.device("cpu"), torch.float32)
+        return [
+            torch.randn(2, T, H, E).transpose(1, 2),
+            torch.randn(2, T, K, E).transpose(1, 2),
+            cos,
+            sin,
+        ]
+
+    return make
+
+
+def eager_rope_qk(q, k, cos, sin):
+    return torch.cat(
+        [apply_rope(q, cos, sin).flatten(1), apply_rope(k, cos, sin).flatten(1)], dim=-1
+    )
+
+
+def loss_inputs(N=300, D=64, V=1000, ignored=7):
+    def make():
+        targets = torch.randint(0, V, (1, N))
+        targets[0, torch.randperm(N)[:ignored]] = kernels.IGNORE_INDEX
+        return [torch.randn(1, N, D), torch.randn(V, D) * 0.2, targets]
+
+    return make
+
+
+def eager_loss(x, w, t):
+    return kernels.output_loss(x, w, t, "cross_entropy")
+
+
+# --- CPU parity: what runs everywhere ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads", [(8, 4), (8, 8), (8, 1)])
+def test_sdpa_matches_eager_attention(dtype, heads):
+    torch.manual_seed(0)
+    H, K = heads
+    check_parity(lambda q, k, v: causal_attention(q, k, v), eager_attention, attention_inputs(H=H, K=K, E=32),
+                 "cpu", dtype)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk_rows", [None, 64, 7])
+def test_chunked_loss_matches_cross_entropy(dtype, chunk_rows):
+    """Forward and both gradients; ignored targets; chunk sizes that do not divide the tokens."""
+    torch.manual_seed(0)
+
+    def chunked(x, w, t):
+        return kernels.chunked_linear_cross_entropy(x.flatten(0, 1), w, t.flatten(), chunk_rows)
+
+    check_parity(chunked, eager_loss, loss_inputs(), "cpu", dtype)
+
+
+def test_chunked_loss_edge_cases():
+    torch.manual_seed(0)
+    x, w, t = loss_inputs(N=50, D=16, V=40)()
+    # No gradient wanted (evaluation): the same loss, computed without the backward buffers.
+    with torch.no_grad():
+        assert torch.allclose(
+            kernels.chunked_linear_cross_entropy(x[0], w, t[0], 8), eager_loss(x, w, t), atol=1e-6
+        )
+    # Only one input needs a gradient (frozen output projection, or frozen trunk).
+    for frozen in (0, 1):
+        inputs = [x[0].clone().requires_grad_(frozen != 0), w.clone().requires_grad_(frozen != 1)]
+        kernels.chunked_linear_cross_entropy(*inputs, t[0], 8).backward()
+        assert inputs[frozen].grad is None and inputs[1 - frozen].grad is not None
+    # Every target ignored: loss 0 and zero gradients, not NaN.
+    xi = x[0].clone().requires_grad_()
+    loss = kernels.chunked_linear_cross_entropy(
+        xi, w, torch.full_like(t[0], kernels.IGNORE_INDEX), 8
+    )
+    loss.backward()
+    assert loss.item() == 0.0 and torch.count_nonzero(xi.grad) == 0
+    # Its gradients are computed once, in the forward: a second backward is refused, not silently wrong.
+    xr = x[0].clone().requires_grad_()
+    loss = kernels.chunked_linear_cross_entropy(xr, w, t[0], 8)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="cannot be backpropagated twice"):
+        loss.backward()
+    # Scaled upstream gradients (gradient accumulation divides the loss) scale both gradients.
+    a = [x[0].clone().requires_grad_(), w.clone().requires_grad_()]
+    b = [x[0].clone().requires_grad_(), w.clone().requires_grad_()]
+    (kernels.chunked_linear_cross_entropy(*a, t[0], 8) / 4).backward()
+    (F.cross_entropy(b[0] @ b[1].t(), t[0]) / 4).backward()
+    torch.testing.assert_close(a[0].grad, b[0].grad, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(a[1].grad, b[1].grad, atol=1e-6, rtol=1e-5)
+
+
+def test_chunked_loss_cpu_block_is_reused_and_follows_shape():
+    """On a CPU the logits block is kept between calls (no fresh mmap per chunk); a call with another
+    chunk shape or dtype gets a block of its own, and every result stays that of the reference."""
+    torch.manual_seed(0)
+    kernels._LogitsBlocks._cpu_cache.clear()
+    for N, V, dtype in ((40, 64, torch.float32), (40, 64, torch.float32), (30, 96, torch.float32),
+                        (30, 96, torch.bfloat16), (40, 64, torch.float32)):  # fmt: skip
+        x = torch.randn(N, 16, dtype=dtype, requires_grad=True)
+        w = torch.randn(V, 16, dtype=dtype, requires_grad=True)
+        t = torch.randint(0, V, (N,))
+        t[::5] = kernels.IGNORE_INDEX
+        loss = kernels.chunked_linear_cross_entropy(x, w, t, chunk_rows=16)
+        loss.backward()
+        xr, wr = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+        ref = F.cross_entropy(xr @ wr.t(), t, ignore_index=kernels.IGNORE_INDEX)
+        ref.backward()
+        tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(loss, ref, **tol)
+        torch.testing.assert_close(x.grad.float(), xr.grad, **tol)
+        torch.testing.assert_close(w.grad.float(), wr.grad, **tol)
+        held = set(kernels._LogitsBlocks._cpu_cache)
+        wanted = {(16, V, torch.float32)} | ({(16, V, dtype)} if dtype != torch.float32 else set())
+        assert held == wanted, held  # only the last shape is held, in the dtypes it needs
+    # The same shape again reuses the blocks, in fp32 and in bf16 alike.
+    for dtype in (torch.float32, torch.bfloat16):
+        x, w = torch.randn(40, 16, dtype=dtype), torch.randn(64, 16, dtype=dtype)
+        kernels.chunked_linear_cross_entropy(x, w, torch.randint(0, 64, (40,)), 16)
+        before = {k: v.data_ptr() for k, v in kernels._LogitsBlocks._cpu_cache.items()}
+        kernels.chunked_linear_cross_entropy(x, w, torch.randint(0, 64, (40,)), 16)
+        assert {k: v.data_ptr() for k, v in kernels._LogitsBlocks._cpu_cache.items()} == before
+    # The default chunk: one block of up to CPU_LOGITS_BLOCK_BYTES on a CPU; liger's rule on a GPU.
+    assert kernels.default_chunk_rows(1024, 32000, 256, "cpu") == 1024
+    assert kernels.default_chunk_rows(8192, 32000, 256, "cpu") == 2096
+    assert (
+        kernels.default_chunk_rows(16384, 32000, 2048, "cuda") == 1024
+    )  # ceil(32000 / 2048) = 16 chunks
+
+
+def tiny_cfg(**overrides) -> ModelConfig:
+    fields = dict(
+        n_layers=2,
+        vocab_size=512,
+        max_seq_len=64,
+        d_model=128,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_hidden=352,
+    )
+    fields.update(overrides)
+    return model_config("tiny", **fields)
+
+
+def model_loss_and_grads(model: Llama, ids, targets, autocast_dtype=None):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(
+        ids.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None
+    ):
+        loss = model(ids, targets=targets)
+    loss.backward()
+    return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_default_training_path_matches_eager_model(tie):
+    """The default kernels (auto: sdpa + the chunked loss on a CPU) against the all-eager model, fp32 and
+    bf16 autocast, loss and every parameter gradient; tied embeddings share the loss gradient."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg(tie_embeddings=tie)
+    fast = Llama(cfg)
+    eager = Llama(dataclasses.replace(cfg, **EAGER_FIELDS))
+    eager.load_state_dict(fast.state_dict())
+    ref = Llama(dataclasses.replace(cfg, **EAGER_FIELDS)).double()
+    ref.load_state_dict(fast.state_dict())
+    ids = torch.randint(0, cfg.vocab_size, (2, 48))
+    targets = torch.randint(0, cfg.vocab_size, (2, 48))
+    targets[0, :5] = kernels.IGNORE_INDEX
+    assert kernels.plan(cfg, ids.device, torch.float32) == KernelPlan(
+        "sdpa", "eager", "eager", "eager", "chunked"
+    )
+    ref_loss, ref_grads = model_loss_and_grads(ref, ids, targets)
+    for dtype in (None, torch.bfloat16):
+        loss_f, grads_f = model_loss_and_grads(fast, ids, targets, dtype)
+        loss_e, grads_e = model_loss_and_grads(eager, ids, targets, dtype)
+        for name in ref_grads:
+            err_f, err_e = rel(grads_f[name], ref_grads[name]), rel(grads_e[name], ref_grads[name])
+            if dtype is None:
+                assert err_f <= FP32_TOL, (name, err_f)
+            else:
+                assert err_f <= 3 * BF16_TOL and err_f <= 2 * err_e + 1e-3, (name, err_f, err_e)
+        assert (
+            abs(loss_f.item() - ref_loss.item())
+            <= (1e-5 if dtype is None else 1e-2) * ref_loss.item()
+        )
+
+
+def test_output_head_logits_and_loss():
+    torch.manual_seed(0)
+    model = Llama(tiny_cfg())
+    ids = torch.randint(0, 512, (2, 16))
+    logits = model(ids)
+    assert logits.shape == (2, 16, 512)
+    targets = torch.randint(0, 512, (2, 16))
+    expected = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    for loss_kernel in ("cross_entropy", "chunked", "auto"):
+        model.cfg.loss_kernel = loss_kernel
+        assert torch.allclose(model(ids, targets=targets), expected, atol=1e-5), loss_kernel
+
+
+@pytest.mark.parametrize("mode", ["selective", "full"])
+def test_activation_checkpointing_modes_change_no_number(mode):
+    from orchestrator.parallel.activation_checkpointing import (
+        apply_activation_checkpointing,
+        checkpointing_mode,
+    )
+
+    assert checkpointing_mode(True) == "full" and checkpointing_mode(False) == "none"
+    torch.manual_seed(0)
+    cfg = tiny_cfg()
+    plain, ckpt = Llama(cfg), Llama(cfg)
+    ckpt.load_state_dict(plain.state_dict())
+    apply_activation_checkpointing(ckpt, mode)
+    assert list(dict(ckpt.named_parameters())) == list(dict(plain.named_parameters()))
+    ids, targets = torch.randint(0, 512, (2, 32)), torch.randint(0, 512, (2, 32))
+    loss_p, grads_p = model_loss_and_grads(plain, ids, targets)
+    loss_c, grads_c = model_loss_and_grads(ckpt, ids, targets)
+    assert loss_p.item() == loss_c.item()
+    for name in grads_p:
+        torch.testing.assert_close(grads_c[name], grads_p[name], atol=1e-7, rtol=1e-6)
+
+
+def test_selective_checkpointing_recomputes_no_matmul():
+    """In backward: `full` runs every forward matmul again, `selective` none of them (it keeps their
+    outputs) but recomputes the cheap ops, `none` recomputes nothing."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from orchestrator.parallel.activation_checkpointing import apply_activation_checkpointing
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops: dict[str, int] = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            self.ops[name] = self.ops.get(name, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    def backward_ops(mode):
+        torch.manual_seed(0)
+        model = apply_activation_checkpointing(Llama(tiny_cfg(n_layers=2)), mode)
+        ids = torch.randint(0, 512, (2, 32))
+        loss = model(ids, targets=ids)
+        with Count() as counter:
+            loss.backward()
+        return counter.ops
+
+    none, selective, full = backward_ops("none"), backward_ops("selective"), backward_ops("full")
+    matmuls_per_block = 7  # q, k, v, o, gate, up, down
+    assert selective.get("mm", 0) == none.get("mm", 0)
+    assert full.get("mm", 0) >= none.get("mm", 0) + 2 * (
+        matmuls_per_block - 1
+    )  # down_proj: not needed again
+    assert selective.get("rsqrt", 0) > none.get("rsqrt", 0)  # the norms are recomputed
+
+
+def test_compiled_blocks_match_eager():
+    """torch.compile of each block (one tiny block; the compile takes a few seconds on a CPU)."""
+    from orchestrator.parallel.compile import compile_blocks
+
+    torch.manual_seed(0)
+    cfg = tiny_cfg(n_layers=1, d_model=64, n_heads=2, n_kv_heads=1, ffn_hidden=128, vocab_size=128)
+    plain, compiled = Llama(cfg), Llama(cfg)
+    compiled.load_state_dict(plain.state_dict())
+    compile_blocks(compiled)
+    assert list(compiled.state_dict()) == list(
+        plain.state_dict()
+    )  # names unchanged (no _orig_mod.)
+    ids, targets = torch.randint(0, 128, (2, 16)), torch.randint(0, 128, (2, 16))
+    loss_p, grads_p = model_loss_and_grads(plain, ids, targets)
+    loss_c, grads_c = model_loss_and_grads(compiled, ids, targets)
+    assert abs(loss_p.item() - loss_c.item()) < 1e-5
+    for name in grads_p:
+        assert rel(grads_c[name], grads_p[name]) < 1e-5, name
+
+
+# --- choosing kernels ---------------------------------------------------------------------------
+
+
+def test_kernel_fields_validate_and_change_no_parameter():
+    cfg = tiny_cfg()
+    for field in KERNEL_FIELDS:
+        assert dataclasses.fields(ModelConfig)  # documented in the reference like every field
+        if field == "compile":
+            continue
+        with pytest.raises(ConfigError, match=f"model.{field}"):
+            dataclasses.replace(cfg, **{field: "nope"}).validate()
+    variant = dataclasses.replace(cfg, attention="xformers", rmsnorm_kernel="liger", swiglu_kernel="flash_attn",
+                                  rope_kernel="liger", loss_kernel="liger_fused", compile=True)  # fmt: skip
+    variant.validate()
+    assert variant.num_params() == cfg.num_params()
+    with torch.device("meta"):
+        assert [(n, p.shape) for n, p in Llama(variant).named_parameters()] == [
+            (n, p.shape) for n, p in Llama(cfg).named_parameters()
+        ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_auto_never_fails_on_cpu(dtype):
+    cfg = tiny_cfg()
+    assert kernels.plan(cfg, torch.device("cpu"), dtype) == KernelPlan(
+        "sdpa", "eager", "eager", "eager", "chunked"
+    )
+    assert (
+        kernels.plan(dataclasses.replace(cfg, **EAGER_FIELDS), torch.device("cpu"), dtype) == EAGER
+    )
+
+
+@pytest.mark.skipif(CUDA, reason="checks the CPU refusal")
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("attention", "flash_attn"), ("attention", "xformers"), ("rmsnorm_kernel", "liger"), ("swiglu_kernel", "xformers"),
+     ("rope_kernel", "flash_attn"), ("loss_kernel", "liger_fused")],
+)  # fmt: skip
+def test_asked_for_but_unusable_kernel_fails_clearly(field, value):
+    model = Llama(
+        tiny_cfg(**{field: value})
+    )  # building is fine: the choice is made per device and dtype
+    with pytest.raises(
+        KernelUnavailable, match=rf"model\.{field}='{value}' cannot run: .*model\.{field}=auto"
+    ):
+        model(torch.randint(0, 512, (1, 8)))
+    assert issubclass(KernelUnavailable, ConfigError)  # the trainer prints it as a config error
+
+
+def test_choice_on_cuda_follows_what_is_installed(monkeypatch):
+    """The CUDA selection logic, without a GPU: fake libraries present or absent."""
+    fake = {
+        "flash_attn": kernels.SimpleNamespace(flash_attn_func=object(), rms_norm=object(), rotary=object(),
+                                              cross_entropy=object(), swiglu=None),
+        "xformers": "ImportError: built for another torch",
+        "liger": "ModuleNotFoundError: No module named 'liger_kernel'",
+    }  # fmt: skip
+    monkeypatch.setattr(kernels, "_LIBS", dict(fake))
+    monkeypatch.setattr(kernels, "_PLANS", {})
+    bf16, fp32 = torch.bfloat16, torch.float32
+    assert kernels.choose("attention", "auto", "cuda", bf16) == "flash_attn"
+    assert (
+        kernels.choose("attention", "auto", "cuda", fp32) == "sdpa"
+    )  # flash-attn is bf16/fp16 only
+    assert kernels.choose("rmsnorm", "auto", "cuda", bf16) == "flash_attn"  # liger missing
+    assert kernels.choose("swiglu", "auto", "cuda", bf16) == "eager"  # this flash-attn lacks swiglu
+    assert kernels.choose("loss", "auto", "cuda", bf16) == "chunked"
+    assert kernels.choose("attention", "auto", "cpu", bf16) == "sdpa"
+    with pytest.raises(
+        KernelUnavailable, match="xformers is not usable here .*built for another torch"
+    ):
+        kernels.choose("attention", "xformers", "cuda", bf16)
+    with pytest.raises(KernelUnavailable, match="bf16/fp16 only"):
+        kernels.choose("attention", "flash_attn", "cuda", fp32)
+    with pytest.raises(KernelUnavailable, match="no swiglu"):
+        kernels.choose("swiglu", "flash_attn", "cuda", bf16)
+    monkeypatch.setitem(
+        kernels._LIBS,
+        "liger",
+        kernels.SimpleNamespace(
+            rms_norm=object(),
+            rope=object(),
+            swiglu=object(),
+            cross_entropy=object(),
+            fused_linear_cross_entropy=object(),
+        ),
+    )
+    assert kernels.choose("loss", "auto", "cuda", bf16) == "liger_fused"
+    assert kernels.choose("rope", "auto", "cuda", bf16) == "liger"
+
+
+def test_resume_may_change_kernels(tmp_path):
+    """A checkpoint trained with one kernel set continues under another (kernels are not the model)."""
+    import yaml
+
+    from orchestrator.checkpoint.resume import check_resume_compatible
+    from orchestrator.config import load_config, save_config
+
+    saved = load_config(
+        [
+            "--model.name",
+            "tiny",
+            "--model.attention",
+            "sdpa",
+            "--model.loss_kernel",
+            "cross_entropy",
+        ]
+    )
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    save_config(saved, ckpt / "config.yaml")
+    assert (
+        yaml.safe_load((ckpt / "config.yaml").read_text())["model"]["loss_kernel"]
+        == "cross_entropy"
+    )
+    now = load_config(["--model.name", "tiny", "--model.compile", "true", "--checkpoint.init_from", str(ckpt),
+                       "--run.dir", str(tmp_path / "run")])  # fmt: skip
+    check_resume_compatible(now)  # no error
+    changed = load_config(["--model.name", "tiny", "--model.n_layers", "3", "--checkpoint.init_from", str(ckpt),
+                           "--run.dir", str(tmp_path / "run")])  # fmt: skip
+    with pytest.raises(ConfigError, match="model.n_layers"):
+        check_resume_compatible(changed)
+
+
+# --- GPU: every library kernel (skipped without CUDA or without the library) ------------------------
+
+LIBRARY_KERNELS = [
+    ("attention", "sdpa"), ("attention", "flash_attn"), ("attention", "xformers"),
+    ("rmsnorm", "liger"), ("rmsnorm", "flash_attn"),
+    ("swiglu", "liger"), ("swiglu", "flash_attn"), ("swiglu", "xformers"),
+    ("rope", "liger"), ("rope", "flash_attn"),
+    ("loss", "chunked"), ("loss", "liger_fused"), ("loss", "liger"), ("loss", "flash_attn"),
+]  # fmt: skip
+
+
+def _gpu_case(op: str, kernel: str):
+    """(kernel function, eager function, input maker) for one op."""
+    if op == "attention":
+        if kernel == "sdpa":
+            return (
+                (lambda q, k, v: causal_attention(q, k, v)),
+                eager_attention,
+                attention_inputs(T=256),
+            )
+        return (
+            (lambda q, k, v: kernels.attention(q, k, v, kernel)),
+            eager_attention,
+            attention_inputs(T=256),
+        )
+    if op == "rmsnorm":
+        return (lambda x, w: kernels.rms_norm(x, w, 1e-5, kernel)), eager_rmsnorm, rmsnorm_inputs()
+    if op == "swiglu" and kernel == "xformers":
+
+        def make():
+            return [torch.randn(2, 64, 256), torch.randn(512, 256) * 0.05, torch.randn(512, 256) * 0.05,
+                    torch.randn(256, 512) * 0.05]  # fmt: skip
+
+        def eager_ffn(x, wg, wu, wd):
+            return F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd)
+
+        return (lambda x, wg, wu, wd: kernels.swiglu_ffn(x, wg, wu, wd)), eager_ffn, make
+    if op == "swiglu":
+        return (lambda g, u: kernels.silu_mul(g, u, kernel)), eager_silu_mul, swiglu_inputs()
+    if op == "rope":
+
+        def fused_rope(q, k, cos, sin):
+            q2, k2 = kernels.rope(q, k, cos, sin, kernel)
+            return torch.cat([q2.flatten(1), k2.flatten(1)], dim=-1)
+
+        return fused_rope, eager_rope_qk, rope_inputs()
+    return (
+        (lambda x, w, t: kernels.output_loss(x, w, t, kernel)),
+        eager_loss,
+        loss_inputs(N=1000, D=256, V=4000),
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("op", "kernel"), LIBRARY_KERNELS)
+def test_library_kernel_matches_eager_on_gpu(op, kernel, dtype):
+    problem = kernels.why_not(op, kernel, "cuda", dtype)
+    if problem is not None:
+        pytest.skip(problem)
+    if dtype == torch.float32 and (op, kernel) in {
+        ("swiglu", "xformers"),
+        ("swiglu", "flash_attn"),
+    }:
+        pytest.skip("fused for bf16/fp16 only")
+    torch.manual_seed(0)
+    kernel_fn, eager_fn, make = _gpu_case(op, kernel)
+    # Triton kernels keep fp32 inputs in fp32 but may use TF32 dots (near 3e-4), hence the looser fp32 bound.
+    check_parity(kernel_fn, eager_fn, make, "cuda", dtype, fp32_tol=1e-3)
+
+
+@pytest.mark.gpu
+def test_auto_model_matches_eager_model_on_gpu():
+    """The whole model with `auto` on CUDA (whatever libraries are installed) against all-eager, bf16 autocast."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg(d_model=256, n_heads=4, n_kv_heads=2, ffn_hidden=688)
+    fast = Llama(cfg).cuda()
+    eager = Llama(dataclasses.replace(cfg, **EAGER_FIELDS)).cuda()
+    eager.load_state_dict(fast.state_dict())
+    ref = Llama(dataclasses.replace(cfg, **EAGER_FIELDS)).double()
+    ref.load_state_dict(fast.state_dict())
+    ids = torch.randint(0, cfg.vocab_size, (2, 64))
+    targets = torch.randint(0, cfg.vocab_size, (2, 64))
+    ref_loss, ref_grads = model_loss_and_grads(ref, ids, targets)
+    loss_f, grads_f = model_loss_and_grads(fast, ids.cuda(), targets.cuda(), torch.bfloat16)
+    loss_e, grads_e = model_loss_and_grads(eager, ids.cuda(), targets.cuda(), torch.bfloat16)
+    assert abs(loss_f.item() - ref_loss.item()) <= 1e-2 * ref_loss.item()
+    for name in ref_grads:
+        err_f, err_e = rel(grads_f[name], ref_grads[name]), rel(grads_e[name], ref_grads[name])
+        assert err_f <= 3 * BF16_TOL and err_f <= 2 * err_e + 2e-3, (name, err_f, err_e)
+
+
+def test_eager_rope_reference_and_layout():
+    """The rope reference in the model's (B, heads, T, E) layout; the helper the GPU tests use."""
+    q, k, cos, sin = rope_inputs()()
+    out = eager_rope_qk(q, k, cos, sin)
+    assert out.shape == (2, 8 * 48 * 64 + 4 * 48 * 64)
+    # Position 0 is not rotated (cos 1, sin 0); rotation keeps each pair's norm.
+    torch.testing.assert_close(apply_rope(q, cos, sin)[:, :, 0], q[:, :, 0])
+    half = q.shape[-1] // 2
+    pair_norm = lambda t: t[..., :half] ** 2 + t[..., half:] ** 2  # noqa: E731
+    torch.testing.assert_close(
+        pair_norm(apply_rope(q, cos, sin)), pair_norm(q), atol=1e-5, rtol=1e-5
+    )

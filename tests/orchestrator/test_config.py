@@ -1,0 +1,132 @@
+import pytest
+import yaml
+
+from orchestrator.config import Config, config_from_dict, load_config, save_config
+from orchestrator.schema import ConfigError, reference, to_dict
+from tests.conftest import REPO_ROOT
+
+
+def test_yaml_then_dotted_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {"train": {"max_steps": 7, "micro_batch_size": 2}, "model": {"name": "tiny"}}
+        )
+    )
+    cfg = load_config(
+        [
+            "--config",
+            str(path),
+            "--train.max_steps",
+            "10",
+            "--optimizer.lr=1e-3",
+            "--model.n_layers",
+            "2",
+        ]
+    )
+    assert cfg.train.max_steps == 10
+    assert cfg.train.micro_batch_size == 2
+    assert cfg.optimizer.lr == pytest.approx(1e-3)
+    # The named size fills every model key; explicit keys override it.
+    assert (cfg.model.name, cfg.model.d_model, cfg.model.n_layers) == ("tiny", 256, 2)
+
+
+def test_every_shipped_config_loads():
+    for path in sorted((REPO_ROOT / "configs").glob("*.yaml")):
+        load_config(["--config", str(path)])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(["--model.name", "tiny", "--train.max_steps", "3"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = config_from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text()))
+    assert to_dict(again) == to_dict(cfg)
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (
+            ["--train.max_stepz", "3"],
+            "unknown config key 'train.max_stepz'; did you mean 'train.max_steps'",
+        ),
+        (["--bogus.key", "1"], "unknown config key 'bogus'"),
+        (
+            ["--model.name", "tiny", "--model.n_heads", "7"],
+            "model.n_heads=7 does not divide model.d_model=256",
+        ),
+        (
+            ["--model.name", "tiny", "--model.n_kv_heads", "3"],
+            "model.n_kv_heads=3 does not divide model.n_heads=8",
+        ),
+        (["--model.name", "gpt-99"], "model.name='gpt-99' is not a known size; known sizes: tiny"),
+        (["--train.max_steps", "ten"], "train.max_steps='ten' must be an integer"),
+        (["--strategy.precision", "fp8"], "strategy.precision='fp8' is not one of"),
+        (
+            ["--optimizer.min_lr", "1", "--optimizer.lr", "0.1"],
+            "optimizer.min_lr=1.0 must be between",
+        ),
+        (["--config", "/nonexistent.yaml"], "config file /nonexistent.yaml does not exist"),
+        (["--train.max_steps"], "has no value"),
+    ],
+)
+def test_bad_config_names_the_key(argv, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_config(argv)
+    assert fragment in str(info.value)
+
+
+def test_global_batch_sets_accumulation():
+    cfg = load_config(
+        ["--model.name", "tiny", "--train.micro_batch_size", "4", "--train.global_batch_size", "32"]
+    )
+    assert cfg.gradient_accumulation(world_size=2) == 4
+    cfg = load_config(
+        [
+            "--model.name",
+            "tiny",
+            "--train.micro_batch_size",
+            "4",
+            "--train.seq_len",
+            "128",
+            "--train.global_batch_tokens",
+            "4096",
+        ]
+    )
+    assert cfg.gradient_accumulation(world_size=2) == 4
+    with pytest.raises(ConfigError, match="not a multiple of train.micro_batch_size x processes"):
+        cfg.gradient_accumulation(world_size=3)
+
+
+def test_reference_documents_every_key():
+    rows = reference(Config)
+    keys = {r[0] for r in rows}
+    assert {
+        "train.max_steps",
+        "model.n_kv_heads",
+        "strategy.precision",
+        "checkpoint.resume",
+    } <= keys
+    assert all(r[3] for r in rows), [r[0] for r in rows if not r[3]]
+
+
+def test_resolved_config_holds_absolute_paths(tmp_path, monkeypatch):
+    """A saved config means the same from any directory (export reads data.tokenizer from it)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "imported").mkdir()
+    cfg = load_config(
+        ["--data.dir", "tokens", "--data.tokenizer", "tok/sp.model", "--run.dir", "runs/x"]
+        + ["--checkpoint.init_from", "imported", "--data.val_dir", "s3://bucket/val"]
+    )
+    assert cfg.data.dir == str(tmp_path / "tokens")
+    assert cfg.data.tokenizer == str(tmp_path / "tok" / "sp.model")
+    assert cfg.run.dir == str(tmp_path / "runs" / "x")
+    assert cfg.checkpoint.init_from == str(tmp_path / "imported")
+    assert cfg.data.val_dir == "s3://bucket/val"  # URLs are left alone
+    assert cfg.checkpoint.resume == "auto"
+    built = Config()  # built in code (e.g. by `orchestrator import`), not loaded
+    built.data.tokenizer = "relative.model"
+    save_config(built, tmp_path / "config.yaml")
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["data"]["tokenizer"] == str(tmp_path / "relative.model")
+    assert built.data.tokenizer == "relative.model"  # saving does not change the config

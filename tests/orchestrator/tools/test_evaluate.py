@@ -1,0 +1,165 @@
+"""`orchestrator evaluate`: validation perplexity of a checkpoint, and lm-evaluation-harness on an
+exported model with local tasks (no download), checked against our own model's log-likelihoods."""
+
+import functools
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from orchestrator.cli import main as cli_main
+from orchestrator.tools.evaluate import evaluate_checkpoint, write_local_task, write_sample_tasks
+
+pytestmark = pytest.mark.slow
+
+
+def test_validation_perplexity_of_a_checkpoint(monitored_run, sample_data, capsys, tmp_path):
+    run_dir, _ = monitored_run
+    tokens, _ = sample_data
+    result = evaluate_checkpoint(run_dir, data=tokens, batch_size=4)
+    assert result["step"] == 6 and result["tokens_seen"] == 6 * 1024
+    assert result["checkpoint"].endswith("step-00000006") and result["data"] == str(tokens / "val")
+    assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
+    # The whole split, in order: every token of every full (seq_len + 1)-token block.
+    assert result["tokens"] == result["sequences"] * 64
+    # The same model on (part of) the same split as the run's own last validation.
+    final_val = [
+        json.loads(x)
+        for x in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if "val_loss" in x
+    ][-1]
+    assert result["loss"] == pytest.approx(final_val["val_loss"], abs=0.1)
+    # Against a direct computation on the first batches.
+    from data.loader import make_dataloader
+    from orchestrator.tools.hf import load_model
+
+    model, _ = load_model(run_dir)
+    batch = next(
+        iter(make_dataloader(tokens / "val", seq_len=64, batch_size=4, shuffle=False, seed=0))
+    )
+    with torch.no_grad():
+        direct = F.cross_entropy(model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten()).item()
+    assert evaluate_checkpoint(run_dir, batch_size=4, max_batches=1)["loss"] == pytest.approx(
+        direct, rel=1e-5
+    )
+
+    out = tmp_path / "eval.json"
+    assert (
+        cli_main(
+            ["evaluate", "--checkpoint", str(run_dir), "--max-batches", "3", "--json", str(out)]
+        )
+        == 0
+    )
+    line = capsys.readouterr().out
+    assert "(step 6)" in line and "perplexity" in line and "bits/token" in line
+    assert json.loads(out.read_text())["sequences"] == 3 * 8
+
+
+@functools.cache
+def _model_and_tokenizer(run_dir, tokenizer_path):
+    from data.tokenizer import Tokenizer
+    from orchestrator.tools.hf import load_model
+
+    return load_model(run_dir)[0], Tokenizer(tokenizer_path)
+
+
+def _our_loglikelihoods(run_dir, tokenizer_path, pairs, extra_bos=False):
+    """sum log p(continuation | context) under our model, tokenized as the harness does (context
+    and continuation encoded together and split after the context's tokens; BOS first).
+    `extra_bos`: a second BOS in front, itself scored (the harness's rolling windows, see evaluate.py)."""
+    model, tok = _model_and_tokenizer(run_dir, tokenizer_path)
+    out = []
+    with torch.no_grad():
+        for context, continuation in pairs:
+            whole = [tok.bos_id] * extra_bos + tok.encode(context + continuation, bos=True)
+            n_context = len(tok.encode(context, bos=True)) if context else 1
+            ids = torch.tensor([whole])
+            logp = torch.log_softmax(model(ids[:, :-1]).float(), dim=-1)[0]  # (T-1, V)
+            targets = ids[0, 1:]
+            out.append(float(logp[torch.arange(len(targets)), targets][n_context - 1 :].sum()))
+    return out
+
+
+def _bits_per_byte(loglikelihoods, docs):
+    return -sum(loglikelihoods) / sum(len(d.encode()) for d in docs) / math.log(2)
+
+
+DOCS = ["The capital of Norvania is far away.", "17 + 25 = 42", "def add(a, b):\n    return a + b"]
+
+
+def test_lm_evaluation_harness_on_an_exported_model_with_local_tasks(
+    monitored_run, sample_data, tmp_path, monkeypatch, capsys
+):
+    pytest.importorskip("lm_eval")
+    from orchestrator.tools.hf import export_checkpoint
+
+    run_dir, _ = monitored_run
+    _, tokenizer = sample_data
+    hf_dir = export_checkpoint(run_dir, tmp_path / "hf")  # what `orchestrator export` writes
+    tasks_dir = tmp_path / "tasks"
+    assert write_sample_tasks(tasks_dir) == ["sample_capitals", "sample_heldout"]
+    # A user's own local file as a perplexity task (short documents: one window each).
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
+    from orchestrator.tools.evaluate import OFFLINE_ENV, run_lm_eval
+
+    for key, value in {**OFFLINE_ENV, "HF_HOME": str(tmp_path / "hf_home")}.items():
+        monkeypatch.setenv(key, value)  # what the command sets before the hub libraries load
+    out = tmp_path / "results.json"
+    assert (
+        cli_main(
+            [
+                "evaluate",
+                "--hf-dir",
+                str(hf_dir),
+                "--tasks",
+                "sample_capitals,sample_heldout",
+                "--include-path",
+                str(tasks_dir),
+                "--local-task",
+                str(mine),
+                "--device",
+                "cpu",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"sample_capitals", "sample_heldout", "mine"}
+    assert "sample_capitals          acc" in printed
+    assert math.isfinite(results["sample_heldout"]["word_perplexity,none"])
+
+    # The harness's numbers are our model's. Multiple choice: the same argmax over the choices.
+    items = [json.loads(x) for x in (tasks_dir / "sample_capitals.jsonl").read_text().splitlines()]
+    correct = 0
+    for item in items:
+        scores = _our_loglikelihoods(
+            run_dir, tokenizer, [(item["context"], " " + c) for c in item["choices"]]
+        )
+        correct += max(range(len(scores)), key=scores.__getitem__) == item["label"]
+    assert results["sample_capitals"]["acc,none"] == pytest.approx(correct / len(items))
+    # Rolling perplexity with the defaults: after a doubled BOS (lm-eval 0.4.13; see evaluate.py)...
+    doubled = _bits_per_byte(
+        _our_loglikelihoods(run_dir, tokenizer, [("", d) for d in DOCS], extra_bos=True), DOCS
+    )
+    assert results["mine"]["bits_per_byte,none"] == pytest.approx(doubled, rel=1e-4)
+    # ...and with add_bos_token=False exactly [BOS] + document, as our own perplexity counts it.
+    exact = run_lm_eval(hf_dir, ["mine"], include_path=tasks_dir, model_args="add_bos_token=False")
+    ours = _bits_per_byte(_our_loglikelihoods(run_dir, tokenizer, [("", d) for d in DOCS]), DOCS)
+    assert exact["mine"]["bits_per_byte,none"] == pytest.approx(ours, rel=1e-4)
+
+
+def test_local_task_files_are_checked(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "?"}) + "\n")
+    with pytest.raises(ValueError, match="perplexity task needs"):
+        write_local_task(tmp_path / "t", "bad", bad, "perplexity")
+    with pytest.raises(ValueError, match="multiple-choice task needs"):
+        write_local_task(tmp_path / "t", "bad", bad, "multiple_choice")
+    with pytest.raises(FileNotFoundError):
+        write_local_task(tmp_path / "t", "x", tmp_path / "missing.jsonl")
