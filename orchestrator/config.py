@@ -7,6 +7,7 @@ YAML, applies dotted overrides, checks every key and value, and returns a `Confi
 from __future__ import annotations
 
 import copy
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +98,35 @@ class OptimizerConfig:
         "(up to float rounding); fused is about 4x faster than for-loop on a CPU.",
     )
 
+    def validate(self) -> None:
+        # Values torch.optim.AdamW (or the schedule) would only reject, or silently misuse, inside
+        # the ranks. lr = 0 has no use: the schedule is relative to the peak lr (it divides by it).
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"optimizer.lr must be positive (and finite), got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(
+                f"optimizer.min_lr={self.min_lr} must be between 0 and optimizer.lr={self.lr}"
+            )
+        for key, beta in (("optimizer.beta1", self.beta1), ("optimizer.beta2", self.beta2)):
+            if not 0 <= beta < 1:
+                raise ConfigError(
+                    f"{key} must be in [0, 1) (e.g. 0.9 and 0.95), got {beta}: it is the decay rate "
+                    "of AdamW's running average"
+                )
+        if not (self.eps > 0 and math.isfinite(self.eps)):
+            raise ConfigError(
+                f"optimizer.eps must be positive (and finite; e.g. 1e-8), got {self.eps}: it keeps "
+                "AdamW's update from dividing by zero"
+            )
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ConfigError(
+                f"optimizer.weight_decay must be >= 0 (0 disables), got {self.weight_decay}"
+            )
+        if not (self.grad_clip >= 0 and math.isfinite(self.grad_clip)):
+            raise ConfigError(
+                f"optimizer.grad_clip must be >= 0 (0 disables clipping), got {self.grad_clip}"
+            )
+
 
 @dataclass
 class ScheduleConfig:
@@ -106,6 +136,12 @@ class ScheduleConfig:
         "Shape of the decay from optimizer.lr to optimizer.min_lr over the remaining steps.",
     )
     decay_steps: int | None = doc(None, "Steps of warmup+decay; null means train.max_steps.")
+
+    def validate(self) -> None:
+        if self.decay_steps is not None and self.decay_steps <= 0:
+            raise ConfigError(
+                f"schedule.decay_steps must be positive, or null for train.max_steps; got {self.decay_steps}"
+            )
 
 
 @dataclass
@@ -121,6 +157,13 @@ class TrainConfig:
     seq_len: int | None = doc(None, "Training sequence length; null means model.max_seq_len.")
     log_interval: int = doc(
         10, "Optimizer steps between progress lines and TensorBoard train scalars."
+    )
+    gc_interval: int = doc(
+        1000,
+        "Python garbage collection under the trainer's control: after set-up, Python's automatic collector is "
+        "switched off (gc.freeze, gc.disable), so that it cannot pause one rank at a random step while the "
+        "others wait for it, and every rank collects (gc.collect(1)) at the same steps, every this many "
+        "optimizer steps. 0 keeps Python's automatic garbage collection.",
     )
 
 
@@ -172,8 +215,9 @@ class LoggingConfig:
     peak_tflops: float | None = doc(
         None,
         "Peak dense TFLOP/s of one device at the run's precision, for MFU (perf/mfu); null: from the device "
-        "table (bf16/fp16 dense: H100 SXM and H200 989, H100 PCIe 756, A100 312). Without a peak (CPU, fp32, "
-        "unknown GPU) only the achieved perf/tflops_per_device is logged.",
+        "table (orchestrator/devices.py; bf16 dense: GB200 2500, B200 2250, H100 SXM and H200 SXM 989, H100 NVL "
+        "and H200 NVL 835, H100 PCIe 756, L40S 362, A100 312). Without a peak (CPU, fp32, unknown GPU) only "
+        "the achieved perf/tflops_per_device is logged.",
     )
     layer_grad_norms: bool = doc(
         False,
@@ -255,8 +299,17 @@ class StrategyConfig:
     )
     precision: Literal["32-true", "bf16-mixed", "bf16-true", "16-mixed"] = doc(
         "32-true",
-        "Numerical precision (Fabric precision string): `bf16-mixed` on GPU; `32-true`, `bf16-mixed` "
-        "or `bf16-true` on CPU.",
+        "Numerical precision (Fabric precision string): `bf16-mixed` on GPUs from A100 on; `32-true` (see "
+        "strategy.matmul_precision) on older GPUs; `32-true`, `bf16-mixed` or `bf16-true` on CPU. `16-mixed` "
+        "is refused: fp16 needs loss scaling, which this trainer does not support.",
+    )
+    matmul_precision: Literal["highest", "high", "medium"] = doc(
+        "high",
+        "float32 matmul precision of CUDA processes (torch.set_float32_matmul_precision, set on every rank "
+        "before Fabric starts): `high` lets fp32 matmuls (all of them under 32-true, those outside autocast "
+        "under bf16-mixed) use TF32 tensor cores on GPUs from A100 on (fp32 range, 10-bit mantissa "
+        "inputs, fp32 accumulation; several times faster); `highest` is exact fp32; `medium` also allows "
+        "bf16-based internal math. CPU processes keep torch's default (exact fp32).",
     )
     zero_stage: int = doc(
         2,
@@ -306,9 +359,14 @@ class StrategyConfig:
             )
         if self.offload_optimizer and self.name != "deepspeed":
             raise ConfigError("strategy.offload_optimizer needs strategy.name=deepspeed")
-        if self.accelerator == "cpu" and self.precision == "16-mixed":
+        if self.precision == "16-mixed":
+            where = "needs a GPU, and even there it " if self.accelerator == "cpu" else ""
             raise ConfigError(
-                "strategy.precision=16-mixed needs a GPU; use 32-true or bf16-mixed on CPU"
+                f"strategy.precision=16-mixed {where}is not supported by this trainer: fp16 needs loss "
+                "scaling, and here it would be wrong (a step skipped by the bad-step guard never reaches "
+                "the scaler's update, so the loss scale never backs off; fused AdamW cannot be unscaled "
+                "for gradient clipping; FSDP2 and DeepSpeed fp16 have the same gaps). Use "
+                "strategy.precision=bf16-mixed on GPUs from A100 on (no loss scaling needed), or 32-true."
             )
         if self.timeout_s <= 0:
             raise ConfigError(f"strategy.timeout_s must be positive, got {self.timeout_s}")
@@ -349,6 +407,8 @@ class Config:
         self.strategy.validate()
         self.data.validate()
         self.logging.validate()
+        self.optimizer.validate()
+        self.schedule.validate()
         positive = {
             "train.max_steps": self.train.max_steps,
             "train.micro_batch_size": self.train.micro_batch_size,
@@ -371,8 +431,9 @@ class Config:
             "guard.spike_warmup": self.guard.spike_warmup,
             "guard.rollback_after": self.guard.rollback_after,
             "guard.max_rollbacks": self.guard.max_rollbacks,
+            "train.gc_interval": self.train.gc_interval,
         }.items():
-            if value < 0:
+            if not value >= 0:  # also refuses NaN
                 raise ConfigError(f"{key} must be >= 0, got {value}")
         if self.train.seq_len is not None and not 0 < self.train.seq_len <= self.model.max_seq_len:
             raise ConfigError(
@@ -382,11 +443,11 @@ class Config:
             raise ConfigError(
                 "set only one of train.global_batch_size and train.global_batch_tokens"
             )
-        if self.optimizer.lr <= 0:
-            raise ConfigError(f"optimizer.lr must be positive, got {self.optimizer.lr}")
-        if not 0 <= self.optimizer.min_lr <= self.optimizer.lr:
+        if self.checkpoint.async_save and self.strategy.name == "deepspeed":
             raise ConfigError(
-                f"optimizer.min_lr={self.optimizer.min_lr} must be between 0 and optimizer.lr={self.optimizer.lr}"
+                "checkpoint.async_save=true is not supported with strategy.name=deepspeed: DeepSpeed writes "
+                "its own sharded checkpoint files from every rank, which cannot be snapshotted and written in "
+                "a background thread; set checkpoint.async_save=false"
             )
         if (
             self.checkpoint.resume not in ("auto", "never")

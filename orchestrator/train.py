@@ -43,7 +43,6 @@ from orchestrator.parallel.compile import compile_blocks
 from orchestrator.parallel.launch import (
     build_fabric,
     fail_fast,
-    gather_object,
     launched_by_fabric_cli,
     on_rank_zero,
     threads_per_process,
@@ -54,9 +53,11 @@ from orchestrator.parallel.strategy import (
     wants_activation_checkpointing_outside,
 )
 from orchestrator.schema import ConfigError
+from orchestrator.training.bookkeeping import sync_step
 from orchestrator.training.data import build_train_loader, endless, train_blocks
 from orchestrator.training.epochs import EpochTracker
 from orchestrator.training.faults import install_fault_drills
+from orchestrator.training.garbage import GarbageCollection
 from orchestrator.training.guard import StepGuard
 from orchestrator.training.monitor import (
     Monitor,
@@ -202,47 +203,57 @@ def fit(run: Run) -> dict:
 
     batches = endless(train_loader)
     model.train()
-    while run.progress["step"] < cfg.train.max_steps:
-        step = run.progress["step"] + 1
-        monitor.begin_step()  # step time, split into data wait and compute
-        loss, grad_norm, hashes = forward_backward(run, batches)
-        lr = optimizer.param_groups[0]["lr"]
-        bad_reason = run.guard.judge(loss, grad_norm)
-        if bad_reason is None:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        state["scheduler"].step()
-        run.progress["step"] = step
-        run.progress["tokens_seen"] += run.tokens_per_step
+    # Python's collector off during the loop; every rank collects at the same steps instead.
+    with GarbageCollection(cfg) as garbage:
+        while run.progress["step"] < cfg.train.max_steps:
+            step = run.progress["step"] + 1
+            monitor.begin_step()  # step time, split into data wait and compute
+            step_loss, grad_norm, hashes = forward_backward(run, batches)
+            # One collective and one host sync for the step's bookkeeping (training/bookkeeping.py).
+            totals = sync_step(fabric, step_loss, grad_norm, run.stop_signals, run.epochs)
+            lr = optimizer.param_groups[0]["lr"]
+            bad_reason = run.guard.judge(totals.loss, totals.grad_norm)
+            if bad_reason is None:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["scheduler"].step()
+            run.progress["step"] = step
+            run.progress["tokens_seen"] += run.tokens_per_step
 
-        all_hashes = [h for rank in gather_object(fabric, hashes) for h in rank] if hashes else None
-        monitor.train_step(
-            step, loss, lr, grad_norm, run.progress["tokens_seen"], run.tokens_per_step, all_hashes
-        )
-        monitor.data_sources(step, source_samples(train_loader), cfg.seq_len)
-        for epoch, sequences in run.epochs.end_step():
-            monitor.epoch_end(step, epoch, sequences, run.epochs.blocks)
-        if run.guard.record(bad_reason, loss):
-            roll_back(run, step)
-            if not cfg.guard.rollback_skip_data:
-                batches = endless(train_loader)  # re-read from the checkpoint's data position
-            continue
-        if bad_reason is not None:
-            monitor.bad_step(step, bad_reason, run.guard.bad_steps)
-        run.validator.maybe_run(step)
-        monitor.sample_generations(step, model)  # every logging.sample_interval steps
-        saved = run.checkpointer.maybe_save(state, step)
-        if saved is not None:
-            monitor.checkpoint(saved)
-        stop = run.stop_signals.agreed(fabric)
-        if stop and step < cfg.train.max_steps:
-            return stop_early(run, stop, step, saved_this_step=saved is not None)
+            monitor.train_step(
+                step,
+                totals.loss,
+                lr,
+                totals.grad_norm,
+                run.progress["tokens_seen"],
+                run.tokens_per_step,
+                hashes if cfg.logging.batch_hashes != "off" else None,
+            )
+            monitor.data_sources(step, source_samples(train_loader), cfg.seq_len)
+            for epoch, sequences in run.epochs.end_step(totals.epoch_counts):
+                monitor.epoch_end(step, epoch, sequences, run.epochs.blocks)
+            garbage.maybe_collect(step)  # train.gc_interval
+            if run.guard.record(bad_reason, totals.loss):
+                roll_back(run, step)
+                if not cfg.guard.rollback_skip_data:
+                    batches = endless(train_loader)  # re-read from the checkpoint's data position
+                continue
+            if bad_reason is not None:
+                monitor.bad_step(step, bad_reason, run.guard.bad_steps)
+            run.validator.maybe_run(step)
+            monitor.sample_generations(step, model)  # every logging.sample_interval steps
+            saved = run.checkpointer.maybe_save(state, step)
+            if saved is not None:
+                monitor.checkpoint(saved)
+            if totals.stop and step < cfg.train.max_steps:  # a stop signal reached some rank
+                return stop_early(run, totals.stop, step, saved_this_step=saved is not None)
     return finish(run)
 
 
-def forward_backward(run: Run, batches: Iterator) -> tuple[float, float, list[str]]:
-    """Forward and backward over the step's micro-batches, then clip. Returns the mean loss over
-    all ranks, the global gradient norm (before clipping) and the batch fingerprints."""
+def forward_backward(run: Run, batches: Iterator) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Forward and backward over the step's micro-batches, then clip. Returns this rank's mean
+    loss and the global gradient norm (before clipping), both still on the device, and the
+    fingerprints of this rank's batches (computed on the host, before the copy)."""
     cfg, fabric, model = run.cfg, run.fabric, run.state["model"]
     step_loss = torch.zeros((), device=fabric.device)
     hashes = []
@@ -250,14 +261,15 @@ def forward_backward(run: Run, batches: Iterator) -> tuple[float, float, list[st
         with run.monitor.waiting_for_data():
             new_epoch, tokens = next(batches)
         run.epochs.read(new_epoch, tokens.shape[0])
-        tokens = tokens.to(fabric.device, non_blocking=True).long()  # (B, T+1)
-        inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (B, T) each
+        tokens = tokens.long()  # (B, T+1), on the host
         if cfg.logging.batch_hashes == "batch":
             hashes.append(f"{batch_fingerprint(tokens):016x}")
         elif cfg.logging.batch_hashes == "sequence":
             hashes.extend(
                 f"{run.epochs.local_epoch}:{batch_fingerprint(seq):016x}" for seq in tokens
             )
+        tokens = tokens.to(fabric.device, non_blocking=True)
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (B, T) each
         with fabric.no_backward_sync(model, enabled=micro_step < run.accumulation - 1):
             loss = model(inputs, targets=targets)  # mean next-token loss through model.loss_kernel
             fabric.backward(loss / run.accumulation)
@@ -265,14 +277,10 @@ def forward_backward(run: Run, batches: Iterator) -> tuple[float, float, list[st
     # logging.layer_grad_norms: per-block norms, before clipping
     run.monitor.layer_grad_norms(run.progress["step"] + 1, model)
     max_norm = cfg.optimizer.grad_clip if cfg.optimizer.grad_clip > 0 else float("inf")
-    # Host sync points (the guard judges every step on the host): the norm, then the mean loss.
-    grad_norm = float(
-        fabric.clip_gradients(
-            model, run.state["optimizer"], max_norm=max_norm, error_if_nonfinite=False
-        )
+    grad_norm = fabric.clip_gradients(
+        model, run.state["optimizer"], max_norm=max_norm, error_if_nonfinite=False
     )
-    mean_loss = fabric.all_reduce(step_loss, reduce_op="mean").item()
-    return mean_loss, grad_norm, hashes
+    return step_loss, torch.as_tensor(grad_norm), hashes
 
 
 def roll_back(run: Run, step: int) -> None:

@@ -7,7 +7,10 @@ Who starts the processes decides how many there are:
   * `srun` (cluster/pretrain.slurm): Slurm has started them; devices and num_nodes come from
     the job (tasks per node, nodes), again printed when they differ from the config.
 The resolved values are written back into the config, so `config.yaml` of the run and of every
-checkpoint records what actually ran. Values that cannot be honoured stop the run with an error.
+checkpoint records what actually ran. Values that cannot be honoured stop the run with an error,
+and a config the launcher changed is validated again (`fabric run --precision=16` is refused with
+the same reason as `strategy.precision: 16-mixed`). `build_fabric` also applies the process-wide
+device settings that must precede Fabric: strategy.matmul_precision on CUDA.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch.distributed as dist
 from lightning.fabric import Fabric
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
+from orchestrator.devices import apply_matmul_precision
 from orchestrator.parallel.strategy import build_strategy
 from orchestrator.schema import ConfigError
 
@@ -145,6 +149,8 @@ def resolve_launch(cfg) -> list[str]:
             f"strategy.name=single runs one process, but {s.devices * s.num_nodes} were requested or launched: "
             "use ddp, fsdp or deepspeed"
         )
+    if notes:  # the launcher changed the config after load_config validated it
+        cfg.validate()
     return notes
 
 
@@ -173,10 +179,8 @@ def build_fabric(cfg, loggers: list | None = None) -> Fabric:
     notes = resolve_launch(cfg)
     s = cfg.strategy
     accelerator = resolve_accelerator(s.accelerator)
-    if accelerator == "cpu" and s.precision == "16-mixed":
-        raise ConfigError(
-            "strategy.precision=16-mixed needs a GPU; use 32-true or bf16-mixed on CPU"
-        )
+    # Before Fabric (whose CUDA set-up warns about fp32 matmuls without TF32); CPU: untouched.
+    apply_matmul_precision(accelerator, s.matmul_precision)
     fabric = _Fabric(
         accelerator=accelerator,
         strategy=build_strategy(cfg, accelerator),

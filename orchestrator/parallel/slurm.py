@@ -60,12 +60,24 @@ class StopSignals:
             flush=True,
         )
 
+    def flags(self) -> list[float]:
+        """This rank's share of the step's all-reduce: [got SIGUSR1, got SIGTERM]."""
+        return [float(self.received == USR1), float(self.received == TERM)]
+
+    @staticmethod
+    def strongest(summed_flags: list[float]) -> int:
+        """The strongest signal any rank received, from the flags added up over ranks."""
+        usr1, term = summed_flags
+        return TERM if term > 0 else USR1 if usr1 > 0 else NONE
+
     def agreed(self, fabric) -> int:
-        """The strongest signal any rank received (collective: every rank calls it every step)."""
+        """The strongest signal any rank received, in a collective of its own (the trainer
+        carries `flags()` in its step's bookkeeping all-reduce instead)."""
         if fabric.world_size == 1:
             return self.received
-        flag = torch.tensor(self.received, device=fabric.device, dtype=torch.int32)
-        return int(fabric.all_reduce(flag, reduce_op="max").item())
+        flags = torch.tensor(self.flags(), device=fabric.device)
+        torch.distributed.all_reduce(flags)
+        return self.strongest(flags.tolist())
 
     def restore(self) -> None:
         for signum, handler in self._previous.items():

@@ -51,7 +51,7 @@ from data.tokenizer import Tokenizer
 from data.util import format_duration
 from models.flops import flops_per_token
 from orchestrator.devices import device_peak_flops
-from orchestrator.parallel.launch import on_rank_zero
+from orchestrator.parallel.launch import gather_object, on_rank_zero
 from orchestrator.schema import to_dict
 from orchestrator.tools.generate import generate
 
@@ -260,6 +260,10 @@ class Monitor:
         self.peak_flops = run_peak_flops(cfg, fabric.device)
         self.tokenizer = None
         self.samples_failed = False
+        # Records wait here (in order) while a step's batch fingerprints are still on their ranks;
+        # `hashes` holds this rank's fingerprints of each waiting step, gathered at flush steps.
+        self.waiting: list[tuple[dict[str, Any], int | None]] = []
+        self.hashes: list[list[str]] = []
         on_rank_zero(fabric, lambda: truncate_metrics(self.metrics_path, start_step))
         self.text("config", as_preformatted(config_text(cfg)), start_step)
 
@@ -267,12 +271,46 @@ class Monitor:
         """Is `step` one of the train.log_interval steps (or the last)?"""
         return step % self.cfg.train.log_interval == 0 or step == self.cfg.train.max_steps
 
-    def record(self, values: dict[str, Any]) -> None:
-        """Append one JSON line to metrics.jsonl (rank 0)."""
+    def flush_step(self, step: int) -> bool:
+        """Steps at which the batch fingerprints are gathered (a collective) and the waiting
+        records written: log steps and checkpoint steps (so that the metrics of a checkpoint's
+        steps are on disk with it), and every step of a one-process run (nothing to gather)."""
+        interval = self.cfg.checkpoint.interval
+        return (
+            self.fabric.world_size == 1
+            or self.log_step(step)
+            or bool(interval and step % interval == 0)
+        )
 
+    def record(self, values: dict[str, Any], batch_hashes: list[str] | None = None) -> None:
+        """Append one JSON line to metrics.jsonl (rank 0); a record with this rank's batch
+        fingerprints (or one after such a record) waits for the next `flush`."""
+        if batch_hashes is not None:
+            self.waiting.append((values, len(self.hashes)))
+            self.hashes.append(batch_hashes)
+        elif self.waiting:
+            self.waiting.append((values, None))
+        else:
+            self._write([values])
+
+    def flush(self) -> None:
+        """Collective when fingerprints wait: every rank's, in rank order, into their records;
+        then every waiting record is written."""
+        if not self.waiting:
+            return
+        per_rank = gather_object(self.fabric, self.hashes)  # [rank][waiting step] -> hashes
+        records = []
+        for values, index in self.waiting:
+            if index is not None:
+                values = dict(values, batch_hashes=[h for rank in per_rank for h in rank[index]])
+            records.append(values)
+        self.waiting, self.hashes = [], []
+        self._write(records)
+
+    def _write(self, records: list[dict[str, Any]]) -> None:
         def write() -> None:
             with self.metrics_path.open("a") as f:
-                f.write(json.dumps(values) + "\n")
+                f.writelines(json.dumps(values) + "\n" for values in records)
 
         on_rank_zero(self.fabric, write)
 
@@ -309,7 +347,8 @@ class Monitor:
         step_tokens: int,
         batch_hashes: list[str] | None,
     ) -> None:
-        """Called after every optimizer step; prints and logs every train.log_interval steps."""
+        """Called after every optimizer step on every rank, with this rank's batch fingerprints;
+        prints and logs every train.log_interval steps."""
         now = time.perf_counter()
         if self.step_started is not None:
             self.interval_step_seconds += now - self.step_started
@@ -325,10 +364,10 @@ class Monitor:
             "tokens_seen": tokens_seen,
             "time": time.time(),
         }
-        if batch_hashes is not None:
-            record["batch_hashes"] = batch_hashes
         if not self.log_step(step):
-            self.record(record)
+            self.record(record, batch_hashes)
+            if self.flush_step(step):
+                self.flush()
             return
         elapsed = now - self.interval_start
         tokens_per_sec = self.interval_tokens / max(elapsed, 1e-9)
@@ -347,7 +386,10 @@ class Monitor:
             scalars["train/rollbacks"] = float(self.guard.rollbacks)
         self.fabric.log_dict(scalars, step=step)
         extra = {k.replace("/", "_"): v for k, v in scalars.items() if not k.startswith("train/")}
-        self.record({**record, "tokens_per_sec": tokens_per_sec, "eta_seconds": eta, **extra})
+        self.record(
+            {**record, "tokens_per_sec": tokens_per_sec, "eta_seconds": eta, **extra}, batch_hashes
+        )
+        self.flush()
         speed = (
             f"MFU {100 * scalars['perf/mfu']:.1f}%"
             if "perf/mfu" in scalars
@@ -547,5 +589,7 @@ class Monitor:
         )
 
     def close(self) -> None:
+        """Collective: write what still waits, finish the loggers."""
+        self.flush()
         for logger in self.fabric.loggers:
             logger.finalize("success")

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import yaml
 
@@ -130,3 +132,77 @@ def test_resolved_config_holds_absolute_paths(tmp_path, monkeypatch):
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert saved["data"]["tokenizer"] == str(tmp_path / "relative.model")
     assert built.data.tokenizer == "relative.model"  # saving does not change the config
+
+
+@pytest.mark.parametrize("accelerator", ["auto", "cuda", "cpu"])
+def test_fp16_mixed_precision_is_refused_with_the_reason(accelerator):
+    """fp16 needs loss scaling, which the trainer does not support (guard-skipped steps never reach
+    the scaler's update; fused AdamW cannot be unscaled): refused before any process starts."""
+    with pytest.raises(ConfigError) as info:
+        load_config(["--strategy.precision", "16-mixed", "--strategy.accelerator", accelerator])
+    message = str(info.value)
+    assert "strategy.precision=16-mixed" in message and "not supported" in message
+    assert "loss scal" in message and "bf16-mixed" in message and "A100" in message
+
+
+def test_fabric_run_fp16_flag_is_refused_too(monkeypatch):
+    """`fabric run --precision=16` changes the config after load_config: validated again."""
+    from orchestrator.parallel.launch import resolve_launch
+
+    for key in [k for k in os.environ if k.startswith(("SLURM_", "LT_"))]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("LT_CLI_USED", "1")
+    monkeypatch.setenv("LT_PRECISION", "16")
+    with pytest.raises(ConfigError, match="strategy.precision=16-mixed is not supported"):
+        resolve_launch(load_config([]))
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["--optimizer.beta1", "1.0"], "optimizer.beta1 must be in [0, 1)"),
+        (["--optimizer.beta1", "-0.1"], "optimizer.beta1 must be in [0, 1)"),
+        (["--optimizer.beta2", "1.5"], "optimizer.beta2 must be in [0, 1)"),
+        (["--optimizer.beta2", "nan"], "optimizer.beta2 must be in [0, 1)"),
+        (["--optimizer.eps", "0"], "optimizer.eps must be positive"),
+        (["--optimizer.eps", "-1e-8"], "optimizer.eps must be positive"),
+        (["--optimizer.lr", "0"], "optimizer.lr must be positive"),
+        (["--optimizer.lr", "nan"], "optimizer.lr must be positive"),
+        (["--optimizer.lr", "inf"], "optimizer.lr must be positive"),
+        (["--optimizer.min_lr", "-1e-5"], "optimizer.min_lr=-1e-05 must be between 0"),
+        (["--optimizer.weight_decay", "-0.1"], "optimizer.weight_decay must be >= 0"),
+        (["--optimizer.grad_clip", "-1"], "optimizer.grad_clip must be >= 0 (0 disables"),
+        (["--optimizer.grad_clip", "nan"], "optimizer.grad_clip must be >= 0"),
+        (["--schedule.warmup_steps", "-1"], "schedule.warmup_steps must be >= 0"),
+        (["--schedule.decay_steps", "0"], "schedule.decay_steps must be positive, or null"),
+        (["--schedule.decay_steps", "-5"], "schedule.decay_steps must be positive, or null"),
+        (["--guard.spike_factor", "-2"], "guard.spike_factor must be >= 0"),
+        (["--guard.spike_factor", "nan"], "guard.spike_factor must be >= 0"),
+        (["--guard.rollback_after", "-1"], "guard.rollback_after must be >= 0"),
+        (["--guard.max_rollbacks", "-1"], "guard.max_rollbacks must be >= 0"),
+        (["--checkpoint.keep_last", "-1"], "checkpoint.keep_last must be >= 0"),
+        (["--checkpoint.keep_every", "-1"], "checkpoint.keep_every must be >= 0"),
+        (["--train.gc_interval", "-1"], "train.gc_interval must be >= 0"),
+        (
+            ["--strategy.name", "deepspeed", "--checkpoint.async_save", "true"],
+            "checkpoint.async_save=true is not supported with strategy.name=deepspeed",
+        ),
+    ],
+)
+def test_values_torch_would_reject_in_the_ranks_are_refused_here(argv, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_config(argv)
+    assert fragment in str(info.value)
+
+
+def test_boundary_values_are_accepted():
+    cfg = load_config(
+        ["--optimizer.beta1", "0", "--optimizer.beta2", "0.999", "--optimizer.weight_decay", "0"]
+        + ["--optimizer.grad_clip", "0", "--optimizer.min_lr", "0", "--schedule.warmup_steps", "0"]
+        + ["--schedule.decay_steps", "1", "--guard.spike_factor", "0", "--train.gc_interval", "0"]
+        + ["--checkpoint.keep_last", "0", "--checkpoint.keep_every", "0"]
+    )
+    assert (cfg.optimizer.beta1, cfg.optimizer.grad_clip, cfg.schedule.decay_steps) == (0, 0, 1)
+    # async save stays allowed for the strategies that do (or will) support it
+    for name in ("ddp", "fsdp", "single"):
+        load_config(["--strategy.name", name, "--checkpoint.async_save", "true"])
