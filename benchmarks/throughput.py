@@ -22,15 +22,23 @@ tokens/s = batch x seq_len / median, per device (one process, one device); MFU =
 analytical training FLOPs per token (models/flops.py: 6N + attention, not counting recomputation)
 / the device's dense bf16/fp16 peak (orchestrator/devices.py: H100, H200, A100; unknown elsewhere,
 and for fp32);
-peak memory: torch.cuda.max_memory_allocated over one step on a GPU; on a CPU (no allocator
-statistics there) the peak of the tensors torch's MemTracker follows through one forward +
-backward with the optimizer state resident, by kind (parameters, gradients, optimizer state,
-activations, temporaries).
+peak memory ("peak MiB"): each contender's own peak, over one training step, of the memory it
+holds: its parameters, gradients and optimizer state, activations and temporaries. Every contender
+stays resident during the run, so on a GPU it is torch.cuda.max_memory_allocated over that step
+minus what the others hold (the allocated memory before the step less this contender's own
+resident tensors), as if it ran alone (the shared input batches and library workspaces already
+allocated aside); the process-wide figure is reported beside it. On a CPU (no
+allocator statistics there): the peak of the tensors torch's MemTracker follows through one
+forward + backward with the optimizer state resident, by kind (parameters, gradients, optimizer
+state, activations, temporaries).
 
 --sweep (for a GPU; runs anywhere): the largest micro-batch that trains without activation
 checkpointing (doubling until out of memory, with the default kernels), then, at that micro-batch,
 the best kernel set: one op at a time, every kernel that can run on this device, keeping the fastest,
-then torch.compile on and off.
+then torch.compile on and off (--no-kernel-search: the micro-batch only).
+
+--skip-unavailable: an --ours set naming a kernel that cannot run here (library missing, CPU) is
+reported as skipped instead of stopping the comparison (benchmarks/gpu_suite.sh uses it).
 
 --curve N (for a GPU; runs anywhere): trains each --ours kernel set for N steps from the same
 weights on the same learnable token stream (a fixed random successor table, 10% noise tokens), with
@@ -354,19 +362,52 @@ def measure(
     return results
 
 
+MEMORY_DEFINITION = (
+    "peak MiB: each contender's own peak over one training step (its parameters, gradients, "
+    "optimizer state, activations, temporaries), the other contenders' resident memory excluded"
+)
+
+
+def resident_bytes(c: Contender) -> int:
+    """Bytes of what the contender keeps between steps: parameters, buffers, gradients and optimizer
+    state, each storage counted once (tied weights, views)."""
+    tensors = [*c.model.parameters(), *c.model.buffers()]
+    tensors += [p.grad for p in c.model.parameters() if p.grad is not None]
+    for state in c.optimizer.state.values():
+        tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+    storages = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        storages[(t.device, storage.data_ptr())] = storage.nbytes()
+    return sum(storages.values())
+
+
+def own_peak_bytes(process_peak: int, allocated_before: int, own_resident: int) -> int:
+    """A contender's own peak: the process's peak over its step less what the others hold then
+    (everything allocated before the step except the contender's own resident tensors)."""
+    return process_peak - (allocated_before - own_resident)
+
+
 def peak_memory(
     c: Contender, batch: tuple[torch.Tensor, torch.Tensor], device: torch.device
 ) -> dict:
-    """GPU: torch.cuda.max_memory_allocated over one step. CPU: MemTracker's peak over forward + backward."""
+    """GPU: the contender's own peak over one step (see MEMORY_DEFINITION); CPU: MemTracker's peak
+    over forward + backward (it follows this contender's tensors only)."""
     if device.type == "cuda":
         gc.collect()
         torch.cuda.empty_cache()
+        sync(device)
+        before, own = torch.cuda.memory_allocated(device), resident_bytes(c)
         torch.cuda.reset_peak_memory_stats(device)
         train_step(c, *batch)
         sync(device)
+        process_peak = torch.cuda.max_memory_allocated(device)
         return {
-            "peak_mem_mib": torch.cuda.max_memory_allocated(device) / 2**20,
-            "memory_source": "cuda allocator",
+            "peak_mem_mib": own_peak_bytes(process_peak, before, own) / 2**20,
+            "resident_mib": own / 2**20,
+            "others_resident_mib": (before - own) / 2**20,
+            "process_peak_mib": process_peak / 2**20,
+            "memory_source": "cuda allocator (own peak: process peak - others' resident)",
         }
     return {**tracked_peak(c, *batch), "memory_source": "torch MemTracker"}
 
@@ -474,15 +515,28 @@ def run_compare(args, device, log=print) -> dict:
     batches = make_batches(cfg, args.batch, args.seq_len, device)
 
     contenders: list[Contender] = []
-    for spec in args.ours.split(";"):
-        contenders.append(build_ours(cfg, parse_kernel_set(spec), device, args.precision, args.ac))
-    peers = [p for p in args.peers.split(",") if p and p != "none"]
     skipped = {}
+    for spec in args.ours.split(";"):
+        try:
+            contenders.append(
+                build_ours(cfg, parse_kernel_set(spec), device, args.precision, args.ac)
+            )
+        except kernels.KernelUnavailable as e:  # a kernel this machine cannot run, named in the set
+            if not args.skip_unavailable:
+                raise
+            skipped[f"ours[{spec}]"] = str(e)
+            log(f"  ours[{spec}]: skipped ({e})")
+    if not contenders:
+        raise SystemExit(f"no --ours kernel set can run here: {skipped}")
+    peers = [p for p in args.peers.split(",") if p and p != "none"]
     if "hf" in peers:
         if hf_available():
-            contenders.append(
-                build_hf(cfg, device, args.precision, weights_from=contenders[0].model)
-            )
+            try:
+                contenders.append(
+                    build_hf(cfg, device, args.precision, weights_from=contenders[0].model)
+                )
+            except ImportError as e:  # orchestrator.tools.hf's own imports (sentencepiece, ...)
+                skipped["hf"] = f"{type(e).__name__}: {e}"
         else:
             skipped["hf"] = "transformers is not installed"
     if "litgpt" in peers:
@@ -525,6 +579,7 @@ def run_compare(args, device, log=print) -> dict:
         "train_flops_per_token": train_flops,
         "peak_flops": peak,
         "results": rows,
+        "memory_definition": MEMORY_DEFINITION,
         "ratios": ratios,
         "skipped_peers": skipped,
         "process_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -545,6 +600,7 @@ def print_table(report: dict, out=print) -> None:
         act = f"{r['peak_act_mib']:.0f}" if r.get("peak_act_mib") is not None else "-"
         out(f"{r['name']:<34} {r['tokens_per_s']:>10,.0f} {span:>24} {mfu:>7} {mem:>9} {act:>9} "
             f"{r['initial_loss']:>7.3f} {ratio:>6}")  # fmt: skip
+    out(f"  {report.get('memory_definition', MEMORY_DEFINITION)}")
     for key, value in report["ratios"].items():
         out(f"  ratio {key}: {value:.3f}")
     for peer_name, why in report.get("skipped_peers", {}).items():
@@ -599,6 +655,18 @@ def run_sweep(args, device, log=print) -> dict:
     _free()  # the out-of-memory attempt's model is unreachable only now (its traceback held it)
     if best_batch is None:
         raise SystemExit("not even micro-batch 1 fits without activation checkpointing")
+    peak, device_name = peak_flops(device, args.precision)
+    train_flops = flops_per_token(cfg, args.seq_len)["training"]
+    header = {
+        **report_header("sweep", device, device_name),
+        "config": {"model": cfg.name, "seq_len": args.seq_len, "precision": args.precision},
+        "micro_batches": {str(k): v for k, v in tried_batches.items()},
+        "largest_micro_batch": best_batch,
+    }
+    if args.no_kernel_search:
+        best = tried_batches[best_batch]
+        return {**header, "best_kernels": {}, "best_tokens_per_s": best,
+                "best_mfu": best * train_flops / peak if peak else None, "tried": []}  # fmt: skip
     dtype = torch.bfloat16 if args.precision != "32-true" else torch.float32
     options = {
         "attention": ["sdpa", "flash_attn", "xformers"],
@@ -641,13 +709,8 @@ def run_sweep(args, device, log=print) -> dict:
         log(f"  compile=true: {tps:,.0f} tokens/s")
         if tps > best:
             best, current = tps, candidate
-    peak, device_name = peak_flops(device, args.precision)
-    train_flops = flops_per_token(cfg, args.seq_len)["training"]
     return {
-        **report_header("sweep", device, device_name),
-        "config": {"model": cfg.name, "seq_len": args.seq_len, "precision": args.precision},
-        "micro_batches": {str(k): v for k, v in tried_batches.items()},
-        "largest_micro_batch": best_batch,
+        **header,
         "best_kernels": current,
         "best_tokens_per_s": best,
         "best_mfu": best * train_flops / peak if peak else None,
@@ -832,6 +895,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--no-compile-in-sweep", action="store_true", help="sweep: do not try torch.compile"
     )
     p.add_argument(
+        "--no-kernel-search",
+        action="store_true",
+        help="sweep: stop after the largest micro-batch (default kernels), no kernel search",
+    )
+    p.add_argument(
+        "--skip-unavailable",
+        action="store_true",
+        help="compare: report an --ours set naming a kernel that cannot run here as skipped "
+        "instead of failing",
+    )
+    p.add_argument(
         "--curve",
         type=int,
         default=0,
@@ -871,7 +945,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(
             f"\nlargest micro-batch without activation checkpointing: {report['largest_micro_batch']}"
         )
-        print(f"best kernel set: {report['best_kernels']} -> {report['best_tokens_per_s']:,.0f} tokens/s"
+        label = "default kernels at that micro-batch" if args.no_kernel_search else (
+            f"best kernel set: {report['best_kernels']}")  # fmt: skip
+        print(f"{label} -> {report['best_tokens_per_s']:,.0f} tokens/s"
               + (f", MFU {100 * report['best_mfu']:.1f}%" if report["best_mfu"] else ""))  # fmt: skip
     else:
         report = run_compare(args, device)

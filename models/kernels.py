@@ -14,10 +14,13 @@ Where each comes from (all optional: the `gpu` extra; each of them runs on CUDA 
     flash_attn  flash-attn 2.x: `flash_attn_func` (FlashAttention-2, grouped-query attention without
                 repeating K/V), Triton `rms_norm_fn`, `apply_rotary_emb`, `cross_entropy_loss`, and the
                 SwiGLU activation of `flash_attn.ops.activations`.
-    xformers    `memory_efficient_attention` (grouped-query layout: K/V expanded, not copied) and the
-                fused SwiGLU op (`xformers.ops.swiglu_op.swiglu`, projections included).
+    xformers    `memory_efficient_attention` (grouped-query attention: K/V repeated to every query head
+                in training, since xformers' grouped 5-D layout is forward-only; expanded, not copied,
+                without gradients) and the fused SwiGLU op (`xformers.ops.swiglu_op.swiglu`,
+                projections included).
     liger       liger-kernel's Triton RMSNorm, RoPE, SiLU*mul, cross-entropy and fused linear +
-                cross-entropy.
+                cross-entropy (>= 0.5, whose functions take keyword arguments; 0.4's bare
+                Function.apply is refused when imported, so `auto` never picks it).
 
 `sdpa` is torch's scaled_dot_product_attention (on CUDA its flash backend is FlashAttention-2; on CPU
 a fused flash kernel too). `chunked` is this file's own fused linear + cross-entropy in plain PyTorch:
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.metadata
 import inspect
 import math
 from dataclasses import dataclass
@@ -89,9 +93,28 @@ def _import_xformers() -> SimpleNamespace:
     )
 
 
+LIGER_MIN = (
+    "0.5.0"  # the first release whose functional API takes keyword arguments (pyproject: gpu extra)
+)
+
+
 def _import_liger() -> SimpleNamespace:
     from liger_kernel.transformers import functional as lf
 
+    # liger-kernel 0.4.x exposes liger_rms_norm, liger_fused_linear_cross_entropy (and others) as bare
+    # `torch.autograd.Function.apply`, which takes no keyword arguments: our calls below (offset=,
+    # casting_mode=, ignore_index=) would raise at the first forward. Refuse such a release here, so
+    # that `auto` never picks it and a named liger kernel fails before the run with this reason.
+    for name, keyword in (
+        ("liger_rms_norm", "casting_mode"),
+        ("liger_fused_linear_cross_entropy", "ignore_index"),
+        ("liger_cross_entropy", "ignore_index"),
+    ):
+        if keyword not in inspect.signature(getattr(lf, name)).parameters:
+            raise ImportError(
+                f"liger-kernel {_version('liger-kernel')} is too old: its {name} takes no keyword "
+                f"arguments (a bare autograd Function.apply); install liger-kernel>={LIGER_MIN}"
+            )
     # casting_mode "llama": fp32 statistics, x_hat cast to x's dtype, then times the weight (our order).
     # Not in place: the gradient of the norm's output is left alone (releases without it: default).
     rms_kwargs = dict(offset=0.0, casting_mode="llama")
@@ -112,6 +135,13 @@ def _with_fp32_accumulation(fused_linear_cross_entropy):
     if "accum_dtype" in inspect.signature(fused_linear_cross_entropy).parameters:
         return functools.partial(fused_linear_cross_entropy, accum_dtype=torch.float32)
     return fused_linear_cross_entropy
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "(version unknown)"
 
 
 _IMPORTERS = {
@@ -296,7 +326,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: str) ->
 def _attention_bthe(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: str) -> torch.Tensor:
     """q: (B, T, H, E); k, v: (B, T, K, E) -> (B, T, H, E)."""
     B, T, H, E = q.shape
-    K = k.shape[2]
     if kernel == "flash_attn":
         q, k, v = _to_half(q, k, v)
         # Query head h reads key/value head h // (H/K): the layout repeat_interleave would build.
@@ -307,15 +336,37 @@ def _attention_bthe(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: s
             q, k, v = _to_half(q, k, v)
         else:  # plain fp32: every input in the same dtype
             k, v = k.to(q.dtype), v.to(q.dtype)
-        bias = xf.LowerTriangularMask()
-        if K == H:
-            return xf.memory_efficient_attention(q, k, v, attn_bias=bias)
-        # Grouped layout (B, T, K, H/K, E): K/V are expanded (a view), not copied.
-        q5 = q.reshape(B, T, K, H // K, E)
-        k5 = k[:, :, :, None, :].expand(B, T, K, H // K, E)
-        v5 = v[:, :, :, None, :].expand(B, T, K, H // K, E)
-        return xf.memory_efficient_attention(q5, k5, v5, attn_bias=bias).reshape(B, T, H, E)
+        qx, kx, vx = xformers_layout(q, k, v)
+        out = xf.memory_efficient_attention(qx, kx, vx, attn_bias=xf.LowerTriangularMask())
+        return out.reshape(B, T, H, E)
     raise ValueError(f"unknown attention kernel {kernel!r}")
+
+
+def xformers_layout(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The tensors `memory_efficient_attention` is called with. q: (B, T, H, E); k, v: (B, T, K, E).
+
+    K == H: as they are (xformers' BMHK layout). Grouped-query attention (K < H), where query head h
+    reads key/value head h // (H/K), the layout repeat_interleave builds:
+      * when autograd will need a backward: K/V repeated to H heads (a copy, as eager attention and
+        SDPA without enable_gqa make), a 4-D BMHK call. xformers' grouped 5-D layout is forward-only:
+        with an input that needs a gradient its dispatcher also picks a backward op during the
+        forward, and none takes 5-D inputs (TinyLlama's 32/4 heads raised NotImplementedError);
+      * otherwise (validation, generation): the grouped BMGHK layout (B, T, K, H/K, E) with K/V
+        expanded (views, no copy).
+    The output has q's layout: (B, T, H, E), or (B, T, K, H/K, E) to be reshaped to it.
+    """
+    B, T, H, E = q.shape
+    K = k.shape[2]
+    if K == H:
+        return q, k, v
+    G = H // K
+    k5 = k[:, :, :, None, :].expand(B, T, K, G, E)  # (B, T, K, H/K, E), a view
+    v5 = v[:, :, :, None, :].expand(B, T, K, G, E)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return q, k5.reshape(B, T, H, E), v5.reshape(B, T, H, E)  # (B, T, H, E) copies
+    return q.reshape(B, T, K, G, E), k5, v5
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, kernel: str) -> torch.Tensor:

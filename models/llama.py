@@ -91,9 +91,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class KVCache:
     """Keys and values of past positions, for incremental decoding (never used in training).
 
-    One preallocated (B, K, max_len, E) buffer pair per layer. A forward pass with
-    `kv_cache=cache, start_pos=p` over T new tokens stores their keys/values at p..p+T-1 and
-    attends to positions 0..p+T-1.
+    One (B, K, max_len, E) buffer pair per layer. A forward pass with `kv_cache=cache,
+    start_pos=p` over T new tokens stores their keys/values at p..p+T-1 and attends to positions
+    0..p+T-1. With `dtype=None` (the default) each layer's buffers are allocated by its first
+    `update`, in the dtype and on the device of the keys/values it gets: the dtype attention
+    computes in, which is not the parameters' under autocast or FSDP2 mixed precision (fp32
+    weights, bf16 compute; SDPA refuses bf16 queries beside fp32 keys).
     """
 
     def __init__(
@@ -102,12 +105,15 @@ class KVCache:
         batch_size: int,
         max_len: int | None = None,
         device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
     ) -> None:
         self.max_len = max_len or cfg.max_seq_len
-        shape = (batch_size, cfg.n_kv_heads, self.max_len, cfg.head_dim)  # (B, K, S_max, E)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.shape = (batch_size, cfg.n_kv_heads, self.max_len, cfg.head_dim)  # (B, K, S_max, E)
+        self.keys: list[torch.Tensor | None] = [None] * cfg.n_layers
+        self.values: list[torch.Tensor | None] = [None] * cfg.n_layers
+        if dtype is not None:
+            self.keys = [torch.zeros(self.shape, device=device, dtype=dtype) for _ in self.keys]
+            self.values = [torch.zeros(self.shape, device=device, dtype=dtype) for _ in self.values]
 
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor, start_pos: int
@@ -118,6 +124,8 @@ class KVCache:
             raise ValueError(
                 f"KV cache holds {self.max_len} positions; writing up to position {end}"
             )
+        if self.keys[layer] is None:
+            self.keys[layer], self.values[layer] = k.new_zeros(self.shape), v.new_zeros(self.shape)
         self.keys[layer][:, :, start_pos:end] = k
         self.values[layer][:, :, start_pos:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]

@@ -331,8 +331,9 @@ class StrategyConfig:
     activation_checkpointing: bool | Literal["none", "selective", "full"] = doc(
         False,
         "Recompute transformer-block activations in backward instead of storing them (any strategy): "
-        "`full` (or true) keeps only each block's input; `selective` also keeps matmul and attention outputs "
-        "and recomputes norms, RoPE and activations; `none` (or false) stores everything.",
+        "`full` (or true) keeps only each block's input; `selective` also keeps the outputs of matmuls and of "
+        "attention kernels that are torch ops (SDPA, flash-attn >= 2.7, xformers) and recomputes norms, RoPE "
+        "and activations (Triton kernels included); `none` (or false) stores everything.",
     )
     sharded_checkpoint: bool = doc(
         True,

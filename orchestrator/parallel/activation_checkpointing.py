@@ -3,6 +3,17 @@
 `full` keeps only each block's input and recomputes the block in backward; `selective` also keeps
 the outputs of matmuls and attention kernels and recomputes the cheap, memory-bound rest (norms,
 RoPE, activations, residual adds).
+
+Selective checkpointing sees the ops a block runs through torch's dispatcher, so it can keep only
+the outputs of kernels registered as torch ops (`SAVED_OPS`): aten's matmuls and SDPA kernels;
+flash-attn >= 2.7 (`torch.ops.flash_attn._flash_attn_forward`; the gpu extra's floor); xformers'
+attention backends (`torch.ops.xformers_flash.flash_fwd`, `xformers_flash3.flash_fwd`, and
+cutlass through `aten._efficient_attention_forward`, or `xformers.efficient_attention_forward_cutlass`
+in older releases) and its fused SwiGLU's dual matmul (`xformers.dual_gemm_silu_identity_mul`).
+A kernel called outside the dispatcher (flash-attn < 2.7, which calls its CUDA extension
+directly; Triton kernels such as liger-kernel's and flash-attn's norms, RoPE and SwiGLU) is
+recomputed in backward like any unlisted op: for the norms, RoPE and activations that is the
+intent; for flash-attn < 2.7 it means the attention forward runs twice.
 """
 
 from __future__ import annotations
@@ -65,18 +76,32 @@ def _checkpointed_forward(forward, selective, *args, **kwargs):
     return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
+# (namespace, op) whose outputs selective checkpointing keeps, where registered (a library that
+# is not installed, or a release without the op, simply contributes nothing).
+SAVED_OPS: tuple[tuple[str, str], ...] = (
+    # matmuls (nn.Linear: mm / addmm; batched: bmm)
+    ("aten", "mm"), ("aten", "addmm"), ("aten", "bmm"),
+    # torch's SDPA kernels, and the aten kernels xformers' backends call (cutlass; PyTorch's flash)
+    ("aten", "_scaled_dot_product_flash_attention"), ("aten", "_scaled_dot_product_flash_attention_for_cpu"),
+    ("aten", "_scaled_dot_product_efficient_attention"), ("aten", "_scaled_dot_product_cudnn_attention"),
+    ("aten", "_efficient_attention_forward"), ("aten", "_flash_attention_forward"),
+    # flash-attn >= 2.7 (torch.library.custom_op, with torch >= 2.4)
+    ("flash_attn", "_flash_attn_forward"), ("flash_attn", "_flash_attn_varlen_forward"),
+    # xformers: memory_efficient_attention's forward backends, and the fused SwiGLU's dual matmul
+    ("xformers_flash", "flash_fwd"), ("xformers_flash3", "flash_fwd"),
+    ("xformers", "efficient_attention_forward_cutlass"), ("xformers", "dual_gemm_silu_identity_mul"),
+)  # fmt: skip
+
+
 def _save_ops() -> set:
-    aten = torch.ops.aten
-    names = (
-        "mm", "addmm", "bmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_for_cpu",
-        "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
-    )  # fmt: skip
-    ops = {getattr(aten, n).default for n in names if hasattr(aten, n)}
-    # flash-attn >= 2.6 registers its kernels as torch ops
-    flash = getattr(torch.ops, "flash_attn", None)
-    for n in ("_flash_attn_forward",):
-        if flash is not None and hasattr(flash, n):
-            ops.add(getattr(flash, n).default)
+    """The registered ops among SAVED_OPS (resolved per call: a library imported after this module
+    registers its ops on import, before the first forward that uses it)."""
+    ops = set()
+    for namespace, name in SAVED_OPS:
+        packet = getattr(getattr(torch.ops, namespace), name, None)  # None where not registered
+        overload = getattr(packet, "default", None)
+        if overload is not None:
+            ops.add(overload)
     return ops
 
 

@@ -63,6 +63,8 @@ def generate(
 
     A sequence that has produced `eos_id` keeps receiving it until all have (or the budget ends).
     `vocab_limit`: never produce ids >= this (the rows a padded embedding has beyond the tokenizer).
+    The KV cache holds keys/values in the dtype attention computes in (bf16 under autocast or FSDP2
+    bf16 mixed precision, whatever the parameters' dtype): see `models.llama.KVCache`.
     """
     if input_ids.ndim != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be (batch, length>0), got shape {tuple(input_ids.shape)}")
@@ -78,9 +80,7 @@ def generate(
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
     steps = min(max_new_tokens, max_len - T)
-    cache = KVCache(
-        model.cfg, B, max_len=T + steps, device=device, dtype=next(model.parameters()).dtype
-    )
+    cache = KVCache(model.cfg, B, max_len=T + steps)  # buffers in the compute dtype
     was_training = model.training
     model.eval()
     out = [input_ids]

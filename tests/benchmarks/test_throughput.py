@@ -101,3 +101,132 @@ def test_curve_compares_kernel_sets_with_the_eager_reference(bench, tmp_path):
     assert default["mean_abs_gap"] < 1e-3 and default["within_noise"] in (True, False)
     assert curves["ours[eager]"] == curves["ours[eager] 32-true"]  # same precision: the same run
     assert json.loads((tmp_path / "curve.json").read_text())["noise"]["mean_abs_gap"] == 0.0
+
+
+def test_cuda_peak_memory_is_each_contenders_own(bench, monkeypatch):
+    """Every contender stays resident during a run: the GPU figure is the process's peak over this
+    contender's step less what the others hold, so it does not include their memory. The CUDA
+    allocator is faked here (CPU tensors, known sizes)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 32, bias=False)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 64)).sum().backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    c = bench.Contender("c", model, None, optimizer, {})
+    own = bench.resident_bytes(c)  # weight + exp_avg + exp_avg_sq (fp32) + the step counter
+    assert 3 * 64 * 32 * 4 <= own <= 3 * 64 * 32 * 4 + 64
+    mib = 2**20
+    others, activations = 1000 * mib, 300 * mib
+    alloc = {"now": others + own, "peak": 0}
+
+    def fake_step(contender, inputs, targets):
+        alloc["peak"] = max(alloc["peak"], alloc["now"] + activations)
+
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: alloc["now"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: alloc["peak"])
+    monkeypatch.setattr(
+        torch.cuda, "reset_peak_memory_stats", lambda device=None: alloc.update(peak=alloc["now"])
+    )
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(bench, "train_step", fake_step)
+    alloc["peak"] = 5000 * mib  # an earlier contender's peak must not leak into this one
+    out = bench.peak_memory(c, (None, None), torch.device("cuda", 0))
+    assert out["peak_mem_mib"] == pytest.approx((own + activations) / mib)
+    assert out["others_resident_mib"] == pytest.approx(1000)
+    assert out["process_peak_mib"] == pytest.approx((others + own + activations) / mib)
+    assert bench.own_peak_bytes(10, 7, 3) == 6  # peak 10, of which 7 - 3 = 4 are the others'
+    # Tied weights and views are one storage.
+    tied = torch.nn.Module()
+    tied.a = torch.nn.Linear(8, 8, bias=False)
+    tied.b = torch.nn.Linear(8, 8, bias=False)
+    tied.b.weight = tied.a.weight
+    t = bench.Contender("t", tied, None, torch.optim.SGD(tied.parameters()), {})
+    assert bench.resident_bytes(t) == 8 * 8 * 4
+
+
+def test_compare_skips_kernel_sets_that_cannot_run_here(bench, tmp_path, capsys):
+    report = bench.main([*TINY, "--ours", "default;attention=flash_attn", "--peers", "none",
+                         "--skip-unavailable", "--steps", "2"])  # fmt: skip
+    assert [r["name"] for r in report["results"]] == ["ours[default]"]
+    assert "cannot run" in report["skipped_peers"]["ours[attention=flash_attn]"]
+    assert "the other contenders' resident memory excluded" in capsys.readouterr().out
+    with pytest.raises(bench.kernels.KernelUnavailable):
+        bench.main([*TINY, "--ours", "attention=flash_attn", "--peers", "none"])
+
+
+def test_sweep_can_stop_after_the_batch_search(bench):
+    report = bench.main([*TINY, "--sweep", "--max-batch", "2", "--no-kernel-search"])
+    assert report["largest_micro_batch"] == 2 and report["tried"] == []
+    assert report["best_tokens_per_s"] == report["micro_batches"]["2"]
+
+
+BLOCKER = """
+import importlib.abc, sys
+BLOCK = {blocked!r}
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCK:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (blocked by the test)")
+sys.meta_path.insert(0, Block())
+sys.argv = ["benchmarks/throughput.py", "--help"]
+import runpy
+runpy.run_path("benchmarks/throughput.py", run_name="__main__")
+"""
+
+
+def test_benchmark_needs_no_data_stack():
+    """The GPU machine has torch, lightning and transformers only: the benchmark's module-level
+    imports must not need deepspeed, litdata, sentencepiece (or the rest of the data stack)."""
+    import subprocess
+
+    blocked = {
+        "deepspeed",
+        "litdata",
+        "sentencepiece",
+        "tensorboard",
+        "zstandard",
+        "pyarrow",
+        "scipy",
+        "matplotlib",
+        "moto",
+        "lm_eval",
+        "triton",
+        "liger_kernel",
+        "xformers",
+        "flash_attn",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", BLOCKER.format(blocked=blocked)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--no-kernel-search" in proc.stdout and "--skip-unavailable" in proc.stdout
+
+
+def test_gpu_suite_fits_its_time_budget(bench, tmp_path):
+    """benchmarks/gpu_suite.sh (DRY_RUN=1 prints its steps): every step has a time limit, together
+    under 9 minutes, and every benchmark command it runs is one throughput.py accepts."""
+    import os
+    import shlex
+    import subprocess
+
+    env = dict(os.environ, DRY_RUN="1", PYTHON=sys.executable)
+    proc = subprocess.run(["bash", str(REPO_ROOT / "benchmarks" / "gpu_suite.sh"), str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    steps = [line for line in proc.stdout.splitlines() if line.startswith("step ")]
+    names = [line.split()[1] for line in steps]
+    assert names == ["setup", "parity", "compare", "sweep", "kernels", "curve"]
+    limits = [int(line.split()[3].rstrip("s:")) for line in steps]
+    assert all(limit > 0 for limit in limits) and sum(limits) <= 530, limits
+    for line in steps:
+        argv = shlex.split(line.split(": ", 1)[1])
+        if "benchmarks/throughput.py" in argv:
+            args = bench.parse_args(argv[argv.index("benchmarks/throughput.py") + 1 :])
+            assert args.model == "tinyllama-1.1b" and args.seq_len in (1024, 2048)
+            assert args.precision == "bf16-mixed"

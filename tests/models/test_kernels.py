@@ -38,26 +38,43 @@ def rel(a: torch.Tensor, ref: torch.Tensor) -> float:
     return ((a - ref).norm() / ref.norm().clamp(min=1e-30)).item()
 
 
-def run(fn, inputs: list[torch.Tensor], upstream_seed: int = 0):
-    """fn(*inputs) and the gradients of (out * fixed random weights).sum() w.r.t. every input."""
-    inputs = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+def run(fn, inputs: list[torch.Tensor], upstream_seed: int = 0, frozen: tuple[int, ...] = ()):
+    """fn(*inputs) and the gradients of (out * fixed random weights).sum() w.r.t. every input
+    except those at the indices in `frozen` (constants such as RoPE's cos / sin tables, which the
+    model never differentiates and fused kernels return no gradient for)."""
+    inputs = [
+        t.detach().clone().requires_grad_(t.is_floating_point() and i not in frozen)
+        for i, t in enumerate(inputs)
+    ]
     out = fn(*inputs)
     g = torch.Generator().manual_seed(upstream_seed)
     upstream = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.device, out.dtype)
     (out * upstream).sum().backward()
-    return out.detach(), [t.grad for t in inputs if t.requires_grad]
+    grads = [t.grad for t in inputs if t.requires_grad]
+    assert all(gr is not None for gr in grads), "an input that needs a gradient got none"
+    return out.detach(), grads
 
 
 def check_parity(
-    kernel_fn, eager_fn, make_inputs, device: str, dtype: torch.dtype, fp32_tol: float = FP32_TOL
+    kernel_fn,
+    eager_fn,
+    make_inputs,
+    device: str,
+    dtype: torch.dtype,
+    fp32_tol: float = FP32_TOL,
+    frozen: tuple[int, ...] = (),
 ):
-    """kernel vs eager on `device` in `dtype`, both against eager in float64 on the CPU."""
+    """kernel vs eager on `device` in `dtype`, both against eager in float64 on the CPU; inputs at
+    the indices in `frozen` get no gradient (and none is compared)."""
     base = make_inputs()  # float32 on the CPU, fresh random values
-    ref_out, ref_grads = run(eager_fn, [t.double() if t.is_floating_point() else t for t in base])
+    ref_out, ref_grads = run(
+        eager_fn, [t.double() if t.is_floating_point() else t for t in base], frozen=frozen
+    )
     cast = [t.to(device, dtype) if t.is_floating_point() else t.to(device) for t in base]
-    k_out, k_grads = run(kernel_fn, cast)
-    e_out, e_grads = run(eager_fn, cast)
+    k_out, k_grads = run(kernel_fn, cast, frozen=frozen)
+    e_out, e_grads = run(eager_fn, cast, frozen=frozen)
     assert k_out.dtype == e_out.dtype and k_out.shape == e_out.shape
+    assert len(k_grads) == len(e_grads) == len(ref_grads)
     for name, k, e, r in [("out", k_out, e_out, ref_out)] + [
         (f"grad[{i}]", kg, eg, rg)
         for i, (kg, eg, rg) in enumerate(zip(k_grads, e_grads, ref_grads))
@@ -98,6 +115,11 @@ def eager_silu_mul(gate, up):
     return F.silu(gate) * up
 
 
+# RoPE's inputs are q, k, cos, sin: cos and sin (indices 2, 3) are constant tables in the model
+# (no gradient; liger's and flash-attn's RoPE return none for them), so they are compared frozen.
+ROPE_FROZEN = (2, 3)
+
+
 def rope_inputs(T=48, H=8, K=4, E=64):
     def make():
         cos, sin = rope_cos_sin(T, E, 10000.0, torch.device("cpu"), torch.float32)
@@ -115,6 +137,23 @@ def eager_rope_qk(q, k, cos, sin):
     return torch.cat(
         [apply_rope(q, cos, sin).flatten(1), apply_rope(k, cos, sin).flatten(1)], dim=-1
     )
+
+
+def test_rope_parity_compares_q_k_gradients_only():
+    """liger's and flash-attn's RoPE give cos / sin no gradient (the model never differentiates the
+    tables): the parity check keeps them frozen and compares the output and the q / k gradients.
+    A stand-in kernel that detaches its tables, as those kernels do, passes it; asking it for table
+    gradients fails however correct it is (what the GPU cases did before)."""
+    torch.manual_seed(0)
+
+    def detached_tables(q, k, cos, sin):
+        return eager_rope_qk(q, k, cos.detach(), sin.detach())
+
+    check_parity(detached_tables, eager_rope_qk, rope_inputs(), "cpu", torch.float32, frozen=ROPE_FROZEN)  # fmt: skip
+    _, grads = run(detached_tables, rope_inputs()(), frozen=ROPE_FROZEN)
+    assert [tuple(g.shape) for g in grads] == [(2, 8, 48, 64), (2, 4, 48, 64)]  # q, k
+    with pytest.raises(AssertionError, match="got none"):
+        run(detached_tables, rope_inputs()())
 
 
 def loss_inputs(N=300, D=64, V=1000, ignored=7):
@@ -354,6 +393,77 @@ def test_selective_checkpointing_recomputes_no_matmul():
     assert selective.get("rsqrt", 0) > none.get("rsqrt", 0)  # the norms are recomputed
 
 
+# A stand-in for a library kernel registered as a torch op (flash-attn >= 2.7, xformers' backends):
+# it counts its forward calls, so that a test can see whether backward recomputes it.
+_FUSED_CALLS = {"n": 0}
+
+
+@torch.library.custom_op("orchestrator_tests::fused_kernel", mutates_args=())
+def _fused_kernel(x: torch.Tensor) -> torch.Tensor:
+    _FUSED_CALLS["n"] += 1
+    return torch.sin(x) * 2
+
+
+@_fused_kernel.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def _fused_kernel_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _fused_kernel_backward(ctx, grad):
+    (x,) = ctx.saved_tensors
+    return grad * torch.cos(x) * 2
+
+
+_fused_kernel.register_autograd(_fused_kernel_backward, setup_context=_fused_kernel_setup)
+
+
+@pytest.mark.parametrize("listed", [True, False])
+def test_selective_checkpointing_keeps_registered_library_ops(monkeypatch, listed):
+    """A library kernel that is a registered torch op and listed in SAVED_OPS is kept by selective
+    checkpointing (not run again in backward); an unlisted one is recomputed, like the cheap ops."""
+    from orchestrator.parallel import activation_checkpointing as ac
+
+    saved = ac.SAVED_OPS + ((("orchestrator_tests", "fused_kernel"),) if listed else ())
+    monkeypatch.setattr(ac, "SAVED_OPS", saved)
+    assert (torch.ops.orchestrator_tests.fused_kernel.default in ac._save_ops()) == listed
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(16, 16)
+
+        def forward(self, x):
+            return x + _fused_kernel(self.proj(x))
+
+    class Stack(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([Block(), Block()])
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = block(x)
+            return x
+
+    torch.manual_seed(0)
+    plain, ckpt = Stack(), Stack()
+    ckpt.load_state_dict(plain.state_dict())
+    ac.apply_activation_checkpointing(ckpt, "selective")
+    x = torch.randn(4, 16)
+    plain(x).square().sum().backward()
+    _FUSED_CALLS["n"] = 0
+    loss = ckpt(x).square().sum()
+    assert _FUSED_CALLS["n"] == 2  # forward: once per block
+    loss.backward()
+    assert _FUSED_CALLS["n"] == (2 if listed else 4)  # recomputed in backward unless kept
+    for (name, p), q in zip(ckpt.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
 def test_compiled_blocks_match_eager():
     """torch.compile of each block (one tiny block; the compile takes a few seconds on a CPU)."""
     from orchestrator.parallel.compile import compile_blocks
@@ -465,6 +575,188 @@ def test_choice_on_cuda_follows_what_is_installed(monkeypatch):
     assert kernels.choose("rope", "auto", "cuda", bf16) == "liger"
 
 
+def _install_fake_liger(monkeypatch, keyword_api: bool) -> list:
+    """A stand-in `liger_kernel.transformers.functional` (CPU, eager maths) that records its calls:
+    with the keyword-argument wrappers of liger-kernel >= 0.5, or with 0.4's bare Function.apply."""
+    import sys
+    import types
+
+    calls: list = []
+    functional = types.ModuleType("liger_kernel.transformers.functional")
+    if keyword_api:
+
+        def liger_rms_norm(
+            X, W, eps, offset: float = 0.0, casting_mode: str = "llama", in_place: bool = True
+        ):
+            calls.append(
+                ("rms_norm", dict(offset=offset, casting_mode=casting_mode, in_place=in_place))
+            )
+            return rms_norm_reference(X, W, eps)
+
+        def liger_fused_linear_cross_entropy(input, weight, target, bias=None, ce_weight=None,
+                                             ignore_index: int = -100, reduction: str = "mean",
+                                             accum_dtype=None):  # fmt: skip
+            calls.append(("fused_linear_cross_entropy", dict(ignore_index=ignore_index, accum_dtype=accum_dtype,
+                                                             dtypes=(input.dtype, weight.dtype))))  # fmt: skip
+            return F.cross_entropy(input @ weight.t(), target, ignore_index=ignore_index)
+
+        def liger_cross_entropy(
+            input, target, weight=None, size_average=None, ignore_index: int = -100
+        ):
+            calls.append(("cross_entropy", dict(ignore_index=ignore_index)))
+            return F.cross_entropy(input, target, ignore_index=ignore_index)
+
+    else:  # liger-kernel 0.4.x: Function.apply, positional arguments only
+
+        class _Fn(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, *args):
+                return args[0]
+
+        liger_rms_norm = liger_fused_linear_cross_entropy = _Fn.apply
+
+        def liger_cross_entropy(input, target, ignore_index: int = -100):
+            return F.cross_entropy(input, target, ignore_index=ignore_index)
+
+    for name, fn in dict(
+        liger_rms_norm=liger_rms_norm,
+        liger_fused_linear_cross_entropy=liger_fused_linear_cross_entropy,
+        liger_cross_entropy=liger_cross_entropy,
+        liger_rope=object(),
+        liger_swiglu=object(),
+    ).items():
+        setattr(functional, name, fn)
+    root, transformers = (
+        types.ModuleType("liger_kernel"),
+        types.ModuleType("liger_kernel.transformers"),
+    )
+    root.transformers, transformers.functional = transformers, functional
+    for name, module in (("liger_kernel", root), ("liger_kernel.transformers", transformers),
+                         ("liger_kernel.transformers.functional", functional)):  # fmt: skip
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(kernels, "_LIBS", {})
+    monkeypatch.setattr(kernels, "_PLANS", {})
+    return calls
+
+
+def test_liger_call_path_passes_keyword_arguments(monkeypatch):
+    """Our calls into liger-kernel's functional API (>= 0.5: keyword wrappers): the norm in Llama's
+    casting order, not in place; the fused loss with our ignore index, in the compute dtype, with fp32
+    weight-gradient accumulation where the release has it; results those of the eager code."""
+    calls = _install_fake_liger(monkeypatch, keyword_api=True)
+    assert kernels.library("liger") is not None and kernels.library_problem("liger") is None
+    torch.manual_seed(0)
+    x, w = torch.randn(2, 8, 32), 1 + 0.1 * torch.randn(32)
+    torch.testing.assert_close(
+        kernels.rms_norm(x, w, 1e-5, "liger"), rms_norm_reference(x, w, 1e-5)
+    )
+    assert calls[-1] == ("rms_norm", dict(offset=0.0, casting_mode="llama", in_place=False))
+    h, head, t = loss_inputs(N=40, D=16, V=50)()
+    torch.testing.assert_close(
+        kernels.output_loss(h, head, t, "liger_fused"), eager_loss(h, head, t)
+    )
+    assert calls[-1] == ("fused_linear_cross_entropy",
+                         dict(ignore_index=kernels.IGNORE_INDEX, accum_dtype=torch.float32,
+                              dtypes=(torch.float32, torch.float32)))  # fmt: skip
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        kernels.output_loss(h, head, t, "liger_fused")
+    assert calls[-1][1]["dtypes"] == (
+        torch.bfloat16,
+        torch.bfloat16,
+    )  # the matmul's dtype, as autocast's
+    torch.testing.assert_close(kernels.output_loss(h, head, t, "liger"), eager_loss(h, head, t))
+    assert calls[-1] == ("cross_entropy", dict(ignore_index=kernels.IGNORE_INDEX))
+
+
+def test_liger_without_keyword_wrappers_is_refused(monkeypatch):
+    """liger-kernel 0.4.x (bare Function.apply: keyword arguments raise) is refused when imported, so
+    `auto` never picks it and asking for it by name names the release to install."""
+    _install_fake_liger(monkeypatch, keyword_api=False)
+    assert kernels.library("liger") is None
+    assert f"liger-kernel>={kernels.LIGER_MIN}" in kernels.library_problem("liger")
+    assert kernels.choose("rmsnorm", "auto", "cuda", torch.bfloat16) != "liger"
+    with pytest.raises(
+        KernelUnavailable, match=r"model\.rmsnorm_kernel='liger' cannot run: .*too old"
+    ):
+        kernels.choose("rmsnorm", "liger", "cuda", torch.bfloat16)
+    import tomllib
+
+    from tests.conftest import REPO_ROOT
+
+    extra = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]["gpu"]
+    assert (
+        f"liger-kernel>={kernels.LIGER_MIN}" in extra
+    )  # the gpu extra asks for no release refused here
+
+
+def _install_fake_xformers(monkeypatch) -> list:
+    """A stand-in xformers on the CPU with memory_efficient_attention's layouts and its limit: the
+    grouped 5-D (BMGHK) layout runs the forward only, so an input that needs a gradient makes it
+    raise during the forward (its dispatcher picks the backward op there). Records each call's ndim."""
+    calls: list = []
+
+    def causal_bthe(q, k, v):  # (B, T, H, E) each
+        out = F.scaled_dot_product_attention(
+            *(t.transpose(1, 2) for t in (q, k, v)), is_causal=True
+        )
+        return out.transpose(1, 2)
+
+    def memory_efficient_attention(q, k, v, attn_bias=None):
+        assert isinstance(attn_bias, LowerTriangularMask)
+        calls.append(q.ndim)
+        if q.ndim == 5:
+            if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+                raise NotImplementedError(
+                    "No operator found for `memory_efficient_attention_backward` (BMGHK)"
+                )
+            B, T, G, Hg, E = q.shape
+            q, k, v = (t.reshape(B, T, G * Hg, E) for t in (q, k, v))
+            return causal_bthe(q, k, v).reshape(B, T, G, Hg, E)
+        assert q.shape == k.shape == v.shape, "BMHK: as many key/value heads as query heads"
+        return causal_bthe(q, k, v)
+
+    class LowerTriangularMask:
+        pass
+
+    fake = kernels.SimpleNamespace(memory_efficient_attention=memory_efficient_attention,
+                                   LowerTriangularMask=LowerTriangularMask, swiglu=None)  # fmt: skip
+    monkeypatch.setitem(kernels._LIBS, "xformers", fake)
+    return calls
+
+
+@pytest.mark.parametrize("heads", [(8, 4), (8, 1), (8, 8), (32, 4)])
+def test_xformers_layout_trains_grouped_query_attention(monkeypatch, heads):
+    """Grouped-query attention through xformers' call path: in training K/V are repeated to H heads
+    (a 4-D call that has a backward), without gradients the grouped 5-D layout (no copy); outputs and
+    gradients are eager attention's (SDPA stands in for xformers' kernel on the CPU)."""
+    calls = _install_fake_xformers(monkeypatch)
+    H, K = heads
+    torch.manual_seed(0)
+    xformers = lambda q, k, v: kernels.attention(q, k, v, "xformers")  # noqa: E731
+    check_parity(xformers, eager_attention, attention_inputs(H=H, K=K, E=32), "cpu", torch.float32)
+    assert set(calls) == {4}
+    q, k, v = attention_inputs(H=H, K=K, E=32)()
+    calls.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            xformers(q, k, v), eager_attention(q, k, v), atol=1e-5, rtol=1e-5
+        )
+    assert calls == [4 if K == H else 5]
+    # The layout itself: query head h reads key/value head h // (H/K), as repeat_interleave lays out.
+    qg, kg, vg = (t.transpose(1, 2).requires_grad_() for t in (q, k, v))  # (B, T, heads, E)
+    qx, kx, vx = kernels.xformers_layout(qg, kg, vg)
+    assert qx.shape == kx.shape == vx.shape == qg.shape
+    torch.testing.assert_close(kx, kg.repeat_interleave(H // K, dim=2))
+    if K < H:
+        with torch.no_grad():
+            q5, k5, v5 = kernels.xformers_layout(qg, kg, vg)
+        assert (
+            q5.shape == k5.shape == (2, 96, K, H // K, 32) and k5.stride(3) == 0
+        )  # expanded, no copy
+
+
 def test_resume_may_change_kernels(tmp_path):
     """A checkpoint trained with one kernel set continues under another (kernels are not the model)."""
     import yaml
@@ -510,7 +802,7 @@ LIBRARY_KERNELS = [
 
 
 def _gpu_case(op: str, kernel: str):
-    """(kernel function, eager function, input maker) for one op."""
+    """(kernel function, eager function, input maker[, frozen input indices]) for one op."""
     if op == "attention":
         if kernel == "sdpa":
             return (
@@ -543,7 +835,7 @@ def _gpu_case(op: str, kernel: str):
             q2, k2 = kernels.rope(q, k, cos, sin, kernel)
             return torch.cat([q2.flatten(1), k2.flatten(1)], dim=-1)
 
-        return fused_rope, eager_rope_qk, rope_inputs()
+        return fused_rope, eager_rope_qk, rope_inputs(), ROPE_FROZEN
     return (
         (lambda x, w, t: kernels.output_loss(x, w, t, kernel)),
         eager_loss,
@@ -564,9 +856,29 @@ def test_library_kernel_matches_eager_on_gpu(op, kernel, dtype):
     }:
         pytest.skip("fused for bf16/fp16 only")
     torch.manual_seed(0)
-    kernel_fn, eager_fn, make = _gpu_case(op, kernel)
+    kernel_fn, eager_fn, make, *rest = _gpu_case(op, kernel)
+    frozen = rest[0] if rest else ()
     # Triton kernels keep fp32 inputs in fp32 but may use TF32 dots (near 3e-4), hence the looser fp32 bound.
-    check_parity(kernel_fn, eager_fn, make, "cuda", dtype, fp32_tol=1e-3)
+    check_parity(kernel_fn, eager_fn, make, "cuda", dtype, fp32_tol=1e-3, frozen=frozen)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads", [(32, 4), (8, 1)])
+def test_xformers_grouped_query_attention_on_gpu(heads):
+    """TinyLlama's 32 query / 4 key-value heads (and multi-query) through xformers: training (K/V
+    repeated, forward + backward) and a forward without gradients (the grouped 5-D layout)."""
+    problem = kernels.why_not("attention", "xformers", "cuda", torch.bfloat16)
+    if problem is not None:
+        pytest.skip(problem)
+    H, K = heads
+    torch.manual_seed(0)
+    make = attention_inputs(B=2, T=256, H=H, K=K, E=64)
+    xformers = lambda q, k, v: kernels.attention(q, k, v, "xformers")  # noqa: E731
+    check_parity(xformers, eager_attention, make, "cuda", torch.bfloat16)
+    q, k, v = (t.to("cuda", torch.bfloat16) for t in make())
+    ref = eager_attention(*(t.double() for t in (q, k, v)))
+    with torch.no_grad():
+        assert rel(xformers(q, k, v), ref) <= BF16_TOL
 
 
 @pytest.mark.gpu
@@ -588,6 +900,53 @@ def test_auto_model_matches_eager_model_on_gpu():
     for name in ref_grads:
         err_f, err_e = rel(grads_f[name], ref_grads[name]), rel(grads_e[name], ref_grads[name])
         assert err_f <= 3 * BF16_TOL and err_f <= 2 * err_e + 2e-3, (name, err_f, err_e)
+
+
+# The attention forward kernels among SAVED_OPS (names as a dispatch mode sees them).
+ATTENTION_FORWARD_OPS = {"_flash_attn_forward", "flash_fwd", "efficient_attention_forward_cutlass",
+                         "_efficient_attention_forward", "_flash_attention_forward",
+                         "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_for_cpu",
+                         "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("attention", "device"),
+    [("sdpa", "cpu")]
+    + [pytest.param(a, "cuda", marks=pytest.mark.gpu) for a in ("sdpa", "flash_attn", "xformers")],
+)
+def test_selective_checkpointing_keeps_attention_outputs(attention, device):
+    """With each attention kernel: `full` runs the attention forward again in backward (once per
+    block), `selective` never does (it keeps its outputs: the kernel is a registered torch op)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from orchestrator.parallel.activation_checkpointing import apply_activation_checkpointing
+
+    problem = kernels.why_not("attention", attention, device, torch.bfloat16)
+    if problem is not None:
+        pytest.skip(problem)
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func.overloadpacket.__name__ in ATTENTION_FORWARD_OPS
+            return func(*args, **(kwargs or {}))
+
+    def recomputed_attention(mode):
+        torch.manual_seed(0)
+        cfg = tiny_cfg(d_model=256, n_heads=4, n_kv_heads=2, ffn_hidden=688, attention=attention)
+        model = apply_activation_checkpointing(Llama(cfg).to(device), mode)
+        ids = torch.randint(0, cfg.vocab_size, (2, 64), device=device)
+        with torch.autocast(device, dtype=torch.bfloat16):
+            loss = model(ids, targets=ids)
+        with Count() as counter:
+            loss.backward()
+        return counter.n
+
+    assert recomputed_attention("full") >= 2  # two blocks: the kernel is visible to the dispatcher
+    assert recomputed_attention("selective") == 0
 
 
 def test_eager_rope_reference_and_layout():

@@ -108,3 +108,72 @@ def test_generate_cli(tmp_path, sp_model, capsys):
     assert first.startswith("The model") and len(first) > len("The model\n")
     assert cli.main(argv) == 0
     assert capsys.readouterr().out == first  # same seed, same text
+
+
+def _spy_caches(monkeypatch) -> list:
+    """The KV caches generate() builds, each with the (key, value) dtypes its updates were given."""
+    from orchestrator.tools import generate as gen
+
+    made = []
+
+    class Spy(gen.KVCache):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.given = set()
+            made.append(self)
+
+        def update(self, layer, k, v, start_pos):
+            self.given.add((k.dtype, v.dtype))
+            return super().update(layer, k, v, start_pos)
+
+    monkeypatch.setattr(gen, "KVCache", Spy)
+    return made
+
+
+def test_kv_cache_is_in_the_compute_dtype_under_autocast(monkeypatch):
+    """An fp32 model generating under bf16 autocast keeps its cache in the dtypes of the keys and
+    values attention computes with (values: bf16 from the autocast projection), not in the
+    parameters' fp32; outside autocast, fp32."""
+    made = _spy_caches(monkeypatch)
+    cfg = small_config()
+    model = random_model(cfg)
+    prompt = torch.randint(3, cfg.vocab_size, (2, 7))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = generate(model, prompt, max_new_tokens=6, temperature=0)
+    assert out.shape == (2, 13) and torch.equal(out[:, :7], prompt)
+    assert next(model.parameters()).dtype == torch.float32
+    cache = made[-1]
+    assert len(cache.given) == 1 and {v for _, v in cache.given} == {torch.bfloat16}
+    assert {(k.dtype, v.dtype) for k, v in zip(cache.keys, cache.values)} == cache.given
+    assert cache.keys[0].shape == (2, cfg.n_kv_heads, 13, cfg.head_dim)
+    generate(model, prompt, max_new_tokens=2, temperature=0)
+    assert {t.dtype for t in made[-1].keys + made[-1].values} == {torch.float32}
+
+
+def test_generation_under_fsdp2_bf16_mixed_precision(monkeypatch, tmp_path):
+    """FSDP2 with bf16 compute (fp32 sharded parameters, bf16 gathered ones): sampling as the monitor
+    does it used to fail (fp32 cache beside bf16 queries, which SDPA rejects) and turn itself off.
+    One process, gloo, on the CPU."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed and no process group already in this process")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from orchestrator.parallel.fsdp import parallelize_fsdp
+
+    made = _spy_caches(monkeypatch)
+    cfg = small_config()
+    model = random_model(cfg)
+    prompt = torch.randint(3, cfg.vocab_size, (1, 7))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        parallelize_fsdp(model, init_device_mesh("cpu", (1,)), param_dtype=torch.bfloat16)
+        assert next(model.parameters()).dtype == torch.float32  # the sharded master weights
+        out = generate(model, prompt, max_new_tokens=5, temperature=0)
+    finally:
+        dist.destroy_process_group()
+    assert out.shape == (1, 12) and torch.equal(out[:, :7], prompt)
+    assert {t.dtype for t in made[-1].keys + made[-1].values} == {torch.bfloat16}
