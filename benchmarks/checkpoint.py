@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/checkpoint.py                      # llama-400m (393M params), CPU
     .venv/bin/python benchmarks/checkpoint.py --model llama-124m --json out.json
+    .venv/bin/python benchmarks/checkpoint.py --strategy fsdp --devices 2   # FSDP2 shards, 2 processes
+    .venv/bin/python benchmarks/checkpoint.py --strategy fsdp --devices 8 --accelerator cuda
 
 Builds the model and an AdamW state (weights + two moments: ~12 bytes per parameter in fp32),
 then, in one run and on one directory:
@@ -9,6 +11,7 @@ then, in one run and on one directory:
   sync save   Checkpointer.save (orchestrator/checkpoint/checkpointer.py): torch.save streamed to
               disk while hashed, fsync, SHA-256 manifest, atomic rename
   async save  Checkpointer.save with checkpoint.async_save: training stalls only for a CPU snapshot
+              (FSDP: every rank's shards, torch.distributed.checkpoint.async_save)
   verify      SHA-256 of every file against the manifest (orchestrator/checkpoint/manifest.py;
               done before every resume)
   load        Checkpointer.load into the model and optimizer (weights-only unpickling)
@@ -31,10 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from lightning.fabric import Fabric  # noqa: E402
 
-from models.llama import Llama, count_parameters  # noqa: E402
+from models.llama import Llama  # noqa: E402
 from orchestrator.checkpoint.checkpointer import Checkpointer  # noqa: E402
 from orchestrator.checkpoint.manifest import verify  # noqa: E402
 from orchestrator.config import load_config  # noqa: E402
+from orchestrator.parallel.launch import build_fabric  # noqa: E402
 
 
 def raw_write(path: Path, nbytes: int, block: int = 64 << 20) -> float:
@@ -63,42 +67,57 @@ def main() -> None:
         "--dir", default=None, help="directory on the disk to measure (default: a temp dir)"
     )
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    parser.add_argument(
+        "--strategy",
+        choices=["single", "fsdp"],
+        default="single",
+        help="single: one file from one process; fsdp: FSDP2 shards from --devices processes",
+    )
+    parser.add_argument("--devices", type=int, default=2, help="processes (fsdp)")
+    parser.add_argument("--accelerator", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args()
+    fsdp = args.strategy == "fsdp"
+    devices = args.devices if fsdp else 1
 
-    work = Path(args.dir or tempfile.mkdtemp(prefix="ckpt-bench-"))
+    # One directory for every rank (FSDP: Fabric starts the other ranks with the same arguments).
+    work = Path(args.dir or os.environ.get("CKPT_BENCH_DIR") or tempfile.mkdtemp(prefix="ckpt-"))
+    os.environ["CKPT_BENCH_DIR"] = str(work)
     work.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if args.accelerator == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // devices))
     cfg = load_config(
         [
-            "--model.name",
-            args.model,
-            "--run.dir",
-            str(work / "run"),
-            "--strategy.accelerator",
-            "cpu",
-            "--strategy.devices",
-            "1",
-            "--strategy.name",
-            "single",
-            "--checkpoint.keep_last",
-            "0",
+            "--model.name", args.model, "--run.dir", str(work / "run"),
+            "--strategy.accelerator", args.accelerator, "--strategy.devices", str(devices),
+            "--strategy.name", args.strategy, "--checkpoint.keep_last", "0",
         ]
-    )
-    fabric = Fabric(accelerator="cpu", devices=1)
+    )  # fmt: skip
+    if fsdp:
+        fabric = build_fabric(cfg)
+        fabric.launch()
+    else:
+        fabric = Fabric(accelerator=args.accelerator, devices=1)
 
-    model = Llama(cfg.model)
+    with fabric.init_module():
+        model = Llama(cfg.model)
+    params = sum(p.numel() for p in model.parameters())  # before sharding
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model, optimizer = fabric.setup(model, optimizer)
     for p in model.parameters():  # materialise AdamW's two moments without a costly backward
         p.grad = torch.zeros_like(p)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    model, optimizer = fabric.setup(model, optimizer)
     state = {"model": model, "optimizer": optimizer, "progress": {"step": 1, "tokens_seen": 0}}
-    params = count_parameters(model)
+    device = (
+        f"CPU ({os.cpu_count()} cores)"
+        if args.accelerator == "cpu"
+        else f"{devices} x {torch.cuda.get_device_name()}"
+    )
     results: dict = {
         "model": args.model,
         "parameters": params,
-        "device": f"CPU ({os.cpu_count()} cores), {platform.platform()}",
+        "strategy": f"{args.strategy} ({devices} process(es))",
+        "device": f"{device}, {platform.platform()}",
         "torch": torch.__version__,
         "directory": str(work),
     }
@@ -109,16 +128,20 @@ def main() -> None:
     results["checkpoint_bytes"] = nbytes
     results["sync_save_s"] = report.write_seconds
 
-    raw_seconds = raw_write(work / "raw.bin", nbytes)
-    (work / "raw.bin").unlink()
+    raw_seconds = 0.0
+    if fabric.is_global_zero:  # (FSDP: the same bytes from one process)
+        raw_seconds = raw_write(work / "raw.bin", nbytes)
+        (work / "raw.bin").unlink()
+    fabric.barrier()
     results["raw_write_s"] = raw_seconds
-    results["raw_write_gb_s"] = nbytes / raw_seconds / 1e9
+    results["raw_write_gb_s"] = nbytes / raw_seconds / 1e9 if raw_seconds else None
     results["sync_save_gb_s"] = nbytes / report.write_seconds / 1e9
 
     started = time.perf_counter()
-    reason = verify(report.path, checksums=True)
+    reason = verify(report.path, checksums=True)  # (FSDP: every rank checks every file)
     results["verify_s"] = time.perf_counter() - started
     assert reason is None, reason
+    fabric.barrier()
 
     started = time.perf_counter()
     checkpointer.load(report.path, dict(state))
@@ -129,11 +152,15 @@ def main() -> None:
     started = time.perf_counter()
     async_report = async_checkpointer.save(state, step=2, tokens_seen=0)
     async_checkpointer.wait()
+    fabric.barrier()
     results["async_stall_s"] = async_report.stall_seconds
     results["async_total_s"] = time.perf_counter() - started
+    if not fabric.is_global_zero:
+        return
 
     print(
-        f"{args.model}: {params:,} parameters, checkpoint {nbytes / 1e9:.2f} GB (weights + AdamW), {work}"
+        f"{args.model}: {params:,} parameters, checkpoint {nbytes / 1e9:.2f} GB (weights + AdamW), "
+        f"{results['strategy']}, {work}"
     )
     rows = [
         ("raw write + fsync (same bytes)", results["raw_write_s"], results["raw_write_gb_s"]),

@@ -190,7 +190,10 @@ class CheckpointConfig:
         0, "Also keep, permanently, every checkpoint whose step is a multiple of this (0: none)."
     )
     async_save: bool = doc(
-        False, "Write checkpoints in a background thread; training stalls only for a CPU snapshot."
+        False,
+        "Write checkpoints in a background thread; training stalls only for a CPU snapshot (ddp, single, and "
+        "fsdp with sharded checkpoints, written by torch.distributed.checkpoint.async_save; not deepspeed, nor "
+        "fsdp with strategy.sharded_checkpoint=false).",
     )
     verify_checksums: bool = doc(
         True, "Check every file's SHA-256 against the manifest before resuming from it."
@@ -449,6 +452,15 @@ class Config:
                 "checkpoint.async_save=true is not supported with strategy.name=deepspeed: DeepSpeed writes "
                 "its own sharded checkpoint files from every rank, which cannot be snapshotted and written in "
                 "a background thread; set checkpoint.async_save=false"
+            )
+        if (
+            self.checkpoint.async_save
+            and self.strategy.name == "fsdp"
+            and not self.strategy.sharded_checkpoint
+        ):
+            raise ConfigError(
+                "checkpoint.async_save=true with strategy.name=fsdp needs strategy.sharded_checkpoint=true "
+                "(the background write is of per-rank shards); set one of them differently"
             )
         if (
             self.checkpoint.resume not in ("auto", "never")

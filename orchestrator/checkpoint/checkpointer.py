@@ -6,8 +6,14 @@ disk, writes the manifest (each file's size and SHA-256, step, tokens seen, conf
 last, and publishes the directory with an atomic rename. A crash at any moment leaves either
 the previous checkpoints untouched plus a `.partial` directory (removed at the next start),
 or a complete new checkpoint. DDP and single-device runs stream one file from rank 0 (hashed as
-it is written; optionally in a background thread); FSDP and DeepSpeed write per-rank shards
-through Fabric.
+it is written); FSDP and DeepSpeed write per-rank shards through Fabric.
+
+checkpoint.async_save: training stalls only while the state is copied to CPU memory; a
+background thread writes it, and rank 0's thread publishes it as above once every rank's files
+are on disk. DDP / single-device: rank 0 writes its one file. FSDP with sharded checkpoints: every
+rank writes its shard (torch.distributed.checkpoint.async_save, the files of a synchronous
+save). A failure on any rank surfaces at the next `wait()` (the next save, a rollback, the end)
+on every rank. Not for DeepSpeed, nor FSDP with strategy.sharded_checkpoint=false.
 
 Reading: `orchestrator/checkpoint/resume.py` chooses the checkpoint; `Checkpointer.load` fills the
 training state from it without running pickled code (`torch.load(weights_only=True)`).
@@ -20,10 +26,12 @@ import shutil
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from lightning.fabric import Fabric
 from lightning.fabric.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 from lightning.fabric.wrappers import _unwrap_objects
@@ -49,6 +57,7 @@ from orchestrator.checkpoint.layout import (
 from orchestrator.checkpoint.manifest import config_hash, verify, write_manifest
 from orchestrator.checkpoint.rng import capture_rng, restore_rng
 from orchestrator.config import Config, save_config
+from orchestrator.parallel.fsdp import FSDP2Strategy
 from orchestrator.parallel.launch import gather_object, on_rank_zero
 from orchestrator.parallel.strategy import load_full_model_state
 
@@ -71,6 +80,12 @@ def writes_single_file(fabric: Fabric) -> bool:
     return isinstance(strategy, (DDPStrategy, SingleDeviceStrategy)) and not isinstance(
         strategy, DeepSpeedStrategy
     )
+
+
+def writes_async_shards(fabric: Fabric) -> bool:
+    """FSDP with sharded checkpoints: every rank can write its shard in the background."""
+    strategy = fabric.strategy
+    return isinstance(strategy, FSDP2Strategy) and strategy._save_distributed_checkpoint
 
 
 def _publish(
@@ -119,6 +134,7 @@ class Checkpointer:
         self.root = checkpoint_root(cfg)
         self._thread: threading.Thread | None = None
         self._async_error: BaseException | None = None
+        self._async_group = None  # FSDP async saves: the writing threads' own process group
         self.completed: list[SaveReport] = []
 
     # -- save ------------------------------------------------------------------------------
@@ -202,40 +218,77 @@ class Checkpointer:
         self, full_state, partial: Path, final: Path, info, started: float
     ) -> SaveReport:
         """Snapshot the state to CPU memory now; write and publish it in a background thread."""
-        if not writes_single_file(self.fabric):
+        if writes_single_file(self.fabric):
+            snapshot = None
+            if self.fabric.is_global_zero:
+                snapshot = _to_cpu_copy(self._state_dicts(full_state))
+
+            def write() -> dict[str, str] | None:  # rank 0 only
+                return {STATE_NAME: write_state_file(snapshot, partial / STATE_NAME)}
+
+            writers = self.fabric.is_global_zero
+        elif writes_async_shards(self.fabric):
+            error, future = None, None
+            try:
+                future = self.fabric.strategy.async_save_checkpoint(
+                    partial / STATE_NAME, _unwrap_objects(full_state), self._shard_writers_group()
+                )
+            except Exception as e:  # noqa: BLE001 - reported to every rank below
+                error = e
+            try:
+                _agree_on_errors(self.fabric, error, f"snapshotting checkpoint {partial}")
+            except CheckpointError:
+                on_rank_zero(self.fabric, lambda: shutil.rmtree(partial, ignore_errors=True))
+                raise
+
+            def write() -> dict[str, str] | None:  # every rank: its shard (DCP's collectives)
+                future.result()
+                return None
+
+            writers = True
+        else:
             raise CheckpointError(
-                "checkpoint.async_save works with ddp/single-device strategies; set it to false for sharded ones"
+                "checkpoint.async_save works with strategy.name ddp, single, and fsdp with "
+                "strategy.sharded_checkpoint=true; set it to false for this run"
             )
-        snapshot = None
-        if self.fabric.is_global_zero:
-            snapshot = _to_cpu_copy(self._state_dicts(full_state))
         self.fabric.barrier()
         stall = time.perf_counter() - started
+        is_zero = self.fabric.is_global_zero
 
-        def write() -> None:
+        def write_and_publish() -> None:
             try:
-                digest = write_state_file(snapshot, partial / STATE_NAME)
-                _publish(self.cfg, partial, final, info, {STATE_NAME: digest})
-                self.completed.append(
-                    SaveReport(
-                        final,
-                        info["step"],
-                        stall_seconds=stall,
-                        write_seconds=time.perf_counter() - started,
-                        size_bytes=dir_size(final),
-                        total_bytes=dir_size(self.root),
+                known = write()
+                if is_zero:  # every rank's files are on disk (the future waited for them)
+                    _publish(self.cfg, partial, final, info, known)
+                    self.completed.append(
+                        SaveReport(
+                            final,
+                            info["step"],
+                            stall_seconds=stall,
+                            write_seconds=time.perf_counter() - started,
+                            size_bytes=dir_size(final),
+                            total_bytes=dir_size(self.root),
+                        )
                     )
-                )
             except BaseException as e:  # noqa: BLE001 - raised on the training thread at the next wait()
-                shutil.rmtree(partial, ignore_errors=True)
-                self._async_error = e
+                if is_zero:
+                    shutil.rmtree(partial, ignore_errors=True)
+                self._async_error = _without_tracebacks(e)
 
-        if self.fabric.is_global_zero:
+        if writers:
             self._thread = threading.Thread(
-                target=write, name=f"checkpoint-{final.name}", daemon=False
+                target=write_and_publish, name=f"checkpoint-{final.name}", daemon=False
             )
             self._thread.start()
         return SaveReport(final, info["step"], stall_seconds=stall)
+
+    def _shard_writers_group(self):
+        """A gloo group of every rank for the writing threads' collectives (created once, by the
+        first async save, on every rank): the default group stays the training thread's."""
+        if self._async_group is None:
+            timeout = timedelta(seconds=self.cfg.strategy.timeout_s)
+            self._async_group = dist.new_group(backend="gloo", timeout=timeout)
+        return self._async_group
 
     def _state_dicts(self, full_state: dict[str, Any]) -> dict[str, Any]:
         """What Fabric itself would save: module / optimizer / stateful objects as state dicts."""
@@ -278,6 +331,16 @@ class Checkpointer:
             except ValueError as e:
                 raise CheckpointError(str(e)) from e
         load_full_model_state(self.fabric, model, weights, strict=True)
+
+
+def _without_tracebacks(error: BaseException) -> BaseException:
+    """torch.distributed.checkpoint's CheckpointException (every rank gets the same one) prints
+    each failed rank's traceback; the run's error message needs only who failed, and why."""
+    failures = getattr(error, "failures", None)
+    if not isinstance(failures, dict) or not failures:
+        return error
+    why = "; ".join(f"rank {r}: {type(e).__name__}: {e}" for r, (e, _) in sorted(failures.items()))
+    return CheckpointError(f"writing the shards failed on {why}")
 
 
 def _to_cpu_copy(obj: Any) -> Any:

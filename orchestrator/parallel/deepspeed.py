@@ -1,6 +1,18 @@
 """DeepSpeed ZeRO (`strategy.name: deepspeed`), stage 1, 2 or 3, optional CPU offload of optimizer
 state / parameters, on GPUs (NCCL) and CPUs (gloo).
 
+Precision bf16-mixed / bf16-true: bf16 weights, fp32 master weights and optimizer state, and
+gradients accumulated in fp32 (DeepSpeed's default would be bf16). The ZeRO optimizer that brings:
+ZeRO-1 (without offload) DeepSpeed's BF16_Optimizer, ZeRO-2 / ZeRO-3 their own, each handled by
+the clipping and skipped-step code below.
+
+deepspeed >= 0.19.8 (pyproject.toml). Measured with torch 2.13 on CPU (tests/orchestrator/parallel/
+test_deepspeed.py): in 0.16.0, 0.16.9, 0.17.0 and 0.18.0, ZeRO-1/2 leave no reduced gradients
+for the norm before the step (the trainer's clipping fails); in 0.18.9, BF16_Optimizer adds the
+boundary micro-batch's gradients after the all-reduce; in 0.19.0, 0.19.5 and 0.19.7, ZeRO-2
+ignores `grad_accum_dtype` and accumulates in bf16; `combine_grad_norm_groups` (used below)
+first ships in 0.19.8.
+
 Checkpoint: DeepSpeed's directory of per-rank model and optimizer shards.
 """
 
@@ -24,7 +36,8 @@ from orchestrator.config import Config
 
 
 def deepspeed_config(cfg: Config, on_gpu: bool) -> dict[str, Any]:
-    """The DeepSpeed config for cfg.strategy (ZeRO stage, offload) and the optimizer's clipping."""
+    """The DeepSpeed config for cfg.strategy (ZeRO stage, offload, gradient accumulation dtype) and
+    the optimizer's clipping. (Lightning adds the precision's `bf16` / `fp16` section.)"""
     s = cfg.strategy
     zero: dict[str, Any] = {
         "stage": s.zero_stage,
@@ -49,7 +62,7 @@ def deepspeed_config(cfg: Config, on_gpu: bool) -> dict[str, Any]:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
     if s.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
-    return {
+    config: dict[str, Any] = {
         "zero_optimization": zero,
         # Our AdamW (torch.optim) is used as is, also with offload (DeepSpeed would otherwise insist
         # on its compiled CPU Adam).
@@ -63,6 +76,13 @@ def deepspeed_config(cfg: Config, on_gpu: bool) -> dict[str, Any]:
         "steps_per_print": 1 << 62,
         "wall_clock_breakdown": False,
     }
+    if s.precision in ("bf16-mixed", "bf16-true"):
+        # Lightning adds only `bf16.enabled`; DeepSpeed then accumulates gradients in the weights'
+        # dtype, bf16 (8 mantissa bits: over 16 micro-batches, small contributions round away).
+        # fp32 accumulation: ZeRO-1 (without offload) becomes DeepSpeed's BF16_Optimizer, ZeRO-2/3
+        # keep their optimizers with fp32 gradient partitions.
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+    return config
 
 
 class _BoundaryControl(_BackwardSyncControl):
@@ -86,7 +106,7 @@ class CPUCapableDeepSpeedStrategy(DeepSpeedStrategy):
     * Gradient accumulation: the trainer's `no_backward_sync` marks DeepSpeed's accumulation
       boundary, so one optimizer step follows N micro-batches exactly as under DDP.
     * `clip_gradients` returns the global gradient norm before the step (DeepSpeed clips inside
-      its step, with the same max_norm).
+      its step, with the same max_norm), +inf when a gradient is inf / NaN.
     * Parameters are built normally and partitioned by `deepspeed.initialize` (no
       `zero.Init`), so every strategy starts from bitwise the same initial weights.
     """
@@ -137,6 +157,8 @@ class CPUCapableDeepSpeedStrategy(DeepSpeedStrategy):
             dist_init_required=False,
         )
         _discard_gradients_of_skipped_steps(engine)
+        if _is_bf16_optimizer(engine.optimizer):
+            _label_bf16_checkpoint_as_zero1(engine.optimizer)
         return engine, ds_optimizer, ds_scheduler
 
     def module_init_context(self, empty_init: bool | None = None):
@@ -147,27 +169,58 @@ class CPUCapableDeepSpeedStrategy(DeepSpeedStrategy):
     def clip_gradients_norm(
         self, module, optimizer, max_norm, norm_type=2.0, error_if_nonfinite=True
     ):
-        engine = self._deepspeed_engine
-        zero = engine.optimizer
+        zero = self._deepspeed_engine.optimizer
         if float(norm_type) != 2.0:
             raise ValueError("DeepSpeed computes the L2 gradient norm only")
         # The trainer's max_norm is authoritative (DeepSpeed reads clip_grad at step time).
         zero.clip_grad = 0.0 if math.isinf(max_norm) else float(max_norm)
-        if hasattr(zero, "scaled_global_norm"):  # ZeRO 1/2
-            norm = zero.scaled_global_norm()
-        else:  # ZeRO 3
-            # deepspeed: heavy import (seconds), ZeRO runs only
-            from deepspeed.runtime.utils import combine_grad_norm_groups
-
-            norm = combine_grad_norm_groups(zero._get_norm_groups())
-        norm = torch.as_tensor(norm, dtype=torch.float32).cpu() / float(
-            getattr(zero, "loss_scale", 1.0) or 1.0
-        )
-        if norm.item() < 0:  # DeepSpeed's marker for inf/nan
-            norm = torch.tensor(float("nan"))
+        norm = global_grad_norm(zero)
         if error_if_nonfinite and not torch.isfinite(norm):
             raise RuntimeError(f"the total norm of the gradients is non-finite ({norm.item()})")
         return norm
+
+
+def _is_bf16_optimizer(zero) -> bool:
+    """DeepSpeed's BF16_Optimizer: ZeRO-1 with bf16 weights and fp32 gradient accumulation."""
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer  # heavy import: ZeRO runs only
+
+    return isinstance(zero, BF16_Optimizer)
+
+
+def _label_bf16_checkpoint_as_zero1(zero) -> None:
+    """BF16_Optimizer saves the fp32 master partitions in ZeRO-1/2's layout (`single_partition_of_
+    fp32_groups`, the same alignment) but without their `zero_stage` entry, so DeepSpeed's
+    zero_to_fp32 (`orchestrator consolidate`, `--checkpoint.init_from`, export) refuses the
+    checkpoint: "... is not a zero checkpoint". Its universal-checkpoint converter reads a missing
+    entry as stage 1; this says so in the file. Loading ignores the entry."""
+    from deepspeed.checkpoint.constants import ZERO_STAGE
+
+    state_dict = zero.state_dict
+
+    def labelled_state_dict():
+        return {**state_dict(), ZERO_STAGE: 1}
+
+    zero.state_dict = labelled_state_dict
+
+
+def global_grad_norm(zero) -> torch.Tensor:
+    """The global L2 norm of the accumulated (reduced) gradients before clipping, as the ZeRO
+    optimizer's step computes it: a float32 scalar tensor, +inf if any gradient is inf / NaN. On
+    the device: the trainer brings it to the host with the step's other numbers (one sync)."""
+    # deepspeed: heavy import (seconds), ZeRO runs only. combine_grad_norm_groups (deepspeed >=
+    # 0.19.8) keeps the -1 that marks a non-finite group norm invalid instead of squaring it to 1.
+    from deepspeed.runtime.utils import combine_grad_norm_groups, get_global_norm_of_tensors
+
+    if _is_bf16_optimizer(zero):
+        # Full fp32 gradients, all-reduced at the boundary: the same on every rank.
+        grads, _ = zero.get_grads_for_norm()  # (non-expert, expert) gradients; no MoE here
+        norm = combine_grad_norm_groups([get_global_norm_of_tensors(grads, mpu=zero.mpu)])
+    elif hasattr(zero, "scaled_global_norm"):  # ZeRO-1 / 2
+        norm = zero.scaled_global_norm()
+    else:  # ZeRO-3
+        norm = combine_grad_norm_groups(zero._get_norm_groups())
+    norm = torch.as_tensor(norm, dtype=torch.float32)
+    return norm / float(getattr(zero, "loss_scale", 1.0) or 1.0)
 
 
 def _discard_gradients_of_skipped_steps(engine) -> None:
@@ -197,7 +250,11 @@ def _discard_gradients_of_skipped_steps(engine) -> None:
         pending["gradients"] = False
         return zero_step(*args, **kwargs)
 
+    bf16_optimizer = _is_bf16_optimizer(zero)
+
     def discard() -> None:
+        if bf16_optimizer:  # ZeRO-1 under bf16: its own zero_grad (below) clears the fp32
+            return  # accumulated gradients, as its step does on overflow
         if hasattr(zero, "_overflow_clean_up"):  # ZeRO-3: what its step does on overflow
             zero._pre_step()
             zero._partition_all_parameters()

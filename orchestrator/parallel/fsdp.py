@@ -2,24 +2,24 @@
 through Fabric's ModelParallelStrategy (Fabric's FSDPStrategy is FSDP1, which refuses CPUs).
 
 Checkpoint: a directory of per-rank shards (torch.distributed.checkpoint), or one gathered
-file with strategy.sharded_checkpoint=false.
+file with strategy.sharded_checkpoint=false. The shards can also be written in the background
+(`FSDP2Strategy.async_save_checkpoint`, checkpoint.async_save): the same files.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.fabric.strategies import ModelParallelStrategy
+from lightning.fabric.strategies.model_parallel import _has_dtensor_modules
+from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.fabric.utilities.types import _Stateful
 from torch import nn
-
-try:
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-except ImportError:  # torch < 2.6 has FSDP2 under its composable API only
-    from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # public from torch 2.6
 
 from orchestrator.parallel.activation_checkpointing import (
     apply_activation_checkpointing,
@@ -90,10 +90,65 @@ class FSDP2Strategy(ModelParallelStrategy):
                 group["params"] = [sharded[names[id(p)]] for p in group["params"]]
         return module, [self.setup_optimizer(o) for o in optimizers], scheduler
 
+    def clip_gradients_norm(
+        self, module, optimizer, max_norm, norm_type=2.0, error_if_nonfinite=True
+    ):
+        # Over DTensor gradients, clip_grad_norm_ returns the norm as a DTensor: the trainer takes
+        # a plain tensor (the same value on every rank), as from every other strategy.
+        norm = super().clip_gradients_norm(
+            module, optimizer, max_norm, norm_type=norm_type, error_if_nonfinite=error_if_nonfinite
+        )
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
     def save_checkpoint(self, path, state, storage_options=None, filter=None):
         # The full-state-dict variant torch.save's straight to `path` without creating its folder.
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         return super().save_checkpoint(path, state, storage_options=storage_options, filter=filter)
+
+    def async_save_checkpoint(self, path, state: dict[str, Any], process_group) -> Future:
+        """What `save_checkpoint` writes with sharded checkpoints (Lightning's `_save_checkpoint`
+        in lightning/fabric/strategies/model_parallel.py: model and optimizer shards through
+        torch.distributed.checkpoint, everything else in rank 0's `meta.pt`), written by a
+        background thread. Collective. Returns after every shard is copied to CPU memory (and
+        `meta.pt` written); the future completes when every rank's files and DCP's `.metadata`
+        are on disk, and raises on every rank if any rank failed.
+
+        `state` holds unwrapped objects (`_unwrap_objects`). `process_group`: a gloo group of all
+        ranks that nothing else uses (the writing thread runs its collectives while training
+        runs its own on the default group).
+        """
+        from torch.distributed.checkpoint import async_save
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        if not self._save_distributed_checkpoint:
+            raise NotImplementedError("async_save_checkpoint writes sharded checkpoints only")
+        path = Path(self.broadcast(path))
+        modules = [obj for obj in state.values() if _has_dtensor_modules(obj)]
+        if len(modules) != 1:
+            raise ValueError(f"expected one FSDP-sharded model in the state, found {len(modules)}")
+        # Local shards where they are (cpu_offload=False): DCP's stager copies them to CPU
+        # memory once (Lightning's cpu_offload=True would copy GPU shards twice). Same files.
+        options = StateDictOptions(full_state_dict=False, cpu_offload=False)
+        converted: dict[str, Any] = {}
+        metadata: dict[str, Any] = {}
+        for key, obj in state.items():
+            if isinstance(obj, nn.Module):
+                converted[key] = get_model_state_dict(obj, options=options)
+            elif isinstance(obj, torch.optim.Optimizer):
+                converted[key] = get_optimizer_state_dict(modules[0], obj, options=options)
+            else:  # Lightning's "metadata": everything but modules and optimizers
+                metadata[key] = obj.state_dict() if isinstance(obj, _Stateful) else obj
+        path.mkdir(parents=True, exist_ok=True)
+        future = async_save(converted, checkpoint_id=path, process_group=process_group)
+        # After async_save on every rank: should this fail, no rank's writing thread waits for a
+        # rank that never started one.
+        if self.global_rank == 0:
+            torch.save(metadata, path / _METADATA_FILENAME)  # small: written now, a snapshot
+        return future
 
     def load_checkpoint(self, path, state=None, strict=True, weights_only=None):
         # Lightning's sharded (DCP) load puts the saved state dict of stateful objects (scheduler,

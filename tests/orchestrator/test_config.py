@@ -206,3 +206,12 @@ def test_boundary_values_are_accepted():
     # async save stays allowed for the strategies that do (or will) support it
     for name in ("ddp", "fsdp", "single"):
         load_config(["--strategy.name", name, "--checkpoint.async_save", "true"])
+
+
+def test_async_save_of_gathered_fsdp_checkpoints_is_refused():
+    with pytest.raises(ConfigError, match="strategy.sharded_checkpoint=true"):
+        load_config(
+            ["--strategy.name", "fsdp", "--strategy.sharded_checkpoint", "false"]
+            + ["--checkpoint.async_save", "true"]
+        )
+    load_config(["--strategy.name", "fsdp", "--checkpoint.async_save", "true"])  # sharded: fine
