@@ -10,7 +10,6 @@ with 2 processes (gloo).
 """
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -122,17 +121,9 @@ def checkpointer_checks(root: Path) -> dict:
 
 
 def test_async_fsdp_save_writes_the_sync_files_snapshots_and_fails_on_every_rank(tmp_path):
-    from tests.orchestrator.parallel.test_strategies import clean_env
+    from tests.orchestrator.parallel.test_strategies import run
 
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), str(tmp_path)],
-        cwd=REPO_ROOT,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    run([sys.executable, str(Path(__file__).resolve()), str(tmp_path)])
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     zero = ranks[0]
     print(f"async FSDP save: training stalled {zero['stall_seconds']:.3f}s")

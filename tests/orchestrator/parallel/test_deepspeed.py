@@ -11,7 +11,6 @@ runs under bf16 (NaN drill, resume, consolidation) use test_strategies.py's harn
 
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -105,17 +104,11 @@ def engine_checks(stage: int, precision: str) -> dict:
 def engines():
     """(precision, stage) -> engine_checks(stage, precision), from one child process (DeepSpeed and
     the process group stay out of the test process)."""
-    from tests.orchestrator.parallel.test_strategies import clean_env
+    from tests.orchestrator.parallel.test_strategies import run
 
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "bf16-mixed,bf16-true", "1", "2", "3"],
-        cwd=REPO_ROOT,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
+    proc = run(
+        [sys.executable, str(Path(__file__).resolve()), "bf16-mixed,bf16-true", "1", "2", "3"]
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
     results = json.loads(line[len("RESULT ") :])
     return {(k.split("/")[0], int(k.split("/")[1])): v for k, v in results.items()}
