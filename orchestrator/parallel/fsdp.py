@@ -19,6 +19,12 @@ from lightning.fabric.strategies.model_parallel import _has_dtensor_modules
 from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.fabric.utilities.types import _Stateful
 from torch import nn
+from torch.distributed.checkpoint import async_save
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # public from torch 2.6
 
 from orchestrator.parallel.activation_checkpointing import (
@@ -117,13 +123,6 @@ class FSDP2Strategy(ModelParallelStrategy):
         ranks that nothing else uses (the writing thread runs its collectives while training
         runs its own on the default group).
         """
-        from torch.distributed.checkpoint import async_save
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_optimizer_state_dict,
-        )
-
         if not self._save_distributed_checkpoint:
             raise NotImplementedError("async_save_checkpoint writes sharded checkpoints only")
         path = Path(self.broadcast(path))
