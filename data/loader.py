@@ -11,12 +11,20 @@ then streams a disjoint part of the data. ``loader.state_dict()`` / ``load_state
 resume exactly where a run stopped.
 
 Several prepared datasets are mixed with :func:`make_mixture_loader` (see ``data.mixture``).
+
+A split may also be an object-store URL (``s3://bucket/tokens/train``, ``gs://``, ``azure://``):
+litdata then streams its chunks into a node-local cache bounded in size (:class:`StreamOptions`),
+and the index is read through ``data.storage`` (errors name the URL). Resume is the same as for a
+local split: the position is in the loader's state, whatever the cache directory of the new node.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +32,12 @@ import numpy as np
 import torch
 from litdata import StreamingDataLoader, StreamingDataset
 from litdata.constants import _TORCH_DTYPES_MAPPING
+from litdata.streaming import downloader as _litdata_downloader
 from litdata.streaming.item_loader import TokensLoader
 
 from data.mixture import MixtureDataset
+from data.storage import ObjectStore, is_remote, join
+from data.util import parse_size
 
 # litdata's TokensLoader builds tensors with torch.frombuffer over a read-only mmap and then
 # clones them, which is safe, but torch warns once per process; keep training logs clean.
@@ -37,7 +48,17 @@ warnings.filterwarnings(
     module=r"litdata\.streaming\.item_loader",
 )
 
+# litdata fetches chunks from S3 through obstore, whose HTTP client refuses plain-http endpoints
+# unless told otherwise, and litdata does not tell it: a streamed split on an on-premises MinIO or
+# Ceph at http://HOST:PORT fails on its first chunk ("builder error"). Allowing http does not
+# downgrade https endpoints; the endpoint's own scheme decides (tests/orchestrator/training/
+# test_remote_data.py streams from an http:// server).
+_client_options = getattr(_litdata_downloader, "_OBSTORE_CLIENT_OPTIONS", None)
+if isinstance(_client_options, dict):
+    _client_options.setdefault("allow_http", "true")
+
 __all__ = [
+    "StreamOptions",
     "dataset_num_tokens",
     "make_dataloader",
     "make_mixture_loader",
@@ -49,9 +70,52 @@ __all__ = [
 ]
 
 
-def resolve_split(path: str | Path, split: str = "train") -> Path:
+@dataclass(frozen=True)
+class StreamOptions:
+    """How splits given as object-store URLs are streamed (ignored for local splits)."""
+
+    cache_dir: str | None = (
+        None  # node-local; None: $LITDATA_CACHE_DIR or <tmp>/orchestrator-data-cache
+    )
+    max_cache_size: str | int = "50GB"  # per dataset and node; litdata evicts beyond it
+    storage_options: dict[str, Any] = field(default_factory=dict)  # endpoint_url; never credentials
+
+    def cache_root(self) -> str:
+        if self.cache_dir:
+            return str(self.cache_dir)
+        return os.environ.get("LITDATA_CACHE_DIR") or os.path.join(
+            tempfile.gettempdir(), "orchestrator-data-cache"
+        )
+
+    def dataset_kwargs(self, split: str | Path) -> dict[str, Any]:
+        """StreamingDataset's arguments for one split: its input, and for a URL the cache."""
+        if not is_remote(split):
+            return {"input_dir": str(Path(split).resolve())}
+        return {
+            "input_dir": str(split),
+            "cache_dir": self.cache_root(),
+            "max_cache_size": parse_size(self.max_cache_size),
+            "storage_options": dict(self.storage_options),
+        }
+
+
+def resolve_split(
+    path: str | Path, split: str = "train", stream: StreamOptions | None = None
+) -> str | Path:
     """A prepared split: ``path`` itself if it holds ``index.json``, else ``path/<split>`` (the
-    output root of ``orchestrator prepare``). Raises a ValueError that says what is wrong."""
+    output root of ``orchestrator prepare``). Raises a ValueError that says what is wrong; for a
+    URL, a ``data.storage.StorageError`` when the store cannot be read."""
+    if is_remote(path):
+        store = ObjectStore(str(path), (stream or StreamOptions()).storage_options)
+        if store.exists("index.json"):
+            return store.url
+        if store.exists(f"{split}/index.json"):
+            return join(store.url, split)
+        store.check_bucket()  # a missing bucket or refused credentials say so, not "no index"
+        raise ValueError(
+            f"{store.url} is not a prepared litdata dataset (no index.json, nor {split}/index.json). "
+            f"Run `orchestrator prepare --output {store.url}` to create it."
+        )
     p = Path(path)
     if (p / "index.json").is_file():
         return p
@@ -60,7 +124,9 @@ def resolve_split(path: str | Path, split: str = "train") -> Path:
     return _check_prepared_split(p / split if (p / split).is_dir() else p)
 
 
-def _check_prepared_split(data_dir: str | Path) -> Path:
+def _check_prepared_split(data_dir: str | Path) -> str | Path:
+    if is_remote(data_dir):
+        return str(data_dir).rstrip("/")  # read_index says what is missing
     d = Path(data_dir)
     if not d.is_dir():
         raise ValueError(
@@ -79,32 +145,54 @@ def _check_prepared_split(data_dir: str | Path) -> Path:
     return d
 
 
-def _read_index(d: Path) -> dict[str, Any]:
+# Indexes read from object stores, by URL: a run reads each one several times while it starts
+# (preflight, epoch size, loader), and a 50k-chunk index is megabytes.
+_REMOTE_INDEXES: dict[str, dict[str, Any]] = {}
+
+
+def read_index(d: str | Path, stream: StreamOptions | None = None) -> dict[str, Any]:
+    """The ``index.json`` of a prepared split (local or URL), checked to be TokensLoader chunks."""
+    where = join(d, "index.json")
+    if is_remote(d):
+        cached = _REMOTE_INDEXES.get(where)
+        if cached is not None:
+            return cached
+        store = ObjectStore(str(d), (stream or StreamOptions()).storage_options)
+        try:
+            text = store.read_text("index.json")
+        except FileNotFoundError:
+            store.check_bucket()
+            raise ValueError(
+                f"{d} is not a prepared litdata dataset (no index.json). "
+                f"Run `orchestrator prepare --output <its parent URL>` to create it."
+            ) from None
+    else:
+        text = Path(where).read_text()
     try:
-        index: dict[str, Any] = json.loads((d / "index.json").read_text())
+        index: dict[str, Any] = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(
-            f"{d / 'index.json'} is corrupt ({e}); rerun `orchestrator prepare`."
-        ) from e
+        raise ValueError(f"{where} is corrupt ({e}); rerun `orchestrator prepare`.") from e
     loader = (index.get("config") or {}).get("item_loader")
     if loader != "TokensLoader":
         raise ValueError(
             f"{d} holds a litdata dataset written with item_loader={loader!r}, not TokensLoader; "
             f"it was not made by `orchestrator prepare`. Rerun `orchestrator prepare`."
         )
+    if is_remote(d):
+        _REMOTE_INDEXES[where] = index
     return index
 
 
-def dataset_num_tokens(data_dir: str | Path) -> int:
+def dataset_num_tokens(data_dir: str | Path, stream: StreamOptions | None = None) -> int:
     """Total tokens stored in a prepared split (from index.json, no data read)."""
-    d = _check_prepared_split(data_dir)
-    return sum(int(chunk["dim"]) for chunk in _read_index(d)["chunks"])
+    index = read_index(_check_prepared_split(data_dir), stream)
+    return sum(int(chunk["dim"]) for chunk in index["chunks"])
 
 
-def num_blocks(data_dir: str | Path, seq_len: int) -> int:
+def num_blocks(data_dir: str | Path, seq_len: int, stream: StreamOptions | None = None) -> int:
     """Training blocks of ``seq_len + 1`` tokens in a split (TokensLoader drops each chunk's tail)."""
-    d = _check_prepared_split(data_dir)
-    return sum(int(c["dim"]) // (seq_len + 1) for c in _read_index(d)["chunks"])
+    index = read_index(_check_prepared_split(data_dir), stream)
+    return sum(int(c["dim"]) // (seq_len + 1) for c in index["chunks"])
 
 
 def _to_int64(batch: list[torch.Tensor]) -> torch.Tensor:
@@ -113,30 +201,67 @@ def _to_int64(batch: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(batch).to(torch.int64)
 
 
-def make_dataset(
-    data_dir: str | Path, seq_len: int, shuffle: bool, seed: int, drop_last: bool = True
+def _token_dataset(
+    name: str, split: str | Path, seq_len: int, shuffle: bool, seed: int, stream: StreamOptions
 ) -> StreamingDataset:
-    """A ``StreamingDataset`` of ``seq_len + 1``-token blocks over one prepared split."""
+    """litdata's dataset of ``seq_len + 1``-token blocks over one split, refused when empty."""
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}.")
-    d = _check_prepared_split(data_dir)
-    index = _read_index(d)
+    index = read_index(split, stream)
     # TokensLoader drops each chunk's tail shorter than one block; if every chunk is shorter
     # than a block the dataset is empty and training would silently do nothing.
     blocks = sum(int(c["dim"]) // (seq_len + 1) for c in index["chunks"])
     if blocks == 0:
         raise ValueError(
-            f"{d} holds {sum(int(c['dim']) for c in index['chunks'])} tokens, fewer than one "
-            f"block of seq_len + 1 = {seq_len + 1} per chunk. Use a shorter seq_len or prepare "
+            f"{name}{split} holds {sum(int(c['dim']) for c in index['chunks'])} tokens, fewer than "
+            f"one block of seq_len + 1 = {seq_len + 1} per chunk. Use a shorter seq_len or prepare "
             f"more data (`orchestrator prepare`)."
         )
     return StreamingDataset(
-        str(d.resolve()),
+        **stream.dataset_kwargs(split),
         item_loader=TokensLoader(block_size=seq_len + 1),
         shuffle=shuffle,
         seed=seed,
-        drop_last=drop_last,
     )
+
+
+def make_dataset(
+    data_dir: str | Path,
+    seq_len: int,
+    shuffle: bool,
+    seed: int,
+    drop_last: bool = True,
+    stream: StreamOptions | None = None,
+) -> StreamingDataset:
+    """A ``StreamingDataset`` of ``seq_len + 1``-token blocks over one prepared split."""
+    split = _check_prepared_split(data_dir)
+    ds = _token_dataset("", split, seq_len, shuffle, seed, stream or StreamOptions())
+    ds.set_drop_last(drop_last)
+    return ds
+
+
+class TokenBlockLoader(StreamingDataLoader):
+    """litdata's stateful loader; a saved position also resumes on a node whose cache directory
+    differs (another node, a per-job temporary directory): for a streamed split the cache is
+    where chunks are kept, not which data is read, which the URL decides and litdata checks."""
+
+    def load_state_dict(self, obj: dict[str, Any]) -> None:
+        state = obj.get("dataset") or {}
+        dataset = self.dataset
+        if (
+            isinstance(dataset, StreamingDataset)
+            and dataset.input_dir.url
+            and state.get("input_dir_url") == dataset.input_dir.url
+        ):
+            obj = {
+                **obj,
+                "dataset": {
+                    **state,
+                    "input_dir_path": dataset.input_dir.path,
+                    "cache_dir_path": dataset.cache_dir.path,
+                },
+            }
+        super().load_state_dict(obj)
 
 
 def make_dataloader(
@@ -147,12 +272,15 @@ def make_dataloader(
     seed: int,
     num_workers: int = 0,
     drop_last: bool = True,
+    stream: StreamOptions | None = None,
 ) -> StreamingDataLoader:
     """Batches of shape ``[batch_size, seq_len + 1]`` (int64) from a prepared split."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    dataset = make_dataset(data_dir, seq_len, shuffle=shuffle, seed=seed, drop_last=drop_last)
-    return StreamingDataLoader(
+    dataset = make_dataset(
+        data_dir, seq_len, shuffle=shuffle, seed=seed, drop_last=drop_last, stream=stream
+    )
+    return TokenBlockLoader(
         dataset,
         batch_size=batch_size,
         num_workers=num_workers,
@@ -163,7 +291,7 @@ def make_dataloader(
 
 def _read_items(d: Path) -> list[torch.Tensor]:
     """Every stored litdata item of a split, in stored order (int64)."""
-    index = _read_index(d)
+    index = read_index(d)
     config = index["config"]
     if config.get("compression") or config.get("encryption"):
         raise ValueError(f"{d} is compressed or encrypted; read_documents only reads plain chunks.")
@@ -225,6 +353,7 @@ def make_mixture_loader(
     shuffle: bool,
     seed: int,
     num_workers: int = 0,
+    stream: StreamOptions | None = None,
 ) -> StreamingDataLoader:
     """Batches ``[batch_size, seq_len + 1]`` (int64) mixing prepared splits ``(name, dir, weight)``.
 
@@ -236,22 +365,11 @@ def make_mixture_loader(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     if not sources:
         raise ValueError("a mixture needs at least one source")
+    stream = stream or StreamOptions()
     datasets = []
     for name, directory, _ in sources:
-        d = resolve_split(directory)
-        index = _read_index(d)
-        blocks = sum(int(c["dim"]) // (seq_len + 1) for c in index["chunks"])
-        if blocks == 0:
-            raise ValueError(
-                f"source {name!r} ({d}) holds fewer than one block of seq_len + 1 = {seq_len + 1} "
-                f"tokens per chunk; use a shorter seq_len or prepare more data."
-            )
-        ds = StreamingDataset(
-            str(d.resolve()),
-            item_loader=TokensLoader(block_size=seq_len + 1),
-            shuffle=shuffle,
-            seed=seed,
-        )
+        split = resolve_split(directory, stream=stream)
+        ds = _token_dataset(f"source {name!r}: ", split, seq_len, shuffle, seed, stream)
         # Every block is read once per source epoch, none dropped to even out ranks: sources cycle
         # forever, so no rank ever waits for the end of another's epoch. (Set after construction:
         # passing drop_last=False makes litdata warn about collectives, which do not apply here.)
@@ -260,7 +378,7 @@ def make_mixture_loader(
     mixture = MixtureDataset(
         datasets, names=[s[0] for s in sources], weights=[float(s[2]) for s in sources], seed=seed
     )
-    return StreamingDataLoader(
+    return TokenBlockLoader(
         mixture, batch_size=batch_size, num_workers=num_workers, collate_fn=_to_int64
     )
 

@@ -15,6 +15,8 @@ from typing import Literal
 
 import yaml
 
+from data.storage import is_remote, join, storage_options
+from data.util import parse_size
 from models.config import ModelConfig, model_config
 from orchestrator.schema import ConfigError, doc, from_dict, parse_overrides, section, to_dict
 
@@ -55,6 +57,17 @@ class DataConfig:
     )
     num_workers: int = doc(0, "DataLoader worker processes per rank.")
     shuffle: bool = doc(True, "Shuffle training chunks and samples (seeded by run.seed).")
+    cache_dir: str | None = doc(
+        None,
+        "Node-local directory where chunks streamed from an object store (data keys given as s3://, gs://, "
+        "azure:// URLs) are cached, shared by the node's ranks and workers; null: $LITDATA_CACHE_DIR, else "
+        "<system temp dir>/orchestrator-data-cache. Put it on local disk, not a shared filesystem.",
+    )
+    max_cache_size: str = doc(
+        "50GB",
+        "Bound on the cached chunks of each streamed dataset on a node (litdata evicts the oldest chunks "
+        "beyond it); at least a few chunks (prepare's chunk_bytes) per rank and worker.",
+    )
 
     def validate(self) -> None:
         names = []
@@ -73,12 +86,29 @@ class DataConfig:
             names.append(src.name)
         if len(set(names)) != len(names):
             raise ConfigError(f"data.sources names must be unique, got {names}")
+        try:
+            parse_size(self.max_cache_size)
+        except ValueError as e:
+            raise ConfigError(f"data.max_cache_size: {e}") from None
+        if is_remote(self.tokenizer):
+            raise ConfigError(
+                f"data.tokenizer={self.tokenizer!r}: the tokenizer is read from a local path; copy the "
+                f".model file (a few hundred KB) next to the job"
+            )
+        if is_remote(self.cache_dir):
+            raise ConfigError(f"data.cache_dir={self.cache_dir!r} must be a local directory")
+
+    def remote_keys(self) -> dict[str, str]:
+        """Each data key that names an object-store URL: {key: URL}."""
+        keys = {"data.dir": self.dir, "data.val_dir": self.val_dir or ""}
+        keys.update({f"data.sources[{i}].dir": s.dir for i, s in enumerate(self.sources)})
+        return {k: v for k, v in keys.items() if is_remote(v)}
 
     def val_split(self) -> str:
         """The validation dataset (see val_dir)."""
         if self.val_dir:
             return self.val_dir
-        return str(Path(self.sources[0].dir if self.sources else self.dir) / "val")
+        return join(self.sources[0].dir if self.sources else self.dir, "val")
 
 
 @dataclass
@@ -205,6 +235,14 @@ class CheckpointConfig:
         None,
         "Checkpoint (e.g. from `orchestrator import`) whose model weights start a new run; "
         "ignored once the run dir has its own checkpoints.",
+    )
+    remote_dir: str | None = doc(
+        None,
+        "Object-store prefix (s3://bucket/runs/NAME, S3-compatible servers through storage.endpoint_url or "
+        "AWS_ENDPOINT_URL) that receives a copy of every published checkpoint in the background, files "
+        "first and the manifest last; checkpoint.keep_last / keep_every apply there too. With "
+        "checkpoint.resume=auto a run whose local run dir has no newer complete checkpoint resumes from "
+        "the newest remote one whose files match its manifest. null: local checkpoints only.",
     )
 
 
@@ -377,6 +415,29 @@ class StrategyConfig:
 
 
 @dataclass
+class StorageConfig:
+    endpoint_url: str | None = doc(
+        None,
+        "Endpoint of an S3-compatible object store (MinIO, Ceph, R2: e.g. http://10.0.0.5:9000) for every "
+        "s3:// URL of the run; null: AWS_ENDPOINT_URL, else AWS S3. Credentials are never config keys: "
+        "they come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN or AWS_PROFILE in "
+        "each node's environment, so the saved config and the logs never hold them.",
+    )
+
+    def validate(self) -> None:
+        url = self.endpoint_url
+        if url and not re.fullmatch(r"https?://[^/@\s]+/?", url):
+            raise ConfigError(
+                f"storage.endpoint_url={url!r} must be http(s)://HOST[:PORT] (no path, no credentials: "
+                f"set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in the environment)"
+            )
+
+    def options(self) -> dict:
+        """Client options for litdata and data.storage (endpoint only)."""
+        return storage_options(self.endpoint_url)
+
+
+@dataclass
 class RunConfig:
     dir: str = doc(
         "runs/default", "Run directory: resolved config, checkpoints, TensorBoard logs, metrics."
@@ -394,6 +455,9 @@ class Config:
     train: TrainConfig = section(TrainConfig, "Batching and step counts.")
     eval: EvalConfig = section(EvalConfig, "Validation.")
     checkpoint: CheckpointConfig = section(CheckpointConfig, "Checkpointing and resume.")
+    storage: StorageConfig = section(
+        StorageConfig, "Object-store access (s3:// data and checkpoints)."
+    )
     logging: LoggingConfig = section(LoggingConfig, "TensorBoard and metrics.")
     strategy: StrategyConfig = section(StrategyConfig, "Parallelism and precision.")
     guard: GuardConfig = section(GuardConfig, "Bad-step detection and rollback.")
@@ -410,6 +474,7 @@ class Config:
         self.model.validate()
         self.strategy.validate()
         self.data.validate()
+        self.storage.validate()
         self.logging.validate()
         self.optimizer.validate()
         self.schedule.validate()
@@ -462,6 +527,20 @@ class Config:
                 "checkpoint.async_save=true with strategy.name=fsdp needs strategy.sharded_checkpoint=true "
                 "(the background write is of per-rank shards); set one of them differently"
             )
+        remote = self.checkpoint.remote_dir
+        if remote and not (
+            remote.startswith("s3://") and len(remote.rstrip("/").split("/", 3)) == 4
+        ):
+            raise ConfigError(
+                f"checkpoint.remote_dir={remote!r} must be an s3:// URL with a bucket and a path, like "
+                f"s3://bucket/runs/NAME (S3-compatible stores through storage.endpoint_url)"
+            )
+        for key, url in [*self.data.remote_keys().items(), ("checkpoint.remote_dir", remote)]:
+            if url and "@" in url.split("/")[2]:
+                raise ConfigError(
+                    f"{key} must not hold credentials in the URL; set AWS_ACCESS_KEY_ID / "
+                    f"AWS_SECRET_ACCESS_KEY in the environment instead"
+                )
         if (
             self.checkpoint.resume not in ("auto", "never")
             and not Path(self.checkpoint.resume).exists()

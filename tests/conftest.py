@@ -71,3 +71,23 @@ def monitored_run(sample_data, tmp_path_factory):
         "1",
     )
     return run_dir, proc
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto's server mode) on loopback for the whole session."""
+    pytest.importorskip("moto.server", reason="moto[server] not installed (`make setup`)")
+    from tests.s3_server import S3Server
+
+    server = S3Server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """The server, with this test's environment (and so its child processes') pointed at it."""
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    return s3_server

@@ -4,13 +4,33 @@ in blocks, and the endless stream of micro-batches across epochs."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from data.loader import make_dataloader, make_mixture_loader, num_blocks, resolve_split
+from data.loader import (
+    StreamOptions,
+    make_dataloader,
+    make_mixture_loader,
+    num_blocks,
+    resolve_split,
+)
+from data.storage import join
 from orchestrator.config import Config
+
+
+def stream_options(cfg: Config) -> StreamOptions:
+    """How the run streams data keys given as object-store URLs (cache, its bound, endpoint)."""
+    return StreamOptions(
+        cache_dir=cfg.data.cache_dir,
+        max_cache_size=cfg.data.max_cache_size,
+        storage_options=cfg.storage.options(),
+    )
+
+
+def train_split(cfg: Config) -> str:
+    """data.dir's train split (a local path or a URL)."""
+    return join(cfg.data.dir, "train")
 
 
 def build_train_loader(cfg: Config) -> Any:
@@ -21,17 +41,22 @@ def build_train_loader(cfg: Config) -> Any:
         shuffle=cfg.data.shuffle,
         seed=cfg.run.seed,
         num_workers=cfg.data.num_workers,
+        stream=stream_options(cfg),
     )
     if cfg.data.sources:  # weighted mixture of prepared datasets
         return make_mixture_loader([(s.name, s.dir, s.weight) for s in cfg.data.sources], **common)
-    return make_dataloader(Path(cfg.data.dir) / "train", **common)
+    return make_dataloader(train_split(cfg), **common)
 
 
 def train_blocks(cfg: Config) -> int:
     """Blocks of seq_len+1 tokens in one epoch of the training data (all sources)."""
+    stream = stream_options(cfg)
     if cfg.data.sources:
-        return sum(num_blocks(resolve_split(s.dir), cfg.seq_len) for s in cfg.data.sources)
-    return num_blocks(Path(cfg.data.dir) / "train", cfg.seq_len)
+        return sum(
+            num_blocks(resolve_split(s.dir, stream=stream), cfg.seq_len, stream)
+            for s in cfg.data.sources
+        )
+    return num_blocks(train_split(cfg), cfg.seq_len, stream)
 
 
 def endless(loader) -> Iterator[tuple[bool, torch.Tensor]]:

@@ -1,39 +1,47 @@
-"""Checks on files and sizes that must pass before any process, model or optimizer is built."""
+"""Checks on files and sizes that must pass before any process, model or optimizer is built.
+
+Data keys may be object-store URLs: their indexes and prepare records are read here, so that an
+unreachable store, a missing bucket, refused credentials or a missing index is one error naming
+the key and the URL before anything starts."""
 
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 import sentencepiece as spm
 
+from data.loader import read_index, resolve_split
+from data.storage import ObjectStore, StorageError, is_remote
 from data.util import file_sha256
 from orchestrator.checkpoint.resume import check_resume_compatible
 from orchestrator.config import Config
 from orchestrator.schema import ConfigError
+from orchestrator.training.data import stream_options
 
 SPLITS = ("train", "val")
 
 
 def check_inputs(cfg: Config) -> None:
-    datasets: list[tuple[str, str, Path]] = []  # (config key, value, prepared split dir)
-    if cfg.data.sources:
-        for i, src in enumerate(cfg.data.sources):
-            key = f"data.sources[{i}].dir"
-            datasets.append((key, src.dir, prepared_split(key, src.dir, "train")))
+    datasets: list[tuple[str, str, str | Path]] = []  # (config key, value, prepared split)
+    for i, src in enumerate(cfg.data.sources):
+        key = f"data.sources[{i}].dir"
+        datasets.append((key, src.dir, prepared_split(key, src.dir, "train", cfg)))
     if cfg.data.val_dir:
         datasets.append(
             (
                 "data.val_dir",
                 cfg.data.val_dir,
-                prepared_split("data.val_dir", cfg.data.val_dir, "val"),
+                prepared_split("data.val_dir", cfg.data.val_dir, "val", cfg),
             )
         )
     if not cfg.data.sources or not cfg.data.val_dir:
+        # data.dir (or the first source) is a prepare output: its train/ and val/ are read.
         key = "data.sources[0].dir" if cfg.data.sources else "data.dir"
         value = cfg.data.sources[0].dir if cfg.data.sources else cfg.data.dir
-        data_dir = Path(value)
-        if not data_dir.is_dir():
+        if not is_remote(value) and not Path(value).is_dir():
             raise ConfigError(
                 f"{key}={value} does not exist: prepare data with "
                 "`orchestrator prepare --input RAW_DIR --output DIR --tokenizer TOKENIZER.model` "
@@ -42,13 +50,7 @@ def check_inputs(cfg: Config) -> None:
         for split in SPLITS if not cfg.data.sources else ("val",):
             if split == "val" and cfg.data.val_dir:
                 continue
-            if not (data_dir / split / "index.json").is_file():
-                raise ConfigError(
-                    f"{key}={value} has no prepared '{split}' split ({data_dir / split / 'index.json'} "
-                    "is missing): run `orchestrator prepare` on it again"
-                    + (" or set data.val_dir" if split == "val" else "")
-                )
-            datasets.append((key, value, data_dir / split))
+            datasets.append((key, value, output_split(key, value, split, cfg)))
     tokenizer_path = Path(cfg.data.tokenizer)
     if not tokenizer_path.is_file():
         raise ConfigError(
@@ -64,10 +66,31 @@ def check_inputs(cfg: Config) -> None:
             f"set --model.vocab_size {vocab} (or larger, e.g. a multiple of 64) or use a smaller tokenizer"
         )
     check_datasets_match_tokenizer(cfg, datasets, tokenizer_path)
+    report_processes(cfg)
 
 
-def prepared_split(key: str, value: str, split: str) -> Path:
+def output_split(key: str, value: str, split: str, cfg: Config) -> str | Path:
+    """The <split>/ of a prepare output (local or URL), its index read; or a ConfigError."""
+    if is_remote(value):
+        return _remote_index(key, f"{value.rstrip('/')}/{split}", cfg, split)
+    split_dir = Path(value) / split
+    if not (split_dir / "index.json").is_file():
+        raise ConfigError(
+            f"{key}={value} has no prepared '{split}' split ({split_dir / 'index.json'} "
+            "is missing): run `orchestrator prepare` on it again"
+            + (" or set data.val_dir" if split == "val" else "")
+        )
+    return split_dir
+
+
+def prepared_split(key: str, value: str, split: str, cfg: Config | None = None) -> str | Path:
     """The prepared split a config value points at (the dir itself, or its <split>/), or a ConfigError."""
+    if is_remote(value):
+        try:
+            found = resolve_split(value, split, stream_options(cfg) if cfg else None)
+        except (StorageError, ValueError) as e:
+            raise ConfigError(f"{key}={value}: {e}") from None
+        return _remote_index(key, str(found), cfg, split)
     p = Path(value)
     if not p.exists():
         raise ConfigError(
@@ -83,19 +106,41 @@ def prepared_split(key: str, value: str, split: str) -> Path:
     )
 
 
+def _remote_index(key: str, url: str, cfg: Config | None, split: str) -> str:
+    """`url` after reading its index.json from the store (any failure: a ConfigError naming both)."""
+    try:
+        read_index(url, stream_options(cfg) if cfg else None)
+    except (StorageError, ValueError) as e:
+        raise ConfigError(f"{key}: cannot use the '{split}' split {url}: {e}") from None
+    return url
+
+
+def _prepare_stats(split: str | Path, cfg: Config | None) -> dict | None:
+    """The prepare_stats.json beside a prepared split (a prepare output's record), if any."""
+    try:
+        if is_remote(split):
+            parent = str(split).rstrip("/").rsplit("/", 1)[0]
+            store = ObjectStore(parent, cfg.storage.options() if cfg else None)
+            if not store.exists("prepare_stats.json"):
+                return None
+            return json.loads(store.read_text("prepare_stats.json"))
+        stats_file = Path(split).parent / "prepare_stats.json"
+        if not stats_file.is_file():
+            return None
+        return json.loads(stats_file.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None  # unreadable record: nothing to check against (the index was read already)
+
+
 def check_datasets_match_tokenizer(
-    cfg: Config, datasets: list[tuple[str, str, Path]], tokenizer_path: Path
+    cfg: Config, datasets: list[tuple[str, str, str | Path]], tokenizer_path: Path
 ) -> None:
     """Token ids only mean something with the tokenizer they were made with, and must fit the embedding."""
     tokenizer_sha = None
     for key, value, split_dir in datasets:
-        stats_file = split_dir.parent / "prepare_stats.json"
-        if not stats_file.is_file():
+        stats = _prepare_stats(split_dir, cfg)
+        if stats is None:
             continue  # a split dir made elsewhere: nothing recorded to check against
-        try:
-            stats = json.loads(stats_file.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
         vocab = stats.get("vocab_size")
         if isinstance(vocab, int) and vocab > cfg.model.vocab_size:
             raise ConfigError(
@@ -119,3 +164,42 @@ def tokenizer_vocab_size(path: Path) -> int:
         return spm.SentencePieceProcessor(model_file=str(path)).vocab_size()
     except (OSError, RuntimeError) as e:
         raise ConfigError(f"data.tokenizer={path} is not a sentencepiece model: {e}") from e
+
+
+def process_count(cfg: Config) -> tuple[int, int]:
+    """(processes per rank, processes per node): each rank's own process plus data.num_workers
+    DataLoader workers (one loader serves every source of a mixture; validation reads in the
+    rank's process)."""
+    per_rank = 1 + cfg.data.num_workers
+    return per_rank, per_rank * cfg.strategy.devices
+
+
+def report_processes(cfg: Config) -> list[str]:
+    """State, once per node, how many processes the run starts there; warn (naming the keys) when
+    that exceeds the CPUs Slurm gave each task or the machine's cores, a known cause of slow
+    starts and hangs. Returns the warnings."""
+    if os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")) != "0":
+        return []
+    per_rank, per_node = process_count(cfg)
+    devices, workers = cfg.strategy.devices, cfg.data.num_workers
+    print(
+        f"processes per node: {per_node} = strategy.devices {devices} x (1 rank + data.num_workers "
+        f"{workers} data workers; validation reads in the rank's process)",
+        file=sys.stderr,
+    )
+    warnings = []
+    slurm_cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+    if slurm_cpus and slurm_cpus.isdigit() and per_rank > int(slurm_cpus):
+        warnings.append(
+            f"each rank runs {per_rank} processes (1 + data.num_workers={workers}) but Slurm gave each "
+            f"task SLURM_CPUS_PER_TASK={slurm_cpus} CPUs: lower data.num_workers or raise --cpus-per-task"
+        )
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if cores and per_node > cores:
+        warnings.append(
+            f"{per_node} processes per node (strategy.devices={devices} x (1 + data.num_workers={workers})) "
+            f"exceed the {cores} CPU cores this process may use: lower data.num_workers or strategy.devices"
+        )
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return warnings

@@ -8,6 +8,7 @@ from lightning.fabric import Fabric
 
 from data.loader import make_dataloader, resolve_split
 from orchestrator.config import Config
+from orchestrator.training.data import stream_options
 from orchestrator.training.monitor import Monitor
 
 
@@ -38,13 +39,15 @@ class Validator:
 def validate(fabric: Fabric, model: torch.nn.Module, cfg: Config) -> float:
     """Mean next-token loss over (up to eval.max_batches of) the validation split, all ranks."""
     model.eval()
+    stream = stream_options(cfg)
     loader = make_dataloader(
-        resolve_split(cfg.data.val_split(), "val"),
+        resolve_split(cfg.data.val_split(), "val", stream),
         seq_len=cfg.seq_len,
         batch_size=cfg.train.micro_batch_size,
         shuffle=False,
         seed=cfg.run.seed,
         num_workers=0,
+        stream=stream,
     )
     totals = torch.zeros(2, device=fabric.device, dtype=torch.float64)  # (sum of losses, batches)
     for i, tokens in enumerate(loader):
