@@ -61,7 +61,6 @@ import queue
 import shutil
 import signal
 import sys
-import tempfile
 import time
 import zlib
 from collections import Counter
@@ -72,6 +71,7 @@ from typing import Any
 import numpy as np
 
 from data.shards import RecordFilter, ShardReader, SkipStats, find_shards
+from data.storage import ObjectStore, is_remote
 from data.tokenizer import SEPARATORS, Tokenizer
 from data.util import file_sha256, format_duration, parse_size
 
@@ -91,11 +91,7 @@ SPLITS = ("train", "val")
 SPLIT_DIRS = {"train": "train", "validation": "val"}
 _WORK_DIR = ".prepare_work"
 _FORMAT_VERSION = 2
-_URL_SCHEMES = ("s3://", "gs://", "r2://")
-
-
-def _is_url(path: str | Path) -> bool:
-    return str(path).startswith(_URL_SCHEMES)
+_is_url = is_remote  # s3:// (and S3-compatible), gs://, azure://
 
 
 @dataclass(frozen=True)
@@ -137,68 +133,53 @@ class PrepareOptions:
 
 
 class _Output:
-    """Where the dataset goes. Local paths are used directly; URLs go through litdata's fs providers."""
+    """Where the dataset goes. Local paths are used directly; URLs through data.storage."""
 
     def __init__(self, output: str | Path, storage_options: dict[str, Any] | None = None) -> None:
         self.remote = _is_url(output)
         self.url = str(output).rstrip("/") if self.remote else None
         self.path = None if self.remote else Path(output)
         self.storage_options = storage_options or {}
-        self._fs: Any = None
+        # Picklable; its client is created in the process that uses it (clients are not fork-safe).
+        self.store = ObjectStore(self.url, self.storage_options) if self.remote else None
 
     def __str__(self) -> str:
         return self.url if self.remote else str(self.path)
-
-    @property
-    def fs(self) -> Any:
-        if (
-            self._fs is None
-        ):  # created lazily, in the process that uses it (clients are not fork-safe)
-            from litdata.streaming.fs_provider import _get_fs_provider  # see _SplitWriter
-
-            self._fs = _get_fs_provider(self.url, self.storage_options)
-        return self._fs
 
     def join(self, *parts: str) -> str:
         return "/".join([self.url, *parts]) if self.remote else str(self.path.joinpath(*parts))
 
     def exists(self, *parts: str) -> bool:
         if self.remote:
-            try:
-                return bool(self.fs.exists(self.join(*parts)))
-            except Exception:  # noqa: BLE001 - a missing object may surface as any client error
-                return False
+            return self.store.exists("/".join(parts))
         return Path(self.join(*parts)).exists()
 
     def read_text(self, *parts: str) -> str:
-        if not self.remote:
-            return Path(self.join(*parts)).read_text()
-        with tempfile.TemporaryDirectory() as tmp:
-            local = os.path.join(tmp, "f")
-            self.fs.download_file(self.join(*parts), local)
-            return Path(local).read_text()
+        if self.remote:
+            return self.store.read_text("/".join(parts))
+        return Path(self.join(*parts)).read_text()
 
     def put_text(self, text: str, *parts: str) -> None:
         """Write (atomically for local paths) a small text file."""
-        if not self.remote:
-            dest = Path(self.join(*parts))
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_name(dest.name + ".tmp")
-            tmp.write_text(text)
-            os.replace(tmp, dest)
+        if self.remote:
+            self.store.put_text("/".join(parts), text)
             return
-        with tempfile.TemporaryDirectory() as tmp:
-            local = os.path.join(tmp, "f")
-            Path(local).write_text(text)
-            self.fs.upload_file(local, self.join(*parts))
+        dest = Path(self.join(*parts))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, dest)
 
     def upload(self, local: Path, *parts: str) -> None:
-        self.fs.upload_file(str(local), self.join(*parts))
+        self.store.upload(local, "/".join(parts))
 
     def remove(self, *parts: str) -> None:
+        """A file, or everything under a directory."""
         if self.remote:
-            if self.exists(*parts):
-                self.fs.delete_file_or_directory(self.join(*parts))
+            rel = "/".join(parts)
+            self.store.delete(rel)
+            if self.store.scheme == "s3":
+                self.store.delete_tree(rel)
             return
         p = Path(self.join(*parts))
         if p.is_dir():

@@ -382,53 +382,37 @@ def test_a_finished_prepare_is_kept_until_its_replacement_is_complete(
         prepare_dataset(root, out, tokenizer_path, group_bytes=1)
 
 
-def test_prepare_to_an_object_store(slimpajama, tokenizer_path, tmp_path, monkeypatch) -> None:
-    """s3:// output against moto's in-process S3 (no network)."""
-    moto = pytest.importorskip(
-        "moto", reason="moto (S3 mock) not installed: object-store output untested"
-    )
-    import boto3
-
-    for k, v in dict(
-        AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1"
-    ).items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+def test_prepare_to_an_object_store(slimpajama, tokenizer_path, tmp_path, s3) -> None:
+    """s3:// output to a real S3-compatible server on loopback (tests/s3_server.py), 2 workers."""
     root = slimpajama[0]
     local = tmp_path / "local"
     prepare_dataset(root, local, tokenizer_path, group_bytes=1)
-    with moto.mock_aws():
-        s3 = boto3.client("s3")
-        s3.create_bucket(Bucket="corpus")
-        url = "s3://corpus/slimpajama/tokens"
-        # One worker: moto's S3 lives in this process only.
-        first = prepare_dataset(
-            root,
-            url,
-            tokenizer_path,
-            num_workers=1,
-            group_bytes=1,
-            max_parts=2,
-            work_dir=tmp_path / "work",
-        )
-        assert first["finished"] is False and not is_prepared(url)
-        stats = prepare_dataset(
-            root, url, tokenizer_path, num_workers=1, group_bytes=1, work_dir=tmp_path / "work"
-        )
-        assert is_prepared(url) and not (tmp_path / "work").exists()
-        keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="corpus")["Contents"])
-        assert (
-            "slimpajama/tokens/_COMPLETE" in keys and "slimpajama/tokens/train/index.json" in keys
-        )
-        fetched = tmp_path / "fetched"
-        for key in keys:
-            dest = fetched / key.removeprefix("slimpajama/tokens/")
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            s3.download_file("corpus", key, str(dest))
-        with pytest.raises(
-            PermissionError, match="Cannot write to the output s3://missing-bucket/x"
-        ):
-            prepare_dataset(root, "s3://missing-bucket/x", tokenizer_path, num_workers=1)
+    s3.create_bucket("corpus")
+    client = s3.client()
+    url = "s3://corpus/slimpajama/tokens"
+    first = prepare_dataset(
+        root,
+        url,
+        tokenizer_path,
+        num_workers=2,
+        group_bytes=1,
+        max_parts=2,
+        work_dir=tmp_path / "work",
+    )
+    assert first["finished"] is False and not is_prepared(url)
+    stats = prepare_dataset(
+        root, url, tokenizer_path, num_workers=2, group_bytes=1, work_dir=tmp_path / "work"
+    )
+    assert is_prepared(url) and not (tmp_path / "work").exists()
+    keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket="corpus")["Contents"])
+    assert "slimpajama/tokens/_COMPLETE" in keys and "slimpajama/tokens/train/index.json" in keys
+    fetched = tmp_path / "fetched"
+    for key in keys:
+        dest = fetched / key.removeprefix("slimpajama/tokens/")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        client.download_file("corpus", key, str(dest))
+    with pytest.raises(PermissionError, match="Cannot write to the output s3://missing-bucket/x"):
+        prepare_dataset(root, "s3://missing-bucket/x", tokenizer_path, num_workers=1)
     assert _chunk_bytes(fetched) == _chunk_bytes(local)
     assert _indexes(fetched) == _indexes(local)
     assert stats["splits"] == json.loads((local / "prepare_stats.json").read_text())["splits"]

@@ -70,6 +70,16 @@ def test_resolved_config_round_trips(tmp_path):
         ),
         (["--config", "/nonexistent.yaml"], "config file /nonexistent.yaml does not exist"),
         (["--train.max_steps"], "has no value"),
+        (["--checkpoint.remote_dir", "s3://bucket"], "checkpoint.remote_dir='s3://bucket' must be"),
+        (["--checkpoint.remote_dir", "/tmp/x"], "must be an s3:// URL"),
+        (["--data.dir", "s3://KEY:SECRET@bucket/x"], "data.dir must not hold credentials"),
+        (["--storage.endpoint_url", "minio:9000"], "storage.endpoint_url='minio:9000' must be"),
+        (["--data.max_cache_size", "big"], "data.max_cache_size: size 'big' is not like"),
+        (["--data.tokenizer", "s3://b/t.model"], "data.tokenizer='s3://b/t.model': the tokenizer"),
+        (
+            ["--storage.aws_secret_access_key", "x"],
+            "unknown config key 'storage.aws_secret_access_key'",
+        ),
     ],
 )
 def test_bad_config_names_the_key(argv, fragment):
