@@ -8,8 +8,9 @@ credentials, missing object). The endpoint and the credentials come from the sta
 variables (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
 ``AWS_PROFILE``, ...) or, for the endpoint only, from ``storage_options={"endpoint_url": ...}``;
 credentials are never taken as arguments, so nothing that holds them is ever saved or logged.
-``gs://`` and ``azure://`` go through litdata's providers when their extras are installed
-(read, write, exists; no listing, so checkpoints stream to ``s3://`` only).
+``gs://``, ``azure://`` and ``hf://`` are read through litdata's own downloaders (the code that
+streams their chunks), where litdata's extras for them are installed; ``gs://`` is also written
+through litdata's provider. Listing is ``s3://`` only, so checkpoints go to ``s3://``.
 
 Clients are created lazily in the process that uses them and re-created after a fork: neither
 boto3 nor the providers are fork-safe, and DataLoader workers fork.
@@ -32,7 +33,7 @@ __all__ = [
     "storage_options",
 ]
 
-REMOTE_SCHEMES = ("s3://", "gs://", "azure://")
+REMOTE_SCHEMES = ("s3://", "gs://", "azure://", "hf://")
 
 
 def is_remote(path: str | Path | None) -> bool:
@@ -60,6 +61,7 @@ class StorageError(RuntimeError):
 # Error codes of S3 and S3-compatible servers, grouped by what the user must change.
 _MISSING_BUCKET = {"NoSuchBucket"}
 _MISSING_OBJECT = {"NoSuchKey", "404", "NotFound"}
+_MISSING_OBJECT_ERRORS = {"NotFound", "ResourceNotFoundError", "EntryNotFoundError"}
 _BAD_CREDENTIALS = {
     "InvalidAccessKeyId",
     "SignatureDoesNotMatch",
@@ -169,7 +171,12 @@ class ObjectStore:
     def _missing(self, error: BaseException) -> bool:
         response = getattr(error, "response", None)
         code = str(response.get("Error", {}).get("Code", "")) if isinstance(response, dict) else ""
-        return code in _MISSING_OBJECT or isinstance(error, FileNotFoundError)
+        return (
+            code in _MISSING_OBJECT
+            or isinstance(error, FileNotFoundError)
+            # google.cloud's, azure's and huggingface_hub's "no such object"
+            or type(error).__name__ in _MISSING_OBJECT_ERRORS
+        )
 
     # -- operations ------------------------------------------------------------------------------
 
@@ -190,7 +197,12 @@ class ObjectStore:
             if self.scheme == "s3":
                 self.client.head_object(Bucket=self.bucket, Key=self.key(rel))
                 return True
-            return bool(self.client.exists(self.url_of(rel)))
+            self.read_bytes(rel)  # the downloaders have no existence probe
+            return True
+        except (FileNotFoundError, StorageError) as e:
+            if isinstance(e, FileNotFoundError):
+                return False
+            raise
         except Exception as e:  # noqa: BLE001
             if self._missing(e):
                 return False
@@ -203,12 +215,17 @@ class ObjectStore:
                 return self.client.get_object(Bucket=self.bucket, Key=self.key(rel))["Body"].read()
             with tempfile.TemporaryDirectory() as tmp:
                 local = os.path.join(tmp, "object")
-                self.client.download_file(self.url_of(rel), local)
+                self._downloader(tmp).download_file(self.url_of(rel), local)
                 return Path(local).read_bytes()
         except Exception as e:  # noqa: BLE001
             if self._missing(e):
                 raise FileNotFoundError(f"{self.url_of(rel)} does not exist") from e
             raise self.explain(e, rel) from e
+
+    def _downloader(self, cache_dir: str) -> Any:
+        from litdata.streaming.downloader import get_downloader
+
+        return get_downloader(self.url, cache_dir, [], self.storage_options)
 
     def read_text(self, rel: str = "") -> str:
         return self.read_bytes(rel).decode()
@@ -246,7 +263,7 @@ class ObjectStore:
             if self.scheme == "s3":
                 self.client.download_file(self.bucket, self.key(rel), str(part))
             else:
-                self.client.download_file(self.url_of(rel), str(part))
+                self._downloader(str(local.parent)).download_file(self.url_of(rel), str(part))
         except Exception as e:  # noqa: BLE001
             part.unlink(missing_ok=True)
             if self._missing(e):
