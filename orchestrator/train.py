@@ -155,8 +155,11 @@ def setup(cfg: Config, stop_signals: StopSignals) -> Run:
         "progress": initial_progress(),
     }
     checkpointer = Checkpointer(fabric, cfg)
-    # Rank 0 verifies the checkpoints (checksums) once; every rank loads the one it chose.
-    resume_from, damaged = fabric.broadcast(on_rank_zero(fabric, lambda: choose_resume(cfg)))
+    # Rank 0 verifies the checkpoints (checksums) once, and brings a newer one from
+    # checkpoint.remote_dir into the (shared) run dir; every rank loads the one it chose.
+    resume_from, damaged = fabric.broadcast(
+        on_rank_zero(fabric, lambda: choose_resume(cfg, remote=True))
+    )
     for path, reason in damaged:
         fabric.print(
             f"Skipping damaged checkpoint {path}: {reason}; falling back to an older one",
@@ -245,6 +248,7 @@ def fit(run: Run) -> dict:
             saved = run.checkpointer.maybe_save(state, step)
             if saved is not None:
                 monitor.checkpoint(saved)
+            run.checkpointer.log_uploads(monitor)  # checkpoint.remote_dir: finished uploads
             if totals.stop and step < cfg.train.max_steps:  # a stop signal reached some rank
                 return stop_early(run, totals.stop, step, saved_this_step=saved is not None)
     return finish(run)
@@ -314,6 +318,7 @@ def stop_early(run: Run, stop: int, step: int, saved_this_step: bool) -> dict:
     if not saved_this_step:
         run.monitor.checkpoint(run.checkpointer.save(run.state, step, run.progress["tokens_seen"]))
     run.checkpointer.wait()
+    run.checkpointer.finish_uploads(run.monitor)  # waits for checkpoint.remote_dir
     run.monitor.close()
     return finish_stop(run.fabric, run.cfg, stop, step)
 
@@ -325,6 +330,7 @@ def finish(run: Run) -> dict:
     for report in run.checkpointer.completed:
         if report.write_seconds is not None and cfg.checkpoint.async_save:
             run.monitor.checkpoint(report)
+    run.checkpointer.finish_uploads(run.monitor)  # waits for checkpoint.remote_dir
     run.monitor.close()
     summary = {
         "steps": run.progress["step"],

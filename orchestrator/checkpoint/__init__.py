@@ -6,5 +6,6 @@ files.py         writing a state file while hashing it; loading without running 
 rng.py           every RNG stream of a process, as weights-only-loadable plain types
 resume.py        which checkpoint a run resumes from, and whether this run can resume it
 checkpointer.py  saving (sync / async, every strategy) and loading the training state
+remote.py        copies in an object store (checkpoint.remote_dir): upload, retention, download
 consolidate.py   one full model state dict from any strategy's checkpoint
 """

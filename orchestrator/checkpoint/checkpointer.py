@@ -15,6 +15,10 @@ rank writes its shard (torch.distributed.checkpoint.async_save, the files of a s
 save). A failure on any rank surfaces at the next `wait()` (the next save, a rollback, the end)
 on every rank. Not for DeepSpeed, nor FSDP with strategy.sharded_checkpoint=false.
 
+checkpoint.remote_dir: rank 0 queues each published checkpoint for upload to the object store
+(checkpoint/remote.py: one background thread; a failure is a warning, retried at the next save);
+`finish_uploads` waits for them at the end of the run.
+
 Reading: `orchestrator/checkpoint/resume.py` chooses the checkpoint; `Checkpointer.load` fills the
 training state from it without running pickled code (`torch.load(weights_only=True)`).
 """
@@ -55,6 +59,7 @@ from orchestrator.checkpoint.layout import (
     step_dir,
 )
 from orchestrator.checkpoint.manifest import config_hash, verify, write_manifest
+from orchestrator.checkpoint.remote import RemoteCheckpoints, Uploader, record_uploads
 from orchestrator.checkpoint.rng import capture_rng, restore_rng
 from orchestrator.config import Config, save_config
 from orchestrator.parallel.fsdp import FSDP2Strategy
@@ -136,6 +141,12 @@ class Checkpointer:
         self._async_error: BaseException | None = None
         self._async_group = None  # FSDP async saves: the writing threads' own process group
         self.completed: list[SaveReport] = []
+        remote = RemoteCheckpoints.from_config(cfg) if fabric.is_global_zero else None
+        self.uploader = (
+            None
+            if remote is None
+            else Uploader(remote, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every)
+        )
 
     # -- save ------------------------------------------------------------------------------
 
@@ -194,6 +205,7 @@ class Checkpointer:
             except Exception:
                 shutil.rmtree(partial, ignore_errors=True)
                 raise
+            self._upload(final)
 
         error = None
         try:
@@ -260,6 +272,7 @@ class Checkpointer:
                 known = write()
                 if is_zero:  # every rank's files are on disk (the future waited for them)
                     _publish(self.cfg, partial, final, info, known)
+                    self._upload(final)
                     self.completed.append(
                         SaveReport(
                             final,
@@ -296,6 +309,27 @@ class Checkpointer:
             _unwrap_objects(full_state), filter={}
         )
 
+    def _upload(self, final: Path) -> None:
+        """Rank 0: queue a published checkpoint for checkpoint.remote_dir (returns at once)."""
+        if self.uploader is not None:
+            self.uploader.submit(final)
+
+    def log_uploads(self, monitor: Any) -> None:
+        """Log the uploads finished since the last call in `monitor` (the run's Monitor), like
+        saves (rank 0; nothing elsewhere)."""
+        if self.uploader is not None:
+            record_uploads(monitor, self.uploader.drain())
+
+    def finish_uploads(self, monitor: Any) -> None:
+        """The end of a run (collective): rank 0 waits until every checkpoint is in the store,
+        logs the uploads, and says loudly when the newest is not there, while the other ranks
+        wait at a barrier (so that no launcher takes rank 0 for hung after the others exited)."""
+        if self.uploader is not None:
+            record_uploads(monitor, self.uploader.finish())
+            self.uploader.newest_missing()
+        if self.cfg.checkpoint.remote_dir:
+            self.fabric.barrier()
+
     def wait(self) -> None:
         """Finish a background save; every rank learns if it failed."""
         if not self.cfg.checkpoint.async_save:
@@ -318,6 +352,10 @@ class Checkpointer:
             # Same world size: each rank takes its own stream; otherwise rank 0's is all we can offer.
             same_world = len(rng_per_rank) == self.fabric.world_size
             restore_rng(rng_per_rank[self.fabric.global_rank if same_world else 0])
+        if path.parent == self.root:
+            # The store lacks it after a failed final upload (or with a new remote_dir): send it
+            # now; one that is there already is skipped.
+            self._upload(path)
 
     def load_weights(self, path: Path, model: torch.nn.Module) -> None:
         """Only the model weights of checkpoint `path` (a new run starting from pretrained weights)."""

@@ -5,6 +5,7 @@
         config.yaml    the resolved config of the run that wrote it
         manifest.json  written last: the checkpoint is complete (see manifest.py)
     <run.dir>/checkpoints/step-00000200.partial/   a save in progress, or an interrupted one
+    <checkpoint.remote_dir>/step-00000100/...      the same files in an object store (remote.py)
 
 A directory counts as a checkpoint only once it is renamed into place with its manifest.
 """
@@ -102,20 +103,33 @@ def remove_partial(root: Path) -> list[Path]:
     return removed
 
 
+def retention_victims(
+    names: list[str], keep_last: int, keep_every: int = 0, protect: str | None = None
+) -> list[str]:
+    """The retention rule on checkpoint names (oldest first), shared by the local run dir and
+    checkpoint.remote_dir: all but the newest `keep_last`, except multiples of `keep_every` and
+    `protect`. `keep_last` <= 0 keeps everything."""
+    if keep_last <= 0:
+        return []
+    return [
+        name
+        for name in names[:-keep_last]
+        if not (keep_every and checkpoint_step(Path(name)) % keep_every == 0) and name != protect
+    ]
+
+
 def prune(
     root: Path, keep_last: int, keep_every: int = 0, protect: Path | None = None
 ) -> list[Path]:
     """Keep the newest `keep_last` checkpoints plus every step that is a multiple of `keep_every`,
     and always `protect` (the checkpoint just published: after a fallback from a damaged newer
     one, or an explicit resume from an older one, it is not among the newest by step)."""
-    if keep_last <= 0:
-        return []
+    found = list_checkpoints(root)
+    victims = retention_victims(
+        [p.name for p in found], keep_last, keep_every, None if protect is None else protect.name
+    )
     removed = []
-    for old in list_checkpoints(root)[:-keep_last]:
-        if keep_every and checkpoint_step(old) % keep_every == 0:
-            continue
-        if protect is not None and old.name == protect.name:
-            continue
+    for old in (p for p in found if p.name in victims):
         # Unlist it atomically first: a kill during the delete leaves a .partial, never a half
         # checkpoint.
         doomed = old.with_name(old.name + ".deleting" + PARTIAL_SUFFIX)

@@ -7,6 +7,7 @@ so that a mismatch is one clear error naming the checkpoint and the fix.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from models.config import KERNEL_FIELDS
 from orchestrator.checkpoint.consolidate import checkpoint_format
@@ -19,13 +20,18 @@ from orchestrator.checkpoint.layout import (
     saved_config,
 )
 from orchestrator.checkpoint.manifest import manifest_step, read_manifest, verify
+from orchestrator.checkpoint.remote import fetch_newer
 from orchestrator.config import Config
 from orchestrator.parallel.strategy import strategy_label
 from orchestrator.schema import ConfigError, to_dict
 
 
-def choose_resume(cfg: Config) -> tuple[Path | None, list[tuple[Path, str]]]:
-    """The checkpoint to resume from per checkpoint.resume, and the damaged ones passed over."""
+def choose_resume(cfg: Config, remote: bool = False) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The checkpoint to resume from per checkpoint.resume, and the damaged ones passed over.
+
+    `remote` (a run's start, on global rank 0): with checkpoint.remote_dir, a newer complete
+    remote checkpoint than the run dir's newest good one is downloaded into the run dir first
+    (checkpoint/remote.py), and chosen."""
     if cfg.checkpoint.resume == "never":
         return None, []
     if cfg.checkpoint.resume != "auto":
@@ -35,12 +41,20 @@ def choose_resume(cfg: Config) -> tuple[Path | None, list[tuple[Path, str]]]:
             raise CheckpointError(f"checkpoint.resume={path} cannot be used: {reason}")
         return path, []
     skipped = []
+    chosen = None
     for path in reversed(list_checkpoints(checkpoint_root(cfg))):
         reason = verify(path, checksums=cfg.checkpoint.verify_checksums)
         if reason is None:
-            return path, skipped
+            chosen = path
+            break
         skipped.append((path, reason))
-    return None, skipped
+    if remote and cfg.checkpoint.remote_dir:
+        fetched = fetch_newer(
+            cfg, checkpoint_root(cfg), chosen, lambda saved: model_mismatch(saved, cfg)
+        )
+        if fetched is not None:  # it replaced a damaged local copy of its step, if there was one
+            return fetched, [(p, r) for p, r in skipped if p.name > fetched.name]
+    return chosen, skipped
 
 
 def resume_target(cfg: Config) -> Path | None:
@@ -58,23 +72,31 @@ def resume_step_hint(cfg: Config) -> int | None:
     return None if path is None else manifest_step(path)
 
 
+def model_mismatch(saved: dict[str, Any], cfg: Config) -> str | None:
+    """How the model of a checkpoint's saved config differs from this run's (None: the same)."""
+    saved_model = saved.get("model") if isinstance(saved, dict) else None
+    saved_model = saved_model if isinstance(saved_model, dict) else {}
+    current = to_dict(cfg.model)
+    # Kernel choices (attention, fused kernels, compile) compute the same model: they may change.
+    differing = [
+        k
+        for k in current
+        if k in saved_model and saved_model[k] != current[k] and k not in ("name", *KERNEL_FIELDS)
+    ]
+    if not differing:
+        return None
+    return ", ".join(
+        f"model.{k}={saved_model[k]!r} there but {current[k]!r} here" for k in differing
+    )
+
+
 def check_resume_compatible(cfg: Config) -> None:
     """A checkpoint only continues a run of the same model; say so before loading it fails."""
     for path in (resume_target(cfg), cfg.checkpoint.init_from):
         if path is None:
             continue
-        saved = saved_config(path).get("model", {})
-        current = to_dict(cfg.model)
-        # Kernel choices (attention, fused kernels, compile) compute the same model: they may change.
-        differing = [
-            k
-            for k in current
-            if k in saved and saved[k] != current[k] and k not in ("name", *KERNEL_FIELDS)
-        ]
-        if differing:
-            details = ", ".join(
-                f"model.{k}={saved[k]!r} there but {current[k]!r} here" for k in differing
-            )
+        details = model_mismatch(saved_config(path), cfg)
+        if details:
             raise ConfigError(
                 f"checkpoint {path} was trained with a different model ({details}): use the same model "
                 "settings, a new run.dir, or --checkpoint.resume never"

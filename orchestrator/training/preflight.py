@@ -66,6 +66,11 @@ def check_inputs(cfg: Config) -> None:
             f"set --model.vocab_size {vocab} (or larger, e.g. a multiple of 64) or use a smaller tokenizer"
         )
     check_datasets_match_tokenizer(cfg, datasets, tokenizer_path)
+    if cfg.checkpoint.remote_dir:  # the bucket exists and takes the credentials
+        try:
+            ObjectStore(cfg.checkpoint.remote_dir, cfg.storage.options()).check_bucket()
+        except StorageError as e:
+            raise ConfigError(f"checkpoint.remote_dir={cfg.checkpoint.remote_dir}: {e}") from None
     report_processes(cfg)
 
 

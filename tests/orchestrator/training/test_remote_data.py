@@ -161,6 +161,9 @@ def test_bad_remote_inputs_are_one_clear_error(s3, remote_corpus, sample_data, t
          "cannot reach the object store at http://127.0.0.1:9"),
         (["--data.sources", f"[{{name: a, dir: {url}}}, {{name: b, dir: s3://corpus-b/nope}}]"], None,
          "data.sources[1].dir=s3://corpus-b/nope: s3://corpus-b/nope is not a prepared litdata dataset"),
+        (["--data.dir", url, "--checkpoint.remote_dir", "s3://no-ckpt-bucket/runs/a"], None,
+         "checkpoint.remote_dir=s3://no-ckpt-bucket/runs/a: Cannot open s3://no-ckpt-bucket/runs/a: "
+         "the bucket 'no-ckpt-bucket' does not exist"),
     ]  # fmt: skip
     for extra, env, message in cases:
         stderr, seconds = preflight_error(tmp_path, tokenizer, *extra, env=env)
