@@ -35,7 +35,9 @@ from orchestrator.checkpoint.layout import (
     initial_progress,
     latest_checkpoint,
     remove_partial,
+    saved_config,
 )
+from orchestrator.checkpoint.manifest import read_manifest
 from orchestrator.checkpoint.resume import check_resume_strategy, choose_resume, resume_step_hint
 from orchestrator.config import Config, load_config, save_config
 from orchestrator.parallel.activation_checkpointing import apply_activation_checkpointing
@@ -54,7 +56,12 @@ from orchestrator.parallel.strategy import (
 )
 from orchestrator.schema import ConfigError
 from orchestrator.training.bookkeeping import sync_step
-from orchestrator.training.data import build_train_loader, endless, train_blocks
+from orchestrator.training.data import (
+    build_train_loader,
+    elastic_resume_warning,
+    endless,
+    train_blocks,
+)
 from orchestrator.training.epochs import EpochTracker
 from orchestrator.training.faults import install_fault_drills
 from orchestrator.training.garbage import GarbageCollection
@@ -167,6 +174,15 @@ def setup(cfg: Config, stop_signals: StopSignals) -> Run:
         )
     if resume_from is not None:
         check_resume_strategy(resume_from, cfg, fabric.world_size)
+        warning = elastic_resume_warning(
+            cfg,
+            saved_config(resume_from),
+            read_manifest(resume_from).get("world_size"),
+            fabric.world_size,
+            epochs.blocks,
+        )
+        if warning:
+            fabric.print(f"warning: {warning}", flush=True)
         checkpointer.load(resume_from, state)
         fabric.print(f"Resumed from {resume_from} at step {state['progress']['step']}", flush=True)
     elif cfg.checkpoint.init_from is not None:

@@ -59,6 +59,45 @@ def train_blocks(cfg: Config) -> int:
     return num_blocks(train_split(cfg), cfg.seq_len, stream)
 
 
+# litdata's elastic resume (a new world size, data.num_workers or micro-batch size) lays out the
+# rest of the epoch as one Python (chunk, item) tuple per block, in every rank and every data
+# worker: ~160 bytes a block, measured by benchmarks/data_scale.py (RESULTS.md, 2026-12-01).
+ELASTIC_RESUME_BYTES_PER_BLOCK = 160
+ELASTIC_RESUME_WARN_BYTES = 4 * 2**30
+
+
+def elastic_resume_warning(
+    cfg: Config, saved: dict, saved_world: int | None, world_size: int, blocks: int
+) -> str | None:
+    """A warning when resuming a single dataset with another world size, data.num_workers or
+    micro-batch size would make litdata hold a per-block plan of the epoch larger than
+    ELASTIC_RESUME_WARN_BYTES in each process (None otherwise, and for mixtures, which refuse
+    such a change)."""
+    if cfg.data.sources:
+        return None
+    was = {
+        "world size": saved_world,
+        "data.num_workers": (saved.get("data") or {}).get("num_workers"),
+        "train.micro_batch_size": (saved.get("train") or {}).get("micro_batch_size"),
+    }
+    now = {
+        "world size": world_size,
+        "data.num_workers": cfg.data.num_workers,
+        "train.micro_batch_size": cfg.train.micro_batch_size,
+    }
+    changed = [f"{k} {was[k]} -> {now[k]}" for k in now if was[k] is not None and was[k] != now[k]]
+    per_process = blocks * ELASTIC_RESUME_BYTES_PER_BLOCK
+    if not changed or per_process < ELASTIC_RESUME_WARN_BYTES:
+        return None
+    processes = 1 + cfg.data.num_workers
+    return (
+        f"resuming with {', '.join(changed)}: litdata's elastic resume lays out the rest of the "
+        f"epoch's {blocks:,} blocks one by one, about {per_process / 2**30:.1f} GiB in each of the "
+        f"{processes} process(es) per rank (rank + data workers) while the loader starts. Keep the "
+        "checkpoint's world size, data.num_workers and train.micro_batch_size to resume without it"
+    )
+
+
 def endless(loader) -> Iterator[tuple[bool, torch.Tensor]]:
     """(first batch of a new epoch?, batch) across epochs; the loader's state records the position."""
     finished_epoch = False
