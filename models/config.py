@@ -2,8 +2,8 @@
 
 A size is chosen by name (`model.name: tinyllama-1.1b`); any field given next to the name
 overrides the preset, so `--model.name tinyllama-1.1b --model.n_layers 4` is a 4-layer
-TinyLlama-shaped model. Research options (`attn_gate`, `sandwich_norm`) are off in every
-preset and switched on per run: `--model.attn_gate headwise`.
+TinyLlama-shaped model. Research options (`attn_gate`, `sandwich_norm`) and stability options
+(`qk_norm`, `z_loss`) are off in every preset and switched on per run: `--model.attn_gate headwise`.
 
 Kernel choices (`attention`, `rmsnorm_kernel`, `swiglu_kernel`, `rope_kernel`, `loss_kernel`,
 `compile`; see models/kernels.py) change how the same function is computed, never the weights:
@@ -123,6 +123,18 @@ class ModelConfig:
         "RMSNorm each attention / FFN output before it is added to the residual stream (adds two norms per "
         "block). Not exportable to LlamaForCausalLM.",
     )
+    qk_norm: bool = doc(
+        False,
+        "QK-norm (OLMo-2, Qwen3): RMSNorm of each head's queries and keys before RoPE, one learnable "
+        "head_dim-wide gain for all query heads and one for all key heads per layer (eps: model.norm_eps). "
+        "Not exportable to LlamaForCausalLM.",
+    )
+    z_loss: float = doc(
+        0.0,
+        "Weight of the z-loss (PaLM; OLMo uses 1e-4): the training loss adds z_loss * mean(logsumexp(logits)^2) "
+        "over the target positions, which keeps the softmax normaliser near 1; logged as train/z_loss. 0 = off. "
+        "Training only: validation reports the plain cross-entropy.",
+    )
 
     @property
     def head_dim(self) -> int:
@@ -183,6 +195,17 @@ class ModelConfig:
                 raise ConfigError(f"model.{key}={getattr(self, key)!r} is not one of {choices}")
         if not isinstance(self.sandwich_norm, bool):
             raise ConfigError(f"model.sandwich_norm={self.sandwich_norm!r} must be true or false")
+        if not isinstance(self.qk_norm, bool):
+            raise ConfigError(f"model.qk_norm={self.qk_norm!r} must be true or false")
+        if (
+            isinstance(self.z_loss, bool)
+            or not isinstance(self.z_loss, (int, float))
+            or not self.z_loss >= 0
+            or self.z_loss == float("inf")
+        ):
+            raise ConfigError(
+                f"model.z_loss={self.z_loss!r} must be a number >= 0 (0 turns it off; OLMo uses 1e-4)"
+            )
         if not isinstance(self.tie_embeddings, bool):
             raise ConfigError(f"model.tie_embeddings={self.tie_embeddings!r} must be true or false")
         if not isinstance(self.compile, bool):
@@ -195,7 +218,8 @@ class ModelConfig:
         gate = d * self.gate_dim + self.gate_dim  # weight + bias
         ffn = 3 * d * self.ffn_hidden
         norms = (4 if self.sandwich_norm else 2) * d
-        block = attn + gate + ffn + norms
+        qk_norms = 2 * hd if self.qk_norm else 0  # one gain for the queries, one for the keys
+        block = attn + gate + ffn + norms + qk_norms
         embed = self.vocab_size * d
         head = 0 if self.tie_embeddings else self.vocab_size * d
         return self.n_layers * block + embed + head + d

@@ -5,8 +5,8 @@ Convention (PaLM, arXiv 2204.02311 app. B; also Megatron-LM and nanoGPT):
 * A matmul of (m x k) by (k x n) costs 2*m*k*n FLOPs (one multiply and one add per term).
 * Per token, the forward pass costs 2 FLOPs per weight of every matmul: q/k/v/o, the optional
   attention gate, the three SwiGLU projections and the output projection (`lm_head`). The
-  embedding lookup, norms, activations, softmax, RoPE and biases are not counted: they are not
-  matmuls and are a fraction of a percent at 1B scale.
+  embedding lookup, norms (QK-norm's included), activations, softmax, RoPE, biases and the z-loss
+  are not counted: they are not matmuls and are a fraction of a percent at 1B scale.
 * Attention scores q k^T and the weighted sum over values cost 2 * 2 * H * E * T per token and
   layer when every query is charged for all T keys (`causal=False`, the default). This is what
   PaLM's MFU formula, torch.utils.flop_counter and FlashAttention's non-causal benchmark count.

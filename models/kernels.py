@@ -22,6 +22,11 @@ Where each comes from (all optional: the `gpu` extra; each of them runs on CUDA 
                 cross-entropy (>= 0.5, whose functions take keyword arguments; 0.4's bare
                 Function.apply is refused when imported, so `auto` never picks it).
 
+With `model.z_loss` > 0 every loss kernel adds the z-loss z * mean(logsumexp(logits)^2) over the
+target positions (the reference from the logits, `chunked` from the logsumexp of each chunk it
+computes anyway, liger's and flash-attn's through their own `lse_square_scale`); a release whose loss
+takes no z-loss is unavailable for such a run (`auto` falls back to `chunked`).
+
 `sdpa` is torch's scaled_dot_product_attention (on CUDA its flash backend is FlashAttention-2; on CPU
 a fused flash kernel too). `chunked` is this file's own fused linear + cross-entropy in plain PyTorch:
 it runs on any device (see `chunked_linear_cross_entropy`).
@@ -234,8 +239,28 @@ CONFIG_KEYS = {
 }
 
 
-def why_not(op: str, kernel: str, device_type: str, dtype: torch.dtype) -> str | None:
-    """None when `kernel` can compute `op` for tensors of this device type and dtype, else the reason."""
+# What a library's loss must take for model.z_loss > 0 (it adds z * lse^2 itself, in its forward and
+# backward; liger hands back the term for logging with return_z_loss, flash-attn always does).
+_Z_LOSS_KEYWORDS = {
+    "liger_fused": ("lse_square_scale", "return_z_loss"),  # liger-kernel >= 0.5.5
+    "liger": ("lse_square_scale", "return_z_loss"),
+    "flash_attn": ("lse_square_scale",),
+}
+
+
+def _parameters(fn) -> tuple[str, ...]:
+    try:
+        return tuple(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):  # not introspectable (a builtin, a stand-in object)
+        return ()
+
+
+def why_not(
+    op: str, kernel: str, device_type: str, dtype: torch.dtype, z_loss: bool = False
+) -> str | None:
+    """None when `kernel` can compute `op` for tensors of this device type and dtype, else the reason.
+
+    `z_loss`: the loss must also add a z-loss (model.z_loss > 0)."""
     need = _NEEDS.get((op, kernel))
     if need is None:
         return None
@@ -252,15 +277,25 @@ def why_not(op: str, kernel: str, device_type: str, dtype: torch.dtype) -> str |
             f"flash-attn computes in bf16/fp16 only, this run computes in {dtype} "
             "(use strategy.precision bf16-mixed)"
         )
+    if z_loss and op == "loss" and kernel in _Z_LOSS_KEYWORDS:
+        params = _parameters(getattr(lib, attr))
+        missing = [k for k in _Z_LOSS_KEYWORDS[kernel] if k not in params]
+        if missing:
+            return (
+                f"this {_PACKAGES[lib_name]} release's {attr} takes no {' / '.join(missing)}, which "
+                "model.z_loss > 0 needs"
+            )
     return None
 
 
-def choose(op: str, wanted: str, device_type: str, dtype: torch.dtype) -> str:
-    """The kernel `op` uses: `wanted` itself (or KernelUnavailable), or the best that runs for `auto`."""
+def choose(op: str, wanted: str, device_type: str, dtype: torch.dtype, z_loss: bool = False) -> str:
+    """The kernel `op` uses: `wanted` itself (or KernelUnavailable), or the best that runs for `auto`.
+
+    `z_loss`: the loss must add a z-loss (model.z_loss > 0)."""
     if wanted != "auto":
-        problem = why_not(op, wanted, device_type, dtype)
+        problem = why_not(op, wanted, device_type, dtype, z_loss)
         if problem is not None:
-            fallback = choose(op, "auto", device_type, dtype)
+            fallback = choose(op, "auto", device_type, dtype, z_loss)
             raise KernelUnavailable(
                 f"{CONFIG_KEYS[op]}={wanted!r} cannot run: {problem}. Install the `gpu` extra "
                 f"(pip install -e '.[gpu]') on a CUDA machine, or set {CONFIG_KEYS[op]}=auto (here: {fallback!r})"
@@ -268,7 +303,7 @@ def choose(op: str, wanted: str, device_type: str, dtype: torch.dtype) -> str:
         return wanted
     if device_type != "cuda":
         return _AUTO_CPU[op]
-    return next(k for k in _AUTO_CUDA[op] if why_not(op, k, device_type, dtype) is None)
+    return next(k for k in _AUTO_CUDA[op] if why_not(op, k, device_type, dtype, z_loss) is None)
 
 
 _PLANS: dict[tuple, KernelPlan] = {}
@@ -291,11 +326,15 @@ def plan(cfg, device: torch.device, dtype: torch.dtype) -> KernelPlan:
         cfg.rope_kernel,
         cfg.loss_kernel,
     )
-    key = (wanted, device.type, dtype)
+    z_loss = getattr(cfg, "z_loss", 0.0) > 0  # the loss kernel must then add a z-loss
+    key = (wanted, device.type, dtype, z_loss)
     if key not in _PLANS:
         ops = ("attention", "rmsnorm", "swiglu", "rope", "loss")
         _PLANS[key] = KernelPlan(
-            **{op: choose(op, w, device.type, dtype) for op, w in zip(ops, wanted)}
+            **{
+                op: choose(op, w, device.type, dtype, z_loss and op == "loss")
+                for op, w in zip(ops, wanted)
+            }
         )
     return _PLANS[key]
 
@@ -432,33 +471,82 @@ def rope(
 
 
 def output_loss(
-    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, kernel: str
+    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, kernel: str, z_loss: float = 0.0
 ) -> torch.Tensor:
-    """Mean cross-entropy of the logits x @ weight^T against targets (IGNORE_INDEX skipped).
+    """Mean cross-entropy of the logits x @ weight^T against targets (IGNORE_INDEX skipped), plus
+    z_loss * mean(logsumexp(logits)^2) over the same targets when z_loss > 0.
 
     x: (B, T, D) final hidden states (after the last norm); weight: (V, D); targets: (B, T).
     Returns a float32 scalar.
     """
+    return output_loss_terms(x, weight, targets, kernel, z_loss)[0]
+
+
+def output_loss_terms(
+    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, kernel: str, z_loss: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`output_loss` (the total, which backward differentiates) and its z-loss term, detached, for
+    logging (None when z_loss is 0). Both float32 scalars on x's device: reading them is no host sync."""
     x2, t = x.flatten(0, 1), targets.flatten()  # (N, D), (N,)
     if kernel == "cross_entropy":  # the reference: what the trainer computed before fused losses
-        return F.cross_entropy(F.linear(x2, weight).float(), t, ignore_index=IGNORE_INDEX)
+        logits = F.linear(x2, weight).float()  # (N, V)
+        loss = F.cross_entropy(logits, t, ignore_index=IGNORE_INDEX)
+        if not z_loss:
+            return loss, None
+        z_term = z_loss_reference(logits, t, z_loss)
+        return loss + z_term, z_term.detach()
     dtype = compute_dtype(x.device.type, weight.dtype)
     if kernel == "chunked":
-        return chunked_linear_cross_entropy(x2, weight, t, dtype=dtype)
+        if not z_loss:
+            return chunked_linear_cross_entropy(x2, weight, t, dtype=dtype), None
+        return chunked_linear_cross_entropy(
+            x2, weight, t, dtype=dtype, z_loss=z_loss, return_z_loss=True
+        )
     if kernel == "liger_fused":
         x2, w = x2.to(dtype), weight.to(dtype)
-        return (
-            _LIBS["liger"].fused_linear_cross_entropy(x2, w, t, ignore_index=IGNORE_INDEX).float()
+        out = _LIBS["liger"].fused_linear_cross_entropy(
+            x2, w, t, ignore_index=IGNORE_INDEX, **_liger_z_loss(z_loss)
         )
+        return _liger_terms(out, z_loss)
     logits = F.linear(x2.to(dtype), weight.to(dtype))  # (N, V)
     if kernel == "liger":
-        return _LIBS["liger"].cross_entropy(logits, t, ignore_index=IGNORE_INDEX).float()
-    if kernel == "flash_attn":
-        losses, _ = _LIBS["flash_attn"].cross_entropy(
-            logits, t, ignore_index=IGNORE_INDEX, inplace_backward=True
+        out = _LIBS["liger"].cross_entropy(
+            logits, t, ignore_index=IGNORE_INDEX, **_liger_z_loss(z_loss)
         )
-        return losses.float().sum() / (t != IGNORE_INDEX).sum().clamp(min=1)
+        return _liger_terms(out, z_loss)
+    if kernel == "flash_attn":
+        z_kwargs = {"lse_square_scale": z_loss} if z_loss else {}
+        losses, z_losses = _LIBS["flash_attn"].cross_entropy(
+            logits, t, ignore_index=IGNORE_INDEX, inplace_backward=True, **z_kwargs
+        )  # (N,) each, 0 on ignored rows; losses include the z-loss
+        count = (t != IGNORE_INDEX).sum().clamp(min=1)
+        z_term = (z_losses.detach().float().sum() / count) if z_loss else None
+        return losses.float().sum() / count, z_term
     raise ValueError(f"unknown loss kernel {kernel!r}")
+
+
+def z_loss_reference(logits: torch.Tensor, targets: torch.Tensor, z_loss: float) -> torch.Tensor:
+    """z_loss * mean over the valid targets of logsumexp(logits)^2 (PaLM's z-loss), float32.
+
+    logits: (N, V); targets: (N,) (IGNORE_INDEX rows take no part, as in the cross-entropy)."""
+    valid = targets != IGNORE_INDEX
+    lse = torch.logsumexp(logits.float(), dim=-1)  # (N,)
+    return z_loss * torch.where(valid, lse.square(), 0.0).sum() / valid.sum().clamp(min=1)
+
+
+def _liger_z_loss(z_loss: float) -> dict:
+    """Keyword arguments of liger's losses for a z-loss: its lse_square_scale, with the term handed
+    back for logging. Nothing when z_loss is 0 (the call is the plain one)."""
+    return {"lse_square_scale": z_loss, "return_z_loss": True} if z_loss else {}
+
+
+def _liger_terms(out, z_loss: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """liger's result -> (total loss, z term): a tensor without a z-loss; with return_z_loss a
+    (loss, z_loss) tuple (liger-kernel 0.5.5 - 0.6.x) or a CrossEntropyOutput (>= 0.7)."""
+    if not z_loss:
+        return out.float(), None
+    loss, z_term = (out.loss, out.z_loss) if hasattr(out, "z_loss") else (out[0], out[1])
+    return loss.float(), z_term.detach().float()
 
 
 CPU_LOGITS_BLOCK_BYTES = (
@@ -488,11 +576,16 @@ def chunked_linear_cross_entropy(
     targets: torch.Tensor,
     chunk_rows: int | None = None,
     dtype: torch.dtype | None = None,
-) -> torch.Tensor:
+    z_loss: float = 0.0,
+    return_z_loss: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Fused linear + cross-entropy in plain PyTorch, for any device.
 
     x: (N, D), weight: (V, D), targets: (N,) -> mean loss over targets != IGNORE_INDEX (float32).
     `dtype`: what the matmuls run in (default x's; under bf16 autocast pass bfloat16).
+    `z_loss` > 0 adds z_loss * mean(lse^2) over the same rows, from the logsumexp each chunk computes
+    anyway (its gradient, 2 * z_loss * lse * softmax / count, joins the chunk's in the same pass);
+    `return_z_loss` returns (loss, the z-loss term detached) instead of the loss.
 
     The logits are computed chunk_rows tokens at a time; with gradients wanted, the gradients of x
     and weight are computed in the same pass (softmax - onehot for each chunk, two matmuls), kept,
@@ -508,19 +601,28 @@ def chunked_linear_cross_entropy(
         x.shape[0], weight.shape[0], x.shape[1], x.device.type
     )
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return _ChunkedLinearCrossEntropy.apply(x, weight, targets, chunk_rows, dtype)
+        loss, z_term = _ChunkedLinearCrossEntropy.apply(
+            x, weight, targets, chunk_rows, dtype, z_loss
+        )
+        return (loss, z_term) if return_z_loss else loss
     with torch.no_grad():
         x, w_t = x.to(dtype), weight.to(dtype).t()
         count = (targets != IGNORE_INDEX).sum().clamp(min=1)
         total = x.new_zeros((), dtype=torch.float32)
+        lse_sq = x.new_zeros((), dtype=torch.float32)  # sum of lse^2 over valid rows (z-loss)
         blocks = _LogitsBlocks(min(chunk_rows, x.shape[0]), weight.shape[0], x.device, dtype)
         for start in range(0, x.shape[0], chunk_rows):
             xc, tc = (
                 x[start : start + chunk_rows],
                 targets[start : start + chunk_rows],
             )  # (n, D), (n,)
-            total += _exp_nll(blocks.logits(xc, w_t), tc, blocks.fp32(xc.shape[0]))[0]
-        return total / count
+            nll, _, _, lse = _exp_nll(blocks.logits(xc, w_t), tc, blocks.fp32(xc.shape[0]))
+            total += nll
+            if z_loss:
+                lse_sq += torch.where(tc != IGNORE_INDEX, lse.square(), 0.0).sum()
+        z_term = z_loss * lse_sq / count
+        loss = total / count + z_term if z_loss else total / count
+        return (loss, z_term) if return_z_loss else loss
 
 
 class _LogitsBlocks:
@@ -567,10 +669,10 @@ class _LogitsBlocks:
 
 def _exp_nll(
     logits: torch.Tensor, targets: torch.Tensor, out: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """From one chunk's logits (n, V), any float dtype: the summed -log softmax[target] over valid
     rows (fp32), exp(logits - row max) written into the fp32 block `out` (which may be `logits`
-    itself), and each row's sum of those (n,).
+    itself), each row's sum of those (n,), and each row's logsumexp (n,).
 
     Widen, max, subtract, exp and sum, in place: a third of the time of logsumexp
     followed by exp(logits - lse) on a CPU (fewer passes over the block, no temporaries).
@@ -582,13 +684,14 @@ def _exp_nll(
     row_max = logits.amax(dim=-1)  # (n,)
     exps = logits.sub_(row_max[:, None]).exp_()  # (n, V), unnormalised softmax
     row_sum = exps.sum(dim=-1)  # (n,)
-    nll = row_max + row_sum.log() - target_logit  # lse - target logit, (n,)
-    return torch.where(valid, nll, 0.0).sum(), exps, row_sum
+    lse = row_max + row_sum.log()  # (n,)
+    nll = lse - target_logit  # (n,)
+    return torch.where(valid, nll, 0.0).sum(), exps, row_sum, lse
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, targets, chunk_rows, dtype):
+    def forward(ctx, x, weight, targets, chunk_rows, dtype, z_loss=0.0):
         want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         N = x.shape[0]
         xd, wd = x.to(dtype), weight.to(dtype)  # (N, D), (V, D): no copies when already in dtype
@@ -597,6 +700,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
         )  # (V, D)
         total = x.new_zeros((), dtype=torch.float32)
+        lse_sq = x.new_zeros((), dtype=torch.float32)  # sum of lse^2 over valid rows (z-loss)
         count = (targets != IGNORE_INDEX).sum().clamp(min=1)
         blocks = _LogitsBlocks(min(chunk_rows, N), weight.shape[0], x.device, dtype)
         w_t = wd.t()  # (D, V)
@@ -606,16 +710,23 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 targets[start : start + chunk_rows],
             )  # (n, D), (n,)
             n = xc.shape[0]
-            nll, exps, row_sum = _exp_nll(blocks.logits(xc, w_t), tc, blocks.fp32(n))
+            nll, exps, row_sum, lse = _exp_nll(blocks.logits(xc, w_t), tc, blocks.fp32(n))
             total += nll
-            # d(mean nll)/d logits = (softmax - onehot(target)) / count = (exps - onehot * row_sum) * scale
-            # with scale = 1 / (row_sum * count), and 0 on ignored rows (no separate masking pass).
-            rows = torch.arange(n, device=exps.device)
-            exps[rows, tc.clamp(min=0)] -= row_sum
-            scale = torch.where(tc != IGNORE_INDEX, (row_sum * count).reciprocal(), 0.0)[
-                :, None
-            ]  # (n, 1)
-            grad = exps.mul_(scale)  # (n, V) fp32
+            rows, valid = torch.arange(n, device=exps.device), tc != IGNORE_INDEX
+            if not z_loss:
+                # d(mean nll)/d logits = (softmax - onehot(target)) / count = (exps - onehot * row_sum) * scale
+                # with scale = 1 / (row_sum * count), and 0 on ignored rows (no separate masking pass).
+                exps[rows, tc.clamp(min=0)] -= row_sum
+                scale = torch.where(valid, (row_sum * count).reciprocal(), 0.0)[:, None]  # (n, 1)
+                grad = exps.mul_(scale)  # (n, V) fp32
+            else:
+                # With the z-loss z * mean(lse^2): d/d logits adds 2 z lse softmax / count, so
+                # grad = softmax * (1 + 2 z lse) / count - onehot(target) / count (0 on ignored rows).
+                lse_sq += torch.where(valid, lse.square(), 0.0).sum()
+                factor = 1.0 + 2.0 * z_loss * lse  # (n,)
+                scale = torch.where(valid, factor / (row_sum * count), 0.0)[:, None]  # (n, 1)
+                grad = exps.mul_(scale)  # (n, V) fp32
+                grad[rows, tc.clamp(min=0)] -= torch.where(valid, 1.0 / count, 0.0)
             if blocks.half is not None:
                 grad = blocks.half_grad(n).copy_(grad)  # (n, V) in the matmul dtype
             if want_x:
@@ -632,10 +743,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         # take them over as .grad without a copy (a second backward through this loss is an error).
         ctx.grads = (grad_x, grad_w)
         ctx.weight_dtype = weight.dtype
-        return total / count
+        z_term = z_loss * lse_sq / count  # () fp32, for logging only (no gradient flows through it)
+        ctx.mark_non_differentiable(z_term)
+        return (total / count + z_term if z_loss else total / count), z_term
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, _grad_z_term):
         if ctx.grads is None:
             raise RuntimeError(
                 "the chunked loss computed its gradients once; it cannot be backpropagated twice"
@@ -648,7 +761,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         gw = None if grad_w is None else grad_w if unit else grad_w * grad_loss
         if gw is not None:
             gw = gw.to(ctx.weight_dtype)
-        return gx, gw, None, None, None
+        return gx, gw, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------

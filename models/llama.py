@@ -10,6 +10,14 @@ Research variants, each off by default and chosen in `ModelConfig`:
     `headwise` gives one scalar per head, `elementwise` one per channel;
   * `sandwich_norm`: an extra RMSNorm on each attention / FFN output before the residual add.
 
+Stability options, also off by default:
+  * `qk_norm` (OLMo-2, Qwen3): q <- RMSNorm(q), k <- RMSNorm(k) per head over head_dim, before RoPE,
+    with one learnable (E,) gain for the queries and one for the keys, shared by the heads
+    (`Attention.q_norm` / `k_norm`, so they shard, checkpoint and compile with their block);
+  * `z_loss` (PaLM): the training loss adds z_loss * mean(logsumexp(logits)^2) over the target
+    positions (computed inside each loss kernel; `Llama.last_z_loss` keeps the last term, detached,
+    for logging). In eval mode (validation) the loss is the plain cross-entropy.
+
 Generation passes a `KVCache` and the position of the first new token (`start_pos`); without
 them the forward pass is the training path, unchanged. Given `targets`, the forward pass returns
 the mean next-token loss instead of the logits, through `cfg.loss_kernel` (a fused linear +
@@ -146,6 +154,9 @@ class Attention(nn.Module):
         self.g_proj = (
             nn.Linear(cfg.d_model, cfg.gate_dim, bias=True) if cfg.attn_gate != "none" else None
         )
+        # QK-norm: one (E,) gain for all query heads, one for all key heads.
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(
         self,
@@ -159,10 +170,14 @@ class Attention(nn.Module):
         """x: (B, T, D), the block's normalised input -> (B, T, D)."""
         B, T, _ = x.shape
         kernels = kernels or default_plan(self.cfg, x)
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, E)
-        k = (
-            self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        )  # (B, K, T, E)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, E)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, E)
+        if self.q_norm is not None:  # QK-norm, per head over E, before RoPE (contiguous rows here)
+            # Back in the projections' dtype (autocast's: an fp32 gain would promote q, k to fp32),
+            # so that attention sees q, k, v in one dtype, as without the norm.
+            q = self.q_norm(q, kernels.rmsnorm).to(q.dtype)
+            k = self.k_norm(k, kernels.rmsnorm).to(k.dtype)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, E), (B, K, T, E)
         v = (
             self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         )  # (B, K, T, E)
@@ -324,12 +339,20 @@ class OutputHead(nn.Linear):
     logits, through the chosen loss kernel: fused ones never build the (B, T, V) logits. (The loss is
     computed inside this module's forward so that sharding wrappers gather its weight as usual.)"""
 
+    last_z_loss: torch.Tensor | None = None  # the z-loss term of the last loss computed (detached)
+
     def forward(
-        self, x: torch.Tensor, targets: torch.Tensor | None = None, loss: str = "cross_entropy"
+        self,
+        x: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        loss: str = "cross_entropy",
+        z_loss: float = 0.0,
     ) -> torch.Tensor:
         if targets is None:
             return super().forward(x)  # (B, T, V)
-        return fused.output_loss(x, self.weight, targets, loss)  # () float32
+        total, z_term = fused.output_loss_terms(x, self.weight, targets, loss, z_loss)
+        self.last_z_loss = z_term  # () float32, detached; None without a z-loss
+        return total  # () float32
 
 
 def default_plan(cfg: ModelConfig, x: torch.Tensor) -> KernelPlan:
@@ -392,7 +415,8 @@ class Llama(nn.Module):
         start_pos: int = 0,
         targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """input_ids: (B, T) token ids -> logits (B, T, V); with targets (B, T) -> the mean loss ().
+        """input_ids: (B, T) token ids -> logits (B, T, V); with targets (B, T) -> the mean loss ()
+        (plus the z-loss term in training mode when model.z_loss > 0).
 
         With a `kv_cache`, input_ids are the tokens at positions start_pos..start_pos+T-1 and
         attend to the cached positions before them (generation).
@@ -409,7 +433,16 @@ class Llama(nn.Module):
         )  # (T, E)
         for block in self.blocks:
             x = block(x, cos, sin, kv_cache, start_pos, kernels)  # (B, T, D)
-        return self.lm_head(self.norm(x, kernels.rmsnorm), targets, kernels.loss)  # (B, T, V) | ()
+        z_loss = self.cfg.z_loss if self.training else 0.0  # a training objective: eval is plain CE
+        return self.lm_head(
+            self.norm(x, kernels.rmsnorm), targets, kernels.loss, z_loss
+        )  # (B, T, V) | ()
+
+    @property
+    def last_z_loss(self) -> torch.Tensor | None:
+        """The z-loss term (z_loss * mean lse^2) of the last training loss: a detached device tensor
+        (reading it costs no host sync), None when model.z_loss is 0 or the last call was not training."""
+        return self.lm_head.last_z_loss
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -15,7 +15,10 @@ orchestrator generate    --checkpoint CKPT_OR_RUN_DIR --prompt TEXT [--max-new-t
 orchestrator evaluate    --checkpoint CKPT_OR_RUN_DIR [--data TOKENS_DIR]   (validation perplexity)
 orchestrator evaluate    --hf-dir HF_DIR --tasks T1,T2 --include-path TASKS_DIR  (lm-evaluation-harness)
 orchestrator plan        --gpu-hours H --device h100 [--gpus 8] | --params 1.1B | --model NAME | --flops C
-orchestrator fit         RUN_DIR RUN_DIR ... [--plot fit.png]   (loss vs N and vs C power laws)
+orchestrator fit         RUN_DIR RUN_DIR ... | STUDY_DIR [--plot fit.png]   (loss vs N and vs C power laws)
+orchestrator sweep       --config BASE.yaml --study-dir DIR --grid KEY=V1,V2 ... [--ladder S1,S2 --tokens-per-param 20]
+                         [--executor local|slurm] [--parallel N] [--match-params] [--section.key value ...]
+orchestrator report      STUDY_DIR [--out DIR]   (table, JSON and plots of a sweep's runs)
 """
 
 from __future__ import annotations
@@ -42,7 +45,14 @@ from models.flops import flops_per_token
 from orchestrator.checkpoint.layout import resolve_checkpoint
 from orchestrator.config import Config, load_config
 from orchestrator.schema import ConfigError, reference, to_dict
-from orchestrator.tools.scaling import fit_runs, plot, read_run, report, results_dict
+from orchestrator.tools.scaling import (
+    expand_studies,
+    fit_runs,
+    plot,
+    read_run,
+    report,
+    results_dict,
+)
 
 # Package data (read through importlib.resources: works from an installed package, no checkout).
 # The demo config; configs/quickstart.yaml is a link to it (tests/orchestrator/test_cli.py checks).
@@ -400,7 +410,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_fit(args: argparse.Namespace) -> int:
     runs = [
-        read_run(path, metric=args.metric, non_embedding=args.non_embedding) for path in args.runs
+        read_run(path, metric=args.metric, non_embedding=args.non_embedding)
+        for path in expand_studies(args.runs)  # a sweep's study dir: its runs that trained
     ]
     fits = fit_runs(runs)
     print(report(runs, fits))
@@ -408,6 +419,45 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(results_dict(runs, fits), indent=2))
         print(f"Fit written to {args.json}")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace, rest: list[str]) -> int:
+    # imported on use: the sweep's checks load the data stack (seconds)
+    from orchestrator.tools.sweep import sweep
+
+    executor_parallel = args.parallel
+    if executor_parallel is None:  # local: one at a time; slurm: no limit on running tasks
+        executor_parallel = 1 if args.executor == "local" else 0
+    return sweep(
+        args.study_dir,
+        configs=args.config or [],
+        overrides=rest,
+        grid=args.grid or [],
+        ladder=args.ladder,
+        tokens_per_param=args.tokens_per_param,
+        executor=args.executor,
+        parallel=executor_parallel,
+        slurm_args=args.slurm_args,
+        match_params=args.match_params,
+        ffn_multiple=args.ffn_multiple,
+        dry_run=args.dry_run,
+        wait=args.wait,
+    )
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    # imported on use: matplotlib (and scipy for a ladder's fit)
+    from orchestrator.tools.report import write_report
+
+    out = Path(args.out) if args.out else Path(args.study_dir) / "report"
+    result = write_report(args.study_dir, out)
+    print((out / "report.md").read_text(), end="")
+    print(
+        f"Report: {out / 'report.md'}, {out / 'report.json'}; plots: "
+        + ", ".join(str(out / p["file"]) for p in result["plots"].values())
+        + "".join(f", {out / f['file']}" for f in result["scaling"] if "file" in f)
+    )
     return 0
 
 
@@ -757,6 +807,83 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default="scaling_fit.png", help="PNG to write")
     p.add_argument("--json", default=None, help="also write the fits to this JSON file")
     p.set_defaults(fn=cmd_fit)
+
+    p = sub.add_parser(
+        "sweep",
+        help="a study as one command: a grid (and/or a ladder of sizes) of training runs, run "
+        "locally or as a Slurm job array; rerun to resume (args: --section.key value overrides for every run)",
+        allow_abbrev=False,
+    )
+    p.add_argument(
+        "--config", action="append", metavar="FILE", help="base config of every run (may repeat)"
+    )
+    p.add_argument(
+        "--study-dir", required=True, help="the study: study.json and one run dir per run"
+    )
+    p.add_argument(
+        "--grid",
+        action="append",
+        metavar="KEY=V1,V2,...",
+        help="a config key and its values (repeatable: the runs are the cartesian product)",
+    )
+    p.add_argument(
+        "--ladder",
+        default=None,
+        metavar="SIZE1,SIZE2,...",
+        help="named model sizes (`orchestrator models`): model.name per run, train.max_steps from "
+        "--tokens-per-param",
+    )
+    p.add_argument(
+        "--tokens-per-param",
+        type=float,
+        default=None,
+        help="ladder: tokens = this x parameters (Chinchilla: 20)",
+    )
+    p.add_argument(
+        "--match-params",
+        action="store_true",
+        help="narrow model.ffn_hidden of each run whose model differs from the baseline (the first "
+        "value of every grid key) to the baseline's parameter count (within 0.5%%)",
+    )
+    p.add_argument(
+        "--ffn-multiple",
+        type=int,
+        default=1,
+        help="--match-params: ffn_hidden is a multiple of this",
+    )
+    p.add_argument("--executor", default="local", choices=["local", "slurm"])
+    p.add_argument(
+        "--parallel",
+        type=int,
+        default=None,
+        help="local: runs at once (each on its own GPUs; default 1); slurm: array tasks at once "
+        "(default: no limit)",
+    )
+    p.add_argument(
+        "--slurm-args",
+        default="",
+        help='slurm: extra sbatch flags, after the defaults; write it with "=": '
+        '--slurm-args="--partition=gpu --time=4:00:00"',
+    )
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="slurm: wait until every task has ended, then record the outcomes",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check every run and write study.json; start nothing",
+    )
+    p.set_defaults(fn=cmd_sweep, takes_rest=True)
+
+    p = sub.add_parser(
+        "report",
+        help="a sweep's results: Markdown table, JSON, loss curves, loss vs learning rate, ladder fit",
+    )
+    p.add_argument("study_dir", help="a study directory of `orchestrator sweep`")
+    p.add_argument("--out", default=None, help="directory to write (default STUDY_DIR/report)")
+    p.set_defaults(fn=cmd_report)
     return parser
 
 

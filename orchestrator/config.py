@@ -161,17 +161,101 @@ class OptimizerConfig:
 @dataclass
 class ScheduleConfig:
     warmup_steps: int = doc(2000, "Optimizer steps of linear warmup from 0 to optimizer.lr.")
-    decay: Literal["cosine", "linear", "constant"] = doc(
+    decay: Literal["cosine", "linear", "constant", "wsd"] = doc(
         "cosine",
-        "Shape of the decay from optimizer.lr to optimizer.min_lr over the remaining steps.",
+        "Shape of the decay from optimizer.lr to optimizer.min_lr over the remaining steps; `wsd`: "
+        "warmup-stable-decay (optimizer.lr from the end of the warmup to schedule.decay_start_step, then "
+        "a schedule.wsd_shape decay to optimizer.min_lr).",
     )
-    decay_steps: int | None = doc(None, "Steps of warmup+decay; null means train.max_steps.")
+    decay_steps: int | None = doc(
+        None, "Steps of warmup+decay; null means train.max_steps (not with decay=wsd)."
+    )
+    wsd_decay_steps: int | None = doc(
+        None,
+        "decay=wsd: optimizer steps of the decay phase (instead of schedule.wsd_decay_fraction).",
+    )
+    wsd_decay_fraction: float | None = doc(
+        None,
+        "decay=wsd: decay phase as a fraction of train.max_steps (rounded, at least 1 step); null: 0.2 "
+        "unless schedule.wsd_decay_steps is set (set one of the two, not both).",
+    )
+    wsd_shape: Literal["linear", "cosine", "1-sqrt"] = doc(
+        "1-sqrt",
+        "decay=wsd: shape of the decay phase, p its progress from 0 to 1: linear 1-p, cosine "
+        "(1+cos(pi p))/2, 1-sqrt 1-sqrt(p) (Hägele et al. 2024), times optimizer.lr-min_lr, plus min_lr.",
+    )
+    decay_start_step: int | None = doc(
+        None,
+        "decay=wsd: optimizer steps taken when the decay phase begins; null: train.max_steps minus the "
+        "decay length. Fix it (and schedule.wsd_decay_steps) to change train.max_steps without "
+        "moving the schedule (a resumed or branched run).",
+    )
 
-    def validate(self) -> None:
+    def validate(self, max_steps: int | None = None) -> None:
+        """The schedule's own keys; with `max_steps` (train.max_steps) also the WSD phases."""
         if self.decay_steps is not None and self.decay_steps <= 0:
             raise ConfigError(
                 f"schedule.decay_steps must be positive, or null for train.max_steps; got {self.decay_steps}"
             )
+        wsd_keys = {
+            "schedule.wsd_decay_steps": self.wsd_decay_steps,
+            "schedule.wsd_decay_fraction": self.wsd_decay_fraction,
+            "schedule.decay_start_step": self.decay_start_step,
+        }
+        if self.decay != "wsd":
+            for key, value in wsd_keys.items():
+                if value is not None:
+                    raise ConfigError(
+                        f"{key}={value} applies only to schedule.decay=wsd (here {self.decay!r}): "
+                        f"set --schedule.decay wsd or drop {key}"
+                    )
+            return
+        if self.decay_steps is not None:
+            raise ConfigError(
+                f"schedule.decay_steps={self.decay_steps} does not apply to schedule.decay=wsd: give the "
+                "decay phase as schedule.wsd_decay_steps or schedule.wsd_decay_fraction"
+            )
+        if self.wsd_decay_steps is not None and self.wsd_decay_fraction is not None:
+            raise ConfigError(
+                f"set only one of schedule.wsd_decay_steps={self.wsd_decay_steps} and "
+                f"schedule.wsd_decay_fraction={self.wsd_decay_fraction}"
+            )
+        if self.wsd_decay_steps is not None and self.wsd_decay_steps <= 0:
+            raise ConfigError(
+                f"schedule.wsd_decay_steps must be positive, got {self.wsd_decay_steps}"
+            )
+        fraction = self.wsd_decay_fraction
+        if fraction is not None and not 0 < fraction <= 1:  # also refuses NaN
+            raise ConfigError(f"schedule.wsd_decay_fraction must be in (0, 1], got {fraction}")
+        start = self.decay_start_step
+        if start is not None and start < self.warmup_steps:
+            raise ConfigError(
+                f"schedule.decay_start_step={start} must be >= schedule.warmup_steps={self.warmup_steps} "
+                "(the decay phase begins after the warmup)"
+            )
+        if max_steps is None or max_steps <= 0:
+            return
+        length = self.wsd_decay_length(max_steps)
+        if start is None and max_steps - length < self.warmup_steps:
+            raise ConfigError(
+                f"schedule.decay=wsd: the warmup ({self.warmup_steps} steps) and the decay phase ({length} "
+                f"steps) do not fit in train.max_steps={max_steps}: lower schedule.warmup_steps or "
+                f"schedule.{'wsd_decay_steps' if self.wsd_decay_steps else 'wsd_decay_fraction'}, or set "
+                "schedule.decay_start_step"
+            )
+
+    def wsd_decay_length(self, max_steps: int) -> int:
+        """Optimizer steps of the WSD decay phase."""
+        if self.wsd_decay_steps is not None:
+            return self.wsd_decay_steps
+        fraction = 0.2 if self.wsd_decay_fraction is None else self.wsd_decay_fraction
+        return max(1, round(fraction * max_steps))
+
+    def wsd_decay_start(self, max_steps: int) -> int:
+        """Optimizer steps taken when the WSD decay phase begins."""
+        if self.decay_start_step is not None:
+            return self.decay_start_step
+        return max_steps - self.wsd_decay_length(max_steps)
 
 
 @dataclass
@@ -235,6 +319,12 @@ class CheckpointConfig:
         None,
         "Checkpoint (e.g. from `orchestrator import`) whose model weights start a new run; "
         "ignored once the run dir has its own checkpoints.",
+    )
+    branch_from: str | None = doc(
+        None,
+        "Checkpoint of another run (<run.dir>/checkpoints/step-N) whose full training state (weights, "
+        "optimizer, data position, step, RNG) starts this run, which then follows its own schedule (e.g. "
+        "the decay of a WSD cooldown); ignored once the run dir has its own checkpoints.",
     )
     remote_dir: str | None = doc(
         None,
@@ -477,7 +567,7 @@ class Config:
         self.storage.validate()
         self.logging.validate()
         self.optimizer.validate()
-        self.schedule.validate()
+        self.schedule.validate(self.train.max_steps)
         positive = {
             "train.max_steps": self.train.max_steps,
             "train.micro_batch_size": self.train.micro_batch_size,
@@ -554,6 +644,20 @@ class Config:
             raise ConfigError(
                 f"checkpoint.init_from={self.checkpoint.init_from!r} is not a checkpoint directory "
                 "(make one with `orchestrator import` or point at <run.dir>/checkpoints/step-N)"
+            )
+        branch = self.checkpoint.branch_from
+        # Once the run has checkpoints of its own (<run.dir>/checkpoints) it no longer reads the
+        # branch point, which the other run's retention may since have deleted.
+        has_own = (Path(self.run.dir) / "checkpoints").is_dir()
+        if branch is not None and not Path(branch).is_dir() and not has_own:
+            raise ConfigError(
+                f"checkpoint.branch_from={branch!r} is not a checkpoint directory "
+                "(point it at another run's <run.dir>/checkpoints/step-N)"
+            )
+        if branch is not None and self.checkpoint.init_from is not None:
+            raise ConfigError(
+                "set only one of checkpoint.branch_from (the full training state) and "
+                "checkpoint.init_from (the model weights only)"
             )
 
     def gradient_accumulation(self, world_size: int) -> int:
@@ -653,6 +757,7 @@ def make_paths_absolute(cfg: Config) -> Config:
     for source in cfg.data.sources:
         source.dir = _absolute(source.dir)
     cfg.checkpoint.init_from = _absolute(cfg.checkpoint.init_from)
+    cfg.checkpoint.branch_from = _absolute(cfg.checkpoint.branch_from)
     if cfg.checkpoint.resume not in ("auto", "never"):
         cfg.checkpoint.resume = _absolute(cfg.checkpoint.resume)
     return cfg

@@ -38,7 +38,12 @@ from orchestrator.checkpoint.layout import (
     saved_config,
 )
 from orchestrator.checkpoint.manifest import read_manifest
-from orchestrator.checkpoint.resume import check_resume_strategy, choose_resume, resume_step_hint
+from orchestrator.checkpoint.resume import (
+    check_resume_strategy,
+    choose_resume,
+    is_branch,
+    resume_step_hint,
+)
 from orchestrator.config import Config, load_config, save_config
 from orchestrator.parallel.activation_checkpointing import apply_activation_checkpointing
 from orchestrator.parallel.compile import compile_blocks
@@ -74,7 +79,7 @@ from orchestrator.training.monitor import (
 )
 from orchestrator.training.optim import build_optimizer
 from orchestrator.training.preflight import check_inputs
-from orchestrator.training.schedule import build_scheduler
+from orchestrator.training.schedule import build_scheduler, follow_schedule
 from orchestrator.training.validation import Validator
 
 
@@ -183,8 +188,12 @@ def setup(cfg: Config, stop_signals: StopSignals) -> Run:
         )
         if warning:
             fabric.print(f"warning: {warning}", flush=True)
+        # The run's own checkpoint, or (checkpoint.branch_from, none of its own yet) another run's
+        # full state; either way this run's schedule sets the lr from the next step on.
         checkpointer.load(resume_from, state)
-        fabric.print(f"Resumed from {resume_from} at step {state['progress']['step']}", flush=True)
+        follow_schedule(scheduler, cfg.optimizer.lr)
+        verb = "Branched" if is_branch(cfg, resume_from) else "Resumed"
+        fabric.print(f"{verb} from {resume_from} at step {state['progress']['step']}", flush=True)
     elif cfg.checkpoint.init_from is not None:
         checkpointer.load_weights(Path(cfg.checkpoint.init_from), model)
         fabric.print(f"Initialised model weights from {cfg.checkpoint.init_from}", flush=True)
@@ -294,6 +303,7 @@ def forward_backward(run: Run, batches: Iterator) -> tuple[torch.Tensor, torch.T
             loss = model(inputs, targets=targets)  # mean next-token loss through model.loss_kernel
             fabric.backward(loss / run.accumulation)
         step_loss += loss.detach() / run.accumulation
+        run.monitor.add_z_loss(model, run.accumulation)  # model.z_loss > 0: train/z_loss, no sync
     # logging.layer_grad_norms: per-block norms, before clipping
     run.monitor.layer_grad_norms(run.progress["step"] + 1, model)
     max_norm = cfg.optimizer.grad_clip if cfg.optimizer.grad_clip > 0 else float("inf")
@@ -323,6 +333,7 @@ def roll_back(run: Run, step: int) -> None:
     if cfg.guard.rollback_skip_data:
         to_load.pop("train_loader")  # keep reading after the offending batches
     run.checkpointer.load(target, to_load)
+    follow_schedule(run.state["scheduler"], cfg.optimizer.lr)  # a branch point's lr is not ours
     run.state["progress"] = to_load["progress"]
     # The counters describe the whole run, not the checkpoint's past.
     guard.load_state_dict(dict(counters, consecutive_bad=0, loss_mean=guard.loss_mean))

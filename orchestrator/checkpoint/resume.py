@@ -31,9 +31,11 @@ def choose_resume(cfg: Config, remote: bool = False) -> tuple[Path | None, list[
 
     `remote` (a run's start, on global rank 0): with checkpoint.remote_dir, a newer complete
     remote checkpoint than the run dir's newest good one is downloaded into the run dir first
-    (checkpoint/remote.py), and chosen."""
+    (checkpoint/remote.py), and chosen. Without a checkpoint of the run's own (or with
+    checkpoint.resume=never), checkpoint.branch_from when set: a branch starts from another
+    run's full state."""
     if cfg.checkpoint.resume == "never":
-        return None, []
+        return branch_point(cfg), []
     if cfg.checkpoint.resume != "auto":
         path = Path(cfg.checkpoint.resume)
         reason = verify(path, checksums=cfg.checkpoint.verify_checksums)
@@ -54,15 +56,37 @@ def choose_resume(cfg: Config, remote: bool = False) -> tuple[Path | None, list[
         )
         if fetched is not None:  # it replaced a damaged local copy of its step, if there was one
             return fetched, [(p, r) for p, r in skipped if p.name > fetched.name]
+    if chosen is None:
+        chosen = branch_point(cfg)
     return chosen, skipped
 
 
-def resume_target(cfg: Config) -> Path | None:
-    """Where a run would resume from without verifying contents (cheap; for pre-launch checks)."""
-    if cfg.checkpoint.resume == "never":
+def branch_point(cfg: Config) -> Path | None:
+    """checkpoint.branch_from, verified, for a run with no checkpoint of its own to resume (None
+    without one). Its full state starts the run; a damaged one is an error, never a fresh start."""
+    if cfg.checkpoint.branch_from is None:
         return None
+    path = Path(cfg.checkpoint.branch_from)
+    reason = verify(path, checksums=cfg.checkpoint.verify_checksums)
+    if reason is not None:
+        raise CheckpointError(f"checkpoint.branch_from={path} cannot be used: {reason}")
+    return path
+
+
+def is_branch(cfg: Config, path: Path | None) -> bool:
+    """Whether `path`, the checkpoint a run starts from, is its checkpoint.branch_from."""
+    branch = cfg.checkpoint.branch_from
+    return path is not None and branch is not None and Path(path) == Path(branch)
+
+
+def resume_target(cfg: Config) -> Path | None:
+    """Where a run would resume from without verifying contents (cheap; for pre-launch checks):
+    also checkpoint.branch_from, for a run without a checkpoint of its own."""
+    branch = None if cfg.checkpoint.branch_from is None else Path(cfg.checkpoint.branch_from)
+    if cfg.checkpoint.resume == "never":
+        return branch
     if cfg.checkpoint.resume == "auto":
-        return latest_checkpoint(checkpoint_root(cfg))
+        return latest_checkpoint(checkpoint_root(cfg)) or branch
     return Path(cfg.checkpoint.resume)
 
 
@@ -77,11 +101,14 @@ def model_mismatch(saved: dict[str, Any], cfg: Config) -> str | None:
     saved_model = saved.get("model") if isinstance(saved, dict) else None
     saved_model = saved_model if isinstance(saved_model, dict) else {}
     current = to_dict(cfg.model)
-    # Kernel choices (attention, fused kernels, compile) compute the same model: they may change.
+    # Kernel choices (attention, fused kernels, compile) compute the same model, and z_loss is a
+    # term of the training loss, not of the weights: they may change.
     differing = [
         k
         for k in current
-        if k in saved_model and saved_model[k] != current[k] and k not in ("name", *KERNEL_FIELDS)
+        if k in saved_model
+        and saved_model[k] != current[k]
+        and k not in ("name", "z_loss", *KERNEL_FIELDS)
     ]
     if not differing:
         return None
@@ -96,6 +123,12 @@ def check_resume_compatible(cfg: Config) -> None:
         if path is None:
             continue
         details = model_mismatch(saved_config(path), cfg)
+        if details and is_branch(cfg, path):
+            raise ConfigError(
+                f"checkpoint.branch_from={path} was trained with a different model ({details}): a "
+                "branch continues that run, so use its model settings (or checkpoint.init_from for "
+                "its weights alone)"
+            )
         if details:
             raise ConfigError(
                 f"checkpoint {path} was trained with a different model ({details}): use the same model "

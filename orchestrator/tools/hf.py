@@ -10,7 +10,8 @@ tokenizers and our own pipeline), `tokenizer.json` (which encodes exactly as sen
 does: Llama-2's normalizer, byte fallback, BOS added), `tokenizer_config.json` and
 `special_tokens_map.json`. The weights need no permutation: our RoPE already uses the
 rotate-half layout of `LlamaForCausalLM`. Options that `LlamaForCausalLM` cannot express
-(gated attention, sandwich norm) are refused with a message naming them.
+(gated attention, sandwich norm, QK-norm) are refused with a message naming them; the z-loss
+changes only the training objective, not the weights, and exports like any model.
 
 Import reads a Llama directory (safetensors or PyTorch .bin, single or sharded) into a
 checkpoint directory of our layout: `state` (model weights and progress at step 0, no optimizer),
@@ -122,6 +123,11 @@ def check_exportable(cfg: ModelConfig) -> None:
         problems.append(
             "model.sandwich_norm=true (LlamaForCausalLM has no norm on the attention / FFN outputs before the "
             "residual add)"
+        )
+    if cfg.qk_norm:
+        problems.append(
+            "model.qk_norm=true (QK-norm normalises each head's queries and keys with learned gains before "
+            "RoPE; LlamaForCausalLM has no q_norm / k_norm)"
         )
     if problems:
         raise ConfigError(

@@ -1,10 +1,12 @@
 """Scaling-law fits over finished runs: loss against parameters and against compute.
 
-    orchestrator fit runs/ladder-* [--plot fit.png] [--json fit.json] [--non-embedding] [--metric val_loss]
+    orchestrator fit runs/ladder-* | STUDY_DIR [--plot fit.png] [--json fit.json] [--non-embedding] [--metric val_loss]
 
 Each run is a run directory (its config.yaml gives the model, hence N) with a metrics.jsonl, or,
 without one, TensorBoard event files under tensorboard/ (val/loss, train/tokens_seen). A path to a
-metrics.jsonl or a tensorboard/ directory works too (config.yaml is looked up beside it).
+metrics.jsonl or a tensorboard/ directory works too (config.yaml is looked up beside it). A study
+directory of `orchestrator sweep` (one with a study.json, e.g. a ladder) stands for its runs that
+trained: those with a summary.json at their max_steps (diverged and unfinished runs are left out).
 
 Every run contributes one point: its last validation loss L, its parameter count N (all
 parameters, Chinchilla's convention; --non-embedding for Kaplan's) and its training compute
@@ -145,6 +147,35 @@ def _curve_from_tensorboard(tb_dir: Path, metric: str) -> list[tuple[float, floa
         if math.isfinite(e.value):
             curve.append((float(tokens), float(e.value)))
     return curve
+
+
+def study_runs(path: str | Path) -> list[Path] | None:
+    """The run dirs of an `orchestrator sweep` study that trained (finished, not diverged), in
+    the study's order; None when `path` is not a study directory."""
+    study_file = Path(path) / "study.json"
+    if not study_file.is_file():
+        return None
+    runs = []
+    for run in json.loads(study_file.read_text()).get("runs", []):
+        if run.get("status") == "diverged":
+            continue
+        summary = Path(run["run_dir"]) / "summary.json"
+        try:
+            steps = json.loads(summary.read_text()).get("steps", 0)
+        except (OSError, json.JSONDecodeError):
+            continue
+        if steps >= run.get("max_steps", 0):
+            runs.append(Path(run["run_dir"]))
+    return runs
+
+
+def expand_studies(paths: list[str | Path]) -> list[Path]:
+    """Run paths with every study directory replaced by its runs that trained."""
+    out: list[Path] = []
+    for path in paths:
+        runs = study_runs(path)
+        out.extend([Path(path)] if runs is None else runs)
+    return out
 
 
 def read_run(path: str | Path, metric: str = "val_loss", non_embedding: bool = False) -> Run:

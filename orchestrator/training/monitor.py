@@ -6,6 +6,8 @@ collectives some numbers need. TensorBoard scalar names (all indexed by optimize
   train/loss, train/lr, train/grad_norm (global, before clipping), train/tokens_seen,
   train/tokens_per_sec (wall clock of the log interval: validation and checkpoint pauses included),
   train/bad_steps, train/rollbacks (cumulative, logged every log interval),
+  train/z_loss (model.z_loss > 0: the z-loss term of the step's loss, mean over ranks; also
+      `z_loss` in the step's metrics.jsonl record at log steps),
   val/loss, val/perplexity,
   perf/mfu (when the device's peak is known: logging.peak_tflops or
       orchestrator.devices.DEVICE_PEAK_FLOPS),
@@ -254,6 +256,7 @@ class Monitor:
         self.interval_step_seconds = 0.0  # time inside training steps (begin_step -> train_step)
         self.interval_data_seconds = 0.0  # of which blocked on the data loader
         self.step_started: float | None = None
+        self.step_z_loss: torch.Tensor | None = None  # model.z_loss > 0: the step's, on the device
         self.start_step = start_step
         self.tokens_seen: int | None = 0 if start_step == 0 else None
         self.flops_per_token = flops_per_token(cfg.model, cfg.seq_len)["training"]
@@ -327,6 +330,28 @@ class Monitor:
     def begin_step(self) -> None:
         """Called at the top of every optimizer step: starts the step's clock."""
         self.step_started = time.perf_counter()
+        self.step_z_loss = None
+
+    def add_z_loss(self, model: torch.nn.Module, accumulation: int) -> None:
+        """After each micro-batch's forward (model.z_loss > 0): add its z-loss term / accumulation to
+        the step's, on the device (no host sync; it is read at log steps only)."""
+        if self.cfg.model.z_loss <= 0:
+            return
+        term = unwrap(model).last_z_loss
+        if term is not None:
+            term = term / accumulation
+            self.step_z_loss = term if self.step_z_loss is None else self.step_z_loss + term
+
+    def z_loss_value(self) -> float | None:
+        """The step's z-loss term, mean over ranks (a collective: call on every rank), or None."""
+        if self.cfg.model.z_loss <= 0:
+            return None
+        z = self.step_z_loss
+        z = torch.zeros((), device=self.fabric.device) if z is None else z.detach().float().clone()
+        if self.fabric.world_size > 1:
+            torch.distributed.all_reduce(z)  # sum over ranks (no Fabric barrier)
+            z /= self.fabric.world_size
+        return z.item()
 
     @contextmanager
     def waiting_for_data(self) -> Iterator[None]:
@@ -384,6 +409,9 @@ class Monitor:
         if self.guard is not None:
             scalars["train/bad_steps"] = float(self.guard.bad_steps)
             scalars["train/rollbacks"] = float(self.guard.rollbacks)
+        z_loss = self.z_loss_value()  # log steps only: its host sync (and collective) happen here
+        if z_loss is not None:
+            scalars["train/z_loss"] = record["z_loss"] = z_loss
         self.fabric.log_dict(scalars, step=step)
         extra = {k.replace("/", "_"): v for k, v in scalars.items() if not k.startswith("train/")}
         self.record(

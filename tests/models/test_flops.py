@@ -28,6 +28,7 @@ def measured_training_flops_per_token(cfg, batch: int, seq_len: int) -> float:
         dict(n_kv_heads=4, tie_embeddings=True),
         dict(attn_gate="headwise", sandwich_norm=True),
         dict(attn_gate="elementwise"),
+        dict(qk_norm=True),  # QK-norm: a norm, no matmul (neither side counts it)
     ],
 )
 def test_training_flops_agree_with_flop_counter(overrides):

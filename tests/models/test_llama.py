@@ -4,7 +4,16 @@ import pytest
 import torch
 
 from models.config import SIZES, ModelConfig, model_config
-from models.llama import Block, Llama, RMSNorm, count_parameters, rope_cos_sin
+from models.llama import (
+    Block,
+    KVCache,
+    Llama,
+    RMSNorm,
+    apply_rope,
+    causal_attention,
+    count_parameters,
+    rope_cos_sin,
+)
 from orchestrator.schema import ConfigError
 
 
@@ -99,12 +108,14 @@ def test_sizes_and_options_usable_from_config():
     from orchestrator.config import load_config
 
     cfg = load_config(["--model.name", "llama-124m", "--model.attn_gate", "headwise", "--model.sandwich_norm", "true",
-                       "--model.rope_base", "500000", "--model.norm_eps", "1e-6"])  # fmt: skip
+                       "--model.rope_base", "500000", "--model.norm_eps", "1e-6", "--model.qk_norm", "true",
+                       "--model.z_loss", "1e-4"])  # fmt: skip
     assert (cfg.model.d_model, cfg.model.attn_gate, cfg.model.sandwich_norm) == (
         768,
         "headwise",
         True,
     )
+    assert cfg.model.qk_norm is True and cfg.model.z_loss == 1e-4
     assert cfg.model.rope_base == 500000.0 and cfg.model.norm_eps == 1e-6
     with pytest.raises(ConfigError, match="model.attn_gate"):
         load_config(["--model.name", "tiny", "--model.attn_gate", "per-head"])
@@ -118,6 +129,10 @@ def test_sizes_and_options_usable_from_config():
         ("norm_eps", -1e-5),
         ("init_std", 0.0),
         ("attention", "flash"),
+        ("qk_norm", "yes"),
+        ("z_loss", -1e-4),
+        ("z_loss", float("nan")),
+        ("z_loss", "1e-4"),
     ],
 )
 def test_invalid_options_name_the_key(key, value):
@@ -144,18 +159,26 @@ def test_meta_construction_then_materialize():
 
 
 @pytest.mark.parametrize(
-    ("gate", "sandwich", "tie"),
-    list(itertools.product(["none", "headwise", "elementwise"], [False, True], [False, True])),
+    ("gate", "sandwich", "tie", "qk"),
+    list(
+        itertools.product(
+            ["none", "headwise", "elementwise"], [False, True], [False, True], [False, True]
+        )
+    ),
 )
-def test_num_params_exact_for_every_option(gate, sandwich, tie):
-    cfg = model_config("tiny", attn_gate=gate, sandwich_norm=sandwich, tie_embeddings=tie)
+def test_num_params_exact_for_every_option(gate, sandwich, tie, qk):
+    cfg = model_config("tiny", attn_gate=gate, sandwich_norm=sandwich, tie_embeddings=tie, qk_norm=qk,
+                       z_loss=1e-4 if qk else 0.0)  # fmt: skip
     with torch.device("meta"):
         model = Llama(cfg)
     assert count_parameters(model) == cfg.num_params()
     base = model_config("tiny", tie_embeddings=tie).num_params()
     d, h, e, L = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.n_layers
     gate_params = {"none": 0, "headwise": (d + 1) * h, "elementwise": (d + 1) * h * e}[gate]
-    assert cfg.num_params() == base + L * (gate_params + (2 * d if sandwich else 0))
+    # QK-norm: two head_dim-wide gains per layer (queries, keys); the z-loss adds no parameter.
+    assert cfg.num_params() == base + L * (
+        gate_params + (2 * d if sandwich else 0) + (2 * e if qk else 0)
+    )
 
 
 # --- gated attention ----------------------------------------------------------------------------
@@ -247,7 +270,12 @@ def test_sandwich_norm_shapes_counts_and_math():
 
 
 @pytest.mark.parametrize(
-    "options", [dict(attn_gate="elementwise", sandwich_norm=True), dict(attn_gate="headwise")]
+    "options",
+    [
+        dict(attn_gate="elementwise", sandwich_norm=True),
+        dict(attn_gate="headwise"),
+        dict(qk_norm=True, z_loss=1e-4),
+    ],
 )
 def test_variants_train_and_keep_causality(options):
     torch.manual_seed(0)
@@ -268,3 +296,116 @@ def test_model_config_field_docs():
     for f in dataclasses.fields(ModelConfig):
         assert f.metadata.get("help"), f.name
     assert ModelConfig().attn_gate == "none" and ModelConfig().sandwich_norm is False
+    assert ModelConfig().qk_norm is False and ModelConfig().z_loss == 0.0
+
+
+# --- QK-norm ------------------------------------------------------------------------------------
+
+
+def test_qk_norm_off_is_the_plain_block():
+    plain, same, missing, args = _block_pair(qk_norm=False)
+    assert not missing and same.attn.q_norm is None and same.attn.k_norm is None
+    assert torch.equal(same(*args), plain(*args))
+
+
+def test_qk_norm_shapes_counts_and_math():
+    """One (E,) gain for the queries and one for the keys (shared by the heads, GQA's 2 key heads
+    included), inside the attention module; queries / keys normalised per head before RoPE."""
+    plain, qk, missing, (x, cos, sin) = _block_pair(qk_norm=True)
+    attn, E = qk.attn, qk.attn.head_dim
+    assert sorted(missing) == ["attn.k_norm.weight", "attn.q_norm.weight"]
+    assert attn.q_norm.weight.shape == attn.k_norm.weight.shape == (E,)
+    assert attn.q_norm.eps == qk.attn_norm.eps == 1e-5  # model.norm_eps
+    assert count_parameters(qk) - count_parameters(plain) == 2 * E
+    torch.manual_seed(1)
+    with torch.no_grad():
+        attn.q_norm.weight.copy_(0.5 + torch.rand(E))
+        attn.k_norm.weight.copy_(0.5 + torch.rand(E))
+    seen = {}
+    hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: seen.__setitem__(name, (inp[0], out)))
+             for name, m in (("q", attn.q_norm), ("k", attn.k_norm))]  # fmt: skip
+    with torch.no_grad():
+        h = qk.attn_norm(x)
+        out = attn(h, cos, sin)
+    for hook in hooks:
+        hook.remove()
+    (q_in, q_out), (k_in, k_out) = seen["q"], seen["k"]
+    assert q_out.shape == (2, 12, 8, E) and k_out.shape == (2, 12, 2, E)  # (B, T, heads, E)
+    for inp, normed, gain in ((q_in, q_out, attn.q_norm.weight), (k_in, k_out, attn.k_norm.weight)):
+        # Every head of every token: RMS over E of normed / gain is 1 (up to eps), whatever the input's.
+        ms = inp.pow(2).mean(-1)
+        torch.testing.assert_close(
+            (normed / gain).pow(2).mean(-1).sqrt(), (ms / (ms + 1e-5)).sqrt()
+        )
+        assert inp.pow(2).mean(-1).sqrt().std() > 0.01  # the raw projections are not normalised
+    # The whole attention: norm, then RoPE, then attention (not RoPE first: the gains do not commute).
+    with torch.no_grad():
+        B, T, H, K = 2, 12, 8, 2
+        q = attn.q_norm(attn.q_proj(h).view(B, T, H, E)).transpose(1, 2)
+        k = attn.k_norm(attn.k_proj(h).view(B, T, K, E)).transpose(1, 2)
+        v = attn.v_proj(h).view(B, T, K, E).transpose(1, 2)
+        y = causal_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, eager=True)
+        expected = attn.o_proj(y.transpose(1, 2).reshape(B, T, H * E))
+        torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+        q_late = attn.q_norm(
+            apply_rope(attn.q_proj(h).view(B, T, H, E).transpose(1, 2), cos, sin).transpose(1, 2)
+        )
+        assert not torch.allclose(q_late.transpose(1, 2), q, atol=1e-4)  # the order matters
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_qk_norm_model_trains_and_generates_with_a_cache(attention):
+    """QK-norm with grouped-query attention: gains get gradients; incremental decoding (normalised,
+    rotated keys in the cache) gives the full forward's logits."""
+    torch.manual_seed(0)
+    cfg = model_config(
+        "tiny", n_layers=2, vocab_size=97, max_seq_len=32, qk_norm=True, attention=attention
+    )
+    model = Llama(cfg)
+    ids = torch.randint(0, 97, (2, 12))
+    loss = model(ids, targets=ids)
+    loss.backward()
+    assert all(b.attn.q_norm.weight.grad.abs().sum() > 0 for b in model.blocks)
+    assert all(b.attn.k_norm.weight.grad.abs().sum() > 0 for b in model.blocks)
+    model.eval()
+    with torch.no_grad():
+        full = model(ids)
+        cache = KVCache(cfg, batch_size=2)
+        steps = [model(ids[:, :8], kv_cache=cache, start_pos=0)]
+        steps += [model(ids[:, t : t + 1], kv_cache=cache, start_pos=t) for t in range(8, 12)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+# --- z-loss -------------------------------------------------------------------------------------
+
+
+def test_z_loss_is_a_training_objective_kept_for_logging():
+    """model.z_loss: the training loss is CE + the z-term, which the model keeps (detached, on the
+    device) for train/z_loss; in eval mode (validation) the loss is the plain CE and no term is kept.
+    z_loss = 0 keeps the loss exactly that of a model without the option."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    cfg = model_config("tiny", n_layers=2, vocab_size=97, max_seq_len=32, z_loss=1e-2,
+                       loss_kernel="cross_entropy")  # fmt: skip
+    model = Llama(cfg)
+    ids, targets = torch.randint(0, 97, (2, 16)), torch.randint(0, 97, (2, 16))
+    with torch.no_grad():
+        logits = model(ids).flatten(0, 1)
+    ce = F.cross_entropy(logits, targets.flatten())
+    z_by_hand = 1e-2 * logits.logsumexp(-1).pow(2).mean()
+    loss = model(ids, targets=targets)
+    assert isinstance(model.last_z_loss, torch.Tensor) and not model.last_z_loss.requires_grad
+    torch.testing.assert_close(model.last_z_loss, z_by_hand)
+    torch.testing.assert_close(loss, ce + z_by_hand)
+    model.eval()
+    torch.testing.assert_close(model(ids, targets=targets), ce)
+    assert model.last_z_loss is None
+    model.train()
+    plain = Llama(
+        model_config("tiny", n_layers=2, vocab_size=97, max_seq_len=32, loss_kernel="cross_entropy")
+    )
+    plain.load_state_dict(model.state_dict())
+    model.cfg.z_loss = 0.0
+    assert torch.equal(model(ids, targets=targets), plain(ids, targets=targets))
+    assert model.last_z_loss is None and plain.last_z_loss is None

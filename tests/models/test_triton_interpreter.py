@@ -3,9 +3,10 @@
 An optional group: it runs where triton and liger-kernel are importable (about 1 GB installed; not
 part of `make setup`) and skips otherwise. It checks our call path into the library, not the
 kernels' speed: the arguments models/kernels.py passes (keyword wrappers, ignore index, fp32
-weight-gradient accumulation), the layouts (RoPE on (B, heads, T, E) views, grouped-query K),
-dtypes (bf16 autocast) and that gradients reach every input, against the eager code; and a whole
-model with liger's RoPE and fused linear + cross-entropy against the eager model.
+weight-gradient accumulation, the z-loss through lse_square_scale / return_z_loss), the layouts
+(RoPE on (B, heads, T, E) views, grouped-query K), dtypes (bf16 autocast) and that gradients reach
+every input, against the eager code; and a whole model with liger's RoPE and fused linear +
+cross-entropy against the eager model (also with QK-norm and the z-loss).
 
 The interpreter runs some kernels and not others: liger-kernel 0.8.5 with triton 3.8.0 runs the
 fused linear + cross-entropy, the cross-entropy and RoPE; its RMSNorm and SwiGLU kernels stop in
@@ -62,7 +63,9 @@ def case_library_loads():
         assert lib.fused_linear_cross_entropy.keywords == {"accum_dtype": torch.float32}
 
 
-def _loss_case(kernel: str):
+def _loss_case(kernel: str, z_loss: float = 0.0):
+    """Our call into liger's loss against float64 maths; with z_loss > 0, liger's own z-loss
+    (lse_square_scale) in the loss and its gradients, and the term it hands back for logging."""
     import torch
     import torch.nn.functional as F
 
@@ -74,12 +77,21 @@ def _loss_case(kernel: str):
     targets = torch.randint(0, V, (1, N))
     targets[0, ::6] = kernels.IGNORE_INDEX
     xr, wr = x0.clone().double().requires_grad_(), w0.clone().double().requires_grad_()
-    ref = F.cross_entropy(xr[0] @ wr.t(), targets[0], ignore_index=kernels.IGNORE_INDEX)
+    logits = xr[0] @ wr.t()
+    ref = F.cross_entropy(logits, targets[0], ignore_index=kernels.IGNORE_INDEX)
+    valid = targets[0] != kernels.IGNORE_INDEX
+    ref_z = z_loss * (logits.logsumexp(-1)[valid] ** 2).mean()
+    ref = ref + ref_z
     ref.backward()
     for autocast, tol in ((False, 1e-5), (True, 2e-2)):
         x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            loss = kernels.output_loss(x, w, targets, kernel)
+            loss, z_term = kernels.output_loss_terms(x, w, targets, kernel, z_loss)
+        if z_loss:
+            assert z_term.dtype == torch.float32 and not z_term.requires_grad
+            assert rel(z_term, ref_z) <= tol, (kernel, autocast, "z term", rel(z_term, ref_z))
+        else:
+            assert z_term is None
         loss.backward()
         assert loss.dtype == torch.float32 and loss.ndim == 0
         assert (
@@ -93,7 +105,9 @@ def _loss_case(kernel: str):
             assert rel(got, want) <= tol, (kernel, autocast, name, rel(got, want))
     # Every target ignored: loss 0 and zero gradients, not NaN.
     x = x0.clone().requires_grad_()
-    loss = kernels.output_loss(x, w0, torch.full_like(targets, kernels.IGNORE_INDEX), kernel)
+    loss = kernels.output_loss(
+        x, w0, torch.full_like(targets, kernels.IGNORE_INDEX), kernel, z_loss
+    )
     loss.backward()
     assert torch.isfinite(loss) and loss.item() == 0.0 and torch.count_nonzero(x.grad) == 0
 
@@ -104,6 +118,14 @@ def case_fused_linear_cross_entropy():
 
 def case_cross_entropy():
     _loss_case("liger")
+
+
+def case_fused_linear_cross_entropy_z_loss():
+    _loss_case("liger_fused", z_loss=1e-2)
+
+
+def case_cross_entropy_z_loss():
+    _loss_case("liger", z_loss=1e-2)
 
 
 def case_rope():
@@ -139,7 +161,7 @@ def case_rope():
         assert rel(got, want) <= 1e-6, (name, rel(got, want))
 
 
-def case_model():
+def case_model(**options):
     """The whole model with liger's RoPE and fused loss (the plan forced: on a CPU `auto` and a named
     liger kernel are refused) against the all-eager model: loss and every parameter gradient."""
     import dataclasses
@@ -152,7 +174,7 @@ def case_model():
     from models.llama import Llama
 
     cfg = model_config("tiny", n_layers=2, vocab_size=256, max_seq_len=32, d_model=64, n_heads=4,
-                       n_kv_heads=2, ffn_hidden=176)  # fmt: skip
+                       n_kv_heads=2, ffn_hidden=176, **options)  # fmt: skip
     eager_fields = dict(attention="eager", rmsnorm_kernel="eager", swiglu_kernel="eager",
                         rope_kernel="eager", loss_kernel="cross_entropy")  # fmt: skip
     torch.manual_seed(0)
@@ -179,6 +201,11 @@ def case_model():
             name,
             rel(grads[0][name], grads[1][name]),
         )
+
+
+def case_model_stability():
+    """case_model with QK-norm (before liger's RoPE) and the z-loss (liger's lse_square_scale)."""
+    case_model(qk_norm=True, z_loss=1e-2)
 
 
 def case_rms_norm():
@@ -261,7 +288,8 @@ def results() -> dict[str, str]:
 # Cases the interpreter is known to run with triton >= 3.8 (checked with liger-kernel 0.8.5): there
 # they must pass. Elsewhere, and for the other cases, a case the interpreter cannot run skips
 # naming its error; any other failure (our call path) fails.
-MUST_RUN = ("library_loads", "fused_linear_cross_entropy", "cross_entropy", "rope", "model")
+MUST_RUN = ("library_loads", "fused_linear_cross_entropy", "cross_entropy", "rope", "model",
+            "fused_linear_cross_entropy_z_loss", "cross_entropy_z_loss", "model_stability")  # fmt: skip
 
 
 def _release(text: str) -> tuple[int, ...]:

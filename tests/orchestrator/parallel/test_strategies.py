@@ -8,8 +8,10 @@ step is fixed (tests/strategy_worker.py): same 16 sequences per step whatever th
 checked through the batch fingerprints. Two processes vs one, and every strategy vs DDP: within
 1e-6 (gradients are summed in a different order; measured: 0 or 1 ulp = 4.8e-7 after 4 steps).
 Step 3 of every run is a NaN drill whose update is skipped: each strategy must drop that step's
-gradients and continue identically. The 13 training runs start in two concurrent waves (fixture
-`runs`); the tests then only read their outputs.
+gradients and continue identically. The stability options (QK-norm, whose gains shard with their
+block, and the z-loss) train 2 steps under DDP, FSDP2, ZeRO-2 and ZeRO-3 and must agree the same way.
+The 17 training runs start in two concurrent waves (fixture `runs`); the tests then only read their
+outputs.
 """
 
 import json
@@ -60,6 +62,13 @@ STRATEGIES = {
     "zero3": ["--strategy.name", "deepspeed", "--strategy.zero_stage", "3",
               "--strategy.activation_checkpointing", "true"],
 }  # fmt: skip
+
+
+# QK-norm and the z-loss together: 2 steps under each kind of sharding (`stability-<name>` runs),
+# compared with DDP in test_every_strategy_matches_ddp; the z-loss term is logged as train/z_loss.
+STABILITY = ["--model.qk_norm", "true", "--model.z_loss", "1e-3", "--train.max_steps", "2",
+             "--checkpoint.interval", "0"]  # fmt: skip
+STABILITY_RUNS = ("ddp", "fsdp", "zero2", "zero3")
 
 
 def clean_env():
@@ -194,7 +203,7 @@ def runs(sample_data, tmp_path_factory):
       1. each strategy with 2 processes, 4 steps (checkpoints at 2 and 4); one process with the same
          global batch; `fabric run` with flags overriding the config;
       2. each sharded strategy resumed from its step-2 checkpoint; ZeRO-3 started from the FSDP
-         checkpoint's weights; the `fabric run` resumed.
+         checkpoint's weights; the `fabric run` resumed; QK-norm + z-loss under DDP, FSDP, ZeRO-2/3.
     """
     import yaml
 
@@ -233,6 +242,10 @@ def runs(sample_data, tmp_path_factory):
     if first["fabric-a"].ok:
         copy_checkpoint(root / "fabric-a", 2, root / "fabric-b")
         second["fabric-b"] = start_fabric_run(root / "fabric-b", sample_data, config)
+    for name in STABILITY_RUNS:
+        second[f"stability-{name}"] = start_worker(
+            root / f"stability-{name}", sample_data, *STRATEGIES[name], *STABILITY
+        )
     for r in second.values():
         r.wait()
     print(f"{len(first) + len(second)} training runs in {time.perf_counter() - started:.0f}s")
@@ -273,7 +286,7 @@ def test_two_processes_match_one_process(two_processes, one_process):
     assert two[-1]["loss"] < two[0]["loss"]  # ...and training went on
 
 
-def test_every_strategy_matches_ddp(two_processes, ddp_records):
+def test_every_strategy_matches_ddp(two_processes, ddp_records, runs):
     from orchestrator.config import load_config
 
     name, run_dir, proc = two_processes
@@ -285,6 +298,33 @@ def test_every_strategy_matches_ddp(two_processes, ddp_records):
     assert (
         f"{params:,} parameters | 2 process(es)" in proc.stdout
     )  # also when ZeRO-3 partitions them
+    if name not in STABILITY_RUNS:
+        return
+    # QK-norm + z-loss: the same losses (and logged z-loss terms) under every sharding as under DDP.
+    stable, stable_ddp = (runs[f"stability-{n}"].check() for n in (name, "ddp"))
+    mine, ddp = losses(stable.run_dir), losses(stable_ddp.run_dir)
+    z, z_ddp = ([r["z_loss"] for r in records(r.run_dir)] for r in (stable, stable_ddp))
+    print(f"{name} vs ddp with qk_norm + z_loss: losses {mine} / {ddp}, z-loss terms {z} / {z_ddp}")
+    assert len(mine) == 2 and max_diff(mine, ddp) <= 1e-6, (name, mine, ddp)
+    assert max(abs(a - b) for a, b in zip(z, z_ddp)) <= 1e-7 and all(0 < v < 1 for v in z)
+    assert mine[0] != losses(run_dir)[0]  # the options change the model (same data, same seed)
+    stable_params = load_config([*TINY, *STABILITY]).model.num_params()
+    assert stable_params == params + 2 * 2 * 16  # 2 layers x (q, k) gains of head_dim 16
+    assert f"{stable_params:,} parameters | 2 process(es)" in stable.stdout
+
+
+def test_z_loss_is_logged(runs):
+    """model.z_loss > 0: train/z_loss at every log step, in metrics.jsonl and TensorBoard (equal)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = runs["stability-ddp"].check().run_dir
+    logged = [(r["step"], r["z_loss"]) for r in records(run_dir)]
+    assert [step for step, _ in logged] == [1, 2]  # train.log_interval 1
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    assert [(e.step, pytest.approx(e.value)) for e in acc.Scalars("train/z_loss")] == logged
+    # Without a z-loss, nothing of it is logged.
+    assert all("z_loss" not in r for r in records(runs["ddp"].check().run_dir))
 
 
 def test_resume_is_bitwise(two_processes, runs):

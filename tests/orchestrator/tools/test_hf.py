@@ -44,6 +44,7 @@ def load_hf(path):
         dict(),  # grouped-query attention: 4 query heads share 2 KV heads
         dict(n_kv_heads=1, rope_base=500000.0, norm_eps=1e-6, tie_embeddings=True),
         dict(n_heads=8, n_kv_heads=8, d_model=128, ffn_hidden=256),  # multi-head, head_dim 16
+        dict(z_loss=1e-4),  # a training objective only: the weights export as they are
     ],
 )
 def test_export_logits_match_transformers(tmp_path, sp_model, overrides):
@@ -183,7 +184,7 @@ def test_import_then_export_is_lossless(tmp_path, sp_model):
 
 
 @pytest.mark.parametrize(("option", "value"), [("attn_gate", "headwise"), ("attn_gate", "elementwise"),
-                                               ("sandwich_norm", True)])  # fmt: skip
+                                               ("sandwich_norm", True), ("qk_norm", True)])  # fmt: skip
 def test_export_refuses_options_llama_cannot_express(tmp_path, sp_model, option, value):
     cfg = small_config(**{option: value})
     ckpt = write_checkpoint(tmp_path / "run", random_model(cfg), sp_model)
