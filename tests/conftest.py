@@ -91,3 +91,21 @@ def s3(s3_server, monkeypatch):
         monkeypatch.setenv(k, v)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     return s3_server
+
+
+def local_slurm(tmp_path_factory):
+    """A real local Slurm cluster (cluster/local_slurm.py) for a fixture to yield from; the test
+    is skipped where Slurm cannot run."""
+    import time
+
+    from cluster.local_slurm import LocalSlurm, SlurmUnavailable
+
+    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"))
+    started = time.perf_counter()
+    try:
+        cluster.start()
+    except SlurmUnavailable as e:
+        pytest.skip(f"no local Slurm cluster on this machine: {e}")
+    print(f"local Slurm cluster up in {time.perf_counter() - started:.1f}s")
+    yield cluster
+    cluster.stop()

@@ -28,6 +28,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from orchestrator.tools.scaling import step_records
 from orchestrator.tools.sweep import LADDER_KEY, LR_KEY, load_study, reconcile, short_keys
 
 
@@ -39,25 +40,18 @@ def read_metrics(run_dir: str | Path) -> dict[str, Any]:
     bad_total = 0
     rollbacks = 0
     rollbacks_after_bad = 0
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a torn last line of a killed run
-            step = r.get("step")
-            if step is None:
-                continue
-            if "loss" in r:
-                steps[step] = r  # a rolled-back or resumed step's later line wins
-            if r.get("val_loss") is not None:
-                vals[step] = float(r["val_loss"])
-            if "bad_steps_total" in r:
-                bad_total = max(bad_total, int(r["bad_steps_total"]))
-                rollbacks_after_bad = 0
-            if "rollbacks_total" in r:
-                rollbacks = max(rollbacks, int(r["rollbacks_total"]))
-                rollbacks_after_bad += 1  # its bad step is not a bad_step record
+    for r in step_records(path):
+        step = r["step"]
+        if "loss" in r:
+            steps[step] = r  # a rolled-back or resumed step's later line wins
+        if r.get("val_loss") is not None:
+            vals[step] = float(r["val_loss"])
+        if "bad_steps_total" in r:
+            bad_total = max(bad_total, int(r["bad_steps_total"]))
+            rollbacks_after_bad = 0
+        if "rollbacks_total" in r:
+            rollbacks = max(rollbacks, int(r["rollbacks_total"]))
+            rollbacks_after_bad += 1  # its bad step is not a bad_step record
     rates = [r["tokens_per_sec"] for r in steps.values() if r.get("tokens_per_sec")]
     curve = sorted(vals.items())
     finite = [v for _, v in curve if math.isfinite(v)]

@@ -97,24 +97,33 @@ def _model_params(config_file: Path, non_embedding: bool) -> int:
     return cfg.num_non_embedding_params() if non_embedding else cfg.num_params()
 
 
+def step_records(path: str | Path) -> list[dict]:
+    """The records of a run's metrics.jsonl that belong to a step, in file order (a resumed or
+    rolled-back step appears again later: readers let the later line win). A torn last line of a
+    killed run is passed over; a missing file has none."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("step") is not None:
+            records.append(record)
+    return records
+
+
 def _curve_from_jsonl(path: Path, metric: str) -> list[tuple[float, float]]:
     tokens_at: dict[int, float] = {}
     points: dict[int, tuple[float | None, float]] = {}
-    for line in path.read_text().splitlines():
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a torn last line of a killed run
-        step = r.get("step")
-        if step is None:
-            continue
+    for r in step_records(path):
+        step = r["step"]
         if "loss" in r and "tokens_seen" in r:
             tokens_at[step] = float(r["tokens_seen"])
         if metric in r and r[metric] is not None and math.isfinite(r[metric]):
-            points[step] = (
-                r.get("tokens_seen"),
-                float(r[metric]),
-            )  # a resumed run's later line wins
+            points[step] = (r.get("tokens_seen"), float(r[metric]))  # a later line wins
     tokens_at.setdefault(0, 0.0)
     curve = []
     for step in sorted(points):

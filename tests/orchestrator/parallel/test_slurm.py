@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, local_slurm
 
 pytestmark = pytest.mark.slow
 
@@ -31,17 +31,7 @@ HANG_BOUND_S = HANG_TIMEOUT_S + 20  # SIGSTOPped rank -> job FAILED (measured ~t
 
 @pytest.fixture(scope="session")
 def slurm(tmp_path_factory):
-    from cluster.local_slurm import LocalSlurm, SlurmUnavailable
-
-    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"))
-    started = time.perf_counter()
-    try:
-        cluster.start()
-    except SlurmUnavailable as e:
-        pytest.skip(f"no local Slurm cluster on this machine: {e}")
-    print(f"local Slurm cluster up in {time.perf_counter() - started:.1f}s")
-    yield cluster
-    cluster.stop()
+    yield from local_slurm(tmp_path_factory)
 
 
 def submit(slurm, run_dir, sample_data, *overrides):

@@ -27,6 +27,7 @@ from orchestrator.tools.sweep import (
     run_name,
     short_keys,
 )
+from tests.conftest import local_slurm
 from tests.training import REPO_ROOT, TINY, data_args
 
 # TINY (tests/training.py) in one process: global batch 4 x 64 tokens, no accumulation; its
@@ -465,17 +466,7 @@ def test_grid_runs_locally_resumes_after_a_kill_records_divergence_and_reports(
 
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
-    from cluster.local_slurm import LocalSlurm, SlurmUnavailable
-
-    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"))
-    started = time.perf_counter()
-    try:
-        cluster.start()
-    except SlurmUnavailable as e:
-        pytest.skip(f"no local Slurm cluster on this machine: {e}")
-    print(f"local Slurm cluster up in {time.perf_counter() - started:.1f}s")
-    yield cluster
-    cluster.stop()
+    yield from local_slurm(tmp_path_factory)
 
 
 @pytest.mark.slow

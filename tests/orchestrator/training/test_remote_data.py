@@ -13,7 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from data import loader
 from orchestrator.checkpoint.layout import list_checkpoints
+from orchestrator.config import load_config
+from orchestrator.schema import ConfigError
+from orchestrator.training.preflight import check_inputs
 from tests.training import REPO_ROOT, TINY, step_records, train
 
 pytestmark = pytest.mark.slow
@@ -165,13 +169,26 @@ def test_bad_remote_inputs_are_one_clear_error(s3, remote_corpus, sample_data, t
          "checkpoint.remote_dir=s3://no-ckpt-bucket/runs/a: Cannot open s3://no-ckpt-bucket/runs/a: "
          "the bucket 'no-ckpt-bucket' does not exist"),
     ]  # fmt: skip
-    for extra, env, message in cases:
-        stderr, seconds = preflight_error(tmp_path, tokenizer, *extra, env=env)
-        assert message in stderr, (extra, stderr[-2000:])
-        assert seconds < 60, (extra, seconds)
-    # A tokenizer other than the one the remote data was prepared with.
+    # The trainer's command line: exit 2, the message, no run dir, in seconds.
+    extra, _, message = cases[0]
+    stderr, seconds = preflight_error(tmp_path, tokenizer, *extra)
+    assert message in stderr and seconds < 60, stderr[-2000:]
+    # Every case, through the same checks in this process (each a subprocess costs ~5 s).
     from data.tokenizer import train_tokenizer
 
     other = train_tokenizer(tokens.parent / "raw", tmp_path / "other", vocab_size=400)
-    stderr, _ = preflight_error(tmp_path, other, "--data.dir", url)
-    assert f"data.dir={url} was prepared with the tokenizer" in stderr
+    cases.append(
+        (["--data.dir", url, "--data.tokenizer", str(other)], None,
+         f"data.dir={url} was prepared with the tokenizer")
+    )  # fmt: skip
+    for extra, env, message in cases:
+        loader._REMOTE_INDEXES.clear()  # what an earlier case read is not read again
+        with pytest.MonkeyPatch.context() as mp:
+            for k, v in (env or {}).items():
+                mp.setenv(k, v)
+            cfg = load_config([*TINY, "--data.tokenizer", str(tokenizer), *ARGS, *extra])
+            started = time.monotonic()
+            with pytest.raises(ConfigError) as info:
+                check_inputs(cfg)
+        assert message in str(info.value), (extra, str(info.value))
+        assert time.monotonic() - started < 60, extra
