@@ -193,19 +193,17 @@ def test_every_run_is_checked_before_anything_starts(base_config, sample_data, t
     assert code == 2 and "run.dir cannot be given" in capsys.readouterr().err
 
 
+def ladder_args(base_config, study, sample_data):
+    """A ladder study's sweep arguments: the sizes' own shapes (no TINY overrides), a small batch."""
+    return ["--config", str(base_config), "--study-dir", str(study), *data_args(sample_data),
+            "--train.global_batch_size", "8", "--train.micro_batch_size", "4",
+            "--train.seq_len", "256"]  # fmt: skip
+
+
 def test_ladder_sets_max_steps_from_tokens_per_param(base_config, sample_data, tmp_path):
     study = tmp_path / "ladder"
     sizes = ["tiny", "llama-20m", "llama-60m"]
-    # The ladder sizes' own shapes: no TINY overrides here, only the batch and the data.
-    args = ["--config", str(base_config), "--study-dir", str(study), *data_args(sample_data)]
-    args += [
-        "--train.global_batch_size",
-        "8",
-        "--train.micro_batch_size",
-        "4",
-        "--train.seq_len",
-        "256",
-    ]
+    args = ladder_args(base_config, study, sample_data)
     code = cli_main(
         ["sweep", *args, "--ladder", ",".join(sizes), "--tokens-per-param", "20",
          "--grid", "optimizer.lr=1e-3,2e-3", "--dry-run"]
@@ -281,15 +279,7 @@ def _fake_run(run, loss, summary=True):
 def test_fit_and_report_take_a_ladder_study(base_config, sample_data, tmp_path, capsys):
     study = tmp_path / "ladder"
     sizes = ["tiny", "llama-20m", "llama-60m", "llama-124m"]
-    args = ["--config", str(base_config), "--study-dir", str(study), *data_args(sample_data)]
-    args += [
-        "--train.global_batch_size",
-        "8",
-        "--train.micro_batch_size",
-        "4",
-        "--train.seq_len",
-        "256",
-    ]
+    args = ladder_args(base_config, study, sample_data)
     code = cli_main(
         ["sweep", *args, "--ladder", ",".join(sizes), "--tokens-per-param", "20", "--dry-run"]
     )
