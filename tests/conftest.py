@@ -109,3 +109,18 @@ def local_slurm(tmp_path_factory):
     print(f"local Slurm cluster up in {time.perf_counter() - started:.1f}s")
     yield cluster
     cluster.stop()
+
+
+def load_benchmark(name: str):
+    """A script of benchmarks/ as a module (benchmarks/ is not a package), registered under
+    `<name>_bench` so that its dataclasses and worker processes can find it."""
+    import importlib.util
+
+    module_name = f"{name}_bench"
+    spec = importlib.util.spec_from_file_location(
+        module_name, REPO_ROOT / "benchmarks" / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -5,22 +5,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location(
-        "data_scale_bench", REPO_ROOT / "benchmarks" / "data_scale.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["data_scale_bench"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("data_scale")
 
 
 def test_chunk_writer_matches_litdata(bench, tmp_path):

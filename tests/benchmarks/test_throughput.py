@@ -2,27 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 
 import pytest
 import torch
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, load_benchmark
 
 pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location(
-        "throughput_bench", REPO_ROOT / "benchmarks" / "throughput.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["throughput_bench"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("throughput")
 
 
 TINY = ["--model", "tiny", "--override", "n_layers=1", "--override", "vocab_size=256", "--batch", "2",
