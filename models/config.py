@@ -41,6 +41,7 @@ RMSNormKernel = Literal["auto", "eager", "liger", "flash_attn"]
 SwiGLUKernel = Literal["auto", "eager", "liger", "flash_attn", "xformers"]
 RoPEKernel = Literal["auto", "eager", "liger", "flash_attn"]
 LossKernel = Literal["auto", "cross_entropy", "chunked", "liger_fused", "liger", "flash_attn"]
+Arch = Literal["decoder", "encoder_decoder"]
 
 # Fields that choose an implementation, not a model: they may differ between a checkpoint and the
 # run that resumes from it.
@@ -56,11 +57,26 @@ KERNEL_FIELDS = (
 
 @dataclass
 class ModelConfig:
-    """Llama-2 architecture hyper-parameters, plus optional research variants (all off by default)."""
+    """Llama-2 architecture hyper-parameters, plus optional research variants (all off by default).
+
+    `arch: encoder_decoder` is the same blocks arranged as RedLLM (models/encdec.py): n_layers
+    encoder and n_layers decoder blocks, trained by prefix language modelling."""
 
     name: str = doc(
         "tinyllama-1.1b",
         "Named size to start from (see `orchestrator models`); other model keys override it.",
+    )
+    arch: Arch = doc(
+        "decoder",
+        "`decoder`: decoder-only Llama (causal LM over the whole block). `encoder_decoder`: RedLLM "
+        "(arXiv 2510.26622; models/encdec.py): a bidirectional encoder over the first model.encoder_len "
+        "tokens of each block and a causal decoder with cross-attention over the rest, loss on the decoder's "
+        "tokens (prefix LM); n_layers blocks in each stack; the `redllm-*` sizes.",
+    )
+    encoder_len: int = doc(
+        0,
+        "arch encoder_decoder: tokens of each training block the encoder reads (the decoder predicts the "
+        "tokens after them); 0 = half the block (the paper's 1024 input + 1024 target at seq_len 2048).",
     )
     vocab_size: int = doc(
         32000, "Vocabulary size (rows of the embedding); must be >= the tokenizer's."
@@ -183,6 +199,7 @@ class ModelConfig:
                 f"model.rope_base={self.rope_base} must be > 1 (Llama-2 uses 10000; Llama-3 500000 for long context)"
             )
         for key, literal in (
+            ("arch", Arch),
             ("attn_gate", AttnGate),
             ("attention", AttentionKernel),
             ("rmsnorm_kernel", RMSNormKernel),
@@ -210,6 +227,40 @@ class ModelConfig:
             raise ConfigError(f"model.tie_embeddings={self.tie_embeddings!r} must be true or false")
         if not isinstance(self.compile, bool):
             raise ConfigError(f"model.compile={self.compile!r} must be true or false")
+        if isinstance(self.encoder_len, bool) or not isinstance(self.encoder_len, int):
+            raise ConfigError(f"model.encoder_len={self.encoder_len!r} must be an integer")
+        if self.arch == "decoder" and self.encoder_len:
+            raise ConfigError(
+                f"model.encoder_len={self.encoder_len} applies to model.arch=encoder_decoder only: "
+                "remove it, or set model.arch: encoder_decoder"
+            )
+        if self.arch == "encoder_decoder":
+            if not 0 <= self.encoder_len < self.max_seq_len:
+                raise ConfigError(
+                    f"model.encoder_len={self.encoder_len} must be in [0, model.max_seq_len={self.max_seq_len}) "
+                    "(0 = half of each block)"
+                )
+            research = [
+                k
+                for k in ("attn_gate", "sandwich_norm", "qk_norm")
+                if getattr(self, k) not in ("none", False)
+            ]
+            if research:
+                raise ConfigError(
+                    f"model.{research[0]} is implemented for model.arch=decoder only; "
+                    "the encoder-decoder has the paper's plain blocks: remove it"
+                )
+
+    def encoder_tokens(self, block_len: int, encoder_len: int | None = None) -> int:
+        """arch encoder_decoder: tokens of a block of `block_len` the encoder reads: `encoder_len` if
+        given, else model.encoder_len, or half the block (models/encdec.py); both halves non-empty."""
+        P = encoder_len if encoder_len is not None else (self.encoder_len or block_len // 2)
+        if not 0 < P < block_len:
+            raise ValueError(
+                f"an encoder length of {P} (model.encoder_len={self.encoder_len}) splits a block of {block_len} "
+                "tokens into an empty encoder or decoder half: both need at least one token (0 = half the block)"
+            )
+        return P
 
     def num_params(self) -> int:
         """Exact parameter count, computed from the shapes (no model is built); tied weights count once."""
@@ -222,6 +273,11 @@ class ModelConfig:
         block = attn + gate + ffn + norms + qk_norms
         embed = self.vocab_size * d
         head = 0 if self.tie_embeddings else self.vocab_size * d
+        if self.arch == "encoder_decoder":
+            # Encoder block as above; decoder block adds cross-attention (the shapes of `attn`) and
+            # its norm; a final norm per stack.
+            decoder_block = block + attn + d
+            return self.n_layers * (block + decoder_block) + embed + head + 2 * d
         return self.n_layers * block + embed + head + d
 
     def num_non_embedding_params(self) -> int:
@@ -236,6 +292,46 @@ class ModelConfig:
 # 2b) and grouped-query attention; `llama-124m` is GPT-2-small scale (the model llm.c reproduces),
 # `tinyllama-1.1b` is exactly the released TinyLlama shape (1,100,048,384 parameters).
 SIZES: dict[str, dict] = {
+    # The CPU scaling ladder (the sample corpus's 1024-token vocabulary, like `tiny`; multi-head
+    # attention, head_dim 32, as the encoder-decoder paper's models; each within 5% of its redllm-*
+    # partner's count): what a 2-core machine fits scaling laws over in about an hour
+    # (benchmarks/encdec_scaling.py).
+    "micro-0.6m": dict(
+        vocab_size=1024,
+        n_layers=4,
+        d_model=96,
+        n_heads=3,
+        n_kv_heads=3,
+        ffn_hidden=256,
+        max_seq_len=256,
+    ),
+    "micro-1m": dict(
+        vocab_size=1024,
+        n_layers=4,
+        d_model=128,
+        n_heads=4,
+        n_kv_heads=4,
+        ffn_hidden=344,
+        max_seq_len=256,
+    ),
+    "micro-1.5m": dict(
+        vocab_size=1024,
+        n_layers=4,
+        d_model=160,
+        n_heads=5,
+        n_kv_heads=5,
+        ffn_hidden=424,
+        max_seq_len=256,
+    ),
+    "micro-2m": dict(
+        vocab_size=1024,
+        n_layers=4,
+        d_model=192,
+        n_heads=6,
+        n_kv_heads=6,
+        ffn_hidden=512,
+        max_seq_len=256,
+    ),
     "tiny": dict(
         vocab_size=1024,
         n_layers=4,
@@ -243,6 +339,24 @@ SIZES: dict[str, dict] = {
         n_heads=8,
         n_kv_heads=4,
         ffn_hidden=688,
+        max_seq_len=256,
+    ),
+    "micro-5m": dict(
+        vocab_size=1024,
+        n_layers=7,
+        d_model=224,
+        n_heads=7,
+        n_kv_heads=7,
+        ffn_hidden=600,
+        max_seq_len=256,
+    ),
+    "micro-9m": dict(
+        vocab_size=1024,
+        n_layers=7,
+        d_model=320,
+        n_heads=10,
+        n_kv_heads=10,
+        ffn_hidden=856,
         max_seq_len=256,
     ),
     "llama-20m": dict(
@@ -309,6 +423,40 @@ SIZES: dict[str, dict] = {
         max_seq_len=2048,
     ),
 }
+
+
+# RedLLM sizes (model.arch encoder_decoder, models/encdec.py): each is the width, heads and feed-forward
+# of the decoder size it pairs with, all embeddings tied (as the paper's), and the number of layers per
+# stack that brings its parameter count closest to the decoder's (`orchestrator models` shows both):
+# an encoder-decoder layer pair costs ~2.3 decoder blocks, and tying saves one vocab x d_model matrix,
+# which is most of a small model (hence 8 + 8 layers against llama-20m's 6).
+REDLLM_PAIRS: dict[str, tuple[str, int]] = {
+    "redllm-micro-0.6m": ("micro-0.6m", 2),
+    "redllm-micro-1m": ("micro-1m", 2),
+    "redllm-micro-1.5m": ("micro-1.5m", 2),
+    "redllm-micro-2m": ("micro-2m", 2),
+    "redllm-tiny": ("tiny", 2),
+    "redllm-micro-5m": ("micro-5m", 3),
+    "redllm-micro-9m": ("micro-9m", 3),
+    "redllm-20m": ("llama-20m", 8),
+    "redllm-60m": ("llama-60m", 6),
+    "redllm-124m": ("llama-124m", 7),
+    "redllm-400m": ("llama-400m", 12),
+    "redllm-700m": ("llama-700m", 12),
+    "redllm-1.1b": ("tinyllama-1.1b", 11),
+    "redllm-2b": ("llama-2b", 13),
+}
+for _name, (_decoder, _layers) in REDLLM_PAIRS.items():
+    SIZES[_name] = dict(
+        SIZES[_decoder], arch="encoder_decoder", tie_embeddings=True, n_layers=_layers
+    )
+
+
+def paired_size(name: str) -> str | None:
+    """The size of the other family with about the same parameter count (None if there is none)."""
+    if name in REDLLM_PAIRS:
+        return REDLLM_PAIRS[name][0]
+    return next((red for red, (dec, _) in REDLLM_PAIRS.items() if dec == name), None)
 
 
 def model_config(name: str, **overrides) -> ModelConfig:

@@ -17,11 +17,32 @@ Convention (PaLM, arXiv 2204.02311 app. B; also Megatron-LM and nanoGPT):
   training step costs 3x forward; activation recomputation is not counted (MFU, unlike HFU,
   charges only the work the model needs).
 
+The encoder-decoder (model.arch encoder_decoder, models/encdec.py) under the same convention. A
+training block of T tokens is split: the encoder reads the first P = cfg.encoder_tokens(T)
+(model.encoder_len, or T/2), the decoder the other T-P, and only the decoder's tokens reach
+lm_head. Per block, with L layers per stack:
+
+* matmuls: the encoder's blocks (q/k/v/o, SwiGLU) on P tokens; the decoder's self-attention
+  (q/k/v/o), cross-attention q and o, SwiGLU and lm_head on T-P tokens; each decoder layer's
+  cross-attention k and v on the P encoder tokens;
+* attention (2 * 2 * H * E per query-key pair and layer): the encoder's P x P, the decoder's
+  self-attention (T-P) x (T-P), cross-attention (T-P) x P. `causal=True` charges only the
+  decoder's self-attention queries fewer keys (on average (T-P+1)/2); the encoder and
+  cross-attention are unmasked, and every query sees every key there.
+
+The returned figures are per token of the block (the sum over the block divided by T), since the
+trainer's tokens/s counts all T tokens of each sequence; multiplying by that throughput gives
+FLOP/s for either family.
+
 Against torch.utils.flop_counter.FlopCounterMode (tests/models/test_flops.py): on the eager attention
-path (the full T x T score matrix with plain matmuls) the training count agrees exactly. On
-CUDA, FlopCounterMode charges the fused SDPA backward 2.5x its forward (FlashAttention recomputes
-the scores), so it reads a little higher than 3x forward; on CPU it does not count the fused
-SDPA kernel at all.
+path (the full T x T score matrix with plain matmuls) the training count agrees exactly, for both
+families. On CUDA, FlopCounterMode charges the fused SDPA backward 2.5x its forward (FlashAttention
+recomputes the scores), so it reads a little higher than 3x forward; on CPU it does not count the
+fused SDPA kernel at all.
+
+This module imports only models.config (no torch), so that what sizes runs (`orchestrator
+models`, `orchestrator plan`) can read it cheaply; the block split is ModelConfig.encoder_tokens,
+the rule models/encdec.py applies.
 """
 
 from __future__ import annotations
@@ -29,11 +50,37 @@ from __future__ import annotations
 from models.config import ModelConfig
 
 
-def matmul_params(cfg: ModelConfig) -> int:
-    """Weights that take part in a matmul for every token (all but embedding, norms and biases)."""
+def _attention_weights(cfg: ModelConfig) -> tuple[int, int]:
+    """(q + o + gate, k + v) weights of one self-attention layer."""
     d, h, kv, e = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    per_layer = d * h * e + 2 * d * kv * e + h * e * d + d * cfg.gate_dim + 3 * d * cfg.ffn_hidden
-    return cfg.n_layers * per_layer + cfg.vocab_size * d
+    return d * h * e + h * e * d + d * cfg.gate_dim, 2 * d * kv * e
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+    """Weights that take part in a matmul (all but embedding, norms and biases), lm_head counted
+    once even when tied. For the decoder every token meets each of them once; the encoder-decoder's
+    tokens meet only part of them (see `encoder_decoder_matmul_params`)."""
+    if cfg.arch == "encoder_decoder":
+        return sum(encoder_decoder_matmul_params(cfg).values())
+    q_o_gate, k_v = _attention_weights(cfg)
+    ffn = 3 * cfg.d_model * cfg.ffn_hidden
+    return cfg.n_layers * (q_o_gate + k_v + ffn) + cfg.vocab_size * cfg.d_model
+
+
+def encoder_decoder_matmul_params(cfg: ModelConfig) -> dict[str, int]:
+    """The encoder-decoder's matmul weights grouped by the tokens that meet them:
+    `encoder` (its blocks, per encoder token), `cross_kv` (the decoder layers' cross-attention k
+    and v, applied to the encoder's output: per encoder token) and `decoder` (self-attention,
+    cross-attention q and o, SwiGLU, lm_head: per decoder token)."""
+    q_o_gate, k_v = _attention_weights(cfg)
+    d, h, e = cfg.d_model, cfg.n_heads, cfg.head_dim
+    ffn = 3 * d * cfg.ffn_hidden
+    cross_q_o = d * h * e + h * e * d
+    return {
+        "encoder": cfg.n_layers * (q_o_gate + k_v + ffn),
+        "cross_kv": cfg.n_layers * k_v,
+        "decoder": cfg.n_layers * (q_o_gate + k_v + cross_q_o + ffn) + cfg.vocab_size * d,
+    }
 
 
 def flops_per_token(
@@ -43,12 +90,22 @@ def flops_per_token(
 
     Returns a dict: `matmul` (forward, weight matmuls), `attention` (forward, scores and
     values, per the `causal` convention), `forward`, `backward` (2x forward) and `training`
-    (forward + backward: the number to divide achieved FLOP/s by for MFU).
+    (forward + backward: the number to divide achieved FLOP/s by for MFU). For the
+    encoder-decoder, the averages over the block's T tokens (encoder's and decoder's).
     """
     T = seq_len or cfg.max_seq_len
-    matmul = 2.0 * matmul_params(cfg)
-    keys_seen = (T + 1) / 2 if causal else T  # mean keys per query
-    attention = 2 * 2.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim * keys_seen
+    per_pair = 2 * 2.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim  # one query-key pair, all layers
+    if cfg.arch == "encoder_decoder":
+        P = cfg.encoder_tokens(T)
+        Td = T - P  # decoder tokens
+        w = encoder_decoder_matmul_params(cfg)
+        matmul = 2.0 * ((w["encoder"] + w["cross_kv"]) * P + w["decoder"] * Td) / T
+        self_keys = (Td + 1) / 2 if causal else Td  # mean keys per decoder self-attention query
+        attention = per_pair * (P * P + Td * self_keys + Td * P) / T
+    else:
+        matmul = 2.0 * matmul_params(cfg)
+        keys_seen = (T + 1) / 2 if causal else T  # mean keys per query
+        attention = per_pair * keys_seen
     forward = matmul + attention
     return {
         "matmul": matmul,

@@ -140,10 +140,15 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int = 0) -> None:
+    """Self-attention: causal (a decoder's), or bidirectional with `causal=False` (an encoder's,
+    models/encdec.py; through SDPA or the eager reference whatever `model.attention` says: the
+    library kernels are wired for the causal case)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0, causal: bool = True) -> None:
         super().__init__()
         self.cfg = cfg
         self.layer_idx = layer_idx  # which KV-cache slot this layer uses
+        self.causal = causal
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
@@ -185,7 +190,9 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         else:
             q, k = fused.rope(q, k, cos, sin, kernels.rope)
-        if (
+        if not self.causal:  # an encoder: every position sees every other
+            y = full_attention(q, k, v, eager=kernels.attention == "eager")  # (B, H, T, E)
+        elif (
             kv_cache is not None
         ):  # generation: plain attention over the cached keys (any kernel choice)
             y = self.attend_cached(q, k, v, kv_cache, start_pos, eager=kernels.attention == "eager")
@@ -271,10 +278,31 @@ def causal_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
     q: (B, H, T, E); k, v: (B, H, S, E) with S >= T (the last T keys are the queries' own).
     """
-    T, S = q.shape[-2], k.shape[-2]
+    return attention_reference(q, k, v, causal_mask(q.shape[-2], k.shape[-2], q.device))
+
+
+def attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(E), where mask) v. q: (B, H, T, E); k, v: (B, H, S, E); mask: (T, S)
+    bool, True where a query may attend (None: everywhere) -> (B, H, T, E)."""
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, H, T, S)
-    scores = scores.masked_fill(~causal_mask(T, S, q.device), float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
     return torch.softmax(scores.float(), dim=-1).type_as(q) @ v  # (B, H, T, E)
+
+
+def full_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eager: bool = False
+) -> torch.Tensor:
+    """Unmasked attention (an encoder's self-attention, cross-attention): every query sees every key.
+
+    q: (B, H, T, E); k, v: (B, K, S, E) -> (B, H, T, E).
+    """
+    k, v = repeat_kv(k, v, q.shape[1])  # (B, H, S, E)
+    if eager:
+        return attention_reference(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v)  # (B, H, T, E)
 
 
 class SwiGLU(nn.Module):
@@ -302,10 +330,13 @@ def _zero3_partitioned(p: torch.Tensor) -> bool:
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int = 0) -> None:
+    """A pre-norm transformer block: attention and SwiGLU, each added to the residual stream.
+    `causal=False`: an encoder's block (bidirectional attention)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0, causal: bool = True) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg, layer_idx)
+        self.attn = Attention(cfg, layer_idx, causal)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = SwiGLU(cfg)
         # Sandwich norm: normalise each branch's output before the residual add.
@@ -360,15 +391,17 @@ def default_plan(cfg: ModelConfig, x: torch.Tensor) -> KernelPlan:
     return fused.plan(cfg, x.device, fused.compute_dtype(x.device.type, x.dtype))
 
 
-class Llama(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        cfg.validate()
-        self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = OutputHead(cfg.d_model, cfg.vocab_size, bias=False)
+class LanguageModel(nn.Module):
+    """What the two families (Llama here, EncoderDecoder in models/encdec.py) share: one token
+    embedding `embed`, an output head `lm_head` (tied to the embedding with model.tie_embeddings),
+    the initialisation, and building on the meta device. Subclasses build their modules in
+    `__init__` and then call `_finish_init()`."""
+
+    cfg: ModelConfig
+    embed: nn.Embedding
+    lm_head: OutputHead
+
+    def _finish_init(self) -> None:
         self.tie_weights()
         if self.embed.weight.device.type != "meta":
             self.init_weights()
@@ -396,7 +429,7 @@ class Llama(nn.Module):
             elif isinstance(module, RMSNorm):
                 module.reset_parameters()
 
-    def materialize(self, device: torch.device | str, init: bool = True) -> Llama:
+    def materialize(self, device: torch.device | str, init: bool = True) -> LanguageModel:
         """Give a meta-device model real (uninitialised) storage on `device`, then initialise it.
 
         Build with `with torch.device("meta"): model = Llama(cfg)` and call this once: the
@@ -407,6 +440,24 @@ class Llama(nn.Module):
         if init:
             self.init_weights()
         return self
+
+    @property
+    def last_z_loss(self) -> torch.Tensor | None:
+        """The z-loss term (z_loss * mean lse^2) of the last training loss: a detached device tensor
+        (reading it costs no host sync), None when model.z_loss is 0 or the last call was not training."""
+        return self.lm_head.last_z_loss
+
+
+class Llama(LanguageModel):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = OutputHead(cfg.d_model, cfg.vocab_size, bias=False)
+        self._finish_init()
 
     def forward(
         self,
@@ -437,12 +488,6 @@ class Llama(nn.Module):
         return self.lm_head(
             self.norm(x, kernels.rmsnorm), targets, kernels.loss, z_loss
         )  # (B, T, V) | ()
-
-    @property
-    def last_z_loss(self) -> torch.Tensor | None:
-        """The z-loss term (z_loss * mean lse^2) of the last training loss: a detached device tensor
-        (reading it costs no host sync), None when model.z_loss is 0 or the last call was not training."""
-        return self.lm_head.last_z_loss
 
 
 def count_parameters(model: nn.Module) -> int:

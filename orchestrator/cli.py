@@ -46,8 +46,9 @@ from orchestrator.checkpoint.layout import resolve_checkpoint
 from orchestrator.config import Config, load_config
 from orchestrator.schema import ConfigError, reference, to_dict
 from orchestrator.tools.scaling import (
+    COMPUTE_MODES,
     expand_studies,
-    fit_runs,
+    fit_families,
     plot,
     read_run,
     report,
@@ -218,21 +219,32 @@ def replace_marked_block(path: Path, body: str) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    from models.config import paired_size
+
     seq = args.seq_len
     print(
-        f"{'name':<16} {'params':>15} {'non-embed':>15} {'layers':>6} {'d_model':>7} {'heads':>5} {'kv':>3} "
-        f"{'ffn':>6} {'ctx':>5} {'train GFLOP/tok':>15}"
+        f"{'name':<16} {'arch':<7} {'params':>15} {'non-embed':>15} {'layers':>6} {'d_model':>7} {'heads':>5} "
+        f"{'kv':>3} {'ffn':>6} {'ctx':>5} {'train GFLOP/tok':>15}  pairs with"
     )
     for name in SIZES:
         c = model_config(name)
-        gflops = flops_per_token(c, seq or c.max_seq_len)["training"] / 1e9
+        encdec = c.arch == "encoder_decoder"
+        layers = f"{c.n_layers}+{c.n_layers}" if encdec else str(c.n_layers)  # encoder + decoder
+        gflops = flops_per_token(c, seq or c.max_seq_len)["training"] / 1e9  # the family's count
         print(
-            f"{name:<16} {c.num_params():>15,} {c.num_non_embedding_params():>15,} {c.n_layers:>6} {c.d_model:>7} "
-            f"{c.n_heads:>5} {c.n_kv_heads:>3} {c.ffn_hidden:>6} {c.max_seq_len:>5} {gflops:>15.2f}"
+            f"{name:<16} {'enc-dec' if encdec else 'decoder':<7} {c.num_params():>15,} "
+            f"{c.num_non_embedding_params():>15,} {layers:>6} {c.d_model:>7} {c.n_heads:>5} {c.n_kv_heads:>3} "
+            f"{c.ffn_hidden:>6} {c.max_seq_len:>5} {gflops:>15.2f}  {paired_size(name) or '-'}"
         )
     print(
-        f"\nUse a size with --model.name NAME (or model.name in a config). Training FLOPs per token = 3 x forward "
-        f"(matmuls + attention over {'--seq-len ' + str(seq) if seq else 'ctx'} tokens; see models/flops.py)."
+        "\nPairs: each redllm-* size (encoder-decoder, RedLLM: models/encdec.py) has the width, heads and ffn of "
+        "its decoder partner, tied embeddings, and the layers per stack (encoder+decoder) that bring its "
+        "parameter count closest to the partner's (models/config.py, REDLLM_PAIRS)."
+    )
+    print(
+        f"Use a size with --model.name NAME (or model.name in a config). Training FLOPs per token = 3 x forward "
+        f"(matmuls + attention over {'--seq-len ' + str(seq) if seq else 'ctx'} tokens; an enc-dec's averaged "
+        f"over the block, half of it encoded unless model.encoder_len says otherwise; see models/flops.py)."
     )
     return 0
 
@@ -410,14 +422,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_fit(args: argparse.Namespace) -> int:
     runs = [
-        read_run(path, metric=args.metric, non_embedding=args.non_embedding)
+        read_run(path, metric=args.metric, non_embedding=args.non_embedding, compute=args.compute)
         for path in expand_studies(args.runs)  # a sweep's study dir: its runs that trained
     ]
-    fits = fit_runs(runs)
-    print(report(runs, fits))
-    print(f"Plot: {plot(runs, fits, args.plot)}")
+    families = fit_families(runs)  # one fit per model.arch
+    print(report(families, args.compute))
+    print(f"Plot: {plot(families, args.plot, args.compute)}")
     if args.json:
-        Path(args.json).write_text(json.dumps(results_dict(runs, fits), indent=2))
+        Path(args.json).write_text(json.dumps(results_dict(families, args.compute), indent=2))
         print(f"Fit written to {args.json}")
     return 0
 
@@ -456,7 +468,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     print(
         f"Report: {out / 'report.md'}, {out / 'report.json'}; plots: "
         + ", ".join(str(out / p["file"]) for p in result["plots"].values())
-        + "".join(f", {out / f['file']}" for f in result["scaling"] if "file" in f)
+        + "".join(
+            f", {out / f}"
+            for f in dict.fromkeys(s["file"] for s in result["scaling"] if "file" in s)
+        )
     )
     return 0
 
@@ -792,7 +807,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "fit",
-        help="fit loss vs parameters and vs compute as power laws over finished runs; PNG plot",
+        help="fit loss vs parameters and vs compute as power laws over finished runs, one fit per "
+        "model family (model.arch); PNG plot",
     )
     p.add_argument("runs", nargs="+", help="run dirs (config.yaml + metrics.jsonl or tensorboard/)")
     p.add_argument(
@@ -804,8 +820,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--non-embedding", action="store_true", help="N without embedding and output head (Kaplan)"
     )
-    p.add_argument("--plot", default="scaling_fit.png", help="PNG to write")
-    p.add_argument("--json", default=None, help="also write the fits to this JSON file")
+    p.add_argument(
+        "--compute",
+        default="flops",
+        choices=COMPUTE_MODES,
+        help="training compute C: `flops` (default) = models/flops.py's training FLOPs per token at "
+        "the run's seq_len x tokens seen, the same axis for decoders and encoder-decoders; `6nd` = 6 N D",
+    )
+    p.add_argument(
+        "--plot", default="scaling_fit.png", help="PNG to write (every family on one figure)"
+    )
+    p.add_argument(
+        "--json", default=None, help="also write the fits (per family) to this JSON file"
+    )
     p.set_defaults(fn=cmd_fit)
 
     p = sub.add_parser(

@@ -113,19 +113,58 @@ class DataConfig:
 
 @dataclass
 class OptimizerConfig:
-    lr: float = doc(4e-4, "Peak learning rate (AdamW).")
+    name: Literal["adamw", "adafactor"] = doc(
+        "adamw",
+        "`adamw` (torch.optim.AdamW; keys beta1, beta2, eps) or `adafactor` (torch.optim.Adafactor, Shazeer & "
+        "Stern 2018: a matrix's second moment kept as a row and a column running average, no first moment, "
+        "a step relative to the parameter's RMS; keys beta2_decay, clip_threshold). Both decay matrices only "
+        "(optimizer.weight_decay), follow schedule.* from optimizer.lr and clip by optimizer.grad_clip. "
+        "adafactor needs strategy.name ddp, single or auto (not deepspeed: ZeRO's flat 1-D partitions "
+        "would silently unfactor it; not fsdp: torch's Adafactor step fails on FSDP2's DTensors).",
+    )
+    lr: float = doc(
+        4e-4,
+        "Peak learning rate (schedule.* scales it each step to lr_t). adamw: the step size. adafactor: the "
+        "relative step size: torch's Adafactor moves each parameter by min(lr_t, 1/sqrt(t)) x max(1e-3, "
+        "RMS(parameter)) times its normalised, clipped update (t the optimizer's step count), so 0.01 means a "
+        "step of 1% of the parameter's RMS, as the 0.01 of the Adafactor paper and of T5X / optax. The "
+        "1/sqrt(t) cap is the paper's rho_t = min(0.01, 1/sqrt(t)), kept by torch with lr_t for 0.01 (T5X and "
+        "optax, given a schedule, do not cap): it binds once t > 1/lr_t^2 (step 10,000 at lr_t = 0.01).",
+    )
     min_lr: float = doc(4e-5, "Learning rate at the end of the cosine decay.")
-    weight_decay: float = doc(0.1, "Decoupled weight decay on matrices (not on norms or biases).")
-    beta1: float = doc(0.9, "AdamW beta1.")
-    beta2: float = doc(0.95, "AdamW beta2.")
-    eps: float = doc(1e-8, "AdamW epsilon.")
+    weight_decay: float = doc(
+        0.1,
+        "Decoupled weight decay on matrices (not on norms or biases), both optimizers: each step "
+        "multiplies them by 1 - lr_t x weight_decay (lr_t the scheduled lr).",
+    )
+    beta1: float = doc(0.9, "AdamW beta1 (adamw only; adafactor keeps no first moment).")
+    beta2: float = doc(0.95, "AdamW beta2 (adamw only; adafactor: optimizer.beta2_decay).")
+    eps: float = doc(
+        1e-8,
+        "AdamW epsilon (adamw only; adafactor uses torch's defaults: eps1 the parameter dtype's machine "
+        "epsilon in the denominators, eps2 = 1e-3 the floor of RMS(parameter)).",
+    )
+    beta2_decay: float = doc(
+        -0.8,
+        "adafactor only: the second-moment running averages use beta2_t = 1 - t^beta2_decay at step t "
+        "(torch's beta2_decay); -0.8 is the Adafactor paper's (and RedLLM's) decay 0.8. Must be <= 0.",
+    )
+    clip_threshold: float = doc(
+        1.0,
+        "adafactor only: update clipping threshold d (torch's `d`): each parameter's update is divided by "
+        "max(1, RMS(update) / d); 1.0 as in the Adafactor paper, .inf disables it; torch requires >= 1. "
+        "Independent of optimizer.grad_clip (the global gradient norm, clipped before the step).",
+    )
     grad_clip: float = doc(1.0, "Clip the global gradient norm to this value (0 disables).")
     implementation: Literal["auto", "fused", "foreach", "for-loop"] = doc(
         "auto",
-        "How torch's AdamW runs its update: `fused` (one kernel over all parameters, CPU and CUDA), `foreach` "
-        "(batched per-op kernels), `for-loop` (one parameter at a time, the reference); `auto`: fused where "
-        "every parameter is a float tensor on a CPU or CUDA device, else foreach. Same update either way "
-        "(up to float rounding); fused is about 4x faster than for-loop on a CPU.",
+        "How torch's optimizer runs its update. adamw: `fused` (one kernel over all parameters, CPU and "
+        "CUDA), `foreach` (batched per-op kernels), `for-loop` (one parameter at a time, the reference); "
+        "`auto`: fused where every parameter is a float tensor on a CPU or CUDA device, else foreach. Same "
+        "update either way (up to float rounding); fused is about 4x faster than for-loop on a CPU. "
+        "adafactor: `foreach` or `for-loop` (torch has no fused Adafactor: `fused` is refused); `auto`: "
+        "foreach where every parameter is on a device with foreach kernels (CUDA), else for-loop (on a CPU "
+        "foreach only loops, and it holds about one more parameter-size of temporaries).",
     )
 
     def validate(self) -> None:
@@ -155,6 +194,21 @@ class OptimizerConfig:
         if not (self.grad_clip >= 0 and math.isfinite(self.grad_clip)):
             raise ConfigError(
                 f"optimizer.grad_clip must be >= 0 (0 disables clipping), got {self.grad_clip}"
+            )
+        if not (self.beta2_decay <= 0 and math.isfinite(self.beta2_decay)):
+            raise ConfigError(
+                f"optimizer.beta2_decay must be <= 0 (and finite; e.g. -0.8, the Adafactor paper's decay "
+                f"0.8), got {self.beta2_decay}: Adafactor's beta2 at step t is 1 - t^beta2_decay"
+            )
+        if not self.clip_threshold >= 1:  # also refuses NaN; .inf (no clipping) is fine
+            raise ConfigError(
+                f"optimizer.clip_threshold must be >= 1 (1.0 in the Adafactor paper), got "
+                f"{self.clip_threshold}: torch's Adafactor refuses a clipping threshold d below 1"
+            )
+        if self.name == "adafactor" and self.implementation == "fused":
+            raise ConfigError(
+                "optimizer.implementation=fused is not available with optimizer.name=adafactor: torch's "
+                "Adafactor has no fused kernel; use foreach, for-loop or auto"
             )
 
 
@@ -291,6 +345,12 @@ class EvalConfig:
     )
     at_start: bool = doc(
         True, "Evaluate before the first step (gives the initial validation loss)."
+    )
+    loss_from: int = doc(
+        0,
+        "model.arch decoder: validation loss over the targets at block positions >= this only (0 = all). "
+        "Set it to an encoder-decoder's encoder length (half the block by default) to compare both families "
+        "on the same predictions: the encoder-decoder's validation loss is over its decoder's targets.",
     )
 
 
@@ -598,6 +658,22 @@ class Config:
             raise ConfigError(
                 f"train.seq_len={self.train.seq_len} must be in 1..model.max_seq_len={self.model.max_seq_len}"
             )
+        if not 0 <= self.eval.loss_from < self.seq_len:
+            raise ConfigError(
+                f"eval.loss_from={self.eval.loss_from} must be in [0, {self.seq_len}) (the training sequence length)"
+            )
+        if self.eval.loss_from and self.model.arch != "decoder":
+            raise ConfigError(
+                "eval.loss_from applies to model.arch=decoder: the encoder-decoder's validation loss is "
+                "already over its decoder's targets (set model.encoder_len to move the split)"
+            )
+        if self.model.arch == "encoder_decoder" and not (
+            self.model.encoder_len < self.seq_len and self.seq_len >= 2
+        ):
+            raise ConfigError(
+                f"model.encoder_len={self.model.encoder_len} leaves no decoder tokens in a training block of "
+                f"{self.seq_len} (train.seq_len): choose an encoder_len below it (0 = half the block)"
+            )
         if self.train.global_batch_size is not None and self.train.global_batch_tokens is not None:
             raise ConfigError(
                 "set only one of train.global_batch_size and train.global_batch_tokens"
@@ -607,6 +683,17 @@ class Config:
                 "checkpoint.async_save=true is not supported with strategy.name=deepspeed: DeepSpeed writes "
                 "its own sharded checkpoint files from every rank, which cannot be snapshotted and written in "
                 "a background thread; set checkpoint.async_save=false"
+            )
+        if self.optimizer.name == "adafactor" and self.strategy.name in ("deepspeed", "fsdp"):
+            why = {
+                "deepspeed": "ZeRO hands the optimizer flat 1-D partitions, so Adafactor's row/column "
+                "factorisation (and its per-parameter RMS) would silently become an unfactored one",
+                "fsdp": "FSDP2's parameters are DTensors, on which torch's Adafactor step fails (in-place "
+                "ops on the partial column sums)",
+            }[self.strategy.name]
+            raise ConfigError(
+                f"optimizer.name=adafactor does not work with strategy.name={self.strategy.name}: {why}; "
+                "use strategy.name=ddp (Adafactor's factored state is small: replicating it costs little)"
             )
         if (
             self.checkpoint.async_save

@@ -1,4 +1,4 @@
-"""Pretrain a Llama model with Lightning Fabric.
+"""Pretrain a Llama (or RedLLM encoder-decoder) model with Lightning Fabric.
 
     python orchestrator/train.py --config configs/quickstart.yaml --train.max_steps 100
     fabric run --accelerator=cpu --devices=2 orchestrator/train.py -- --config configs/quickstart.yaml
@@ -28,7 +28,8 @@ import torch
 from lightning.fabric import Fabric
 
 from data.loader import source_samples
-from models.llama import Llama, count_parameters
+from models.build import build_model
+from models.llama import count_parameters
 from orchestrator.checkpoint.checkpointer import Checkpointer
 from orchestrator.checkpoint.layout import (
     checkpoint_root,
@@ -145,7 +146,7 @@ def setup(cfg: Config, stop_signals: StopSignals) -> Run:
 
     fabric.seed_everything(cfg.run.seed)
     with fabric.init_module():
-        model = Llama(cfg.model)
+        model = build_model(cfg.model)  # model.arch: Llama or the encoder-decoder
     if wants_activation_checkpointing_outside(cfg):  # FSDP applies it while sharding
         apply_activation_checkpointing(model, cfg.strategy.activation_checkpointing)
     if cfg.model.compile:  # torch.compile each block in place (names and hooks unchanged)

@@ -40,12 +40,24 @@ def checkpointing_mode(value: bool | str) -> str:
     return value
 
 
+# Where each family keeps its transformer blocks, in forward order: Llama's `blocks`; the
+# encoder-decoder's `encoder_blocks`, then `decoder_blocks` (models/encdec.py).
+BLOCK_LISTS = ("blocks", "encoder_blocks", "decoder_blocks")
+
+
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The units that strategies shard, checkpoint and compile: `model.blocks`."""
-    blocks = getattr(model, "blocks", None)
-    if not isinstance(blocks, nn.ModuleList):
-        raise TypeError(f"{type(model).__name__} has no `blocks` ModuleList of transformer blocks")
-    return list(blocks)
+    """The units that strategies shard, checkpoint and compile, in forward order."""
+    blocks = [
+        block
+        for name in BLOCK_LISTS
+        if isinstance(getattr(model, name, None), nn.ModuleList)
+        for block in getattr(model, name)
+    ]
+    if not blocks:
+        raise TypeError(
+            f"{type(model).__name__} has no ModuleList of transformer blocks ({', '.join(BLOCK_LISTS)})"
+        )
+    return blocks
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: bool | str = "full") -> nn.Module:

@@ -8,7 +8,9 @@ tasks on an exported model with local data (nothing is downloaded).
 
 Perplexity: exp of the mean next-token cross-entropy over every token of the prepared split
 (sequences of seq_len + 1 tokens, as in training; the last partial batch included), computed in
-one process without Fabric.
+one process without Fabric. The encoder-decoder (`model.arch: encoder_decoder`) is scored as its
+validation scores it: the first model.encoder_len tokens of each block (0: half) are encoded and
+the loss is over the decoder's predictions of the rest.
 
 Harness: `lm_eval.simple_evaluate` with the `hf` model (transformers' LlamaForCausalLM loading the
 directory `orchestrator export` wrote, or a checkpoint exported on the fly into a temporary
@@ -27,6 +29,17 @@ counted as a predicted token (the harness's issue #3333); with `add_bos_token=Fa
 arguments they are scored exactly like `[BOS] document` (what `--checkpoint` perplexity does), but
 multiple-choice contexts then lose their BOS. Run perplexity tasks with
 `--model-args add_bos_token=False` and multiple-choice tasks without it.
+
+The encoder-decoder has no Hugging Face export (orchestrator/tools/hf.py says why), so the
+harness scores its checkpoint in this process (`checkpoint_lm`), with the harness's own
+tokenisation of each (context, continuation) pair (as its `hf` model does: [BOS] + context, the
+continuation split off after the context's tokens). Scoring is the prefix LM's
+(`continuation_logprobs`): the encoder reads the context but its last token, the decoder reads
+that token and the continuation but its last, and predicts the continuation; one example at a
+time, as contexts differ in length. So a task needs a non-empty context. Greedy generation tasks
+(`generate_until`, exact match) use `orchestrator.tools.generate.generate`. Rolling perplexity
+tasks are refused: they score a document from BOS alone, which leaves the encoder nothing to
+read (the model is never trained so); use `--checkpoint` validation perplexity instead.
 """
 
 from __future__ import annotations
@@ -48,8 +61,16 @@ import torch.nn.functional as F
 
 from data.loader import make_dataloader, resolve_split
 from data.sample_corpus import _world_cache, generate_document
-from orchestrator.checkpoint.layout import MANIFEST_NAME, META_NAME, resolve_checkpoint
+from data.tokenizer import Tokenizer
+from models.llama import LanguageModel
+from orchestrator.checkpoint.layout import (
+    MANIFEST_NAME,
+    META_NAME,
+    load_saved_config,
+    resolve_checkpoint,
+)
 from orchestrator.devices import pick_device
+from orchestrator.tools.generate import generate
 from orchestrator.tools.hf import DTYPES, export_checkpoint, load_model
 
 OFFLINE_ENV = {
@@ -113,13 +134,12 @@ def evaluate_checkpoint(
             if max_batches and i >= max_batches:
                 break
             batch = batch.to(dev).long()  # (B, T+1)
-            logits = model(batch[:, :-1])  # (B, T, V)
+            logits = model(batch[:, :-1])  # (B, T, V); the encoder-decoder: (B, T-P, V)
+            targets = batch[:, batch.shape[1] - logits.shape[1] :]  # the tokens they predict
             total_loss += float(
-                F.cross_entropy(
-                    logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum"
-                )
+                F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
             )
-            tokens += batch[:, 1:].numel()
+            tokens += targets.numel()
             sequences += batch.shape[0]
     if tokens == 0:
         raise ValueError(f"{split_dir} holds no sequence of {T + 1} tokens: lower --seq-len")
@@ -142,6 +162,52 @@ def evaluate_checkpoint(
         "seq_len": T,
         "seconds": time.perf_counter() - started,
     }
+
+
+# --------------------------------------------------------------------------------------------
+# Log-likelihood of a continuation (either family)
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def continuation_logprobs(
+    model: LanguageModel, context: list[int], continuation: list[int]
+) -> tuple[torch.Tensor, bool]:
+    """(log p of each continuation token given the context and the continuation before it: (C,)
+    fp32 on the model's device, whether greedy decoding would produce the continuation).
+
+    Decoder: the logits of model(ids[:-1]) over ids = context + continuation, at the last
+    len(continuation) positions. Encoder-decoder (prefix LM): the same block with
+    encoder_len = len(context) - 1: the encoder reads the context but its last token, the decoder
+    reads [last context token] + continuation[:-1], and its logits are exactly the continuation's.
+    A context longer than the model's window loses its first tokens (as the harness's `hf` model
+    truncates); the encoder-decoder keeps at least two (one to encode, one to start the decoder).
+    """
+    if not continuation:
+        raise ValueError("an empty continuation has no tokens to score")
+    encdec = model.cfg.arch == "encoder_decoder"
+    window = model.cfg.max_seq_len + 1  # block length + the last target
+    ids = (context + continuation)[-window:]
+    n_context = len(ids) - len(continuation)
+    if n_context < (2 if encdec else 1):
+        raise ValueError(
+            f"a context of {len(context)} tokens with a continuation of {len(continuation)} in a "
+            f"window of {model.cfg.max_seq_len} leaves {max(n_context, 0)} context tokens: "
+            + (
+                "the encoder-decoder needs >= 2 (its encoder reads all but the last, which starts "
+                "the decoder): give a non-empty context after BOS, or a shorter continuation"
+                if encdec
+                else "the continuation must fit the window after at least one context token"
+            )
+        )
+    device = next(model.parameters()).device
+    inputs = torch.tensor([ids[:-1]], device=device)  # (1, L-1)
+    kwargs = {"encoder_len": n_context - 1} if encdec else {}
+    logits = model(inputs, **kwargs)[0, -len(continuation) :]  # (C, V)
+    targets = torch.tensor(continuation, device=device)  # (C,)
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (C, V)
+    greedy = bool((logits.argmax(dim=-1) == targets).all())
+    return logp[torch.arange(len(continuation), device=device), targets], greedy
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,6 +318,98 @@ def go_offline() -> None:
         )
 
 
+ROLLING_REFUSAL = (
+    "rolling perplexity tasks score a document from BOS alone, which leaves the encoder-decoder's "
+    "encoder nothing to read: evaluate its perplexity with `orchestrator evaluate --checkpoint "
+    "CKPT` (the validation split, scored as in training), or run multiple-choice / generation tasks"
+)
+
+
+def is_encoder_decoder_checkpoint(path: str | Path) -> bool:
+    """Whether `path` is a checkpoint (or run dir) of ours holding an encoder-decoder model."""
+    try:
+        return load_saved_config(resolve_checkpoint(path)).model.arch == "encoder_decoder"
+    except FileNotFoundError:
+        return False
+
+
+def checkpoint_lm(
+    checkpoint: str | Path,
+    device: str = "cpu",
+    dtype: str = "float32",
+    tokenizer: str | Path | None = None,
+):
+    """An lm-evaluation-harness model (`lm_eval.api.model.TemplateLM`) over a checkpoint, scored in
+    this process: for the encoder-decoder, which has no `hf` model (see the module docstring). Its
+    scoring works for either family, but a decoder goes through its export and the `hf` model,
+    which also scores rolling perplexity (refused here)."""
+    from lm_eval.api.model import TemplateLM  # after go_offline(), like every harness import
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}")
+    model, cfg = load_model(checkpoint, device=pick_device(device), dtype=DTYPES[dtype])
+    tok = Tokenizer(tokenizer or cfg.data.tokenizer)
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise ValueError(
+            f"tokenizer {tok.path} has {tok.vocab_size} pieces, more than model.vocab_size="
+            f"{cfg.model.vocab_size}: is it the tokenizer the model was trained with?"
+        )
+    if tok.bos_id < 0:
+        raise ValueError(f"tokenizer {tok.path} has no BOS token, which every context starts with")
+
+    class CheckpointLM(TemplateLM):
+        @property
+        def eot_token_id(self) -> int:
+            return tok.eos_id
+
+        @property
+        def prefix_token_id(self) -> int:
+            return tok.bos_id  # what an empty context becomes (BOS starts every document)
+
+        @property
+        def max_length(self) -> int:
+            return cfg.model.max_seq_len
+
+        def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs):
+            return tok.encode(string, bos=add_special_tokens is not False)  # as the hf model: BOS
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
+            out = []
+            for _, context, continuation in requests:  # one at a time: contexts differ in length
+                logp, greedy = continuation_logprobs(model, context, continuation)
+                out.append((float(logp.sum()), greedy))
+            return out
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            raise ValueError(ROLLING_REFUSAL)
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            out = []
+            for request in requests:
+                context, kwargs = request.args
+                until = kwargs.get("until") or []
+                until = [until] if isinstance(until, str) else list(until)
+                max_new = int(kwargs.get("max_gen_toks", 256))
+                ids = self.tok_encode(context)
+                ids = ids[-max(cfg.model.max_seq_len - max_new, 2) :]  # the hf model's truncation
+                eos = tok.eos_id if tok.eos_id >= 0 else None
+                # Greedy, as the harness's generation tasks ask by default.
+                out_ids = generate(model, torch.tensor([ids]), max_new, temperature=0.0, eos_id=eos,
+                                   vocab_limit=tok.vocab_size)  # fmt: skip
+                new = out_ids[0, len(ids) :].tolist()
+                if eos is not None and eos in new:
+                    new = new[: new.index(eos)]
+                # Decoded after the context, so that a leading space survives sentencepiece.
+                prompt, whole = tok.decode(ids), tok.decode(ids + new)
+                text = whole[len(prompt) :] if whole.startswith(prompt) else tok.decode(new)
+                for stop in until:
+                    text = text.split(stop)[0]
+                out.append(text)
+            return out
+
+    return CheckpointLM()
+
+
 def run_lm_eval(
     hf_dir: str | Path,
     tasks: list[str],
@@ -264,7 +422,8 @@ def run_lm_eval(
 ) -> dict[str, Any]:
     """lm-evaluation-harness on an exported model directory; returns the harness's `results`
     (per task: metric -> value, with `<metric>_stderr`). `model_args`: more `key=value,...` for the
-    harness's `hf` model, e.g. `add_bos_token=False` (see the module docstring)."""
+    harness's `hf` model, e.g. `add_bos_token=False` (see the module docstring). An encoder-decoder
+    checkpoint (what `export_for_harness` passes for one) is scored by `checkpoint_lm` instead."""
     go_offline()
     try:  # lm-eval: optional extra (`eval`), imported after go_offline() so it stays offline
         from lm_eval import simple_evaluate
@@ -275,9 +434,15 @@ def run_lm_eval(
             "(or this project's `eval` extra)"
         ) from e
     hf_dir = Path(hf_dir)
-    if not (hf_dir / "config.json").is_file():
+    native = not (hf_dir / "config.json").is_file() and is_encoder_decoder_checkpoint(hf_dir)
+    if not native and not (hf_dir / "config.json").is_file():
         raise FileNotFoundError(
             f"{hf_dir} has no config.json: pass a directory written by `orchestrator export`"
+        )
+    if native and model_args:
+        raise ValueError(
+            f"--model-args {model_args!r} are for the harness's hf model; {hf_dir} is an "
+            "encoder-decoder checkpoint, scored in this process (it has no Hugging Face export)"
         )
     # Indexing the harness's thousands of built-in task files takes long; local tasks need none of them.
     manager = (
@@ -294,9 +459,15 @@ def run_lm_eval(
             f"unknown harness task(s) {unknown}{where}: write one with `orchestrator evaluate "
             "--local-task FILE.jsonl` or `--write-sample-tasks DIR`, and pass --include-path"
         )
+    # Before any scoring where the task files say so (a group's members are refused when reached).
+    rolling = [t for t in tasks if native and _output_type(manager, t) == "loglikelihood_rolling"]
+    if rolling:
+        raise ValueError(f"task(s) {', '.join(rolling)}: {ROLLING_REFUSAL}")
     out = simple_evaluate(
-        model="hf",
-        model_args=f"pretrained={hf_dir},dtype={dtype}" + (f",{model_args}" if model_args else ""),
+        model=checkpoint_lm(hf_dir, device, dtype) if native else "hf",
+        model_args=None
+        if native
+        else f"pretrained={hf_dir},dtype={dtype}" + (f",{model_args}" if model_args else ""),
         tasks=tasks,
         task_manager=manager,
         device=device,
@@ -307,8 +478,19 @@ def run_lm_eval(
     return out["results"]
 
 
+def _output_type(manager, task: str) -> str | None:
+    """A task's `output_type` as its YAML file gives it (None for groups, or when not written there)."""
+    entry = getattr(manager, "task_index", {}).get(task)
+    cfg = getattr(entry, "cfg", None)
+    return cfg.get("output_type") if isinstance(cfg, dict) else None
+
+
 def export_for_harness(checkpoint: str | Path, tokenizer: str | None = None) -> Path:
-    """Export a checkpoint into a temporary HF directory (deleted at interpreter exit)."""
+    """Export a checkpoint into a temporary HF directory (deleted at interpreter exit). An
+    encoder-decoder has no export: its checkpoint is returned as it is, for `run_lm_eval` to score
+    in this process."""
+    if is_encoder_decoder_checkpoint(checkpoint):
+        return resolve_checkpoint(checkpoint)
     tmp = Path(tempfile.mkdtemp(prefix="orchestrator-eval-"))
     atexit.register(shutil.rmtree, tmp, ignore_errors=True)
     export_checkpoint(checkpoint, tmp / "hf", tokenizer=tokenizer, dtype="float32")

@@ -7,6 +7,11 @@ The prompt is encoded as in training ([bos] + sentencepiece ids) and fed once (p
 new token then costs one forward pass over a single position, attending to the cached keys
 and values (`models.llama.KVCache`). `temperature 0` is greedy decoding. Generation stops at
 the end-of-sequence token, after `max_new_tokens`, or at the model's context length.
+
+Both families (`model.arch`): the encoder-decoder (models/encdec.py) encodes all of the prompt
+but its last token once, at prefill, and its decoder starts from that last token, so its prompt
+needs >= 2 tokens ([bos] + at least one piece); its cache (`EncoderDecoderCache`) also holds each
+decoder layer's cross-attention keys/values, computed once from the encoder's output.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from pathlib import Path
 import torch
 
 from data.tokenizer import Tokenizer
-from models.llama import KVCache, Llama
+from models.build import generation_cache
+from models.llama import LanguageModel
 from orchestrator.devices import pick_device
 from orchestrator.tools.hf import DTYPES, load_model
 
@@ -49,7 +55,7 @@ def sample_next(
 
 @torch.no_grad()
 def generate(
-    model: Llama,
+    model: LanguageModel,
     input_ids: torch.Tensor,
     max_new_tokens: int,
     temperature: float = 1.0,
@@ -65,10 +71,18 @@ def generate(
     `vocab_limit`: never produce ids >= this (the rows a padded embedding has beyond the tokenizer).
     The KV cache holds keys/values in the dtype attention computes in (bf16 under autocast or FSDP2
     bf16 mixed precision, whatever the parameters' dtype): see `models.llama.KVCache`.
+    Either family (`models.build.generation_cache` picks the cache); the encoder-decoder's prefill
+    returns only the logits of the prompt's last token, (B, 1, V), which is all that is read.
     """
     if input_ids.ndim != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be (batch, length>0), got shape {tuple(input_ids.shape)}")
     B, T = input_ids.shape
+    if model.cfg.arch == "encoder_decoder" and T < 2:
+        raise ValueError(
+            f"the encoder-decoder needs a prompt of at least 2 tokens, got {T}: its encoder reads all "
+            "of the prompt but the last token, which starts the decoder, so BOS alone (an empty "
+            "prompt) leaves it nothing to encode: give a non-empty prompt after BOS"
+        )
     max_len = model.cfg.max_seq_len
     if T > max_len:
         raise ValueError(
@@ -80,12 +94,12 @@ def generate(
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
     steps = min(max_new_tokens, max_len - T)
-    cache = KVCache(model.cfg, B, max_len=T + steps)  # buffers in the compute dtype
+    cache = generation_cache(model.cfg, B, max_len=T + steps)  # buffers in the compute dtype
     was_training = model.training
     model.eval()
     out = [input_ids]
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    logits = model(input_ids, kv_cache=cache, start_pos=0)[:, -1]  # (B, V), prefill
+    logits = model(input_ids, kv_cache=cache, start_pos=0)[:, -1]  # (B, V), prefill (either family)
     for i in range(steps):
         if vocab_limit is not None:
             logits[:, vocab_limit:] = float("-inf")

@@ -13,6 +13,14 @@ rotate-half layout of `LlamaForCausalLM`. Options that `LlamaForCausalLM` cannot
 (gated attention, sandwich norm, QK-norm) are refused with a message naming them; the z-loss
 changes only the training objective, not the weights, and exports like any model.
 
+The encoder-decoder (`model.arch: encoder_decoder`, RedLLM, models/encdec.py) is not exported:
+no standard transformers class computes it. T5 and its kin use relative-position biases, BART and
+its kin learned absolute positions; the RoPE encoder-decoders there (T5Gemma, T5Gemma2,
+Moonshine, Dia) have Gemma or speech blocks and no RoPE across the two stacks, while RedLLM
+rotates cross-attention's queries and keys at continuous positions (encoder 0..P-1, decoder
+P..). Its checkpoints stay in this project's format: `orchestrator generate` and `orchestrator
+evaluate` read them directly (`load_model` builds either family).
+
 Import reads a Llama directory (safetensors or PyTorch .bin, single or sharded) into a
 checkpoint directory of our layout: `state` (model weights and progress at step 0, no optimizer),
 `config.yaml`, `meta.json`, the sentencepiece `tokenizer.model`, and `manifest.json` (sizes and
@@ -39,8 +47,9 @@ from safetensors.torch import load_file, save_file
 from sentencepiece import sentencepiece_model_pb2
 
 from data.util import parse_size
+from models.build import build_model
 from models.config import SIZES, ModelConfig, model_config
-from models.llama import Llama
+from models.llama import LanguageModel, Llama
 from orchestrator.checkpoint.consolidate import load_model_state  # any strategy's, one process
 from orchestrator.checkpoint.layout import (
     CONFIG_NAME,
@@ -63,16 +72,17 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # what transformers' save_pretrained uses
 
 def load_model(
     ckpt_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
-):
-    """(Llama, Config) from a checkpoint, built on the meta device so weights exist only once."""
+) -> tuple[LanguageModel, Config]:
+    """(model, Config) from a checkpoint: the family model.arch names (Llama or the encoder-decoder),
+    built on the meta device so weights exist only once."""
     ckpt_dir = resolve_checkpoint(ckpt_dir)
     check_matches_manifest(ckpt_dir, checksums=False)  # sizes only: fast
     cfg = load_saved_config(ckpt_dir)
     state = load_model_state(ckpt_dir)
     with torch.device("meta"):
-        model = Llama(cfg.model)
+        model = build_model(cfg.model)
     model.load_state_dict(state, strict=True, assign=True)
-    model.tie_weights()
+    model.tie_weights()  # assign=True replaced the shared matrix in one of its two places
     model.to(device=device, dtype=dtype)
     model.eval()
     return model, cfg
@@ -113,6 +123,14 @@ def hf_names(cfg: ModelConfig) -> dict[str, str]:
 
 def check_exportable(cfg: ModelConfig) -> None:
     """Raise ConfigError naming each option that LlamaForCausalLM cannot express."""
+    if cfg.arch == "encoder_decoder":
+        raise ConfigError(
+            "this model cannot be exported: model.arch=encoder_decoder (RedLLM) matches no standard "
+            "Hugging Face class (T5 uses relative-position biases, BART learned absolute positions; "
+            "none rotates cross-attention's queries and keys with RoPE at continuous encoder/decoder "
+            "positions). Its checkpoints stay in this project's format: `orchestrator generate` and "
+            "`orchestrator evaluate --checkpoint` read them directly."
+        )
     problems = []
     if cfg.attn_gate != "none":
         problems.append(
@@ -238,14 +256,16 @@ def model_config_from_hf(hf: dict[str, Any], source: str | Path = "config.json")
 
 
 def _closest_size(fields: dict) -> str:
-    """The named size with exactly these shapes, else the one nearest in parameter count (a label only:
-    every shape field is set explicitly)."""
+    """The decoder size with exactly these shapes, else the one nearest in parameter count (a label
+    only: every shape field is set explicitly). Decoder sizes only: a `redllm-*` preset would also
+    bring model.arch=encoder_decoder, and an imported Llama is a decoder."""
+    decoders = [n for n, preset in SIZES.items() if preset.get("arch", "decoder") == "decoder"]
     shape_keys = ("vocab_size", "n_layers", "d_model", "n_heads", "n_kv_heads", "ffn_hidden")
-    for name, preset in SIZES.items():
-        if all(preset[k] == fields[k] for k in shape_keys):
+    for name in decoders:
+        if all(SIZES[name][k] == fields[k] for k in shape_keys):
             return name
     target = ModelConfig(name="", **fields).num_params()
-    return min(SIZES, key=lambda n: abs(model_config(n).num_params() - target))
+    return min(decoders, key=lambda n: abs(model_config(n).num_params() - target))
 
 
 # --------------------------------------------------------------------------------------------

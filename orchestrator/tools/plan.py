@@ -15,6 +15,11 @@ of the measured-throughput table for the device (same model size, or another siz
 carried over through models/flops.py), else an assumed MFU (--mfu, default 40%, what published
 1B-scale H100 runs reach).
 
+The plan is for decoder-only pretraining (Chinchilla's 6 N D and D ~= 20 N were fitted on decoders):
+it names, measures and carries MFU over from the decoder sizes only (`model.arch: decoder`); the
+encoder-decoder `redllm-*` sizes (models/encdec.py) are neither recommended nor taken as
+measurements, and `--model redllm-...` is refused.
+
 The measured-throughput table ships with the package (orchestrator/resources/throughput.md, read
 through importlib.resources: no checkout needed); `--results FILE` reads another file of the
 same markdown format instead, e.g. benchmarks/RESULTS.md.
@@ -32,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from data.util import parse_count
-from models.config import SIZES, model_config
+from models.config import SIZES, model_config, paired_size
 from models.flops import flops_per_token
 from orchestrator.devices import device_names, device_peak_flops
 
@@ -50,9 +55,14 @@ def compute_optimal(
     return n, tokens_per_param * n
 
 
+def decoder_sizes() -> list[str]:
+    """The named sizes of the decoder-only family (model.arch decoder), in ladder order."""
+    return [name for name in SIZES if model_config(name).arch == "decoder"]
+
+
 def named_sizes() -> dict[str, int]:
-    """Parameter count of every named size (the sample-corpus `tiny` left out)."""
-    return {name: model_config(name).num_params() for name in SIZES if name != "tiny"}
+    """Parameter count of every named decoder size (the sample-corpus `tiny` left out)."""
+    return {name: model_config(name).num_params() for name in decoder_sizes() if name != "tiny"}
 
 
 def nearest_size(params: float) -> str:
@@ -125,10 +135,22 @@ def read_results(path: str | Path | Traversable = DEFAULT_RESULTS) -> list[Measu
 
 
 def size_of(model_cell: str) -> str | None:
-    """The named size a results row is about (its name appears in the cell)."""
+    """The named size a results row is about: its name appears in the cell as a whole word, not
+    inside another name ("tiny" is not in "redllm-tiny" or "tinyllama-1.1b"). Of both families;
+    see `decoder_size_of`."""
     cell = model_cell.lower()
-    matches = [name for name in SIZES if name in cell]
+    matches = [
+        name
+        for name in SIZES
+        if re.search(rf"(?<![\w.-]){re.escape(name.lower())}(?![\w]|\.\d)", cell)
+    ]
     return max(matches, key=len) if matches else None
+
+
+def decoder_size_of(model_cell: str) -> str | None:
+    """The named decoder size a results row is about (None for an encoder-decoder's row)."""
+    name = size_of(model_cell)
+    return name if name is not None and model_config(name).arch == "decoder" else None
 
 
 def throughput(
@@ -149,14 +171,16 @@ def throughput(
             for r in read_results(results)
             if device.lower().replace("-", " ") in r.device.lower().replace("-", " ")
         ]
-        same = [r for r in rows if size_of(r.model) == name]
+        same = [r for r in rows if decoder_size_of(r.model) == name]
         if same:
             r = same[0]
             return r.tokens_per_sec, f"measured, {Path(r.source).name}: {r.model} on {r.device}"
-        other = [r for r in rows if size_of(r.model)]
+        other = [r for r in rows if decoder_size_of(r.model)]
         if other and peak:
             r = other[0]
-            measured_mfu = r.tokens_per_sec * training_flops_per_token(size_of(r.model)) / peak
+            measured_mfu = (
+                r.tokens_per_sec * training_flops_per_token(decoder_size_of(r.model)) / peak
+            )
             return (
                 measured_mfu * peak / fpt,
                 f"MFU {100 * measured_mfu:.0f}% measured with {r.model} on {r.device} ({Path(r.source).name})",
@@ -187,6 +211,13 @@ def make_plan(
         raise ValueError(
             "give exactly one of --gpu-hours (with --device), --params, --model, --flops"
         )
+    if model is not None and model_config(model).arch != "decoder":
+        pair = paired_size(model)
+        raise ValueError(
+            f"--model {model} is an encoder-decoder (model.arch {model_config(model).arch}): "
+            "`orchestrator plan` sizes decoder-only runs (Chinchilla's 6 N D, D = 20 N)"
+            + (f"; plan its decoder partner instead: --model {pair}" if pair else "")
+        )
     plan: dict[str, Any] = {"tokens_per_param": tokens_per_param, "device": device, "gpus": gpus}
     if gpu_hours is not None:
         peak = device_peak_flops(device) if device else None
@@ -201,11 +232,13 @@ def make_plan(
             rows = [
                 r
                 for r in read_results(results)
-                if device.lower() in r.device.lower() and size_of(r.model)
+                if device.lower() in r.device.lower() and decoder_size_of(r.model)
             ]
             if rows:
                 r = rows[0]
-                use_mfu = r.tokens_per_sec * training_flops_per_token(size_of(r.model)) / peak
+                use_mfu = (
+                    r.tokens_per_sec * training_flops_per_token(decoder_size_of(r.model)) / peak
+                )
                 source = f"measured with {r.model} ({Path(r.source).name})"
         use_mfu = DEFAULT_MFU if use_mfu is None else use_mfu
         flops = gpu_hours * 3600 * peak * use_mfu

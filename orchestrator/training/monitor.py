@@ -138,14 +138,16 @@ def format_flops(flops_per_second: float) -> str:
     return f"{flops_per_second / 1e9:.2f} GFLOP/s"
 
 
-_BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
+_BLOCK = re.compile(r"(?:^|\.)(blocks|encoder_blocks|decoder_blocks)\.(\d+)\.")
+_BLOCK_GROUP = {"blocks": "block", "encoder_blocks": "encoder_block", "decoder_blocks": "decoder_block"}
 
 
 def parameter_group(name: str) -> str:
-    """grad_norm/<group> of a parameter: block_NN, embedding, lm_head or other (final norm)."""
+    """grad_norm/<group> of a parameter: block_NN (encoder_block_NN, decoder_block_NN for the
+    encoder-decoder), embedding, lm_head or other (final norms)."""
     m = _BLOCK.search(name)
     if m:
-        return f"block_{int(m.group(1)):02d}"
+        return f"{_BLOCK_GROUP[m.group(1)]}_{int(m.group(2)):02d}"
     if re.search(r"(?:^|\.)embed\.", name):
         return "embedding"
     if re.search(r"(?:^|\.)lm_head\.", name):

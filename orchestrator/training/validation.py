@@ -7,6 +7,7 @@ import torch
 from lightning.fabric import Fabric
 
 from data.loader import make_dataloader, resolve_split
+from models.kernels import IGNORE_INDEX
 from orchestrator.config import Config
 from orchestrator.training.data import stream_options
 from orchestrator.training.monitor import Monitor
@@ -37,7 +38,9 @@ class Validator:
 
 @torch.no_grad()
 def validate(fabric: Fabric, model: torch.nn.Module, cfg: Config) -> float:
-    """Mean next-token loss over (up to eval.max_batches of) the validation split, all ranks."""
+    """Mean next-token loss over (up to eval.max_batches of) the validation split, all ranks: over
+    every target (the decoder; eval.loss_from: those from that position on), or over the
+    decoder's targets (the encoder-decoder, whose forward pass scores only those)."""
     model.eval()
     stream = stream_options(cfg)
     loader = make_dataloader(
@@ -54,7 +57,11 @@ def validate(fabric: Fabric, model: torch.nn.Module, cfg: Config) -> float:
         if cfg.eval.max_batches and i >= cfg.eval.max_batches:
             break
         tokens = tokens.to(fabric.device).long()  # (B, T+1)
-        totals[0] += model(tokens[:, :-1], targets=tokens[:, 1:]).double()  # mean next-token loss
+        targets = tokens[:, 1:]  # (B, T)
+        if cfg.eval.loss_from:  # score the positions an encoder-decoder's decoder predicts
+            targets = targets.clone()
+            targets[:, : cfg.eval.loss_from] = IGNORE_INDEX
+        totals[0] += model(tokens[:, :-1], targets=targets).double()  # mean next-token loss
         totals[1] += 1
     totals = fabric.all_reduce(totals, reduce_op="sum")
     model.train()

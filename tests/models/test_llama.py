@@ -77,20 +77,33 @@ def test_tied_embeddings_share_storage():
 
 @pytest.mark.parametrize("name", list(SIZES))
 def test_every_size_builds_on_meta_with_exact_count(name):
+    from models.build import build_model
+    from models.encdec import EncoderDecoder
+
     cfg = model_config(name)
     with torch.device("meta"):
-        model = Llama(cfg)
+        model = build_model(cfg)
+    assert isinstance(model, EncoderDecoder if cfg.arch == "encoder_decoder" else Llama)
     assert count_parameters(model) == cfg.num_params()
 
 
 def test_ladder_spans_millions_to_two_billion():
+    from models.config import REDLLM_PAIRS
+
     counts = {name: model_config(name).num_params() for name in SIZES}
     assert counts["tiny"] < 5e6
     assert 115e6 < counts["llama-124m"] < 135e6  # GPT-2 small scale
     assert 350e6 < counts["llama-400m"] < 450e6
     assert counts["tinyllama-1.1b"] == 1_100_048_384
     assert 1.9e9 < counts["llama-2b"] < 2.2e9
-    assert list(counts.values()) == sorted(counts.values())
+    # Each family's ladder grows (the redllm-* sizes follow the decoders in SIZES).
+    for arch in ("decoder", "encoder_decoder"):
+        family = [counts[n] for n in SIZES if model_config(n).arch == arch]
+        assert len(family) >= 8 and family == sorted(family), arch
+    # Each encoder-decoder size is within 5% of its decoder partner's count.
+    assert set(REDLLM_PAIRS) == {n for n in SIZES if model_config(n).arch == "encoder_decoder"}
+    for red, (dec, _) in REDLLM_PAIRS.items():
+        assert abs(counts[red] / counts[dec] - 1) < 0.05, (red, counts[red], dec, counts[dec])
 
 
 def test_unknown_size_lists_known_ones():

@@ -76,3 +76,23 @@ def test_packaged_quickstart_config_is_the_documented_one(capsys):
     )
     assert main(["config", "--config", str(QUICKSTART_CONFIG)]) == 0
     assert "name: tiny" in capsys.readouterr().out
+
+
+def test_models_lists_both_families_with_their_pairs_and_flops(capsys):
+    from models.config import REDLLM_PAIRS, SIZES, model_config
+    from models.flops import flops_per_token
+
+    assert main(["models", "--seq-len", "512"]) == 0
+    out = capsys.readouterr().out
+    header, *rest = out.splitlines()
+    assert "arch" in header.split() and header.endswith("pairs with")
+    rows = {cells[0]: cells for cells in map(str.split, rest) if cells and cells[0] in SIZES}
+    assert set(rows) == set(SIZES)
+    for red, (dec, layers) in REDLLM_PAIRS.items():
+        assert rows[red][1] == "enc-dec" and rows[red][4] == f"{layers}+{layers}"
+        assert rows[red][-1] == dec and rows[dec][-1] == red
+        assert rows[dec][1] == "decoder" and rows[dec][4] == str(model_config(dec).n_layers)
+        for name in (red, dec):  # GFLOP/tok is the family's own count
+            expected = flops_per_token(model_config(name), 512)["training"] / 1e9
+            assert rows[name][-2] == f"{expected:.2f}"
+    assert "REDLLM_PAIRS" in out and "tied embeddings" in out

@@ -10,8 +10,8 @@ checked through the batch fingerprints. Two processes vs one, and every strategy
 Step 3 of every run is a NaN drill whose update is skipped: each strategy must drop that step's
 gradients and continue identically. The stability options (QK-norm, whose gains shard with their
 block, and the z-loss) train 2 steps under DDP, FSDP2, ZeRO-2 and ZeRO-3 and must agree the same way.
-The 17 training runs start in two concurrent waves (fixture `runs`); the tests then only read their
-outputs.
+The encoder-decoder (RedLLM) trains under each strategy too, and resumes bitwise. The 27 training
+runs start in two concurrent waves (fixture `runs`); the tests then only read their outputs.
 """
 
 import json
@@ -69,6 +69,11 @@ STRATEGIES = {
 STABILITY = ["--model.qk_norm", "true", "--model.z_loss", "1e-3", "--train.max_steps", "2",
              "--checkpoint.interval", "0"]  # fmt: skip
 STABILITY_RUNS = ("ddp", "fsdp", "zero2", "zero3")
+
+# The encoder-decoder (RedLLM, models/encdec.py) on the same data: 2+2 layers, prefix LM with the
+# block split in half. Each strategy trains it 4 steps (`encdec-<name>`, the NaN drill included) and
+# resumes from its step-2 checkpoint (`resume-encdec-<name>`).
+ENCDEC = ["--model.arch", "encoder_decoder", "--model.tie_embeddings", "true"]
 
 
 def clean_env():
@@ -200,10 +205,12 @@ def copy_checkpoint(source_dir, step, run_dir):
 def runs(sample_data, tmp_path_factory):
     """Every training run of this module. The machine has 2 cores that a 2-process run leaves mostly
     idle while it starts up, so independent runs go together, in two waves:
-      1. each strategy with 2 processes, 4 steps (checkpoints at 2 and 4); one process with the same
-         global batch; `fabric run` with flags overriding the config;
-      2. each sharded strategy resumed from its step-2 checkpoint; ZeRO-3 started from the FSDP
-         checkpoint's weights; the `fabric run` resumed; QK-norm + z-loss under DDP, FSDP, ZeRO-2/3.
+      1. each strategy with 2 processes, 4 steps (checkpoints at 2 and 4), for the decoder and for
+         the encoder-decoder; one process with the same global batch; `fabric run` with flags
+         overriding the config;
+      2. each sharded strategy resumed from its step-2 checkpoint (the encoder-decoder: every
+         strategy); ZeRO-3 started from the FSDP checkpoint's weights; the `fabric run` resumed;
+         QK-norm + z-loss under DDP, FSDP, ZeRO-2/3.
     """
     import yaml
 
@@ -218,7 +225,11 @@ def runs(sample_data, tmp_path_factory):
         root / "single", sample_data, "--strategy.name", "single", "--strategy.devices", "1"
     )
     first["fabric-a"] = start_fabric_run(root / "fabric-a", sample_data, config)
-    for r in first.values():
+    encdec = {
+        f"encdec-{name}": start_worker(root / f"encdec-{name}", sample_data, *flags, *ENCDEC)
+        for name, flags in STRATEGIES.items()
+    }
+    for r in [*first.values(), *encdec.values()]:
         r.wait()
     second = {}
     for name in STRATEGIES:
@@ -246,10 +257,17 @@ def runs(sample_data, tmp_path_factory):
         second[f"stability-{name}"] = start_worker(
             root / f"stability-{name}", sample_data, *STRATEGIES[name], *STABILITY
         )
+    for name, flags in STRATEGIES.items():
+        if encdec[f"encdec-{name}"].ok:
+            copy_checkpoint(root / f"encdec-{name}", 2, root / f"resume-encdec-{name}")
+            second[f"resume-encdec-{name}"] = start_worker(
+                root / f"resume-encdec-{name}", sample_data, *flags, *ENCDEC
+            )
     for r in second.values():
         r.wait()
-    print(f"{len(first) + len(second)} training runs in {time.perf_counter() - started:.0f}s")
-    return {**first, **second}
+    total = len(first) + len(encdec) + len(second)
+    print(f"{total} training runs in {time.perf_counter() - started:.0f}s")
+    return {**first, **encdec, **second}
 
 
 @pytest.fixture(scope="session", params=list(STRATEGIES))
@@ -311,6 +329,31 @@ def test_every_strategy_matches_ddp(two_processes, ddp_records, runs):
     stable_params = load_config([*TINY, *STABILITY]).model.num_params()
     assert stable_params == params + 2 * 2 * 16  # 2 layers x (q, k) gains of head_dim 16
     assert f"{stable_params:,} parameters | 2 process(es)" in stable.stdout
+
+
+def test_encoder_decoder_trains_alike_under_every_strategy_and_resumes_bitwise(two_processes, runs):
+    """RedLLM under each strategy: the losses of DDP (within 1e-6, as the decoder's), its parameter
+    count (tied embeddings counted once, also when ZeRO-3 partitions them), and a bitwise resume."""
+    from models.build import build_model
+    from models.llama import count_parameters
+    from orchestrator.config import load_config
+
+    name, decoder_dir, _ = two_processes
+    mine, ddp = (runs[f"encdec-{n}"].check() for n in (name, "ddp"))
+    ours, theirs = losses(mine.run_dir), losses(ddp.run_dir)
+    print(f"encoder-decoder {name} vs ddp: {ours} / {theirs}")
+    assert max_diff(ours, theirs) <= 1e-6, (name, ours, theirs)
+    assert ours[2] == "nan" and ours[-1] < ours[0]  # the drill's step skipped, training went on
+    assert ours[0] != losses(decoder_dir)[0]  # another model on the same data
+    cfg = load_config([*TINY, *ENCDEC]).model
+    params = count_parameters(build_model(cfg))
+    assert params == cfg.num_params() and f"{params:,} parameters | 2 process(es)" in mine.stdout
+    resumed = runs[f"resume-encdec-{name}"].check()
+    assert "Resumed from" in resumed.stdout and "at step 2" in resumed.stdout
+    assert losses(resumed.run_dir) == ours[2:]  # bitwise
+    assert [r["batch_hashes"] for r in records(resumed.run_dir)] == [
+        r["batch_hashes"] for r in records(mine.run_dir)[2:]
+    ]
 
 
 def test_z_loss_is_logged(runs):

@@ -163,3 +163,143 @@ def test_local_task_files_are_checked(tmp_path):
         write_local_task(tmp_path / "t", "bad", bad, "multiple_choice")
     with pytest.raises(FileNotFoundError):
         write_local_task(tmp_path / "t", "x", tmp_path / "missing.jsonl")
+
+
+# --------------------------------------------------------------------------------------------
+# The encoder-decoder (RedLLM): no Hugging Face export, scored in this process
+# --------------------------------------------------------------------------------------------
+
+
+def _random_encdec(vocab_size: int, seed: int = 0):
+    from models.build import build_model
+    from tests.hf_helpers import small_config
+
+    cfg = small_config(arch="encoder_decoder", tie_embeddings=True, vocab_size=vocab_size)
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+@torch.no_grad()
+def _by_hand(model, context, continuation):
+    """log p(continuation tokens) with the model's own encode / decode: the encoder reads the
+    context but its last token, the decoder that token and the continuation but its last."""
+    ids = torch.tensor([context + continuation])
+    P = len(context) - 1
+    logits = model.decode(ids[:, P:-1], model.encode(ids[:, :P]), P)[0]  # (C, V)
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return logp[torch.arange(len(continuation)), torch.tensor(continuation)]
+
+
+def test_continuation_logprobs_of_both_families():
+    from orchestrator.tools.evaluate import continuation_logprobs
+    from tests.hf_helpers import random_model, small_config
+
+    model = _random_encdec(416)
+    g = torch.Generator().manual_seed(0)
+    for n_context, n_continuation in ((2, 1), (5, 3), (17, 9)):
+        context = [1, *torch.randint(3, 416, (n_context - 1,), generator=g).tolist()]
+        continuation = torch.randint(3, 416, (n_continuation,), generator=g).tolist()
+        logp, greedy = continuation_logprobs(model, context, continuation)
+        torch.testing.assert_close(
+            logp, _by_hand(model, context, continuation), rtol=1e-6, atol=1e-6
+        )
+        assert not greedy  # random tokens from a random model
+    # is_greedy: the model's own greedy continuation is greedy.
+    from orchestrator.tools.generate import generate
+
+    out = generate(model, torch.tensor([context]), 4, temperature=0)[0].tolist()
+    assert continuation_logprobs(model, context, out[len(context) :])[1]
+    # A context of BOS alone leaves the encoder nothing; a too-long context loses its first tokens.
+    with pytest.raises(ValueError, match="needs >= 2"):
+        continuation_logprobs(model, [1], [5, 6])
+    long = [1, *range(3, 80)]
+    logp, _ = continuation_logprobs(model, long, [5, 6])
+    torch.testing.assert_close(logp, _by_hand(model, long[-63:], [5, 6]))
+    # The decoder: the logits of model(ids[:-1]), unchanged.
+    llama = random_model(small_config())
+    ids = torch.tensor([context + continuation])
+    with torch.no_grad():
+        logits = torch.log_softmax(llama(ids[:, :-1])[0, -len(continuation) :], dim=-1)
+    expected = logits[torch.arange(len(continuation)), torch.tensor(continuation)]
+    torch.testing.assert_close(continuation_logprobs(llama, context, continuation)[0], expected)
+
+
+def test_validation_perplexity_of_an_encoder_decoder(sample_data, tmp_path):
+    """Scored as its validation scores it: the mean loss over the decoder's predictions."""
+    from data.loader import make_dataloader
+    from tests.hf_helpers import write_checkpoint
+
+    tokens, tokenizer = sample_data
+    model = _random_encdec(512)
+    ckpt = write_checkpoint(tmp_path / "run", model, tokenizer)
+    result = evaluate_checkpoint(ckpt, data=tokens, batch_size=4, seq_len=32, max_batches=2)
+    assert (
+        result["sequences"] == 8 and result["tokens"] == 8 * 16
+    )  # the decoder's half of each block
+    loader = make_dataloader(tokens / "val", seq_len=32, batch_size=4, shuffle=False, seed=0)
+    batches = [b for _, b in zip(range(2), loader)]
+    with torch.no_grad():
+        direct = sum(float(model(b[:, :-1], targets=b[:, 1:])) for b in batches) / 2
+    assert result["loss"] == pytest.approx(direct, rel=1e-5)
+    assert result["perplexity"] == pytest.approx(math.exp(direct), rel=1e-5)
+
+
+def test_harness_tasks_on_an_encoder_decoder_checkpoint(tmp_path, monkeypatch, capsys):
+    """`orchestrator evaluate --checkpoint --tasks` on a checkpoint that cannot be exported: the
+    harness's multiple-choice accuracy is the argmax of our encode/decode log-likelihoods."""
+    pytest.importorskip("lm_eval")
+    from data.tokenizer import Tokenizer
+    from orchestrator.tools.evaluate import OFFLINE_ENV, checkpoint_lm, export_for_harness
+    from tests.hf_helpers import train_sentencepiece, write_checkpoint
+
+    sp_model = train_sentencepiece(tmp_path / "tok" / "tokenizer.model")
+    model = _random_encdec(416, seed=1)
+    ckpt = write_checkpoint(tmp_path / "run", model, sp_model)
+    assert export_for_harness(tmp_path / "run") == ckpt  # nothing exported
+    tasks_dir = tmp_path / "tasks"
+    write_sample_tasks(tasks_dir)
+    for key, value in {**OFFLINE_ENV, "HF_HOME": str(tmp_path / "hf_home")}.items():
+        monkeypatch.setenv(key, value)
+    out = tmp_path / "results.json"
+    argv = ["evaluate", "--checkpoint", str(tmp_path / "run"), "--tasks", "sample_capitals",
+            "--include-path", str(tasks_dir), "--device", "cpu", "--json", str(out)]  # fmt: skip
+    assert cli_main(argv) == 0
+    assert "sample_capitals          acc" in capsys.readouterr().out
+    results = json.loads(out.read_text())["results"]
+
+    tok = Tokenizer(sp_model)
+    items = [json.loads(x) for x in (tasks_dir / "sample_capitals.jsonl").read_text().splitlines()]
+    correct = 0
+    for item in items:  # tokenized as the harness does: together, split after the context's tokens
+        n_context = len(tok.encode(item["context"], bos=True))
+        scores = []
+        for choice in item["choices"]:
+            whole = tok.encode(item["context"] + " " + choice, bos=True)
+            scores.append(float(_by_hand(model, whole[:n_context], whole[n_context:]).sum()))
+        correct += max(range(len(scores)), key=scores.__getitem__) == item["label"]
+    assert results["sample_capitals"]["acc,none"] == pytest.approx(correct / len(items))
+
+    # Generation tasks (exact match): greedy, cut at the stop sequences.
+    from types import SimpleNamespace
+
+    from orchestrator.tools.generate import generate
+
+    lm = checkpoint_lm(ckpt)
+    request = SimpleNamespace(args=("The capital of", {"until": ["\n"], "max_gen_toks": 6}))
+    ids = tok.encode("The capital of", bos=True)
+    new = generate(model, torch.tensor([ids]), 6, temperature=0, eos_id=2, vocab_limit=400)
+    new = new[0, len(ids) :].tolist()
+    new = new[: new.index(2)] if 2 in new else new
+    expected = tok.decode(ids + new)[len(tok.decode(ids)) :].split("\n")[0]
+    assert lm.generate_until([request]) == [expected]
+    # Rolling perplexity needs an empty encoder: refused, naming the alternative.
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text(json.dumps({"text": DOCS[0]}) + "\n")
+    argv = ["evaluate", "--checkpoint", str(ckpt), "--local-task", str(mine), "--device", "cpu"]
+    assert cli_main(argv) == 2
+    assert "orchestrator evaluate --checkpoint" in capsys.readouterr().err

@@ -271,3 +271,63 @@ def test_load_model_state_accepts_consolidated_and_wrapped_names(tmp_path):
     torch.save({"progress": {"step": 1}}, ckpt / "state")
     with pytest.raises(ValueError, match="holds no model weights"):
         load_model_state(ckpt)
+
+
+def _encdec_checkpoint(tmp_path, sp_model):
+    from models.build import build_model
+
+    torch.manual_seed(0)
+    model = build_model(small_config(arch="encoder_decoder", tie_embeddings=True)).eval()
+    return model, write_checkpoint(tmp_path / "run", model, sp_model)
+
+
+def test_load_model_builds_the_encoder_decoder(tmp_path, sp_model):
+    from models.encdec import EncoderDecoder
+
+    model, ckpt = _encdec_checkpoint(tmp_path, sp_model)
+    loaded, cfg = load_model(ckpt)
+    assert isinstance(loaded, EncoderDecoder) and cfg.model.arch == "encoder_decoder"
+    assert loaded.lm_head.weight is loaded.embed.weight  # tied again after loading
+    ids = torch.randint(0, 416, (2, 20))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model(ids))
+
+
+def test_export_refuses_the_encoder_decoder_before_any_work(
+    tmp_path, sp_model, capsys, monkeypatch
+):
+    from orchestrator.tools import hf
+
+    _, ckpt = _encdec_checkpoint(tmp_path, sp_model)
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("the weights were read before the refusal")
+
+    monkeypatch.setattr(hf, "load_model_state", no_reading)
+    with pytest.raises(
+        ConfigError, match="model.arch=encoder_decoder.*no standard Hugging Face"
+    ) as e:
+        export_checkpoint(ckpt, tmp_path / "hf")
+    assert "RoPE" in str(e.value) and "orchestrator generate" in str(e.value)
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "hf.partial").exists()
+    argv = ["export", "--checkpoint", str(tmp_path / "run"), "--output", str(tmp_path / "hf")]
+    assert cli.main(argv) == 2
+    assert "cannot be exported: model.arch=encoder_decoder" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()
+
+
+def test_import_picks_a_decoder_size_label():
+    """A Llama whose shapes are exactly a `redllm-*` size's (the same width, heads and feed-forward
+    as llama-20m, 8 layers) still imports as a decoder."""
+    from models.config import SIZES
+    from orchestrator.tools.hf import model_config_from_hf
+
+    red = SIZES["redllm-20m"]
+    hf_cfg = dict(model_type="llama", vocab_size=red["vocab_size"], hidden_size=red["d_model"],
+                  intermediate_size=red["ffn_hidden"], num_hidden_layers=red["n_layers"],
+                  num_attention_heads=red["n_heads"], num_key_value_heads=red["n_kv_heads"])  # fmt: skip
+    cfg = model_config_from_hf(hf_cfg)
+    assert cfg.arch == "decoder" and not cfg.name.startswith("redllm")
+    assert (cfg.n_layers, cfg.tie_embeddings) == (8, False)
+    hf_cfg["num_hidden_layers"] = 6  # exactly llama-20m
+    assert model_config_from_hf(hf_cfg).name == "llama-20m"
