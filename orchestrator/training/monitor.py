@@ -139,7 +139,11 @@ def format_flops(flops_per_second: float) -> str:
 
 
 _BLOCK = re.compile(r"(?:^|\.)(blocks|encoder_blocks|decoder_blocks)\.(\d+)\.")
-_BLOCK_GROUP = {"blocks": "block", "encoder_blocks": "encoder_block", "decoder_blocks": "decoder_block"}
+_BLOCK_GROUP = {
+    "blocks": "block",
+    "encoder_blocks": "encoder_block",
+    "decoder_blocks": "decoder_block",
+}
 
 
 def parameter_group(name: str) -> str:

@@ -61,7 +61,10 @@ def test_resolved_config_round_trips(tmp_path):
             ["--model.name", "tiny", "--model.n_kv_heads", "3"],
             "model.n_kv_heads=3 does not divide model.n_heads=8",
         ),
-        (["--model.name", "gpt-99"], "model.name='gpt-99' is not a known size; known sizes: micro-0.6m, micro-1m"),
+        (
+            ["--model.name", "gpt-99"],
+            "model.name='gpt-99' is not a known size; known sizes: micro-0.6m, micro-1m",
+        ),
         (["--train.max_steps", "ten"], "train.max_steps='ten' must be an integer"),
         (["--strategy.precision", "fp8"], "strategy.precision='fp8' is not one of"),
         (
