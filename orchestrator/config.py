@@ -348,9 +348,9 @@ class EvalConfig:
     )
     loss_from: int = doc(
         0,
-        "model.arch decoder: validation loss over the targets at block positions >= this only (0 = all). "
-        "Set it to an encoder-decoder's encoder length (half the block by default) to compare both families "
-        "on the same predictions: the encoder-decoder's validation loss is over its decoder's targets.",
+        "Validation loss over the targets at block positions >= this only (0 = all). The encoder-decoder "
+        "scores only its decoder's targets anyway (positions >= its encoder length); set this to that length "
+        "(half the block by default) in both families' runs to compare them on the same predictions.",
     )
 
 
@@ -661,11 +661,6 @@ class Config:
         if not 0 <= self.eval.loss_from < self.seq_len:
             raise ConfigError(
                 f"eval.loss_from={self.eval.loss_from} must be in [0, {self.seq_len}) (the training sequence length)"
-            )
-        if self.eval.loss_from and self.model.arch != "decoder":
-            raise ConfigError(
-                "eval.loss_from applies to model.arch=decoder: the encoder-decoder's validation loss is "
-                "already over its decoder's targets (set model.encoder_len to move the split)"
             )
         if self.model.arch == "encoder_decoder" and not (
             self.model.encoder_len < self.seq_len and self.seq_len >= 2

@@ -6,13 +6,14 @@ Writes into DIR (default STUDY_DIR/report):
                         final and best validation loss and perplexity, diverged (at which step),
                         bad steps and rollbacks, tokens/s; per variant (the grid keys other than
                         optimizer.lr, and the ladder size) the largest learning rate that trained;
-                        the ladder's scaling fits
+                        the ladder's scaling fits (a table of each family's exponents)
   report.json           the same numbers, and what each plot holds
   val_loss.png          validation loss against step, one curve per run (diverged: dashed)
   loss_vs_lr.png        final validation loss against learning rate (log x), one curve per variant
                         (diverged runs: crosses at the top); when optimizer.lr is a grid key
   scaling*.png          a ladder's `orchestrator fit` (loss against N and C), one per group of
-                        runs that differ only in size, when it has >= 3 sizes that trained
+                        runs that differ only in size: a fit per family (model.arch) with >= 3
+                        sizes that trained, the families drawn together on the group's figure
 
 Numbers come from each run dir's metrics.jsonl (the trainer's records: steps, validations, bad
 steps, rollbacks) and the study's study.json (status, parameters). Bad steps count every
@@ -30,6 +31,9 @@ from typing import Any
 
 from orchestrator.tools.scaling import step_records
 from orchestrator.tools.sweep import LADDER_KEY, LR_KEY, load_study, reconcile, short_keys
+
+# A ladder's fits are per family: the run's model.arch joins the other grid keys in each group's key.
+ARCH_KEY = "model.arch"
 
 
 def read_metrics(run_dir: str | Path) -> dict[str, Any]:
@@ -252,41 +256,108 @@ def plot_loss_vs_lr(rows: list[dict], short: dict[str, str], path: Path) -> dict
     return {"file": path.name, "curves": curves, "diverged_points": diverged_marked}
 
 
-def scaling_fits(rows: list[dict], short: dict[str, str], out: Path) -> list[dict[str, Any]]:
-    """A ladder's `orchestrator fit`: one per group of runs that differ only in size."""
-    from orchestrator.tools.scaling import fit_runs, plot, read_run, results_dict
+def scaling_fits(
+    rows: list[dict], short: dict[str, str], out: Path, compute: str = "flops"
+) -> list[dict[str, Any]]:
+    """A ladder's `orchestrator fit`: one per group of runs that differ only in size and are of
+    one family (the group's key: the other grid keys and model.arch), with one figure per group
+    of the other grid keys that draws its families together."""
+    from orchestrator.tools.scaling import family_dict, fit_families, plot, read_run, run_dict
 
-    groups: dict[tuple, list[dict]] = {}
+    variants: dict[tuple, list[dict]] = {}
     for row in rows:
         if LADDER_KEY in row["overrides"]:
-            groups.setdefault(variant_of(row, exclude=(LADDER_KEY,)), []).append(row)
+            variants.setdefault(variant_of(row, exclude=(LADDER_KEY,)), []).append(row)
+    short = {**short, ARCH_KEY: "arch"}
     results = []
-    for variant, group in groups.items():
-        label = variant_label(variant, short)
+    for variant, group in variants.items():
         trained = [
             r for r in group if r["status"] == "finished" and r["final_val_loss"] is not None
         ]
-        entry: dict[str, Any] = {
-            "group": dict(variant),
-            "label": label,
-            "runs": [r["name"] for r in trained],
-        }
         try:
-            runs = [read_run(r["run_dir"]) for r in trained]
-            fits = fit_runs(runs)
+            runs = [read_run(r["run_dir"], compute=compute) for r in trained]
+            families = fit_families(runs)
         except (ValueError, FileNotFoundError) as e:
-            entry["error"] = str(e)
-            results.append(entry)
+            results.append(
+                {
+                    "group": dict(variant),
+                    "label": variant_label(variant, short),
+                    "runs": [r["name"] for r in trained],
+                    "error": str(e),
+                }
+            )
             continue
         suffix = (
             ""
-            if len(groups) == 1
-            else "_" + "".join(c if c.isalnum() or c in "=.-" else "_" for c in label)
+            if len(variants) == 1
+            else "_"
+            + "".join(
+                c if c.isalnum() or c in "=.-" else "_" for c in variant_label(variant, short)
+            )
         )
-        path = plot(runs, fits, out / f"scaling{suffix}.png")
-        entry.update(results_dict(runs, fits), file=path.name)
-        results.append(entry)
+        path = plot(families, out / f"scaling{suffix}.png", compute)
+        for fam in families:
+            key = (*variant, (ARCH_KEY, fam.family))
+            entry = {
+                "group": dict(key),
+                "family": fam.family,
+                **family_dict(fam),
+                "label": variant_label(key, short),
+                "family_label": fam.label,
+                "compute": compute,
+                "runs": [run_dict(r) for r in fam.runs],
+                "file": path.name,  # the figure of the group's families together
+            }
+            results.append(entry)
     return results
+
+
+def scaling_markdown(fits: list[dict]) -> list[str]:
+    """The ladder's fits: a table of each family's exponents, the fitted laws, the figures."""
+    lines = ["", "## Scaling (ladder)", ""]
+    ok = [f for f in fits if "fits" in f]
+    if ok:
+        compute = ok[0].get("compute", "flops")
+        lines += [
+            "One fit per group of sizes of one family (model.arch); compute C = "
+            + (
+                "6 N D."
+                if compute == "6nd"
+                else "models/flops.py's training FLOPs per token x tokens seen (an encoder-decoder's "
+                "token passes through one of its two stacks: about half a decoder's 6 N)."
+            ),
+            "",
+            "| group | family | alpha_N | alpha_C | E (L(N)) | E (L(C)) | runs | figure |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+
+        def pm(p: dict, key: str) -> str:
+            err = p[f"{key}_err"]
+            return f"{p[key]:.4g}" + (
+                f" ± {err:.2g}" if err is not None and math.isfinite(err) else ""
+            )
+
+        for f in ok:
+            n, c = f["fits"]["params"], f["fits"]["compute"]
+            lines.append(
+                f"| {f['label']} | {f['family_label']} | {pm(n, 'alpha')} | {pm(c, 'alpha')} | "
+                f"{pm(n, 'E')} | {pm(c, 'E')} | {len(f['runs'])} | [{f['file']}]({f['file']}) |"
+            )
+        lines.append("")
+    for f in fits:
+        if "fits" not in f:
+            lines.append(f"- {f['label']}: no fit ({f['error']})")
+            continue
+        for key, var in (("params", "N"), ("compute", "C")):
+            p = f["fits"][key]
+            err = "" if not math.isfinite(p["alpha_err"]) else f" ± {p['alpha_err']:.2g}"
+            lines.append(
+                f"- {f['label']}: L({var}) = {p['E']:.4g} + {p['A']:.4g} {var}^-({p['alpha']:.4g}{err}) "
+                f"over {p['points']} runs"
+            )
+    for file in dict.fromkeys(f["file"] for f in fits if "file" in f):
+        lines += ["", f"![scaling]({file})"]
+    return lines
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,19 +447,7 @@ def markdown(study_dir: Path, rows: list[dict], keys: list[str], short: dict[str
                 f"{_fmt(v['smallest_lr_diverged'], 'g')} | {best} |"
             )
     if fits:
-        lines += ["", "## Scaling (ladder)", ""]
-        for f in fits:
-            if "error" in f:
-                lines.append(f"- {f['label']}: no fit ({f['error']})")
-                continue
-            for key, var in (("params", "N"), ("compute", "C")):
-                p = f["fits"][key]
-                err = "" if not math.isfinite(p["alpha_err"]) else f" ± {p['alpha_err']:.2g}"
-                lines.append(
-                    f"- {f['label']}: L({var}) = {p['E']:.4g} + {p['A']:.4g} {var}^-({p['alpha']:.4g}{err}) "
-                    f"over {p['points']} runs"
-                )
-            lines.append(f"  ![scaling]({f['file']})")
+        lines += scaling_markdown(fits)
     lines += ["", "## Plots", ""]
     for name, info in plots.items():
         lines.append(f"![{name}]({info['file']})")

@@ -1,6 +1,7 @@
 """Scaling-law fits over finished runs: loss against parameters and against compute.
 
-    orchestrator fit runs/ladder-* | STUDY_DIR [--plot fit.png] [--json fit.json] [--non-embedding] [--metric val_loss]
+    orchestrator fit runs/ladder-* | STUDY_DIR [--plot fit.png] [--json fit.json] [--non-embedding]
+                     [--metric val_loss] [--compute flops|6nd]
 
 Each run is a run directory (its config.yaml gives the model, hence N) with a metrics.jsonl, or,
 without one, TensorBoard event files under tensorboard/ (val/loss, train/tokens_seen). A path to a
@@ -9,16 +10,30 @@ directory of `orchestrator sweep` (one with a study.json, e.g. a ladder) stands 
 trained: those with a summary.json at their max_steps (diverged and unfinished runs are left out).
 
 Every run contributes one point: its last validation loss L, its parameter count N (all
-parameters, Chinchilla's convention; --non-embedding for Kaplan's) and its training compute
-C = 6 N D with D the tokens it had seen at that point. Two power laws with an irreducible term
-are fitted by least squares on log L (so every run weighs the same, whatever its loss):
+parameters, Chinchilla's convention; --non-embedding for Kaplan's) and its training compute C
+with D the tokens it had seen at that point:
+
+* `--compute flops` (default): C = flops_per_token(cfg, T)["training"] x D, the analytical count
+  of models/flops.py (matmuls and attention, forward + backward) at the run's sequence length
+  T = train.seq_len, else model.max_seq_len. It counts what each family does per token: a
+  decoder's token passes through every block (about 6 N, plus attention), an encoder-decoder's
+  through one of its two stacks (about 3 N), so both families share one compute axis.
+* `--compute 6nd`: C = 6 N D (Kaplan, Chinchilla), N as counted for the fit; for a decoder it
+  leaves out attention, and for an encoder-decoder it is about twice the work done.
+
+Two power laws with an irreducible term are fitted by least squares on log L (so every run weighs
+the same, whatever its loss):
 
     L(N) = E_N + A * N^-alpha_N          L(C) = E_C + B * C^-alpha_C
 
-For compute-optimal runs (D ~= 20 N, `orchestrator plan`), C = 120 N^2 and alpha_C = alpha_N / 2.
+Runs of different families (model.arch of the run's config.yaml: decoder, encoder_decoder) are
+fitted separately, each with its own exponents, and drawn on one figure in their own colours.
+With C = 6 N D, compute-optimal runs (D ~= 20 N, `orchestrator plan`) have C = 120 N^2, so
+alpha_C = alpha_N / 2; with `--compute flops` that holds only as far as the FLOPs per token are
+proportional to N (attention and the unequal split of the parameters bend it at small sizes).
 The uncertainties are one standard error from the fit's covariance (residual variance x
-(J^T J)^-1; at least 4 runs are needed for them). The PNG shows every run's validation curve
-against compute, the final points, and both fitted curves.
+(J^T J)^-1; at least 4 runs per family are needed for them). The PNG shows every run's validation
+curve against compute, the final points, and each family's fitted curves.
 """
 
 from __future__ import annotations
@@ -32,7 +47,15 @@ from typing import Any
 import numpy as np
 import yaml
 
-from models.config import model_config
+from models.config import ModelConfig, model_config
+from models.flops import flops_per_token
+
+COMPUTE_MODES = ("flops", "6nd")
+# Families (model.arch) in the order they are reported and drawn, with their names and colours.
+FAMILIES = {
+    "decoder": ("decoder-only (Llama)", "tab:blue", "Blues"),
+    "encoder_decoder": ("encoder-decoder (RedLLM)", "tab:orange", "Oranges"),
+}
 
 
 @dataclass
@@ -40,6 +63,12 @@ class Run:
     name: str
     params: int
     curve: list[tuple[float, float]]  # (tokens seen, loss) of every validation, in step order
+    arch: str = "decoder"  # model.arch: the family the run is fitted with
+    flops_per_token: float | None = None  # training FLOPs per token seen; None: 6 N
+
+    @property
+    def compute_per_token(self) -> float:
+        return 6.0 * self.params if self.flops_per_token is None else self.flops_per_token
 
     @property
     def tokens(self) -> float:
@@ -51,7 +80,7 @@ class Run:
 
     @property
     def compute(self) -> float:
-        return 6.0 * self.params * self.tokens
+        return self.compute_per_token * self.tokens
 
 
 @dataclass
@@ -88,13 +117,28 @@ def fmt_err(value: float, err: float) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _model_params(config_file: Path, non_embedding: bool) -> int:
+def run_model(config_file: str | Path) -> tuple[ModelConfig, int]:
+    """The model of a run's config.yaml and the sequence length it trained at (train.seq_len,
+    else model.max_seq_len). Keys the file leaves out (model.arch among them) come from the
+    named size, as the trainer resolves them."""
+    config_file = Path(config_file)
     data = yaml.safe_load(config_file.read_text()) or {}
     model = dict(data.get("model") or {})
     if not model:
         raise ValueError(f"{config_file} has no model section")
     cfg = model_config(model.pop("name", "tinyllama-1.1b"), **model)
-    return cfg.num_non_embedding_params() if non_embedding else cfg.num_params()
+    seq_len = (data.get("train") or {}).get("seq_len") or cfg.max_seq_len
+    return cfg, int(seq_len)
+
+
+def compute_per_token(cfg: ModelConfig, seq_len: int, params: int, compute: str = "flops") -> float:
+    """Training FLOPs a run spends per token seen: models/flops.py's count at its sequence length
+    (`flops`), or 6 N with N the parameters the fit uses (`6nd`)."""
+    if compute == "flops":
+        return float(flops_per_token(cfg, seq_len)["training"])
+    if compute == "6nd":
+        return 6.0 * params
+    raise ValueError(f"compute={compute!r} is not one of {' | '.join(COMPUTE_MODES)}")
 
 
 def step_records(path: str | Path) -> list[dict]:
@@ -187,8 +231,13 @@ def expand_studies(paths: list[str | Path]) -> list[Path]:
     return out
 
 
-def read_run(path: str | Path, metric: str = "val_loss", non_embedding: bool = False) -> Run:
-    """One finished run from a run dir, its metrics.jsonl, or its tensorboard/ dir."""
+def read_run(
+    path: str | Path, metric: str = "val_loss", non_embedding: bool = False, compute: str = "flops"
+) -> Run:
+    """One finished run from a run dir, its metrics.jsonl, or its tensorboard/ dir; `compute`
+    (flops | 6nd) is how its training compute is counted."""
+    if compute not in COMPUTE_MODES:
+        raise ValueError(f"compute={compute!r} is not one of {' | '.join(COMPUTE_MODES)}")
     path = Path(path)
     if path.is_file():
         run_dir, jsonl, tb = path.parent, path, None
@@ -209,7 +258,15 @@ def read_run(path: str | Path, metric: str = "val_loss", non_embedding: bool = F
         raise ValueError(
             f"{path}: no {metric} with tokens seen > 0 in metrics.jsonl or tensorboard/"
         )
-    return Run(name=run_dir.name, params=_model_params(config, non_embedding), curve=curve)
+    cfg, seq_len = run_model(config)
+    params = cfg.num_non_embedding_params() if non_embedding else cfg.num_params()
+    return Run(
+        name=run_dir.name,
+        params=params,
+        curve=curve,
+        arch=cfg.arch,
+        flops_per_token=compute_per_token(cfg, seq_len, params, compute),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,6 +351,7 @@ def fit_power_law(x: np.ndarray, y: np.ndarray) -> PowerLaw:
 
 
 def fit_runs(runs: list[Run]) -> dict[str, PowerLaw]:
+    """L(N) and L(C) over runs of one family."""
     params = np.array([r.params for r in runs], dtype=float)
     compute = np.array([r.compute for r in runs], dtype=float)
     loss = np.array([r.loss for r in runs], dtype=float)
@@ -302,54 +360,139 @@ def fit_runs(runs: list[Run]) -> dict[str, PowerLaw]:
     return {"params": fit_power_law(params, loss), "compute": fit_power_law(compute, loss)}
 
 
+@dataclass
+class FamilyFit:
+    """One family's runs and its fits (None, with the reason in `error`, when it has none)."""
+
+    family: str
+    runs: list[Run]
+    fits: dict[str, PowerLaw] | None = None
+    error: str | None = None
+
+    @property
+    def label(self) -> str:
+        return family_label(self.family)
+
+
+def family_label(family: str) -> str:
+    return FAMILIES[family][0] if family in FAMILIES else family
+
+
+def by_family(runs: list[Run]) -> dict[str, list[Run]]:
+    """Runs grouped by model.arch: decoder first, then encoder_decoder, then any other."""
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(run.arch, []).append(run)
+    order = [f for f in FAMILIES if f in groups] + [f for f in groups if f not in FAMILIES]
+    return {f: groups[f] for f in order}
+
+
+def fit_families(runs: list[Run]) -> list[FamilyFit]:
+    """Each family's L(N) and L(C), fitted on its own runs. A family that cannot be fitted (fewer
+    than 3 sizes) is kept with its error, as long as another one fits; when none does, the
+    ValueError is raised (named by family when there are several)."""
+    if not runs:
+        raise ValueError("no runs to fit")
+    out = []
+    for family, group in by_family(runs).items():
+        try:
+            out.append(FamilyFit(family, group, fits=fit_runs(group)))
+        except ValueError as e:
+            out.append(FamilyFit(family, group, error=str(e)))
+    if all(f.fits is None for f in out):
+        if len(out) == 1:
+            raise ValueError(out[0].error)
+        raise ValueError("; ".join(f"{f.label}: {f.error}" for f in out))
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Plot and report
 # --------------------------------------------------------------------------------------------
 
 
-def plot(runs: list[Run], fits: dict[str, PowerLaw], path: str | Path) -> Path:
+def compute_label(compute: str) -> str:
+    if compute == "6nd":
+        return "training compute C = 6 N D (FLOPs)"
+    return "training compute C = FLOPs/token (models/flops.py) x D"
+
+
+def _alpha_label(var: str, f: PowerLaw) -> str:
+    err = "" if not math.isfinite(f.alpha_err) else f" ± {f.alpha_err:.2g}"
+    return f"α_{var} = {f.alpha:.3f}{err}"
+
+
+def plot(families: list[FamilyFit], path: str | Path, compute: str = "flops") -> Path:
+    """One figure, two panels (loss vs compute: every run's validation curve and its final point;
+    loss vs parameters: the final points), each family in its own colour with its fitted curves
+    labelled by exponent."""
     import matplotlib  # matplotlib: heavy, only the plot needs it
 
     matplotlib.use("Agg")  # before pyplot: no display needed
     import matplotlib.pyplot as plt
 
     fig, (ax_c, ax_n) = plt.subplots(1, 2, figsize=(12, 4.8))
-    colors = plt.cm.viridis(np.linspace(0, 0.9, len(runs)))
-    for run, color in zip(sorted(runs, key=lambda r: r.params), colors, strict=True):
-        c = [6.0 * run.params * t for t, _ in run.curve]
-        ax_c.plot(c, [loss for _, loss in run.curve], "-", color=color, alpha=0.6, lw=1)
-        ax_c.plot(
-            [run.compute],
-            [run.loss],
-            "o",
+    spare = iter(["tab:green", "tab:red", "tab:purple", "tab:brown"])
+    for i, fam in enumerate(families):
+        _, color, cmap = FAMILIES.get(fam.family, (None, None, None))
+        color = color or next(spare, "tab:gray")
+        marker = "os^Dv"[i % 5]
+        runs = sorted(fam.runs, key=lambda r: r.params)
+        shades = (
+            plt.get_cmap(cmap)(np.linspace(0.45, 0.95, len(runs))) if cmap else [color] * len(runs)
+        )
+        for run, shade in zip(runs, shades, strict=True):
+            ax_c.plot(
+                [run.compute_per_token * t for t, _ in run.curve],
+                [loss for _, loss in run.curve],
+                "-",
+                color=shade,
+                alpha=0.6,
+                lw=1,
+            )
+            ax_c.plot(
+                [run.compute],
+                [run.loss],
+                marker,
+                color=shade,
+                mec=color,
+                # one family: a legend entry per run; several: per family (the N panel's)
+                label=f"{run.name} ({run.params / 1e6:,.3g}M)" if len(families) == 1 else None,
+            )
+        ax_n.plot(
+            [r.params for r in runs],
+            [r.loss for r in runs],
+            marker,
             color=color,
-            label=f"{run.name} ({run.params / 1e6:,.0f}M)",
+            label=f"{fam.label} ({len(runs)} runs)" + ("" if fam.fits else ": no fit"),
         )
-        ax_n.plot([run.params], [run.loss], "o", color=color)
-    for ax, key, xs, label in (
-        (ax_c, "compute", [r.compute for r in runs], "C"),
-        (ax_n, "params", [r.params for r in runs], "N"),
-    ):
-        f = fits[key]
-        grid = np.geomspace(min(xs) / 2, max(xs) * 2, 200)
-        ax.plot(
-            grid,
-            f(grid),
-            "k--",
-            lw=1.5,
-            label=f"{f.E:.3g} + {f.A:.3g}·{label}^-{f.alpha:.3f}"
-            + ("" if not math.isfinite(f.alpha_err) else f" (±{f.alpha_err:.2g})"),
-        )
-        ax.axhline(f.E, color="gray", lw=0.8, ls=":")
+        if fam.fits is None:
+            continue
+        for ax, key, xs, var in (
+            (ax_c, "compute", [r.compute for r in runs], "C"),
+            (ax_n, "params", [r.params for r in runs], "N"),
+        ):
+            f = fam.fits[key]
+            grid = np.geomspace(min(xs) / 2, max(xs) * 2, 200)
+            ax.plot(
+                grid,
+                f(grid),
+                "--",
+                color=color,
+                lw=1.5,
+                label=f"{fam.label}: {f.E:.3g} + {f.A:.3g}·{var}^-α, {_alpha_label(var, f)}",
+            )
+            ax.axhline(f.E, color=color, lw=0.8, ls=":")
+    for ax in (ax_c, ax_n):
         ax.set_xscale("log")
         ax.grid(True, which="both", alpha=0.3)
         ax.set_ylabel("validation loss")
-    ax_c.set_xlabel("training compute C = 6 N D (FLOPs)")
+    ax_c.set_xlabel(compute_label(compute))
     ax_n.set_xlabel("parameters N")
     ax_c.set_title("loss vs compute (lines: runs; dots: final)")
     ax_n.set_title("loss vs parameters (final validation loss)")
-    ax_c.legend(fontsize=7, loc="upper right")
-    ax_n.legend(fontsize=8, loc="upper right")
+    ax_c.legend(fontsize=6, loc="upper right")
+    ax_n.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -358,29 +501,56 @@ def plot(runs: list[Run], fits: dict[str, PowerLaw], path: str | Path) -> Path:
     return path
 
 
-def report(runs: list[Run], fits: dict[str, PowerLaw]) -> str:
-    lines = [f"{'run':<24} {'params':>14} {'tokens':>16} {'compute (FLOPs)':>16} {'loss':>8}"]
-    for r in sorted(runs, key=lambda r: r.params):
-        lines.append(
-            f"{r.name:<24} {r.params:>14,} {r.tokens:>16,.0f} {r.compute:>16.3e} {r.loss:>8.4f}"
-        )
-    lines.append("")
-    lines.append("loss vs parameters: " + fits["params"].describe("N"))
-    lines.append("loss vs compute:    " + fits["compute"].describe("C"))
+def report(families: list[FamilyFit], compute: str = "flops") -> str:
+    lines = [
+        f"{'run':<24} {'family':<16} {'params':>14} {'tokens':>16} {'compute (FLOPs)':>16} {'loss':>8}"
+    ]
+    for fam in families:
+        for r in sorted(fam.runs, key=lambda r: r.params):
+            lines.append(
+                f"{r.name:<24} {r.arch:<16} {r.params:>14,} {r.tokens:>16,.0f} {r.compute:>16.3e} "
+                f"{r.loss:>8.4f}"
+            )
+    lines.append(f"(compute: {compute_label(compute)})")
+    for fam in families:
+        lines += ["", f"{fam.label}, {len(fam.runs)} runs:"]
+        if fam.fits is None:
+            lines.append(f"  no fit: {fam.error}")
+            continue
+        lines.append("loss vs parameters: " + fam.fits["params"].describe("N"))
+        lines.append("loss vs compute:    " + fam.fits["compute"].describe("C"))
     return "\n".join(lines)
 
 
-def results_dict(runs: list[Run], fits: dict[str, PowerLaw]) -> dict[str, Any]:
+def run_dict(r: Run) -> dict[str, Any]:
     return {
-        "runs": [
-            {
-                "name": r.name,
-                "params": r.params,
-                "tokens": r.tokens,
-                "compute": r.compute,
-                "loss": r.loss,
-            }
-            for r in runs
-        ],
-        "fits": {k: asdict(v) for k, v in fits.items()},
+        "name": r.name,
+        "arch": r.arch,
+        "params": r.params,
+        "tokens": r.tokens,
+        "flops_per_token": r.compute_per_token,
+        "compute": r.compute,
+        "loss": r.loss,
     }
+
+
+def family_dict(fam: FamilyFit) -> dict[str, Any]:
+    out: dict[str, Any] = {"label": fam.label, "runs": [r.name for r in fam.runs]}
+    if fam.fits is None:
+        out["error"] = fam.error
+    else:
+        out["fits"] = {k: asdict(v) for k, v in fam.fits.items()}
+    return out
+
+
+def results_dict(families: list[FamilyFit], compute: str = "flops") -> dict[str, Any]:
+    """Every run, and per family (model.arch) its fits; `fits` at the top as well when all the
+    runs are of one family (the layout before families)."""
+    out: dict[str, Any] = {
+        "compute": compute,
+        "runs": [run_dict(r) for fam in families for r in fam.runs],
+        "families": {fam.family: family_dict(fam) for fam in families},
+    }
+    if len(families) == 1 and families[0].fits is not None:
+        out["fits"] = {k: asdict(v) for k, v in families[0].fits.items()}
+    return out

@@ -39,8 +39,8 @@ class Validator:
 @torch.no_grad()
 def validate(fabric: Fabric, model: torch.nn.Module, cfg: Config) -> float:
     """Mean next-token loss over (up to eval.max_batches of) the validation split, all ranks: over
-    every target (the decoder; eval.loss_from: those from that position on), or over the
-    decoder's targets (the encoder-decoder, whose forward pass scores only those)."""
+    every target (the decoder), or the decoder's targets (the encoder-decoder, whose forward pass
+    scores only those); eval.loss_from > 0 leaves out the targets before that position."""
     model.eval()
     stream = stream_options(cfg)
     loader = make_dataloader(
@@ -58,7 +58,7 @@ def validate(fabric: Fabric, model: torch.nn.Module, cfg: Config) -> float:
             break
         tokens = tokens.to(fabric.device).long()  # (B, T+1)
         targets = tokens[:, 1:]  # (B, T)
-        if cfg.eval.loss_from:  # score the positions an encoder-decoder's decoder predicts
+        if cfg.eval.loss_from:  # e.g. only the positions an encoder-decoder's decoder predicts
             targets = targets.clone()
             targets[:, : cfg.eval.loss_from] = IGNORE_INDEX
         totals[0] += model(tokens[:, :-1], targets=targets).double()  # mean next-token loss
