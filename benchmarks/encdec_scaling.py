@@ -49,7 +49,9 @@ from orchestrator.tools.report import write_report  # noqa: E402
 
 SEQ_LEN = 256
 ENCODER_LEN = SEQ_LEN // 2
-PAPER = "arXiv 2510.26622 (RedPajama V1, ~150M-8B): exponents 0.20 0.24 0.17 0.16 (OCR-damaged table)"
+PAPER = (
+    "arXiv 2510.26622 (RedPajama V1, ~150M-8B): exponents 0.20 0.24 0.17 0.16 (OCR-damaged table)"
+)
 
 
 def build_corpus(work: Path, train_docs: int, val_docs: int) -> tuple[Path, Path]:
