@@ -44,6 +44,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from data.sample_corpus import prepare_sample_tokens  # noqa: E402
 from orchestrator.tools.report import write_report  # noqa: E402
 
 METHODS = [
@@ -58,20 +59,6 @@ STUDIES = {
     "sandwich": "model.sandwich_norm=false,true",
 }
 VARIANT_KEY = {"gates": "model.attn_gate", "sandwich": "model.sandwich_norm"}
-
-
-def build_corpus(work: Path, train_docs: int, val_docs: int) -> tuple[Path, Path]:
-    from data.prepare import is_prepared, prepare_dataset
-    from data.sample_corpus import write_sample_corpus
-    from data.tokenizer import train_tokenizer
-
-    raw, tokens, prefix = work / "raw", work / "tokens", work / "tokenizer"
-    tokenizer = Path(f"{prefix}.model")
-    if not is_prepared(tokens):
-        write_sample_corpus(raw, train_docs=train_docs, val_docs=val_docs, docs_per_shard=2000)
-        tokenizer = train_tokenizer(raw / "train", prefix, vocab_size=1024)
-        prepare_dataset(raw, tokens, tokenizer, num_workers=1)
-    return tokens, tokenizer
 
 
 def base_config(args: argparse.Namespace, tokens: Path, tokenizer: Path) -> dict:
@@ -177,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     work = Path(args.workdir).absolute()
     work.mkdir(parents=True, exist_ok=True)
-    tokens, tokenizer = build_corpus(work, args.train_docs, args.val_docs)
+    tokens, tokenizer = prepare_sample_tokens(work, args.train_docs, args.val_docs)
     base = work / "base.yaml"
     base.write_text(yaml.safe_dump(base_config(args, tokens, tokenizer), sort_keys=False))
     reports = {}

@@ -627,3 +627,22 @@ def write_sample_corpus(
 
     marker.write_text(json.dumps(params, indent=2) + "\n")
     return out
+
+
+def prepare_sample_tokens(
+    out_dir: str | Path, train_docs: int, val_docs: int, vocab_size: int = 1024
+) -> tuple[Path, Path]:
+    """The sample corpus at this size, a BPE tokenizer trained on it and its token chunks, under
+    ``out_dir`` (raw/, tokenizer.model, tokens/); done once: a prepared directory is reused.
+    Returns (tokens dir, tokenizer path). For studies that want more text than the demo's."""
+    from data.prepare import is_prepared, prepare_dataset  # the data stack, on use
+    from data.tokenizer import train_tokenizer
+
+    out = Path(out_dir)
+    raw, tokens, prefix = out / "raw", out / "tokens", out / "tokenizer"
+    tokenizer = Path(f"{prefix}.model")
+    if not is_prepared(tokens):
+        write_sample_corpus(raw, train_docs=train_docs, val_docs=val_docs, docs_per_shard=2000)
+        tokenizer = train_tokenizer(raw / "train", prefix, vocab_size=vocab_size)
+        prepare_dataset(raw, tokens, tokenizer, num_workers=1)
+    return tokens, tokenizer

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import torch
 
+from models.build import build_model
 from models.config import ModelConfig
-from models.llama import Llama
+from models.llama import LanguageModel, Llama
 
 TEXTS = [
     "Hello world",
@@ -88,10 +89,11 @@ def small_config(**overrides) -> ModelConfig:
     return model_config("tiny", **fields)
 
 
-def random_model(cfg: ModelConfig, seed: int = 0) -> Llama:
-    """Initialised as for training, with norm gains (and any gate bias) made non-trivial."""
+def random_model(cfg: ModelConfig, seed: int = 0) -> LanguageModel:
+    """Either family (model.arch), initialised as for training, with norm gains (and any gate bias)
+    made non-trivial."""
     torch.manual_seed(seed)
-    model = Llama(cfg)
+    model = build_model(cfg)
     with torch.no_grad():
         for p in model.parameters():
             if p.ndim == 1:

@@ -8,7 +8,7 @@ each step runs the decoder over one new position."""
 import pytest
 import torch
 
-from models.build import build_model, generation_cache
+from models.build import generation_cache
 from models.config import model_config
 from models.encdec import EncoderDecoderCache
 
@@ -20,14 +20,9 @@ def tiny(**overrides):
 
 
 def random_encdec(cfg, seed=0):
-    """Initialised as for training, with norm gains made non-trivial."""
-    torch.manual_seed(seed)
-    model = build_model(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 1:
-                p.add_(0.1 * torch.randn_like(p))
-    return model.eval()
+    from tests.hf_helpers import random_model
+
+    return random_model(cfg, seed)
 
 
 @torch.no_grad()

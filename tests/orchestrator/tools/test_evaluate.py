@@ -171,17 +171,10 @@ def test_local_task_files_are_checked(tmp_path):
 
 
 def _random_encdec(vocab_size: int, seed: int = 0):
-    from models.build import build_model
-    from tests.hf_helpers import small_config
+    from tests.hf_helpers import random_model, small_config
 
     cfg = small_config(arch="encoder_decoder", tie_embeddings=True, vocab_size=vocab_size)
-    torch.manual_seed(seed)
-    model = build_model(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 1:
-                p.add_(0.1 * torch.randn_like(p))
-    return model.eval()
+    return random_model(cfg, seed)
 
 
 @torch.no_grad()

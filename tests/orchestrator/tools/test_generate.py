@@ -4,7 +4,6 @@ the encoder-decoder (RedLLM) through the same generate() and `orchestrator gener
 import pytest
 import torch
 
-from models.build import build_model
 from models.llama import KVCache
 from orchestrator import cli
 from orchestrator.tools.generate import generate, sample_next
@@ -184,13 +183,7 @@ def test_generation_under_fsdp2_bf16_mixed_precision(monkeypatch, tmp_path):
 def random_encdec(seed: int = 0, **overrides):
     """A tiny RedLLM over the test tokenizer's vocabulary, norm gains made non-trivial."""
     cfg = small_config(**{"arch": "encoder_decoder", "tie_embeddings": True, **overrides})
-    torch.manual_seed(seed)
-    model = build_model(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 1:
-                p.add_(0.1 * torch.randn_like(p))
-    return model.eval()
+    return random_model(cfg, seed)
 
 
 def test_encoder_decoder_greedy_generation_uses_cache_consistently():

@@ -48,17 +48,15 @@ def uninterrupted(sample_data, tmp_path_factory):
     return run_dir
 
 
-def test_sigkill_at_random_moments_then_identical_result(sample_data, uninterrupted, tmp_path):
-    """SIGKILL the whole job (both ranks) again and again, some kills mid-checkpoint; every
-    restart resumes, and the end result equals the uninterrupted run bitwise."""
-    rng = random.Random(0)
-    cmd = [sys.executable, "-m", "orchestrator", "train", *TINY, *data_args(sample_data),
-           "--run.dir", str(tmp_path), *KILL_ARGS]  # fmt: skip
+def kill_repeatedly(cmd, run_dir, want_kills, want_mid_save, seed=0):
+    """SIGKILL the job (every rank) again and again, then let the last restart finish. Kills the
+    moment a checkpoint is being written alternate with kills at random moments, until there were
+    `want_kills`, `want_mid_save` of them mid-save; a run that finishes first is wiped and started
+    again. Returns the log of what happened."""
+    rng = random.Random(seed)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
-    root = tmp_path / "checkpoints"
+    root = run_dir / "checkpoints"
     kills, mid_save, log = 0, 0, []
-    # Kills the moment a checkpoint is being written alternate with kills at random moments,
-    # until there were at least 3 + 3; a run that finishes first is wiped and started again.
     for attempt in range(30):
         kind = "mid-save" if attempt % 2 == 0 else "random"
         proc = subprocess.Popen(
@@ -80,11 +78,11 @@ def test_sigkill_at_random_moments_then_identical_result(sample_data, uninterrup
             time.sleep(0.0005 if kind == "mid-save" else 0.05)
         if proc.poll() is not None:  # finished before the kill
             assert proc.returncode == 0, proc.stderr.read().decode()[-3000:]
-            if kills >= 6 and mid_save >= 3:
+            if kills >= want_kills and mid_save >= want_mid_save:
                 break
             log.append("finished early: starting over")
-            shutil.rmtree(tmp_path)
-            tmp_path.mkdir()
+            shutil.rmtree(run_dir)
+            run_dir.mkdir()
             continue
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -93,20 +91,47 @@ def test_sigkill_at_random_moments_then_identical_result(sample_data, uninterrup
         log.append(
             f"killed ({kind}); checkpoints: {[p.name for p in root.iterdir()] if root.is_dir() else []}"
         )
-        if kills >= 6 and mid_save >= 3:
+        if kills >= want_kills and mid_save >= want_mid_save:
             # The last restart runs to the end.
             subprocess.run(
                 cmd, cwd=REPO_ROOT, env=env, check=True, capture_output=True, timeout=600
             )
             break
-    assert kills >= 6 and mid_save >= 3, log
+    assert kills >= want_kills and mid_save >= want_mid_save, log
+    return log
 
-    got, want = last_record_per_step(tmp_path), last_record_per_step(uninterrupted)
-    assert [r["step"] for r in got] == list(range(1, 13)), log
+
+def assert_same_run(got_dir, want_dir, steps, log):
+    got, want = last_record_per_step(got_dir), last_record_per_step(want_dir)
+    assert [r["step"] for r in got] == list(range(1, steps + 1)), log
     assert [r["loss"] for r in got] == [r["loss"] for r in want]
     assert [r["batch_hashes"] for r in got] == [r["batch_hashes"] for r in want]
-    a, b = final_weights(tmp_path), final_weights(uninterrupted)
+    a, b = final_weights(got_dir), final_weights(want_dir)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigkill_at_random_moments_then_identical_result(sample_data, uninterrupted, tmp_path):
+    """SIGKILL the whole job (both ranks) again and again, some kills mid-checkpoint; every
+    restart resumes, and the end result equals the uninterrupted run bitwise."""
+    cmd = [sys.executable, "-m", "orchestrator", "train", *TINY, *data_args(sample_data),
+           "--run.dir", str(tmp_path), *KILL_ARGS]  # fmt: skip
+    log = kill_repeatedly(cmd, tmp_path, want_kills=6, want_mid_save=3)
+    assert_same_run(tmp_path, uninterrupted, 12, log)
+
+
+def test_encoder_decoder_survives_sigkill_bitwise(sample_data, tmp_path):
+    """The same guarantee for the encoder-decoder (RedLLM): killed mid-checkpoint and at a random
+    moment, it ends with the losses, data order and weights of an uninterrupted run."""
+    encdec = ["--model.arch", "encoder_decoder", "--model.tie_embeddings", "true", *KILL_ARGS,
+              "--train.max_steps", "8"]  # fmt: skip
+    straight = tmp_path / "uninterrupted"
+    train(straight, sample_data, *encdec)
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    cmd = [sys.executable, "-m", "orchestrator", "train", *TINY, *data_args(sample_data),
+           "--run.dir", str(killed), *encdec]  # fmt: skip
+    log = kill_repeatedly(cmd, killed, want_kills=2, want_mid_save=1, seed=1)
+    assert_same_run(killed, straight, 8, log)
 
 
 def damage(path: Path, how: str) -> None:
