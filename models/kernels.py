@@ -12,8 +12,9 @@ The eager code in models/llama.py is the reference every kernel here is tested a
 Where each comes from (all optional: the `gpu` extra; each of them runs on CUDA only):
 
     flash_attn  flash-attn 2.x: `flash_attn_func` (FlashAttention-2, grouped-query attention without
-                repeating K/V), Triton `rms_norm_fn`, `apply_rotary_emb`, `cross_entropy_loss`, and the
-                SwiGLU activation of `flash_attn.ops.activations`.
+                repeating K/V; `flash_attn_varlen_func` for packed documents, `varlen_attention`),
+                Triton `rms_norm_fn`, `apply_rotary_emb`, `cross_entropy_loss`, and the SwiGLU
+                activation of `flash_attn.ops.activations`.
     xformers    `memory_efficient_attention` (grouped-query attention: K/V repeated to every query head
                 in training, since xformers' grouped 5-D layout is forward-only; expanded, not copied,
                 without gradients) and the fused SwiGLU op (`xformers.ops.swiglu_op.swiglu`,
@@ -68,10 +69,16 @@ _LIBS: dict[str, SimpleNamespace | str] = {}  # name -> functions, or the reason
 
 
 def _import_flash_attn() -> SimpleNamespace:
+    import flash_attn
     from flash_attn import flash_attn_func
 
     ns = SimpleNamespace(
-        flash_attn_func=flash_attn_func, rms_norm=None, rotary=None, cross_entropy=None, swiglu=None
+        flash_attn_func=flash_attn_func,
+        flash_attn_varlen_func=getattr(flash_attn, "flash_attn_varlen_func", None),
+        rms_norm=None,
+        rotary=None,
+        cross_entropy=None,
+        swiglu=None,
     )
     # The Triton ops are separate modules; older releases lack some of them.
     for attr, module, name in (
@@ -381,6 +388,38 @@ def _attention_bthe(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: s
     raise ValueError(f"unknown attention kernel {kernel!r}")
 
 
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+) -> torch.Tensor:
+    """Causal attention within packed documents through flash-attn's `flash_attn_varlen_func`.
+
+    q: (B, H, T, E); k, v: (B, K, T, E); cu_seqlens: (N + 1,) int32, the start of each document of
+    the batch flattened to B*T positions, then B*T (every row's first position is a start);
+    max_seqlen: an upper bound on the documents' lengths -> (B, H, T, E).
+    The batch is flattened to (B*T, heads, E) (a copy: varlen wants each token's heads contiguous);
+    grouped-query attention reads key/value head h // (H/K) without repeating K/V, as flash_attn_func.
+    """
+    fn = getattr(_LIBS.get("flash_attn"), "flash_attn_varlen_func", None)
+    if fn is None:
+        raise KernelUnavailable(
+            f"model.attention='flash_attn' with document masking needs flash_attn_varlen_func, which "
+            f"this flash-attn ({_version('flash-attn')}) does not provide; use model.attention=sdpa"
+        )
+    B, H, T, E = q.shape
+    K = k.shape[1]
+    q, k, v = _to_half(q, k, v)
+    q2 = q.transpose(1, 2).reshape(B * T, H, E)  # (B*T, H, E)
+    k2 = k.transpose(1, 2).reshape(B * T, K, E)
+    v2 = v.transpose(1, 2).reshape(B * T, K, E)
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+    out = fn(q2, k2, v2, cu, cu, max_seqlen, max_seqlen, dropout_p=0.0, causal=True)  # (B*T, H, E)
+    return out.view(B, T, H, E).transpose(1, 2)  # (B, H, T, E)
+
+
 def xformers_layout(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -446,14 +485,18 @@ def swiglu_ffn(
 def rope(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kernel: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q: (B, H, T, E) and k: (B, K, T, E) with cos, sin: (T, E) (rotate-half layout)."""
+    """Rotate q: (B, H, T, E) and k: (B, K, T, E) with cos, sin: (T, E) (rotate-half layout); liger
+    also takes per-token (B, T, E) tables (flash-attn's rotary does not: models/llama.py rotates
+    those eagerly)."""
     if kernel == "liger":
         # Liger takes (B, heads, T, E) and rotates in place: give it copies, so that no tensor autograd
         # (or selective activation checkpointing) keeps is changed under it. The copies keep the
         # (B, T, heads, E) memory order liger works in.
         q2 = q.transpose(1, 2).clone().transpose(1, 2)
         k2 = k.transpose(1, 2).clone().transpose(1, 2)
-        q2, k2 = _LIBS["liger"].rope(q2, k2, cos[None], sin[None])
+        if cos.dim() == 2:  # (T, E) -> (1, T, E); per-token (B, T, E) tables as they are
+            cos, sin = cos[None], sin[None]
+        q2, k2 = _LIBS["liger"].rope(q2, k2, cos, sin)
         return q2, k2  # (B, H, T, E), (B, K, T, E)
     if kernel == "flash_attn":
         rotary = _LIBS["flash_attn"].rotary  # takes (B, T, heads, E), any strides but the last

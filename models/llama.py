@@ -23,6 +23,26 @@ them the forward pass is the training path, unchanged. Given `targets`, the forw
 the mean next-token loss instead of the logits, through `cfg.loss_kernel` (a fused linear +
 cross-entropy never builds the (B, T, V) logits).
 
+Document masking (packed pretraining without cross-document attention, `data.document_mask`):
+`Llama.forward(..., doc_ids=ids)` with ids (B, T), the document each position belongs to (non-
+decreasing along T; a new document starts wherever the id changes, so only changes matter, not the
+values). Attention is then causal and confined to the position's own document (block-diagonal
+causal), and RoPE positions restart at 0 at each document start (per-token positions: cos / sin
+are (B, T, E)). `document_mask` builds what the attention kernel needs once per forward, never per
+layer (a `DocumentMask`):
+  * `eager`: the reference, `attention_reference` with a (B, 1, T, T) bool mask;
+  * `sdpa`: F.scaled_dot_product_attention with that bool mask (CPU and CUDA; K/V repeated to
+    every query head, as SDPA's masked kernels want; no flash backend with a mask on CUDA, the
+    memory-efficient one instead), and `xformers`, which takes the same path (the mask costs
+    B*T*T bytes: 32 MiB for 8 x 2,048 tokens);
+  * `flash_attn`: flash-attn's `flash_attn_varlen_func` over the batch flattened to (B*T, heads, E)
+    with `cu_seqlens` at the document starts (each row's start included) and T as max_seqlen (an
+    upper bound: no host sync for it); finding the starts (`nonzero`) is one host sync per forward.
+RoPE kernels: eager and liger take the per-token cos / sin (liger's (B, T, E) layout); flash-attn's
+rotary takes one table for every row, so with doc_ids the eager rotation runs instead (torch.compile
+fuses it). Without doc_ids every path is bit-identical to the plain causal one. Generation (a
+KVCache) takes no doc_ids; the encoder-decoder (models/encdec.py) does not support them yet.
+
 Fused kernels (FlashAttention-2, xformers, liger-kernel, a chunked loss) live in models/kernels.py
 and are chosen by config strings; the code in this file is the eager reference they are tested
 against. `Llama.forward` resolves the choices once per call for the device and dtype at hand
@@ -35,6 +55,7 @@ K key/value heads, E head dim, V vocab, L layers.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -74,8 +95,10 @@ def rope_cos_sin(
     device: torch.device,
     dtype: torch.dtype,
     offset: int = 0,
+    positions: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (T, E) for positions offset..offset+T-1.
+    """cos, sin of shape (T, E) for positions offset..offset+T-1; with `positions` (B, T) (integer
+    per-token positions, e.g. restarting at each packed document) of shape (B, T, E) instead.
 
     Computed per call instead of cached in a buffer: it is cheap next to the matmuls, and
     a model built on the meta device (or sharded) has no buffer to re-materialise.
@@ -83,14 +106,20 @@ def rope_cos_sin(
     inv_freq = 1.0 / (
         base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
     )
-    positions = torch.arange(offset, offset + seq_len, device=device, dtype=torch.float32)
-    freqs = torch.outer(positions, inv_freq)  # (T, E/2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (T, E)
+    if positions is not None:
+        freqs = positions.to(device, torch.float32)[..., None] * inv_freq  # (B, T, E/2)
+    else:
+        positions = torch.arange(offset, offset + seq_len, device=device, dtype=torch.float32)
+        freqs = torch.outer(positions, inv_freq)  # (T, E/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (T, E) | (B, T, E)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, heads, T, E), cos/sin: (T, E); rotate pairs (i, i + E/2)."""
+    """x: (B, heads, T, E), cos/sin: (T, E), per-token (B, T, E) or anything broadcastable to x
+    such as (B, 1, T, E); rotate pairs (i, i + E/2)."""
+    if cos.dim() == 3:  # per-token positions (B, T, E): the same rotation for every head
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, E)
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # (B, heads, T, E)
     return x * cos + rotated * sin
@@ -139,6 +168,48 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
+@dataclass(frozen=True)
+class DocumentMask:
+    """Packed documents of one batch, in the form the attention kernel wants (`document_mask`).
+
+    positions: (B, T) int64, each position's offset in its document (RoPE restarts at 0);
+    mask: (B, 1, T, T) bool, True where query t may attend to key s (same document, s <= t), for
+      eager / sdpa / xformers (None for flash_attn);
+    cu_seqlens: (N + 1,) int32 start of each of the N documents of the batch flattened to B*T
+      positions, then B*T, for flash_attn's varlen kernel (None otherwise); max_seqlen: an upper
+      bound on a document's length (T).
+    """
+
+    positions: torch.Tensor
+    mask: torch.Tensor | None = None
+    cu_seqlens: torch.Tensor | None = None
+    max_seqlen: int = 0
+
+
+def document_mask(doc_ids: torch.Tensor, attention: str = "sdpa") -> DocumentMask:
+    """doc_ids: (B, T) ids of the document of each position (a new document starts wherever the id
+    changes along T, and at each row's start) -> what attention kernel `attention` needs."""
+    if doc_ids.dim() != 2 or doc_ids.is_floating_point() or doc_ids.is_complex():
+        raise ValueError(
+            f"doc_ids must be a (B, T) integer tensor, got {tuple(doc_ids.shape)} {doc_ids.dtype}"
+        )
+    B, T = doc_ids.shape
+    starts = torch.ones(B, T, dtype=torch.bool, device=doc_ids.device)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]  # (B, T): a document starts here
+    index = torch.arange(T, device=doc_ids.device).expand(B, T)  # (B, T)
+    first = torch.where(starts, index, 0).cummax(dim=1).values  # (B, T): its document's start
+    positions = index - first  # (B, T)
+    if attention == "flash_attn":
+        cu_seqlens = torch.cat(
+            (starts.flatten().nonzero().flatten(), index.new_full((1,), B * T))
+        ).to(torch.int32)  # (N + 1,)
+        return DocumentMask(positions, cu_seqlens=cu_seqlens, max_seqlen=T)
+    segment = starts.cumsum(dim=1)  # (B, T): documents numbered from 1 in each row
+    same = segment[:, :, None] == segment[:, None, :]  # (B, T, T)
+    mask = same & causal_mask(T, T, doc_ids.device)  # (B, T, T)
+    return DocumentMask(positions, mask=mask[:, None], max_seqlen=T)  # (B, 1, T, T)
+
+
 class Attention(nn.Module):
     """Self-attention: causal (a decoder's), or bidirectional with `causal=False` (an encoder's,
     models/encdec.py; through SDPA or the eager reference whatever `model.attention` says: the
@@ -171,8 +242,10 @@ class Attention(nn.Module):
         kv_cache: KVCache | None = None,
         start_pos: int = 0,
         kernels: KernelPlan | None = None,
+        docs: DocumentMask | None = None,
     ) -> torch.Tensor:
-        """x: (B, T, D), the block's normalised input -> (B, T, D)."""
+        """x: (B, T, D), the block's normalised input -> (B, T, D). `docs`: packed documents (the
+        attention is then block-diagonal causal, cos / sin per token)."""
         B, T, _ = x.shape
         kernels = kernels or default_plan(self.cfg, x)
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, E)
@@ -186,12 +259,17 @@ class Attention(nn.Module):
         v = (
             self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         )  # (B, K, T, E)
-        if kernels.rope == "eager":
+        # flash-attn's rotary takes one (T, E/2) table for all rows: per-token positions rotate eagerly.
+        if kernels.rope == "eager" or (cos.dim() != 2 and kernels.rope == "flash_attn"):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         else:
             q, k = fused.rope(q, k, cos, sin, kernels.rope)
         if not self.causal:  # an encoder: every position sees every other
             y = full_attention(q, k, v, eager=kernels.attention == "eager")  # (B, H, T, E)
+        elif docs is not None:  # packed documents: block-diagonal causal
+            if kv_cache is not None:
+                raise ValueError("generation with a KVCache takes no document mask")
+            y = document_attention(q, k, v, docs, kernels.attention)  # (B, H, T, E)
         elif (
             kv_cache is not None
         ):  # generation: plain attention over the cached keys (any kernel choice)
@@ -268,6 +346,25 @@ def causal_attention(
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, E)
 
 
+def document_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: DocumentMask, kernel: str
+) -> torch.Tensor:
+    """Causal attention within each packed document (`DocumentMask`), through `kernel`: flash_attn's
+    varlen kernel over docs.cu_seqlens, else the (B, 1, T, T) mask through the eager reference
+    (`eager`) or SDPA (`sdpa`, and `xformers`, which has no path of its own here).
+
+    q: (B, H, T, E); k, v: (B, K, T, E) -> (B, H, T, E).
+    """
+    if kernel == "flash_attn":
+        return fused.varlen_attention(q, k, v, docs.cu_seqlens, docs.max_seqlen)
+    if docs.mask is None:
+        raise ValueError(f"this DocumentMask was built for flash_attn, not attention {kernel!r}")
+    k, v = repeat_kv(k, v, q.shape[1])  # (B, H, T, E)
+    if kernel == "eager":
+        return attention_reference(q, k, v, docs.mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=docs.mask)  # (B, H, T, E)
+
+
 def causal_mask(T: int, S: int, device: torch.device) -> torch.Tensor:
     """(T, S) bool, True where query t (at position S-T+t) may attend to key s: s <= S-T+t."""
     return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
@@ -285,7 +382,8 @@ def attention_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(E), where mask) v. q: (B, H, T, E); k, v: (B, H, S, E); mask: (T, S)
-    bool, True where a query may attend (None: everywhere) -> (B, H, T, E)."""
+    bool or anything broadcastable to (B, H, T, S) such as a per-row (B, 1, T, S), True where a
+    query may attend (None: everywhere; every query must see some key) -> (B, H, T, E)."""
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, H, T, S)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
@@ -351,10 +449,11 @@ class Block(nn.Module):
         kv_cache: KVCache | None = None,
         start_pos: int = 0,
         kernels: KernelPlan | None = None,
+        docs: DocumentMask | None = None,
     ) -> torch.Tensor:
         kernels = kernels or default_plan(self.attn.cfg, x)
         h = self.attn(
-            self.attn_norm(x, kernels.rmsnorm), cos, sin, kv_cache, start_pos, kernels
+            self.attn_norm(x, kernels.rmsnorm), cos, sin, kv_cache, start_pos, kernels, docs
         )  # (B, T, D)
         if self.attn_out_norm is not None:
             h = self.attn_out_norm(h, kernels.rmsnorm)
@@ -465,25 +564,48 @@ class Llama(LanguageModel):
         kv_cache: KVCache | None = None,
         start_pos: int = 0,
         targets: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids: (B, T) token ids -> logits (B, T, V); with targets (B, T) -> the mean loss ()
         (plus the z-loss term in training mode when model.z_loss > 0).
 
         With a `kv_cache`, input_ids are the tokens at positions start_pos..start_pos+T-1 and
         attend to the cached positions before them (generation).
+
+        With `doc_ids` (B, T) (packed documents, see the module docstring), each position attends
+        only to its own document's positions up to itself, and RoPE positions restart at 0 at each
+        document start. Not with a kv_cache.
         """
         B, T = input_ids.shape
         if start_pos + T > self.cfg.max_seq_len:
             raise ValueError(
                 f"sequence length {start_pos + T} exceeds model.max_seq_len={self.cfg.max_seq_len}"
             )
+        if doc_ids is not None and (kv_cache is not None or start_pos):
+            raise ValueError(
+                "doc_ids (document masking) is for training and evaluation over whole blocks; "
+                "generation with a kv_cache / start_pos takes no doc_ids"
+            )
+        if doc_ids is not None and tuple(doc_ids.shape) != (B, T):
+            raise ValueError(
+                f"doc_ids has shape {tuple(doc_ids.shape)}, input_ids {(B, T)}: give one id per token"
+            )
         x = self.embed(input_ids)  # (B, T, D)
         kernels = default_plan(self.cfg, x)  # resolved once for this call's device and dtype
+        docs = None
+        if doc_ids is not None:  # built once for all layers
+            docs = document_mask(doc_ids.to(x.device), kernels.attention)
         cos, sin = rope_cos_sin(
-            T, self.cfg.head_dim, self.cfg.rope_base, x.device, x.dtype, offset=start_pos
-        )  # (T, E)
+            T,
+            self.cfg.head_dim,
+            self.cfg.rope_base,
+            x.device,
+            x.dtype,
+            offset=start_pos,
+            positions=None if docs is None else docs.positions,
+        )  # (T, E) | (B, T, E) per token
         for block in self.blocks:
-            x = block(x, cos, sin, kv_cache, start_pos, kernels)  # (B, T, D)
+            x = block(x, cos, sin, kv_cache, start_pos, kernels, docs)  # (B, T, D)
         z_loss = self.cfg.z_loss if self.training else 0.0  # a training objective: eval is plain CE
         return self.lm_head(
             self.norm(x, kernels.rmsnorm), targets, kernels.loss, z_loss

@@ -57,6 +57,14 @@ class DataConfig:
     )
     num_workers: int = doc(0, "DataLoader worker processes per rank.")
     shuffle: bool = doc(True, "Shuffle training chunks and samples (seeded by run.seed).")
+    document_mask: bool = doc(
+        False,
+        "Document masking of packed blocks: each document attends only to itself (block-diagonal "
+        "causal attention) and its RoPE positions restart at 0. Cross-document attention in packed "
+        "pretraining is a known quality issue (Llama 3, OLMo). Documents start at each BOS, or after "
+        "each EOS with `prepare --separator eos`, as recorded in the data's prepare_stats.json; "
+        "training and validation alike. Decoder-only (model.arch=llama).",
+    )
     cache_dir: str | None = doc(
         None,
         "Node-local directory where chunks streamed from an object store (data keys given as s3://, gs://, "
@@ -352,6 +360,33 @@ class EvalConfig:
         "scores only its decoder's targets anyway (positions >= its encoder length); set this to that length "
         "(half the block by default) in both families' runs to compare them on the same predictions.",
     )
+    tasks: list[str] = doc(
+        [],
+        "Downstream tasks scored at every validation (TensorBoard eval/<task>/acc and acc_norm, metrics.jsonl): "
+        'local multiple-choice JSON-lines files, lines {"context": ..., "choices": [...], "label": i}, each '
+        "named after its file, scored exactly as `orchestrator evaluate --local-task FILE --local-task-kind "
+        "multiple_choice` scores it (orchestrator/training/downstream.py). Checked before the run starts.",
+    )
+    task_limit: int = doc(
+        0,
+        "Examples scored of each eval.tasks file: its first N (0 = all), as evaluate's --limit N.",
+    )
+
+    def validate(self) -> None:
+        if self.task_limit < 0:
+            raise ConfigError(f"eval.task_limit must be >= 0 (0 = all), got {self.task_limit}")
+        names: dict[str, str] = {}
+        for path in self.tasks:
+            if not isinstance(path, str) or not path.strip():
+                raise ConfigError(f"eval.tasks holds {path!r}: give paths of JSON-lines files")
+            # The name `orchestrator evaluate --local-task` gives the file's task.
+            name = Path(path).stem.replace("-", "_").replace(".", "_")
+            if name in names:
+                raise ConfigError(
+                    f"eval.tasks: {names[name]} and {path} are both task {name!r} (a task is named "
+                    "after its file): rename one"
+                )
+            names[name] = path
 
 
 @dataclass
@@ -627,6 +662,7 @@ class Config:
         self.storage.validate()
         self.logging.validate()
         self.optimizer.validate()
+        self.eval.validate()
         self.schedule.validate(self.train.max_steps)
         positive = {
             "train.max_steps": self.train.max_steps,
@@ -668,6 +704,11 @@ class Config:
             raise ConfigError(
                 f"model.encoder_len={self.model.encoder_len} leaves no decoder tokens in a training block of "
                 f"{self.seq_len} (train.seq_len): choose an encoder_len below it (0 = half the block)"
+            )
+        if self.model.arch == "encoder_decoder" and self.data.document_mask:
+            raise ConfigError(
+                "data.document_mask=true is not supported with model.arch=encoder_decoder yet "
+                "(decoder-only models only): set data.document_mask=false"
             )
         if self.train.global_batch_size is not None and self.train.global_batch_tokens is not None:
             raise ConfigError(
@@ -838,6 +879,7 @@ def make_paths_absolute(cfg: Config) -> Config:
     cfg.data.tokenizer = _absolute(cfg.data.tokenizer)
     for source in cfg.data.sources:
         source.dir = _absolute(source.dir)
+    cfg.eval.tasks = [_absolute(task) for task in cfg.eval.tasks]
     cfg.checkpoint.init_from = _absolute(cfg.checkpoint.init_from)
     cfg.checkpoint.branch_from = _absolute(cfg.checkpoint.branch_from)
     if cfg.checkpoint.resume not in ("auto", "never"):

@@ -27,6 +27,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import torch
 from lightning.fabric import Fabric
 
+from data.documents import DocumentBoundary
 from data.loader import source_samples
 from models.build import build_model
 from models.llama import count_parameters
@@ -64,6 +65,7 @@ from orchestrator.schema import ConfigError
 from orchestrator.training.bookkeeping import sync_step
 from orchestrator.training.data import (
     build_train_loader,
+    document_boundaries,
     elastic_resume_warning,
     endless,
     train_blocks,
@@ -127,6 +129,7 @@ class Run:
     stop_signals: StopSignals
     accumulation: int  # micro-batches per optimizer step and process
     tokens_per_step: int  # all processes
+    documents: DocumentBoundary | None = None  # data.document_mask: where training documents start
 
     @property
     def progress(self) -> dict:
@@ -135,6 +138,8 @@ class Run:
 
 def setup(cfg: Config, stop_signals: StopSignals) -> Run:
     """Processes, model, optimizer, data and the training state, resumed when a checkpoint exists."""
+    # data.document_mask: the separator of the training and validation data (prepare_stats.json).
+    train_docs, val_docs = document_boundaries(cfg) if cfg.data.document_mask else (None, None)
     fabric = build_fabric(cfg, loggers=make_loggers(cfg, resume_step=resume_step_hint(cfg)))
     if not launched_by_fabric_cli():
         fabric.launch()
@@ -213,13 +218,14 @@ def setup(cfg: Config, stop_signals: StopSignals) -> Run:
         fabric=fabric,
         state=state,
         checkpointer=checkpointer,
-        validator=Validator(fabric, cfg, model, monitor),
+        validator=Validator(fabric, cfg, model, monitor, documents=val_docs),
         monitor=monitor,
         guard=guard,
         epochs=epochs,
         stop_signals=stop_signals,
         accumulation=accumulation,
         tokens_per_step=tokens_per_step,
+        documents=train_docs,
     )
 
 
@@ -298,10 +304,14 @@ def forward_backward(run: Run, batches: Iterator) -> tuple[torch.Tensor, torch.T
             hashes.extend(
                 f"{run.epochs.local_epoch}:{batch_fingerprint(seq):016x}" for seq in tokens
             )
+        docs = {}  # data.document_mask: the document of each input position, found on the host
+        if run.documents is not None:
+            docs["doc_ids"] = run.documents.ids(tokens[:, :-1]).to(fabric.device, non_blocking=True)
         tokens = tokens.to(fabric.device, non_blocking=True)
         inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (B, T) each
         with fabric.no_backward_sync(model, enabled=micro_step < run.accumulation - 1):
-            loss = model(inputs, targets=targets)  # mean next-token loss through model.loss_kernel
+            # mean next-token loss through model.loss_kernel (each document on its own with doc_ids)
+            loss = model(inputs, targets=targets, **docs)
             fabric.backward(loss / run.accumulation)
         step_loss += loss.detach() / run.accumulation
         run.monitor.add_z_loss(model, run.accumulation)  # model.z_loss > 0: train/z_loss, no sync

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from data.documents import DocumentBoundary, read_boundary
 from data.loader import (
     StreamOptions,
     make_dataloader,
@@ -17,6 +18,7 @@ from data.loader import (
 )
 from data.storage import join
 from orchestrator.config import Config
+from orchestrator.schema import ConfigError
 
 
 def stream_options(cfg: Config) -> StreamOptions:
@@ -57,6 +59,47 @@ def train_blocks(cfg: Config) -> int:
             for s in cfg.data.sources
         )
     return num_blocks(train_split(cfg), cfg.seq_len, stream)
+
+
+def document_boundaries(cfg: Config) -> tuple[DocumentBoundary, DocumentBoundary]:
+    """data.document_mask: where documents start in the training data (every source must agree:
+    a mixed batch does not say which source each block came from) and in the validation split,
+    from the prepare_stats.json each prepare wrote beside them. A ConfigError when one is missing."""
+    stream = stream_options(cfg)
+    if cfg.data.sources:
+        train = [
+            (f"data.sources[{i}].dir", s.dir, resolve_split(s.dir, stream=stream))
+            for i, s in enumerate(cfg.data.sources)
+        ]
+    else:
+        train = [("data.dir", cfg.data.dir, train_split(cfg))]
+    val_key = "data.val_dir" if cfg.data.val_dir else "data.dir"
+    val = (val_key, cfg.data.val_split(), resolve_split(cfg.data.val_split(), "val", stream))
+
+    def read(key: str, value: str, split) -> DocumentBoundary:
+        try:
+            boundary = read_boundary(split, cfg.storage.options())
+        except (OSError, ValueError) as e:
+            raise ConfigError(
+                f"data.document_mask=true: cannot read {key}={value}'s prepare record: {e}"
+            ) from None
+        if boundary is None:
+            raise ConfigError(
+                f"data.document_mask=true needs the prepare_stats.json that `orchestrator prepare` writes "
+                f"beside {split} ({key}={value}) to know where documents start; prepare the data with "
+                "`orchestrator prepare`, or set data.document_mask=false"
+            )
+        return boundary
+
+    found = [(key, read(key, value, split)) for key, value, split in train]
+    if len({b for _, b in found}) > 1:
+        raise ConfigError(
+            "data.document_mask=true needs one document separator for all data.sources, got "
+            + "; ".join(
+                f"{key}: {b.separator} (bos {b.bos_id}, eos {b.eos_id})" for key, b in found
+            )
+        )
+    return found[0][1], read(*val)
 
 
 # litdata's elastic resume (a new world size, data.num_workers or micro-batch size) lays out the

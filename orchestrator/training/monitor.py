@@ -9,6 +9,8 @@ collectives some numbers need. TensorBoard scalar names (all indexed by optimize
   train/z_loss (model.z_loss > 0: the z-loss term of the step's loss, mean over ranks; also
       `z_loss` in the step's metrics.jsonl record at log steps),
   val/loss, val/perplexity,
+  eval/<task>/acc, eval/<task>/acc_norm (eval.tasks: downstream multiple-choice tasks, scored right
+      after every validation; orchestrator/training/downstream.py),
   perf/mfu (when the device's peak is known: logging.peak_tflops or
       orchestrator.devices.DEVICE_PEAK_FLOPS),
   perf/tflops_per_device (achieved model TFLOP/s per device: models.flops training FLOPs per token),
@@ -23,7 +25,9 @@ TensorBoard text: `config` (the resolved config, at the first step of every (re)
 
 metrics.jsonl (beside tensorboard/ in the run dir) holds one JSON object per line: one per optimizer
 step (step, loss, lr, grad_norm, tokens_seen, time, and at log steps the perf/memory figures and
-eta_seconds), one per validation (val_loss, val_perplexity, tokens_seen), one per sample generation,
+eta_seconds), one per validation (val_loss, val_perplexity, tokens_seen), one per downstream
+evaluation right after it ({"step": s, "eval": {"<task>/acc": ..., "<task>/acc_norm": ...},
+"tokens_seen": n}: the TensorBoard names without `eval/`), one per sample generation,
 checkpoint, bad step, rollback and epoch end.
 """
 
@@ -527,6 +531,20 @@ class Monitor:
             f"val_ppl {perplexity:.2f}",
             flush=True,
         )
+
+    def downstream(self, step: int, results: dict[str, float]) -> None:
+        """eval.tasks scores ({"<task>/<metric>": value}, the same on every rank): TensorBoard
+        eval/<task>/<metric>, a metrics.jsonl record {"step", "eval": results, "tokens_seen"}, and a
+        progress line."""
+        if not results:
+            return
+        self.fabric.log_dict({f"eval/{k}": v for k, v in results.items()}, step=step)
+        record: dict[str, Any] = {"step": step, "eval": dict(results)}
+        if self.tokens_seen is not None:
+            record["tokens_seen"] = self.tokens_seen
+        self.record(record)
+        scores = " | ".join(f"{k} {v:.4f}" for k, v in results.items())
+        self.fabric.print(f"step {step:>6}/{self.cfg.train.max_steps} | eval {scores}", flush=True)
 
     def epoch_end(self, step: int, epoch: int, sequences: int, blocks: int) -> None:
         """Report the blocks an epoch never showed (drop_last remainders; an elastic resume)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from lightning.fabric import Fabric
 
+from data.documents import DocumentBoundary
 from data.loader import make_dataloader, resolve_split
 from models.kernels import IGNORE_INDEX
 from orchestrator.config import Config
@@ -14,14 +15,28 @@ from orchestrator.training.monitor import Monitor
 
 
 class Validator:
-    """Decides when to validate, runs it, and reports the loss to the monitor."""
+    """Decides when to validate, runs it, and reports the loss to the monitor; then scores the
+    eval.tasks (orchestrator/training/downstream.py) and reports them too."""
 
-    def __init__(self, fabric: Fabric, cfg: Config, model: torch.nn.Module, monitor: Monitor):
+    def __init__(
+        self,
+        fabric: Fabric,
+        cfg: Config,
+        model: torch.nn.Module,
+        monitor: Monitor,
+        documents: DocumentBoundary | None = None,
+    ):
         self.fabric = fabric
         self.cfg = cfg
         self.model = model
         self.monitor = monitor
+        self.documents = documents  # data.document_mask: where the validation documents start
         self.last_loss: float | None = None
+        # eval.tasks: downstream tasks scored right after the loss (orchestrator/training/downstream.py)
+        from orchestrator.training.downstream import Downstream
+
+        self.downstream = Downstream(cfg) if cfg.eval.tasks else None
+        self.last_downstream: dict[str, float] | None = None
 
     def due(self, step: int) -> bool:
         interval = self.cfg.eval.interval
@@ -31,16 +46,22 @@ class Validator:
         return self.run(step) if self.due(step) else None
 
     def run(self, step: int) -> float:
-        self.last_loss = validate(self.fabric, self.model, self.cfg)
+        self.last_loss = validate(self.fabric, self.model, self.cfg, self.documents)
         self.monitor.validation(step, self.last_loss)
+        if self.downstream is not None:
+            self.last_downstream = self.downstream.score(self.model, self.fabric)
+            self.monitor.downstream(step, self.last_downstream)
         return self.last_loss
 
 
 @torch.no_grad()
-def validate(fabric: Fabric, model: torch.nn.Module, cfg: Config) -> float:
+def validate(
+    fabric: Fabric, model: torch.nn.Module, cfg: Config, documents: DocumentBoundary | None = None
+) -> float:
     """Mean next-token loss over (up to eval.max_batches of) the validation split, all ranks: over
     every target (the decoder), or the decoder's targets (the encoder-decoder, whose forward pass
-    scores only those); eval.loss_from > 0 leaves out the targets before that position."""
+    scores only those); eval.loss_from > 0 leaves out the targets before that position. With
+    `documents` (data.document_mask) each document attends only to itself, as in training."""
     model.eval()
     stream = stream_options(cfg)
     loader = make_dataloader(
@@ -56,12 +77,15 @@ def validate(fabric: Fabric, model: torch.nn.Module, cfg: Config) -> float:
     for i, tokens in enumerate(loader):
         if cfg.eval.max_batches and i >= cfg.eval.max_batches:
             break
+        doc_ids = {}
+        if documents is not None:  # on the host, as in training
+            doc_ids = {"doc_ids": documents.ids(tokens[:, :-1].long()).to(fabric.device)}
         tokens = tokens.to(fabric.device).long()  # (B, T+1)
         targets = tokens[:, 1:]  # (B, T)
         if cfg.eval.loss_from:  # e.g. only the positions an encoder-decoder's decoder predicts
             targets = targets.clone()
             targets[:, : cfg.eval.loss_from] = IGNORE_INDEX
-        totals[0] += model(tokens[:, :-1], targets=targets).double()  # mean next-token loss
+        totals[0] += model(tokens[:, :-1], targets=targets, **doc_ids).double()  # mean loss
         totals[1] += 1
     totals = fabric.all_reduce(totals, reduce_op="sum")
     model.train()
