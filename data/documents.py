@@ -73,11 +73,9 @@ def document_ids(
     return ends.cumsum(dim=-1) - ends.long()  # exclusive: the EOS belongs to the document it ends
 
 
-def read_boundary(
-    split: str | Path, storage_options: dict | None = None
-) -> DocumentBoundary | None:
-    """The boundary recorded in the ``prepare_stats.json`` beside a prepared split (its parent, a
-    prepare output root; local or an object-store URL); None when there is no such file."""
+def read_prepare_stats(split: str | Path, storage_options: dict | None = None) -> dict | None:
+    """The ``prepare_stats.json`` beside a prepared split (in its parent, a prepare output root;
+    local or an object-store URL); None when there is no such file."""
     if is_remote(split):
         parent = str(split).rstrip("/").rsplit("/", 1)[0]
         store = ObjectStore(parent, storage_options)
@@ -89,4 +87,13 @@ def read_boundary(
         if not stats_file.is_file():
             return None
         text = stats_file.read_text()
-    return DocumentBoundary.from_stats(json.loads(text))
+    return json.loads(text)
+
+
+def read_boundary(
+    split: str | Path, storage_options: dict | None = None
+) -> DocumentBoundary | None:
+    """The boundary recorded in the ``prepare_stats.json`` beside a prepared split (its parent, a
+    prepare output root; local or an object-store URL); None when there is no such file."""
+    stats = read_prepare_stats(split, storage_options)
+    return None if stats is None else DocumentBoundary.from_stats(stats)

@@ -35,6 +35,7 @@ from litdata.constants import _TORCH_DTYPES_MAPPING
 from litdata.streaming import downloader as _litdata_downloader
 from litdata.streaming.item_loader import TokensLoader
 
+from data.instructions import TOKEN_MASK
 from data.mixture import MixtureDataset
 from data.storage import ObjectStore, is_remote, join
 from data.util import parse_size
@@ -319,6 +320,8 @@ def read_documents(data_dir: str | Path) -> list[torch.Tensor]:
     nothing is dropped at block or chunk boundaries. Items hold several consecutive documents;
     they are split at the separator recorded in the prepare's ``prepare_stats.json`` (sentencepiece
     never emits bos/eos inside a document). Without that file, every item is one document.
+    Instruction data (``"format": "instruction"``) is returned as stored, loss flags included
+    (``data.instructions.decode`` separates ids and flags).
     """
     d = _check_prepared_split(data_dir)
     items = _read_items(d)
@@ -331,9 +334,11 @@ def read_documents(data_dir: str | Path) -> list[torch.Tensor]:
         marker, after = int(stats["bos_id"]), False  # a document starts at each bos
     else:
         marker, after = int(stats["eos_id"]), True  # a document ends at each eos
+    flags = stats.get("format") == "instruction"
     docs: list[torch.Tensor] = []
     for item in items:
-        cuts = torch.nonzero(item == marker).flatten().tolist()
+        ids = item & TOKEN_MASK if flags else item  # instruction data: without the loss flag
+        cuts = torch.nonzero(ids == marker).flatten().tolist()
         bounds = [c + 1 for c in cuts] if after else cuts
         edges = sorted({0, *bounds, len(item)})
         docs += [item[a:b] for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]

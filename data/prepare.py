@@ -48,7 +48,15 @@ field, empty documents, truncated ``.zst``/``.gz`` files, corrupt Parquet files 
 counted by reason, with file and line (``data.shards.SKIP_REASONS``). A missing input path, an
 input without corpus files, an unusable tokenizer or an unwritable output fail at once, before
 any work. ``prepare_stats.json`` holds documents, tokens and skips per split, per set
-(``meta.redpajama_set_name``) and per input file.
+(``meta.redpajama_set_name``) and per input file, and the data's ``format``.
+
+Instruction data (``format="instruction"``, see :mod:`data.instructions`): each record is an
+example (``{input, target}``, Alpaca's ``{instruction, input, output}`` or a chat's
+``{messages}``), stored as ``[BOS] prompt response [EOS]`` int32 tokens whose response tokens and
+EOS carry the loss flag (bit 30); records that are no example are counted by reason like any
+other skip, and ``max_tokens`` > 0 drops (``too_long``) examples longer than that. The stats add
+``"format": "instruction"``, ``"loss_mask_bit": 30`` and per split ``loss_tokens``; documents are
+examples, the separator is always ``bos+eos``, and the hash holdout hashes the example's text.
 """
 
 from __future__ import annotations
@@ -70,6 +78,8 @@ from typing import Any
 
 import numpy as np
 
+from data.instructions import FORMATS as INSTRUCTION_FORMATS
+from data.instructions import LOSS_FLAG, LOSS_MASK_BIT, BadRecord, encode_example, to_example
 from data.shards import RecordFilter, ShardReader, SkipStats, find_shards
 from data.storage import ObjectStore, is_remote
 from data.tokenizer import SEPARATORS, Tokenizer
@@ -91,6 +101,10 @@ SPLITS = ("train", "val")
 SPLIT_DIRS = {"train": "train", "validation": "val"}
 _WORK_DIR = ".prepare_work"
 _FORMAT_VERSION = 2
+DATA_FORMATS = ("text", "instruction")
+# Options added after datasets were prepared without them: their values then, for the comparison
+# of a finished prepare with a new call (an older output is the same as one made with these).
+_OPTION_DEFAULTS = {"format": "text", "instruction_format": "auto", "max_tokens": 0}
 _is_url = is_remote  # s3:// (and S3-compatible), gs://, azure://
 
 
@@ -106,8 +120,39 @@ class PrepareOptions:
     chunk_bytes: int = 64_000_000
     group_bytes: int = 16_000_000  # resolved from "auto" by prepare_dataset (see _auto_group_bytes)
     val_every: int = 100
+    format: str = "text"  # "text" (pretraining documents) or "instruction" (data.instructions)
+    instruction_format: str = "auto"  # format="instruction": "auto" or one of instructions.FORMATS
+    max_tokens: int = 0  # format="instruction": longer examples are skipped (too_long); 0: no limit
 
     def validate(self) -> None:
+        if self.format not in DATA_FORMATS:
+            raise ValueError(
+                f"format must be one of {', '.join(DATA_FORMATS)}, got {self.format!r}."
+            )
+        if self.instruction_format not in ("auto", *INSTRUCTION_FORMATS):
+            raise ValueError(
+                f"instruction_format must be auto or one of {', '.join(INSTRUCTION_FORMATS)}, "
+                f"got {self.instruction_format!r}."
+            )
+        if self.max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}.")
+        if self.format == "instruction":
+            unused = {
+                "text_field": self.text_field != "text",
+                "min_chars": self.min_chars != 0,
+                "min_tokens": self.min_tokens != 0,
+                "separator": self.separator != "bos+eos",
+            }
+            if any(unused.values()):
+                raise ValueError(
+                    f"{', '.join(k for k, v in unused.items() if v)} do not apply to instruction data "
+                    "(--format instruction: fields come from the record's format, examples are "
+                    "[BOS] prompt response [EOS]; --max-tokens limits their length)."
+                )
+        elif self.instruction_format != "auto" or self.max_tokens:
+            raise ValueError(
+                "instruction_format and max_tokens apply to instruction data only (--format instruction)."
+            )
         if self.separator not in SEPARATORS:
             raise ValueError(
                 f"separator must be one of {', '.join(SEPARATORS)}, got {self.separator!r}."
@@ -291,7 +336,9 @@ def _make_parts(
     return parts
 
 
-def _token_dtype(vocab_size: int) -> np.dtype:
+def _token_dtype(vocab_size: int, data_format: str = "text") -> np.dtype:
+    if data_format == "instruction":  # ids with the loss flag (bit 30); litdata has no uint32
+        return np.dtype(np.int32)
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.int32)
 
 
@@ -377,17 +424,19 @@ class _SplitWriter:
         self.items = 0
         self.docs = 0
         self.tokens = 0
+        self.loss_tokens = 0  # instruction data: tokens whose prediction counts in the loss
         self.sets: Counter[str] = Counter()
         self.pending: list[Any] = []
         self.pending_tokens = 0
         # Items stay well below a chunk, so chunks are filled to about chunk_bytes.
         self.item_tokens = max(1, min(_ITEM_TOKENS, chunk_bytes // 8))
 
-    def add(self, tokens: Any, set_name: str) -> None:
+    def add(self, tokens: Any, set_name: str, loss_tokens: int = 0) -> None:
         self.pending.append(tokens)
         self.pending_tokens += len(tokens)
         self.docs += 1
         self.tokens += len(tokens)
+        self.loss_tokens += loss_tokens
         self.sets[set_name] += 1
         if self.pending_tokens >= self.item_tokens:
             self._flush()
@@ -411,12 +460,59 @@ class _SplitWriter:
             "config": self.writer.get_config(),
             "docs": self.docs,
             "tokens": self.tokens,
+            "loss_tokens": self.loss_tokens,
             "sets": dict(sorted(self.sets.items())),
         }
 
 
 def _is_held_out(text: str, val_every: int) -> bool:
     return zlib.crc32(text.encode("utf-8")) % val_every == 0
+
+
+def _instruction_file(
+    reader: ShardReader,
+    part: _Part,
+    tok: Tokenizer,
+    opts: PrepareOptions,
+    writers: dict[str, _SplitWriter],
+    part_dir: Path,
+    per_split: dict[str, dict[str, int]],
+    reporter: _Reporter,
+) -> None:
+    """The examples of one instruction file into the part's writers (data.instructions)."""
+    stats, label = reader.stats, reader.label
+    encode, bos, eos = tok._sp.encode, tok.bos_id, tok.eos_id
+    for record, set_name, line in reader.objects():
+        try:
+            example = to_example(record, opts.instruction_format)
+        except BadRecord as e:
+            stats.skip(e.reason, label, line)
+            continue
+        if set_name in opts.exclude_sets:
+            stats.skip("excluded_set", label, line)
+            continue
+        arr = encode_example(example, encode, bos, eos)
+        n = len(arr)
+        if opts.max_tokens and n > opts.max_tokens:
+            stats.skip("too_long", label, line)
+            continue
+        stats.docs += 1
+        stats.sets[set_name] += 1
+        text = example.text
+        if part.route == "holdout":
+            split = "val" if _is_held_out(text, opts.val_every) else "train"
+        else:
+            split = part.route
+        w = writers.get(split)
+        if w is None:
+            w = writers[split] = _SplitWriter(part_dir / split, part.index, opts.chunk_bytes)
+        w.add(arr, set_name, int(np.count_nonzero(arr & LOSS_FLAG)))
+        per_split[split]["docs"] += 1
+        per_split[split]["tokens"] += n
+        reporter.tokens += n
+        reporter.docs += 1
+        if not reporter.docs & 255:
+            reporter.maybe_flush()
 
 
 def _process_part(part: _Part, reporter: _Reporter | None = None) -> dict[str, Any]:
@@ -430,7 +526,7 @@ def _process_part(part: _Part, reporter: _Reporter | None = None) -> dict[str, A
         shutil.rmtree(part_dir)
     before, after = tok.separator_ids(opts.separator)
     nb, na = len(before), len(after)
-    dtype = _token_dtype(tok.vocab_size)
+    dtype = _token_dtype(tok.vocab_size, opts.format)
     encode = tok._sp.encode
     record_filter = opts.record_filter()
     writers: dict[str, _SplitWriter] = {}
@@ -439,7 +535,9 @@ def _process_part(part: _Part, reporter: _Reporter | None = None) -> dict[str, A
         stats = SkipStats()
         per_split: dict[str, dict[str, int]] = {s: {"docs": 0, "tokens": 0} for s in SPLITS}
         reader = ShardReader(path, stats, record_filter, on_bytes=reporter.add_bytes, label=label)
-        for rec in reader:
+        if opts.format == "instruction":
+            _instruction_file(reader, part, tok, opts, writers, part_dir, per_split, reporter)
+        for rec in reader if opts.format == "text" else ():
             ids = encode(rec.text)
             if len(ids) < opts.min_tokens:
                 stats.docs -= 1
@@ -586,6 +684,8 @@ def _check_same_inputs(existing: dict[str, Any], fingerprint: dict[str, Any], ou
             f"a different tokenizer ({existing.get('tokenizer_path')}, now {fingerprint['tokenizer_path']})"
         )
     old_opts = existing.get("options")
+    if old_opts is not None:
+        old_opts = {**_OPTION_DEFAULTS, **old_opts}  # made before those options existed
     if old_opts is not None and old_opts != fingerprint["options"]:
         changed = sorted(
             k for k in fingerprint["options"] if old_opts.get(k) != fingerprint["options"][k]
@@ -632,6 +732,9 @@ def prepare_dataset(
     work_dir: str | Path | None = None,
     storage_options: dict[str, Any] | None = None,
     max_parts: int | None = None,
+    format: str = "text",
+    instruction_format: str = "auto",
+    max_tokens: int = 0,
 ) -> dict[str, Any]:
     """Tokenize ``input_dir`` into ``output_dir/{train,val}``; return the stats dict.
 
@@ -642,6 +745,8 @@ def prepare_dataset(
     output a local folder under ``~/.cache/orchestrator/prepare``). ``max_parts`` stops after
     that many parts have been processed in this call, leaving the prepare unfinished (for tests
     and for splitting a long prepare into jobs); the call then returns ``{"finished": False, ...}``.
+    ``format="instruction"`` reads instruction examples (``instruction_format``: ``auto`` or one of
+    ``data.instructions.FORMATS``; ``max_tokens`` > 0: longer examples are skipped as too_long).
     """
     del verbose  # kept for compatibility; use progress=True for a status line
     in_path, tok_path = Path(input_dir), Path(tokenizer_path)
@@ -655,6 +760,9 @@ def prepare_dataset(
         chunk_bytes=parse_size(chunk_bytes),
         group_bytes=1 if group_bytes == "auto" else parse_size(group_bytes),
         val_every=val_every,
+        format=format,
+        instruction_format=instruction_format,
+        max_tokens=max_tokens,
     )
     # Cheap checks first: nothing is created before the inputs are known to be usable.
     opts.validate()
@@ -854,7 +962,8 @@ def _summarize(
     totals = SkipStats()
     split_skips = {s: SkipStats() for s in SPLITS}
     split_docs = {
-        s: {"docs": 0, "tokens": 0, "chunks": 0, "files": 0, "sets": Counter()} for s in SPLITS
+        s: {"docs": 0, "tokens": 0, "loss_tokens": 0, "chunks": 0, "files": 0, "sets": Counter()}
+        for s in SPLITS
     }
     files = []
     for p in parts:
@@ -873,6 +982,7 @@ def _summarize(
             d = split_docs[name]
             d["docs"] += s["docs"]
             d["tokens"] += s["tokens"]
+            d["loss_tokens"] += s.get("loss_tokens", 0)
             d["chunks"] += len(s["chunks"])
             d["sets"].update(s["sets"])
     splits = {}
@@ -882,6 +992,7 @@ def _summarize(
             "files": d["files"],
             "docs": d["docs"],
             "tokens": d["tokens"],
+            **({"loss_tokens": d["loss_tokens"]} if opts.format == "instruction" else {}),
             "chunks": d["chunks"],
             "skipped": sk["skipped"],
             "skipped_total": sk["skipped_total"],
@@ -890,15 +1001,18 @@ def _summarize(
         }
     totals.docs = sum(d["docs"] for d in split_docs.values())
     t = totals.to_dict()
+    instruction = {"loss_mask_bit": LOSS_MASK_BIT} if opts.format == "instruction" else {}
     return {
         "format_version": _FORMAT_VERSION,
+        "format": opts.format,  # "text" or "instruction" (absent in older files: text)
+        **instruction,
         "input_dir": fingerprint["input_dir"],
         "tokenizer_path": fingerprint["tokenizer_path"],
         "tokenizer_sha256": fingerprint["tokenizer_sha256"],
         "vocab_size": tokenizer.vocab_size,
         "bos_id": tokenizer.bos_id,
         "eos_id": tokenizer.eos_id,
-        "dtype": str(_token_dtype(tokenizer.vocab_size)),
+        "dtype": str(_token_dtype(tokenizer.vocab_size, opts.format)),
         "layout": layout,
         "val_every": opts.val_every if layout != "slimpajama" else None,
         "separator": opts.separator,

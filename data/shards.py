@@ -52,9 +52,15 @@ SKIP_REASONS = (
     "truncated_file",  # the compressed stream ends early: the rest of the file is lost (counted once)
     "corrupt_file",  # undecodable compressed data / unreadable Parquet: the rest of the file (counted once)
     "unreadable_file",  # the file could not be opened or read (permissions, I/O error)
+    # Instruction data (``prepare --format instruction``, data.instructions):
+    "unknown_format",  # not an object with the keys of any instruction format (auto-detection)
+    "missing_field",  # a field of the record's format is missing or of the wrong type
+    "empty_response",  # the response (a target, an output, an assistant turn) has no non-whitespace character
+    "no_response",  # a chat without an assistant turn
+    "too_long",  # more tokens than the maximum (prepare --max-tokens) (a filter)
 )
 # Reasons that are choices of the user rather than damage in the input.
-FILTER_REASONS = ("excluded_set", "too_short")
+FILTER_REASONS = ("excluded_set", "too_short", "too_long")
 # File and line of at most this many records per reason are kept (counts are always exact).
 MAX_LOCATIONS = 20
 
@@ -396,6 +402,59 @@ class ShardReader:
             set_name = name if type(name) is str else _set_name_of(meta)
             if self._keep(text, set_name, line_no):
                 yield Record(text, set_name, line_no)
+
+    # -- Whole records (instruction data) -----------------------------------------------------
+
+    def objects(self) -> Iterator[tuple[Any, str, int]]:
+        """``(record, set name, line)`` for every parsed record, whatever its fields: a JSON value
+        (usually an object) of a JSON line, or a Parquet row as a dict of all its columns. Lines
+        that are blank, not UTF-8 or not JSON, and damaged files, are counted as in ``__iter__``;
+        what the record's fields mean is the caller's to judge (and count): nothing is counted
+        as kept here, and the text field, subset and length filters do not apply."""
+        if not self.path.is_file():
+            raise FileNotFoundError(f"Shard {self.path} does not exist or is not a file.")
+        if self.path.name.endswith(".parquet"):
+            yield from self._parquet_rows()
+            return
+        st = self.stats
+        for line_no, raw in self._lines():
+            if not raw.strip():
+                st.skip("blank_line", self.label, line_no)
+                continue
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                st.skip("invalid_utf8", self.label, line_no)
+                continue
+            except json.JSONDecodeError:
+                st.skip("invalid_json", self.label, line_no)
+                continue
+            meta = record.get("meta") if isinstance(record, dict) else None
+            yield record, _set_name_of(meta) if meta is not None else "unknown", line_no
+
+    def _parquet_rows(self) -> Iterator[tuple[Any, str, int]]:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        st = self.stats
+        try:
+            pf = pq.ParquetFile(self.path)
+        except (pa.ArrowException, OSError) as e:
+            st.skip("corrupt_file", self.label, 0)
+            self.error = f"{type(e).__name__}: {e}"
+            return
+        if self.on_bytes is not None:
+            self.on_bytes(self.path.stat().st_size)
+        row = 0
+        try:
+            for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS):
+                for record in batch.to_pylist():
+                    row += 1
+                    meta = record.get("meta")
+                    yield record, _set_name_of(meta) if meta is not None else "unknown", row
+        except (pa.ArrowException, OSError) as e:
+            st.skip("corrupt_file", self.label, row + 1)
+            self.error = f"{type(e).__name__}: {e}"
 
     # -- Parquet -------------------------------------------------------------------------------
 

@@ -115,6 +115,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
             separator=args.separator,
             progress=not args.no_progress,
             work_dir=args.work_dir,
+            format=args.format,
+            instruction_format=args.instruction_format,
+            max_tokens=args.max_tokens,
         )
     except PermissionError as e:  # an unwritable output: say so, no traceback
         print(f"error: {e}", file=sys.stderr)
@@ -223,7 +226,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     seq = args.seq_len
     print(
-        f"{'name':<16} {'arch':<7} {'params':>15} {'non-embed':>15} {'layers':>6} {'d_model':>7} {'heads':>5} "
+        f"{'name':<18} {'arch':<7} {'params':>15} {'non-embed':>15} {'layers':>6} {'d_model':>7} {'heads':>5} "
         f"{'kv':>3} {'ffn':>6} {'ctx':>5} {'train GFLOP/tok':>15}  pairs with"
     )
     for name in SIZES:
@@ -232,9 +235,9 @@ def cmd_models(args: argparse.Namespace) -> int:
         layers = f"{c.n_layers}+{c.n_layers}" if encdec else str(c.n_layers)  # encoder + decoder
         gflops = flops_per_token(c, seq or c.max_seq_len)["training"] / 1e9  # the family's count
         print(
-            f"{name:<16} {'enc-dec' if encdec else 'decoder':<7} {c.num_params():>15,} "
+            f"{name:<18} {'enc-dec' if encdec else 'decoder':<7} {c.num_params():>15,} "
             f"{c.num_non_embedding_params():>15,} {layers:>6} {c.d_model:>7} {c.n_heads:>5} {c.n_kv_heads:>3} "
-            f"{c.ffn_hidden:>6} {c.max_seq_len:>5} {gflops:>15.2f}  {paired_size(name) or '-'}"
+            f"{c.ffn_hidden:>6} {c.max_seq_len:>5} {gflops:>15.3f}  {paired_size(name) or '-'}"
         )
     print(
         "\nPairs: each redllm-* size (encoder-decoder, RedLLM: models/encdec.py) has the width, heads and ffn of "
@@ -544,6 +547,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", required=True, help="output directory or object-store URL (s3://...)"
     )
     p.add_argument("--tokenizer", required=True, help="sentencepiece .model file")
+    p.add_argument(
+        "--format",
+        default="text",
+        choices=["text", "instruction"],
+        help="text: pretraining documents (default); instruction: finetuning examples "
+        "({input, target}, {instruction, input, output} or {messages}) stored with a "
+        "response-only loss mask (data/instructions.py)",
+    )
+    p.add_argument(
+        "--instruction-format",
+        default="auto",
+        choices=["auto", "input_target", "alpaca", "chat"],
+        help="--format instruction: the records' format (default: detected per record from its keys)",
+    )
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=0,
+        help="--format instruction: skip (as too_long) examples of more tokens, BOS and EOS "
+        "included (e.g. train.seq_len + 1; default 0: no limit)",
+    )
     p.add_argument(
         "--num-workers",
         type=int,

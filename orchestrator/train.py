@@ -65,9 +65,11 @@ from orchestrator.schema import ConfigError
 from orchestrator.training.bookkeeping import sync_step
 from orchestrator.training.data import (
     build_train_loader,
+    data_formats,
     document_boundaries,
     elastic_resume_warning,
     endless,
+    model_batch,
     train_blocks,
 )
 from orchestrator.training.epochs import EpochTracker
@@ -130,6 +132,7 @@ class Run:
     accumulation: int  # micro-batches per optimizer step and process
     tokens_per_step: int  # all processes
     documents: DocumentBoundary | None = None  # data.document_mask: where training documents start
+    instruction: bool = False  # instruction data (prepare --format instruction): response-only loss
 
     @property
     def progress(self) -> dict:
@@ -138,7 +141,9 @@ class Run:
 
 def setup(cfg: Config, stop_signals: StopSignals) -> Run:
     """Processes, model, optimizer, data and the training state, resumed when a checkpoint exists."""
-    # data.document_mask: the separator of the training and validation data (prepare_stats.json).
+    # Text or instruction data, and with data.document_mask (which instruction data requires) the
+    # separator of the training and validation data: both from their prepare_stats.json.
+    train_format, val_format = data_formats(cfg)
     train_docs, val_docs = document_boundaries(cfg) if cfg.data.document_mask else (None, None)
     fabric = build_fabric(cfg, loggers=make_loggers(cfg, resume_step=resume_step_hint(cfg)))
     if not launched_by_fabric_cli():
@@ -218,7 +223,9 @@ def setup(cfg: Config, stop_signals: StopSignals) -> Run:
         fabric=fabric,
         state=state,
         checkpointer=checkpointer,
-        validator=Validator(fabric, cfg, model, monitor, documents=val_docs),
+        validator=Validator(
+            fabric, cfg, model, monitor, documents=val_docs, instruction=val_format == "instruction"
+        ),
         monitor=monitor,
         guard=guard,
         epochs=epochs,
@@ -226,6 +233,7 @@ def setup(cfg: Config, stop_signals: StopSignals) -> Run:
         accumulation=accumulation,
         tokens_per_step=tokens_per_step,
         documents=train_docs,
+        instruction=train_format == "instruction",
     )
 
 
@@ -289,31 +297,48 @@ def fit(run: Run) -> dict:
 def forward_backward(run: Run, batches: Iterator) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Forward and backward over the step's micro-batches, then clip. Returns this rank's mean
     loss and the global gradient norm (before clipping), both still on the device, and the
-    fingerprints of this rank's batches (computed on the host, before the copy)."""
+    fingerprints of this rank's batches (computed on the host, before the copy).
+
+    The step's micro-batches are read first. Instruction data (run.instruction): only response
+    targets count (data/instructions.py), and each micro-batch's mean loss is weighed by its share
+    of the step's counted targets on this rank, so the step's loss is this rank's mean over them."""
     cfg, fabric, model = run.cfg, run.fabric, run.state["model"]
     step_loss = torch.zeros((), device=fabric.device)
     hashes = []
-    for micro_step in range(run.accumulation):
+    blocks = []
+    for _ in range(run.accumulation):
         with run.monitor.waiting_for_data():
             new_epoch, tokens = next(batches)
         run.epochs.read(new_epoch, tokens.shape[0])
-        tokens = tokens.long()  # (B, T+1), on the host
+        tokens = tokens.long()  # (B, T+1), on the host, as stored (instruction data: loss flags)
         if cfg.logging.batch_hashes == "batch":
             hashes.append(f"{batch_fingerprint(tokens):016x}")
         elif cfg.logging.batch_hashes == "sequence":
             hashes.extend(
                 f"{run.epochs.local_epoch}:{batch_fingerprint(seq):016x}" for seq in tokens
             )
+        blocks.append(model_batch(tokens, True) if run.instruction else tokens)
+    counted = sum(b[2] for b in blocks) if run.instruction else 0
+    for micro_step, block in enumerate(blocks):
+        if run.instruction:  # decoded on the host: (B, T) inputs and targets, counted targets
+            inputs, targets, count = block
+            host_inputs = inputs
+            inputs = inputs.to(fabric.device, non_blocking=True)
+            targets = targets.to(fabric.device, non_blocking=True)
+            weight = count / counted if counted else 0.0
+        else:
+            host_inputs = block[:, :-1]
+            tokens = block.to(fabric.device, non_blocking=True)
+            inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (B, T) each
         docs = {}  # data.document_mask: the document of each input position, found on the host
         if run.documents is not None:
-            docs["doc_ids"] = run.documents.ids(tokens[:, :-1]).to(fabric.device, non_blocking=True)
-        tokens = tokens.to(fabric.device, non_blocking=True)
-        inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (B, T) each
+            docs["doc_ids"] = run.documents.ids(host_inputs).to(fabric.device, non_blocking=True)
         with fabric.no_backward_sync(model, enabled=micro_step < run.accumulation - 1):
             # mean next-token loss through model.loss_kernel (each document on its own with doc_ids)
             loss = model(inputs, targets=targets, **docs)
-            fabric.backward(loss / run.accumulation)
-        step_loss += loss.detach() / run.accumulation
+            loss = loss * weight if run.instruction else loss / run.accumulation
+            fabric.backward(loss)
+        step_loss += loss.detach()
         run.monitor.add_z_loss(model, run.accumulation)  # model.z_loss > 0: train/z_loss, no sync
     # logging.layer_grad_norms: per-block norms, before clipping
     run.monitor.layer_grad_norms(run.progress["step"] + 1, model)

@@ -1,5 +1,6 @@
 """The training data of a run: the loader (one prepared dataset or a weighted mixture), its size
-in blocks, and the endless stream of micro-batches across epochs."""
+in blocks, the endless stream of micro-batches across epochs, and what the prepare records about
+it (document boundaries for data.document_mask; text or instruction data)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from typing import Any
 
 import torch
 
-from data.documents import DocumentBoundary, read_boundary
+from data.documents import DocumentBoundary, read_boundary, read_prepare_stats
+from data.instructions import TOKEN_MASK, split_block
 from data.loader import (
     StreamOptions,
     make_dataloader,
@@ -16,7 +18,8 @@ from data.loader import (
     num_blocks,
     resolve_split,
 )
-from data.storage import join
+from data.storage import StorageError, join
+from models.kernels import IGNORE_INDEX
 from orchestrator.config import Config
 from orchestrator.schema import ConfigError
 
@@ -61,10 +64,9 @@ def train_blocks(cfg: Config) -> int:
     return num_blocks(train_split(cfg), cfg.seq_len, stream)
 
 
-def document_boundaries(cfg: Config) -> tuple[DocumentBoundary, DocumentBoundary]:
-    """data.document_mask: where documents start in the training data (every source must agree:
-    a mixed batch does not say which source each block came from) and in the validation split,
-    from the prepare_stats.json each prepare wrote beside them. A ConfigError when one is missing."""
+def _prepared_splits(cfg: Config) -> tuple[list[tuple[str, str, Any]], tuple[str, str, Any]]:
+    """(config key, value, split) of each training split (data.dir's or every source's) and of the
+    validation split."""
     stream = stream_options(cfg)
     if cfg.data.sources:
         train = [
@@ -75,6 +77,14 @@ def document_boundaries(cfg: Config) -> tuple[DocumentBoundary, DocumentBoundary
         train = [("data.dir", cfg.data.dir, train_split(cfg))]
     val_key = "data.val_dir" if cfg.data.val_dir else "data.dir"
     val = (val_key, cfg.data.val_split(), resolve_split(cfg.data.val_split(), "val", stream))
+    return train, val
+
+
+def document_boundaries(cfg: Config) -> tuple[DocumentBoundary, DocumentBoundary]:
+    """data.document_mask: where documents start in the training data (every source must agree:
+    a mixed batch does not say which source each block came from) and in the validation split,
+    from the prepare_stats.json each prepare wrote beside them. A ConfigError when one is missing."""
+    train, val = _prepared_splits(cfg)
 
     def read(key: str, value: str, split) -> DocumentBoundary:
         try:
@@ -100,6 +110,73 @@ def document_boundaries(cfg: Config) -> tuple[DocumentBoundary, DocumentBoundary
             )
         )
     return found[0][1], read(*val)
+
+
+def data_formats(cfg: Config) -> tuple[str, str]:
+    """The format of the training data and of the validation split: "text" (pretraining documents)
+    or "instruction" (`orchestrator prepare --format instruction`: blocks carry loss flags, see
+    data/instructions.py), as their prepare_stats.json records it (no record or no "format": text).
+    Read once at set-up, checked at preflight. ConfigErrors: data.sources mixing the two (a mixed
+    batch does not say which source each block came from, so all are decoded one way), and
+    instruction data without data.document_mask=true or with the encoder-decoder."""
+    try:
+        train, val = _prepared_splits(cfg)
+    except (OSError, ValueError, StorageError) as e:
+        raise ConfigError(f"cannot read the prepared data: {e}") from None
+
+    def read(key: str, value: str, split) -> str:
+        try:
+            stats = read_prepare_stats(split, cfg.storage.options())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot read {key}={value}'s prepare record: {e}") from None
+        fmt = (stats or {}).get("format", "text")
+        if fmt not in ("text", "instruction"):
+            raise ConfigError(
+                f"{key}={value} records an unknown data format {fmt!r} in its prepare_stats.json "
+                "(this version reads text and instruction data): prepare it again"
+            )
+        return fmt
+
+    found = [(key, value, read(key, value, split)) for key, value, split in train]
+    if len({fmt for *_, fmt in found}) > 1:
+        raise ConfigError(
+            "data.sources mixes pretraining text and instruction data ("
+            + ", ".join(f"{key}={value}: {fmt}" for key, value, fmt in found)
+            + "): their blocks are read differently (instruction data carries the response-only "
+            "loss flags), so one run trains on one kind; prepare every source with the same "
+            "`orchestrator prepare --format`"
+        )
+    val_format = read(*val)
+    for (key, value, fmt), what in ((found[0], "training"), (val + (val_format,), "validation")):
+        if fmt != "instruction":
+            continue
+        where = f"{key}={value} (the {what} data) is instruction data"
+        if cfg.model.arch == "encoder_decoder":
+            raise ConfigError(
+                f"{where}: instruction finetuning is not supported with model.arch=encoder_decoder "
+                "yet; use model.arch=llama"
+            )
+        if not cfg.data.document_mask:
+            raise ConfigError(
+                f"{where}, whose packed examples must not attend to each other: set "
+                "data.document_mask=true (--data.document_mask true)"
+            )
+    return found[0][2], val_format
+
+
+def model_batch(block: torch.Tensor, instruction: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Instruction data: a (B, T+1) block as loaded (int64 on the host, loss flags included) ->
+    inputs (B, T), targets (B, T) (IGNORE_INDEX wherever the prediction does not count: prompt
+    tokens, BOS) and how many targets count. With none, one target is let in so that the mean loss
+    stays finite (the caller weighs the micro-batch's loss by the count: 0). Text: the block's
+    inputs and targets, every one counting."""
+    if not instruction:
+        return block[:, :-1], block[:, 1:], block[:, 1:].numel()
+    inputs, targets = split_block(block, IGNORE_INDEX)
+    count = int((targets != IGNORE_INDEX).sum())
+    if count == 0:
+        targets[0, 0] = block[0, 1] & TOKEN_MASK
+    return inputs, targets, count
 
 
 # litdata's elastic resume (a new world size, data.num_workers or micro-batch size) lays out the

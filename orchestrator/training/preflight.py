@@ -19,7 +19,7 @@ from data.util import file_sha256
 from orchestrator.checkpoint.resume import check_resume_compatible
 from orchestrator.config import Config
 from orchestrator.schema import ConfigError
-from orchestrator.training.data import stream_options
+from orchestrator.training.data import data_formats, stream_options
 from orchestrator.training.downstream import check_tasks
 
 SPLITS = ("train", "val")
@@ -67,6 +67,8 @@ def check_inputs(cfg: Config) -> None:
             f"set --model.vocab_size {vocab} (or larger, e.g. a multiple of 64) or use a smaller tokenizer"
         )
     check_datasets_match_tokenizer(cfg, datasets, tokenizer_path)
+    # Text or instruction data: not mixed, and instruction data with data.document_mask and the decoder.
+    data_formats(cfg)
     check_tasks(cfg)  # eval.tasks: every file read, every example tokenised and checked
     if cfg.checkpoint.remote_dir:  # the bucket exists and takes the credentials
         try:

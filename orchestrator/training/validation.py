@@ -10,7 +10,7 @@ from data.documents import DocumentBoundary
 from data.loader import make_dataloader, resolve_split
 from models.kernels import IGNORE_INDEX
 from orchestrator.config import Config
-from orchestrator.training.data import stream_options
+from orchestrator.training.data import model_batch, stream_options
 from orchestrator.training.monitor import Monitor
 
 
@@ -25,12 +25,14 @@ class Validator:
         model: torch.nn.Module,
         monitor: Monitor,
         documents: DocumentBoundary | None = None,
+        instruction: bool = False,
     ):
         self.fabric = fabric
         self.cfg = cfg
         self.model = model
         self.monitor = monitor
         self.documents = documents  # data.document_mask: where the validation documents start
+        self.instruction = instruction  # instruction data: the loss over the responses only
         self.last_loss: float | None = None
         # eval.tasks: downstream tasks scored right after the loss (orchestrator/training/downstream.py)
         from orchestrator.training.downstream import Downstream
@@ -46,7 +48,9 @@ class Validator:
         return self.run(step) if self.due(step) else None
 
     def run(self, step: int) -> float:
-        self.last_loss = validate(self.fabric, self.model, self.cfg, self.documents)
+        self.last_loss = validate(
+            self.fabric, self.model, self.cfg, self.documents, self.instruction
+        )
         self.monitor.validation(step, self.last_loss)
         if self.downstream is not None:
             self.last_downstream = self.downstream.score(self.model, self.fabric)
@@ -56,12 +60,18 @@ class Validator:
 
 @torch.no_grad()
 def validate(
-    fabric: Fabric, model: torch.nn.Module, cfg: Config, documents: DocumentBoundary | None = None
+    fabric: Fabric,
+    model: torch.nn.Module,
+    cfg: Config,
+    documents: DocumentBoundary | None = None,
+    instruction: bool = False,
 ) -> float:
     """Mean next-token loss over (up to eval.max_batches of) the validation split, all ranks: over
     every target (the decoder), or the decoder's targets (the encoder-decoder, whose forward pass
     scores only those); eval.loss_from > 0 leaves out the targets before that position. With
-    `documents` (data.document_mask) each document attends only to itself, as in training."""
+    `documents` (data.document_mask) each document attends only to itself, as in training.
+    `instruction` (instruction data): blocks are decoded as in training and the loss is the mean
+    over the response targets of all batches (each batch's mean weighed by its count)."""
     model.eval()
     stream = stream_options(cfg)
     loader = make_dataloader(
@@ -73,22 +83,40 @@ def validate(
         num_workers=0,
         stream=stream,
     )
-    totals = torch.zeros(2, device=fabric.device, dtype=torch.float64)  # (sum of losses, batches)
+    # (sum of losses, batches); instruction data: (sum of losses x counted targets, counted targets)
+    totals = torch.zeros(2, device=fabric.device, dtype=torch.float64)
+    batches = 0
     for i, tokens in enumerate(loader):
         if cfg.eval.max_batches and i >= cfg.eval.max_batches:
             break
-        doc_ids = {}
-        if documents is not None:  # on the host, as in training
-            doc_ids = {"doc_ids": documents.ids(tokens[:, :-1].long()).to(fabric.device)}
-        tokens = tokens.to(fabric.device).long()  # (B, T+1)
-        targets = tokens[:, 1:]  # (B, T)
+        batches += 1
+        tokens = tokens.long()  # (B, T+1), on the host
+        # instruction data: decoded as in training (prompt targets IGNORE_INDEX)
+        inputs, targets, count = model_batch(tokens, instruction)
         if cfg.eval.loss_from:  # e.g. only the positions an encoder-decoder's decoder predicts
             targets = targets.clone()
             targets[:, : cfg.eval.loss_from] = IGNORE_INDEX
-        totals[0] += model(tokens[:, :-1], targets=targets, **doc_ids).double()  # mean loss
-        totals[1] += 1
+            count = int((targets != IGNORE_INDEX).sum())
+        doc_ids = {}
+        if documents is not None:  # on the host, as in training
+            doc_ids = {"doc_ids": documents.ids(inputs).to(fabric.device)}
+        inputs, targets = inputs.to(fabric.device), targets.to(fabric.device)  # (B, T) each
+        # mean loss; every rank runs every batch's forward (sharded models gather in it)
+        loss = model(inputs, targets=targets, **doc_ids).double()
+        if not instruction:
+            totals[0] += loss
+            totals[1] += 1
+        elif count:  # a batch without a counted target adds nothing
+            totals[0] += loss * count
+            totals[1] += count
     totals = fabric.all_reduce(totals, reduce_op="sum")
     model.train()
+    if instruction and batches and totals[1] == 0:
+        raise ValueError(
+            f"the validation split {cfg.data.val_split()} has no response token in the batches read "
+            "(instruction data: every prompt is longer than the blocks read): add validation data or "
+            "raise eval.max_batches / train.seq_len"
+        )
     if totals[1] == 0:
         raise ValueError(
             f"the validation split {cfg.data.val_split()} yields no batch of "
