@@ -123,6 +123,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print_prepare_stats(stats, args.output)
+    if stats.get("format") == "instruction":  # documents are examples; the loss counts responses
+        for split, s in stats["splits"].items():
+            print(
+                f"{split}: {s['docs']:,} instruction examples, {s['loss_tokens']:,} of their "
+                f"{s['tokens']:,} tokens in the loss (responses and EOS)"
+            )
     return 0
 
 

@@ -94,5 +94,5 @@ def test_models_lists_both_families_with_their_pairs_and_flops(capsys):
         assert rows[dec][1] == "decoder" and rows[dec][4] == str(model_config(dec).n_layers)
         for name in (red, dec):  # GFLOP/tok is the family's own count
             expected = flops_per_token(model_config(name), 512)["training"] / 1e9
-            assert rows[name][-2] == f"{expected:.2f}"
+            assert rows[name][-2] == f"{expected:.3f}"
     assert "REDLLM_PAIRS" in out and "tied embeddings" in out
