@@ -4,6 +4,8 @@ SlimPajama ships ``*.jsonl.zst`` (``{"text": ..., "meta": {"redpajama_set_name":
 StarCoder ships Parquet with the document in a ``content`` column. Both are read as a stream
 of :class:`Record` (text, set name, line), whatever the file size: JSON lines are decompressed
 in ~1 MiB pieces and Parquet is read one record batch at a time, so memory stays flat.
+Instruction data reads whole records instead (:meth:`ShardReader.objects`; data/instructions.py
+says which are examples).
 
 Nothing is dropped silently. Every record that does not become a document is counted by
 reason in a :class:`SkipStats`, together with the file and line of the first few of each

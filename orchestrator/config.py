@@ -63,7 +63,8 @@ class DataConfig:
         "causal attention) and its RoPE positions restart at 0. Cross-document attention in packed "
         "pretraining is a known quality issue (Llama 3, OLMo). Documents start at each BOS, or after "
         "each EOS with `prepare --separator eos`, as recorded in the data's prepare_stats.json; "
-        "training and validation alike. Decoder-only (model.arch=llama).",
+        "training and validation alike. Decoder-only (model.arch=llama). Required (true) with instruction "
+        "data (`prepare --format instruction`), whose packed examples must not attend to each other.",
     )
     cache_dir: str | None = doc(
         None,

@@ -147,7 +147,7 @@ def data_formats(cfg: Config) -> tuple[str, str]:
             "`orchestrator prepare --format`"
         )
     val_format = read(*val)
-    for (key, value, fmt), what in ((found[0], "training"), (val + (val_format,), "validation")):
+    for (key, value, fmt), what in ((found[0], "training"), ((*val[:2], val_format), "validation")):
         if fmt != "instruction":
             continue
         where = f"{key}={value} (the {what} data) is instruction data"
