@@ -4,10 +4,13 @@ A size is chosen by name (`model.name: tinyllama-1.1b`); any field given next to
 overrides the preset, so `--model.name tinyllama-1.1b --model.n_layers 4` is a 4-layer
 TinyLlama-shaped model. Research options (`attn_gate`, `sandwich_norm`) and stability options
 (`qk_norm`, `z_loss`) are off in every preset and switched on per run: `--model.attn_gate headwise`.
+Regularisation (`dropout`, for finetuning) is off in every preset too.
 
 Kernel choices (`attention`, `rmsnorm_kernel`, `swiglu_kernel`, `rope_kernel`, `loss_kernel`,
 `compile`; see models/kernels.py) change how the same function is computed, never the weights:
-a checkpoint trained with one set resumes, exports and generates with any other.
+a checkpoint trained with one set resumes, exports and generates with any other. Training-only
+terms (`z_loss`, `dropout`) are not kernel fields but leave the weights alike too: they may also differ
+between a checkpoint and the run that resumes or starts from it (orchestrator/checkpoint/resume.py).
 """
 
 from __future__ import annotations
@@ -151,6 +154,13 @@ class ModelConfig:
         "over the target positions, which keeps the softmax normaliser near 1; logged as train/z_loss. 0 = off. "
         "Training only: validation reports the plain cross-entropy.",
     )
+    dropout: float = doc(
+        0.0,
+        "Dropout probability (T5 / Llama finetuning; RedLLM's finetuning uses 0.05) on the embedding output "
+        "and on each residual branch's output before it is added (attention, cross-attention, FFN), in both "
+        "families; not on the attention probabilities. Training mode only: validation and generation are "
+        "unaffected. No parameters; may differ from a checkpoint's (resume, init_from). 0 = off (no RNG draws).",
+    )
 
     @property
     def head_dim(self) -> int:
@@ -222,6 +232,15 @@ class ModelConfig:
         ):
             raise ConfigError(
                 f"model.z_loss={self.z_loss!r} must be a number >= 0 (0 turns it off; OLMo uses 1e-4)"
+            )
+        if (
+            isinstance(self.dropout, bool)
+            or not isinstance(self.dropout, (int, float))
+            or not 0 <= self.dropout < 1
+        ):
+            raise ConfigError(
+                f"model.dropout={self.dropout!r} must be a number in [0, 1) (0 turns it off; finetuning "
+                "typically uses 0.05-0.1)"
             )
         if not isinstance(self.tie_embeddings, bool):
             raise ConfigError(f"model.tie_embeddings={self.tie_embeddings!r} must be true or false")

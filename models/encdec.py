@@ -19,6 +19,11 @@ block's inputs and next-token targets, (B, T) each. Here the first P = model.enc
 over the same data in the same order. The decoder's first input is a given token (block token P),
 which is what generation feeds it too: the prompt's last token starts the decoder.
 
+Dropout (model.dropout, finetuning; the paper's 0.05): as in Llama (models/llama.py,
+`residual_dropout`), on the embedding output of both stacks and on each residual branch's output
+before it is added: the encoder blocks' attention and FFN, the decoder blocks' self-attention,
+cross-attention and FFN. Training mode only, and skipped (no random draw) at 0.
+
 Generation (`EncoderDecoderCache`): the prompt's first T-1 tokens are encoded once; each decoder
 layer's cross-attention keys/values are computed from them once and cached; the decoder then
 runs one position at a time with a self-attention KV cache, as Llama's does.
@@ -45,6 +50,7 @@ from models.llama import (
     apply_rope,
     default_plan,
     full_attention,
+    residual_dropout,
     rope_cos_sin,
 )
 
@@ -108,7 +114,7 @@ class CrossAttention(nn.Module):
 
 class DecoderBlock(nn.Module):
     """Causal self-attention, cross-attention to the encoder, SwiGLU; each pre-normed and added to
-    the residual stream."""
+    the residual stream (through `residual_dropout` with model.dropout in training mode)."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0) -> None:
         super().__init__()
@@ -119,6 +125,7 @@ class DecoderBlock(nn.Module):
         self.cross_attn = CrossAttention(cfg, layer_idx)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = SwiGLU(cfg)
+        self.dropout = float(cfg.dropout)  # on each branch's output (training mode; no parameter)
 
     def forward(
         self,
@@ -143,13 +150,15 @@ class DecoderBlock(nn.Module):
             if cache is not None:
                 cache.cross[layer] = (k, v)
         self_cache = cache.self_attn if cache is not None else None
+        p, training = self.dropout, self.training
         h = self.attn(self.attn_norm(x, kernels.rmsnorm), cos, sin, self_cache, start, kernels)
-        x = x + h  # (B, T, D)
+        x = x + residual_dropout(h, p, training)  # (B, T, D)
         h = self.cross_attn(
             self.cross_norm(x, kernels.rmsnorm), cos, sin, k, v, eager=kernels.attention == "eager"
         )
-        x = x + h  # (B, T, D)
-        return x + self.ffn(self.ffn_norm(x, kernels.rmsnorm), kernels.swiglu)  # (B, T, D)
+        x = x + residual_dropout(h, p, training)  # (B, T, D)
+        h = self.ffn(self.ffn_norm(x, kernels.rmsnorm), kernels.swiglu)  # (B, T, D)
+        return x + residual_dropout(h, p, training)  # (B, T, D)
 
 
 class EncoderDecoder(LanguageModel):
@@ -174,7 +183,7 @@ class EncoderDecoder(LanguageModel):
 
     def encode(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids: (B, P) at positions 0..P-1 -> the encoder's output (B, P, D)."""
-        x = self.embed(input_ids)  # (B, P, D)
+        x = residual_dropout(self.embed(input_ids), self.cfg.dropout, self.training)  # (B, P, D)
         kernels = default_plan(self.cfg, x)
         cos, sin = rope_cos_sin(
             input_ids.shape[1], self.cfg.head_dim, self.cfg.rope_base, x.device, x.dtype
@@ -195,7 +204,7 @@ class EncoderDecoder(LanguageModel):
         """input_ids: (B, T) decoder tokens, the first at decoder index `start` (position
         encoder_len + start); memory: (B, P, D) -> logits (B, T, V), or the mean loss () given targets."""
         T = input_ids.shape[1]
-        x = self.embed(input_ids)  # (B, T, D)
+        x = residual_dropout(self.embed(input_ids), self.cfg.dropout, self.training)  # (B, T, D)
         kernels = default_plan(self.cfg, x)
         E, base = self.cfg.head_dim, self.cfg.rope_base
         cos, sin = rope_cos_sin(T, E, base, x.device, x.dtype, offset=encoder_len + start)  # (T, E)

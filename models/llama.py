@@ -18,6 +18,22 @@ Stability options, also off by default:
     positions (computed inside each loss kernel; `Llama.last_z_loss` keeps the last term, detached,
     for logging). In eval mode (validation) the loss is the plain cross-entropy.
 
+Regularisation, off by default: `dropout` (finetuning; RedLLM's paper finetunes with 0.05), through
+`residual_dropout`, on the embedding output and on each residual branch's output (the attention's
+o_proj output and the FFN's down_proj output, after the sandwich norm if any) just before it is added
+to the residual stream; the encoder-decoder's blocks likewise, cross-attention included. Not on the
+attention probabilities (T5 also drops those): that would need the same p in every attention kernel
+(SDPA, flash-attn, xformers, the eager reference, the document and varlen paths) and would make the
+kernels draw different masks; the residual and embedding dropout is the regularisation proper.
+Active only in training mode (`model.train()`); in eval mode (validation, generation) and with
+dropout 0 the call is skipped altogether, so no random number is drawn and every path is
+bit-identical to a model without the option. The masks come from torch's global generator (CPU or
+CUDA), which run.seed sets (the same on every rank, so data-parallel ranks draw the same masks over
+different data) and checkpoints save per rank, so a resumed run draws the masks of the run it
+continues; recomputation under activation checkpointing replays them (torch.utils.checkpoint keeps
+the RNG state). Compiled blocks (model.compile) may draw other masks than eager ones (inductor
+generates its random numbers itself, seeded from the global generator).
+
 Generation passes a `KVCache` and the position of the first new token (`start_pos`); without
 them the forward pass is the training path, unchanged. Given `targets`, the forward pass returns
 the mean next-token loss instead of the logits, through `cfg.loss_kernel` (a fused linear +
@@ -423,13 +439,22 @@ class SwiGLU(nn.Module):
         return self.down_proj(fused.silu_mul(gate, up, kernel))  # (B, T, D)
 
 
+def residual_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """model.dropout: x with elements zeroed with probability p (the rest scaled by 1/(1-p)) in
+    training mode; x itself otherwise, or when p == 0, without drawing a random number."""
+    if p == 0 or not training:
+        return x
+    return F.dropout(x, p, training=True)
+
+
 def _zero3_partitioned(p: torch.Tensor) -> bool:
     return hasattr(p, "ds_id")  # DeepSpeed ZeRO-3 keeps a partition; the module's hooks gather it
 
 
 class Block(nn.Module):
-    """A pre-norm transformer block: attention and SwiGLU, each added to the residual stream.
-    `causal=False`: an encoder's block (bidirectional attention)."""
+    """A pre-norm transformer block: attention and SwiGLU, each added to the residual stream (through
+    `residual_dropout` with model.dropout in training mode). `causal=False`: an encoder's block
+    (bidirectional attention)."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0, causal: bool = True) -> None:
         super().__init__()
@@ -440,6 +465,7 @@ class Block(nn.Module):
         # Sandwich norm: normalise each branch's output before the residual add.
         self.attn_out_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.sandwich_norm else None
         self.ffn_out_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.sandwich_norm else None
+        self.dropout = float(cfg.dropout)  # on each branch's output (training mode; no parameter)
 
     def forward(
         self,
@@ -457,11 +483,11 @@ class Block(nn.Module):
         )  # (B, T, D)
         if self.attn_out_norm is not None:
             h = self.attn_out_norm(h, kernels.rmsnorm)
-        x = x + h  # (B, T, D)
+        x = x + residual_dropout(h, self.dropout, self.training)  # (B, T, D)
         h = self.ffn(self.ffn_norm(x, kernels.rmsnorm), kernels.swiglu)  # (B, T, D)
         if self.ffn_out_norm is not None:
             h = self.ffn_out_norm(h, kernels.rmsnorm)
-        return x + h  # (B, T, D)
+        return x + residual_dropout(h, self.dropout, self.training)  # (B, T, D)
 
 
 class OutputHead(nn.Linear):
@@ -590,7 +616,7 @@ class Llama(LanguageModel):
             raise ValueError(
                 f"doc_ids has shape {tuple(doc_ids.shape)}, input_ids {(B, T)}: give one id per token"
             )
-        x = self.embed(input_ids)  # (B, T, D)
+        x = residual_dropout(self.embed(input_ids), self.cfg.dropout, self.training)  # (B, T, D)
         kernels = default_plan(self.cfg, x)  # resolved once for this call's device and dtype
         docs = None
         if doc_ids is not None:  # built once for all layers

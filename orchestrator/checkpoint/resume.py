@@ -101,14 +101,15 @@ def model_mismatch(saved: dict[str, Any], cfg: Config) -> str | None:
     saved_model = saved.get("model") if isinstance(saved, dict) else None
     saved_model = saved_model if isinstance(saved_model, dict) else {}
     current = to_dict(cfg.model)
-    # Kernel choices (attention, fused kernels, compile) compute the same model, and z_loss is a
-    # term of the training loss, not of the weights: they may change.
+    # Kernel choices (attention, fused kernels, compile) compute the same model; z_loss (a term of
+    # the training loss) and dropout (training-mode noise, no parameter: finetuning from a checkpoint
+    # usually turns it on) are not part of the weights: they may change, on resume and with init_from.
     differing = [
         k
         for k in current
         if k in saved_model
         and saved_model[k] != current[k]
-        and k not in ("name", "z_loss", *KERNEL_FIELDS)
+        and k not in ("name", "z_loss", "dropout", *KERNEL_FIELDS)
     ]
     if not differing:
         return None

@@ -219,11 +219,23 @@ def elastic_resume_warning(
 
 
 def endless(loader) -> Iterator[tuple[bool, torch.Tensor]]:
-    """(first batch of a new epoch?, batch) across epochs; the loader's state records the position."""
+    """(first batch of a new epoch?, batch) across epochs; the loader's state records the position.
+
+    Reading a batch leaves torch's global (CPU) random stream as it found it: torch's DataLoader draws
+    its workers' base seed from that stream at the start of each pass, which would otherwise put
+    a run resumed from a checkpoint (a new pass begins there, the saved stream restored) one draw off
+    the run it continues, and its model.dropout masks with it."""
     finished_epoch = False
     while True:
         yielded = False
-        for batch in loader:
+        # torch's own DataLoader draws at iter(), litdata's at the first batch: both hidden.
+        with torch.random.fork_rng(devices=[]):
+            batches = iter(loader)
+        while True:
+            with torch.random.fork_rng(devices=[]):  # CPU stream saved and restored
+                batch = next(batches, None)
+            if batch is None:
+                break
             yield finished_epoch, batch
             yielded, finished_epoch = True, False
         if not yielded:
