@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 DEMO_DATA ?= .cache/sample
 
-.PHONY: setup demo test test-fast lint format clean sample-data
+.PHONY: setup demo finetune-demo test test-fast lint format clean sample-data
 
 setup: $(STAMP)
 
@@ -29,6 +29,12 @@ sample-data: $(STAMP)
 # The main job on the built-in sample corpus: CPU, 2 processes, a few minutes.
 demo: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m orchestrator demo --data-dir $(DEMO_DATA) --run-dir $(DEMO_DIR)
+
+# The demo model finetuned on questions about the corpus's facts (built in, no download), with
+# exact-match accuracy on held-out questions before and after; pretrains first if $(DEMO_DIR)
+# has no checkpoint. A few minutes on 2 CPUs.
+finetune-demo: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m orchestrator demo --finetune --data-dir $(DEMO_DATA) --run-dir $(DEMO_DIR) --finetune-dir $(DEMO_DIR)-finetune
 
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -ra tests

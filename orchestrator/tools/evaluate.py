@@ -305,6 +305,75 @@ def write_sample_tasks(out_dir: str | Path, seed: int = 0, heldout_docs: int = 1
     return ["sample_capitals", "sample_heldout"]
 
 
+def exact_match(
+    checkpoint: str | Path,
+    jsonl: str | Path,
+    tokenizer: str | Path | None = None,
+    limit: int = 0,
+    max_new_tokens: int = 8,
+    instruction_format: str = "auto",
+    device: str = "cpu",
+    dtype: str = "float32",
+) -> dict[str, Any]:
+    """Exact-match accuracy of a checkpoint (or a run dir: its latest) on instruction records.
+
+    `jsonl`: records in a data/instructions.py format (`instruction_format`: auto or one of its
+    FORMATS); the prompt is the example's text before its first response, exactly as the training
+    template builds it, encoded as in training ([BOS] + ids). Greedy generation of up to
+    `max_new_tokens` tokens; the answer is the text before EOS and before the first newline,
+    stripped, compared with the first response, stripped. `limit` > 0: the first `limit` records.
+    Returns {"accuracy", "correct", "total", "predictions": [{prompt, target, answer, correct}]}."""
+    from data.instructions import to_example
+
+    dev = pick_device(device)
+    torch_dtype = (
+        (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+        if dtype == "auto"
+        else DTYPES[dtype]
+    )
+    model, cfg = load_model(checkpoint, device=dev, dtype=torch_dtype)
+    tok = Tokenizer(tokenizer or cfg.data.tokenizer)
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise ValueError(
+            f"tokenizer {tok.path} has {tok.vocab_size} pieces, more than model.vocab_size="
+            f"{cfg.model.vocab_size}: pass the tokenizer the model was trained with"
+        )
+    with Path(jsonl).open() as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    if limit > 0:
+        records = records[:limit]
+    if not records:
+        raise ValueError(f"{jsonl} holds no records")
+    eos = tok.eos_id if tok.eos_id >= 0 else None
+    predictions = []
+    for record in records:
+        example = to_example(record, instruction_format)
+        prompt, target = example.prompt, example.responses[0].strip()
+        ids = tok.encode(prompt, bos=True)
+        out = generate(
+            model,
+            torch.tensor([ids]),
+            max_new_tokens,
+            temperature=0,
+            eos_id=eos,
+            vocab_limit=tok.vocab_size,
+        )[0].tolist()
+        new = out[len(ids) :]
+        if eos is not None and eos in new:
+            new = new[: new.index(eos)]
+        answer = tok.decode(new).split("\n", 1)[0].strip()
+        predictions.append(
+            {"prompt": prompt, "target": target, "answer": answer, "correct": answer == target}
+        )
+    correct = sum(p["correct"] for p in predictions)
+    return {
+        "accuracy": correct / len(predictions),
+        "correct": correct,
+        "total": len(predictions),
+        "predictions": predictions,
+    }
+
+
 def go_offline() -> None:
     """Make the hub / datasets libraries fail instead of downloading (before they are imported)."""
     missing = [k for k in OFFLINE_ENV if k not in os.environ]
