@@ -498,21 +498,48 @@ def _instruction_file(
             continue
         stats.docs += 1
         stats.sets[set_name] += 1
-        text = example.text
-        if part.route == "holdout":
-            split = "val" if _is_held_out(text, opts.val_every) else "train"
-        else:
-            split = part.route
-        w = writers.get(split)
-        if w is None:
-            w = writers[split] = _SplitWriter(part_dir / split, part.index, opts.chunk_bytes)
-        w.add(arr, set_name, int(np.count_nonzero(arr & LOSS_FLAG)))
-        per_split[split]["docs"] += 1
-        per_split[split]["tokens"] += n
-        reporter.tokens += n
-        reporter.docs += 1
-        if not reporter.docs & 255:
-            reporter.maybe_flush()
+        loss_tokens = int(np.count_nonzero(arr & LOSS_FLAG))
+        _emit(
+            arr,
+            set_name,
+            example.text,
+            part,
+            opts,
+            writers,
+            part_dir,
+            per_split,
+            reporter,
+            loss_tokens,
+        )
+
+
+def _emit(
+    arr: np.ndarray,
+    set_name: str,
+    text: str,
+    part: _Part,
+    opts: PrepareOptions,
+    writers: dict[str, _SplitWriter],
+    part_dir: Path,
+    per_split: dict[str, dict[str, int]],
+    reporter: _Reporter,
+    loss_tokens: int = 0,
+) -> None:
+    """One tokenized document (or instruction example) into its split's writer, counted."""
+    if part.route == "holdout":
+        split = "val" if _is_held_out(text, opts.val_every) else "train"
+    else:
+        split = part.route
+    w = writers.get(split)
+    if w is None:
+        w = writers[split] = _SplitWriter(part_dir / split, part.index, opts.chunk_bytes)
+    w.add(arr, set_name, loss_tokens)
+    per_split[split]["docs"] += 1
+    per_split[split]["tokens"] += len(arr)
+    reporter.tokens += len(arr)
+    reporter.docs += 1
+    if not reporter.docs & 255:
+        reporter.maybe_flush()
 
 
 def _process_part(part: _Part, reporter: _Reporter | None = None) -> dict[str, Any]:
@@ -551,20 +578,7 @@ def _process_part(part: _Part, reporter: _Reporter | None = None) -> dict[str, A
             arr[nb : n - na] = ids
             if na:
                 arr[n - 1] = after[0]
-            if part.route == "holdout":
-                split = "val" if _is_held_out(rec.text, opts.val_every) else "train"
-            else:
-                split = part.route
-            w = writers.get(split)
-            if w is None:
-                w = writers[split] = _SplitWriter(part_dir / split, part.index, opts.chunk_bytes)
-            w.add(arr, rec.set_name)
-            per_split[split]["docs"] += 1
-            per_split[split]["tokens"] += n
-            reporter.tokens += n
-            reporter.docs += 1
-            if not reporter.docs & 255:
-                reporter.maybe_flush()
+            _emit(arr, rec.set_name, rec.text, part, opts, writers, part_dir, per_split, reporter)
         stats.sets = +stats.sets  # drop zero counts left by too_short
         d = stats.to_dict()
         files.append(

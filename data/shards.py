@@ -436,17 +436,11 @@ class ShardReader:
 
     def _parquet_rows(self) -> Iterator[tuple[Any, str, int]]:
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
         st = self.stats
-        try:
-            pf = pq.ParquetFile(self.path)
-        except (pa.ArrowException, OSError) as e:
-            st.skip("corrupt_file", self.label, 0)
-            self.error = f"{type(e).__name__}: {e}"
+        pf = self._open_parquet()
+        if pf is None:
             return
-        if self.on_bytes is not None:
-            self.on_bytes(self.path.stat().st_size)
         row = 0
         try:
             for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS):
@@ -460,21 +454,31 @@ class ShardReader:
 
     # -- Parquet -------------------------------------------------------------------------------
 
-    def _parquet(self) -> Iterator[Record]:
-        # pyarrow: a large import that only Parquet corpora (StarCoder) need.
+    def _open_parquet(self):
+        """The file as a pyarrow ParquetFile, its size reported up front (Parquet is read by row
+        group); None, counted as a corrupt file, when pyarrow cannot open it."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        st = self.stats
-        text_field = self.filter.text_field
         try:
             pf = pq.ParquetFile(self.path)
         except (pa.ArrowException, OSError) as e:
-            st.skip("corrupt_file", self.label, 0)
+            self.stats.skip("corrupt_file", self.label, 0)
             self.error = f"{type(e).__name__}: {e}"
-            return
-        if self.on_bytes is not None:  # Parquet is read by row group; report its size up front
+            return None
+        if self.on_bytes is not None:
             self.on_bytes(self.path.stat().st_size)
+        return pf
+
+    def _parquet(self) -> Iterator[Record]:
+        # pyarrow: a large import that only Parquet corpora (StarCoder) need.
+        import pyarrow as pa
+
+        st = self.stats
+        text_field = self.filter.text_field
+        pf = self._open_parquet()
+        if pf is None:
+            return
         names = pf.schema_arrow.names
         if text_field not in names:
             # Every row lacks the field: count them all (one location) rather than fail.
