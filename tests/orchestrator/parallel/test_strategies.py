@@ -10,7 +10,7 @@ checked through the batch fingerprints. Two processes vs one, and every strategy
 Step 3 of every run is a NaN drill whose update is skipped: each strategy must drop that step's
 gradients and continue identically. The stability options (QK-norm, whose gains shard with their
 block, and the z-loss) train 2 steps under DDP, FSDP2, ZeRO-2 and ZeRO-3 and must agree the same way.
-The encoder-decoder (RedLLM) trains under each strategy too, and resumes bitwise. The 27 training
+The encoder-decoder (RedLLM) trains under each strategy too, and resumes bitwise. The 24 training
 runs start in two concurrent waves (fixture `runs`); the tests then only read their outputs.
 """
 
@@ -71,9 +71,10 @@ STABILITY = ["--model.qk_norm", "true", "--model.z_loss", "1e-3", "--train.max_s
 STABILITY_RUNS = ("ddp", "fsdp", "zero2", "zero3")
 
 # The encoder-decoder (RedLLM, models/encdec.py) on the same data: 2+2 layers, prefix LM with the
-# block split in half. Each strategy trains it 4 steps (`encdec-<name>`, the NaN drill included) and
-# resumes from its step-2 checkpoint (`resume-encdec-<name>`).
+# block split in half. Each strategy trains it 4 steps (`encdec-<name>`, the NaN drill included);
+# FSDP2 and ZeRO-3 resume it from their step-2 checkpoints (`resume-encdec-<name>`).
 ENCDEC = ["--model.arch", "encoder_decoder", "--model.tie_embeddings", "true"]
+ENCDEC_RESUMES = ("fsdp", "zero3")
 
 
 def clean_env():
@@ -208,8 +209,8 @@ def runs(sample_data, tmp_path_factory):
       1. each strategy with 2 processes, 4 steps (checkpoints at 2 and 4), for the decoder and for
          the encoder-decoder; one process with the same global batch; `fabric run` with flags
          overriding the config;
-      2. each sharded strategy resumed from its step-2 checkpoint (the encoder-decoder: every
-         strategy); ZeRO-3 started from the FSDP checkpoint's weights; the `fabric run` resumed;
+      2. each sharded strategy resumed from its step-2 checkpoint (the encoder-decoder: FSDP2 and
+         ZeRO-3); ZeRO-3 started from the FSDP checkpoint's weights; the `fabric run` resumed;
          QK-norm + z-loss under DDP, FSDP, ZeRO-2/3.
     """
     import yaml
@@ -258,7 +259,10 @@ def runs(sample_data, tmp_path_factory):
             root / f"stability-{name}", sample_data, *STRATEGIES[name], *STABILITY
         )
     for name, flags in STRATEGIES.items():
-        if encdec[f"encdec-{name}"].ok:
+        # The sharded formats of the encoder-decoder's module tree; DDP's resume of it is covered
+        # by tests/orchestrator/training/test_fault_tolerance.py (SIGKILL), ZeRO-1/2 partition
+        # the optimizer state as they do the decoder's (resumed above).
+        if name in ENCDEC_RESUMES and encdec[f"encdec-{name}"].ok:
             copy_checkpoint(root / f"encdec-{name}", 2, root / f"resume-encdec-{name}")
             second[f"resume-encdec-{name}"] = start_worker(
                 root / f"resume-encdec-{name}", sample_data, *flags, *ENCDEC
@@ -333,7 +337,8 @@ def test_every_strategy_matches_ddp(two_processes, ddp_records, runs):
 
 def test_encoder_decoder_trains_alike_under_every_strategy_and_resumes_bitwise(two_processes, runs):
     """RedLLM under each strategy: the losses of DDP (within 1e-6, as the decoder's), its parameter
-    count (tied embeddings counted once, also when ZeRO-3 partitions them), and a bitwise resume."""
+    count (tied embeddings counted once, also when ZeRO-3 partitions them), and (FSDP2, ZeRO-3: its
+    sharded checkpoints) a bitwise resume."""
     from models.build import build_model
     from models.llama import count_parameters
     from orchestrator.config import load_config
@@ -348,6 +353,8 @@ def test_encoder_decoder_trains_alike_under_every_strategy_and_resumes_bitwise(t
     cfg = load_config([*TINY, *ENCDEC]).model
     params = count_parameters(build_model(cfg))
     assert params == cfg.num_params() and f"{params:,} parameters | 2 process(es)" in mine.stdout
+    if name not in ENCDEC_RESUMES:
+        return
     resumed = runs[f"resume-encdec-{name}"].check()
     assert "Resumed from" in resumed.stdout and "at step 2" in resumed.stdout
     assert losses(resumed.run_dir) == ours[2:]  # bitwise

@@ -120,8 +120,9 @@ def test_sigkill_at_random_moments_then_identical_result(sample_data, uninterrup
 
 
 def test_encoder_decoder_survives_sigkill_bitwise(sample_data, tmp_path):
-    """The same guarantee for the encoder-decoder (RedLLM): killed mid-checkpoint and at a random
-    moment, it ends with the losses, data order and weights of an uninterrupted run."""
+    """The same guarantee for the encoder-decoder (RedLLM; the decoder's test above covers kills at
+    random moments): killed while a checkpoint is being written, it resumes and ends with the
+    losses, data order and weights of an uninterrupted run."""
     encdec = ["--model.arch", "encoder_decoder", "--model.tie_embeddings", "true", *KILL_ARGS,
               "--train.max_steps", "8"]  # fmt: skip
     straight = tmp_path / "uninterrupted"
@@ -130,7 +131,7 @@ def test_encoder_decoder_survives_sigkill_bitwise(sample_data, tmp_path):
     killed.mkdir()
     cmd = [sys.executable, "-m", "orchestrator", "train", *TINY, *data_args(sample_data),
            "--run.dir", str(killed), *encdec]  # fmt: skip
-    log = kill_repeatedly(cmd, killed, want_kills=2, want_mid_save=1, seed=1)
+    log = kill_repeatedly(cmd, killed, want_kills=1, want_mid_save=1, seed=1)
     assert_same_run(killed, straight, 8, log)
 
 
