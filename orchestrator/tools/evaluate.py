@@ -70,8 +70,8 @@ from orchestrator.checkpoint.layout import (
     resolve_checkpoint,
 )
 from orchestrator.devices import pick_device
-from orchestrator.tools.generate import generate
-from orchestrator.tools.hf import DTYPES, export_checkpoint, load_model
+from orchestrator.tools.generate import completion, generate
+from orchestrator.tools.hf import DTYPES, export_checkpoint, inference_dtype, load_model
 
 OFFLINE_ENV = {
     "HF_DATASETS_OFFLINE": "1",
@@ -106,11 +106,7 @@ def evaluate_checkpoint(
 
     ckpt_dir = resolve_checkpoint(checkpoint)
     dev = pick_device(device)
-    torch_dtype = (
-        (torch.bfloat16 if dev.type == "cuda" else torch.float32)
-        if dtype == "auto"
-        else DTYPES[dtype]
-    )
+    torch_dtype = inference_dtype(dtype, dev)
     model, cfg = load_model(ckpt_dir, device=dev, dtype=torch_dtype)
     source = str(data) if data is not None else cfg.data.val_split()
     split_dir = resolve_split(source, split)
@@ -326,11 +322,7 @@ def exact_match(
     from data.instructions import to_example
 
     dev = pick_device(device)
-    torch_dtype = (
-        (torch.bfloat16 if dev.type == "cuda" else torch.float32)
-        if dtype == "auto"
-        else DTYPES[dtype]
-    )
+    torch_dtype = inference_dtype(dtype, dev)
     model, cfg = load_model(checkpoint, device=dev, dtype=torch_dtype)
     tok = Tokenizer(tokenizer or cfg.data.tokenizer)
     if tok.vocab_size > cfg.model.vocab_size:
@@ -358,9 +350,7 @@ def exact_match(
             eos_id=eos,
             vocab_limit=tok.vocab_size,
         )[0].tolist()
-        new = out[len(ids) :]
-        if eos is not None and eos in new:
-            new = new[: new.index(eos)]
+        new = completion(out, len(ids), eos)
         answer = tok.decode(new).split("\n", 1)[0].strip()
         predictions.append(
             {"prompt": prompt, "target": target, "answer": answer, "correct": answer == target}
@@ -465,9 +455,7 @@ def checkpoint_lm(
                 # Greedy, as the harness's generation tasks ask by default.
                 out_ids = generate(model, torch.tensor([ids]), max_new, temperature=0.0, eos_id=eos,
                                    vocab_limit=tok.vocab_size)  # fmt: skip
-                new = out_ids[0, len(ids) :].tolist()
-                if eos is not None and eos in new:
-                    new = new[: new.index(eos)]
+                new = completion(out_ids[0].tolist(), len(ids), eos)
                 # Decoded after the context, so that a leading space survives sentencepiece.
                 prompt, whole = tok.decode(ids), tok.decode(ids + new)
                 text = whole[len(prompt) :] if whole.startswith(prompt) else tok.decode(new)

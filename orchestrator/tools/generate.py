@@ -25,7 +25,7 @@ from data.tokenizer import Tokenizer
 from models.build import generation_cache
 from models.llama import LanguageModel
 from orchestrator.devices import pick_device
-from orchestrator.tools.hf import DTYPES, load_model
+from orchestrator.tools.hf import inference_dtype, load_model
 
 
 def sample_next(
@@ -115,6 +115,15 @@ def generate(
     return torch.cat(out, dim=1)
 
 
+def completion(out: list[int], prompt_len: int, eos_id: int | None) -> list[int]:
+    """The generated ids of one sequence `out` (prompt + new tokens), cut before the first EOS
+    (eos_id None or < 0: the tokenizer has none, nothing is cut)."""
+    new = out[prompt_len:]
+    if eos_id is not None and eos_id >= 0 and eos_id in new:
+        new = new[: new.index(eos_id)]
+    return new
+
+
 def generate_text(
     checkpoint: str | Path,
     prompt: str,
@@ -129,13 +138,7 @@ def generate_text(
 ) -> str:
     """Prompt + completion, decoded, from a checkpoint (or a run directory: its latest checkpoint)."""
     dev = pick_device(device)
-    if dtype == "auto":
-        torch_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    elif dtype in DTYPES:
-        torch_dtype = DTYPES[dtype]
-    else:
-        raise ValueError(f"dtype={dtype!r} is not one of auto, {', '.join(DTYPES)}")
-    model, cfg = load_model(checkpoint, device=dev, dtype=torch_dtype)
+    model, cfg = load_model(checkpoint, device=dev, dtype=inference_dtype(dtype, dev))
     tok = Tokenizer(tokenizer or cfg.data.tokenizer)
     if tok.vocab_size > cfg.model.vocab_size:
         raise ValueError(
@@ -160,7 +163,5 @@ def generate_text(
         seed=seed,
         vocab_limit=tok.vocab_size,
     )[0].tolist()
-    new = out[len(ids) :]
-    if tok.eos_id in new:
-        new = new[: new.index(tok.eos_id)]
+    new = completion(out, len(ids), tok.eos_id)
     return tok.decode(ids[1:] + new)

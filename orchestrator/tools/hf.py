@@ -65,6 +65,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # what transformers' save_pretrained uses
 
 
+def inference_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """--dtype of the tools that run a checkpoint: `auto` is bf16 on CUDA, fp32 elsewhere."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
 # --------------------------------------------------------------------------------------------
 # Our checkpoints (their format: orchestrator/checkpoint/)
 # --------------------------------------------------------------------------------------------

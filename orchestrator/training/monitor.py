@@ -59,7 +59,7 @@ from models.flops import flops_per_token
 from orchestrator.devices import device_peak_flops
 from orchestrator.parallel.launch import gather_object, on_rank_zero
 from orchestrator.schema import to_dict
-from orchestrator.tools.generate import generate
+from orchestrator.tools.generate import completion, generate
 
 
 def tensorboard_dir(run_dir: str | Path) -> Path:
@@ -236,9 +236,7 @@ def generate_samples(
                 eos_id=None,
                 vocab_limit=tokenizer.vocab_size,
             )[0].tolist()
-            new = out[len(ids) :]
-            if tokenizer.eos_id >= 0 and tokenizer.eos_id in new:
-                new = new[: new.index(tokenizer.eos_id)]
+            new = completion(out, len(ids), tokenizer.eos_id)
             texts.append(
                 tokenizer.decode(ids[1:] + new)
                 if ids and ids[0] == tokenizer.bos_id
