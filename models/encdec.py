@@ -24,6 +24,28 @@ Dropout (model.dropout, finetuning; the paper's 0.05): as in Llama (models/llama
 before it is added: the encoder blocks' attention and FFN, the decoder blocks' self-attention,
 cross-attention and FFN. Training mode only, and skipped (no random draw) at 0.
 
+Packed examples (instruction finetuning, and `data.document_mask` in pretraining): with
+`doc_ids` (B, T) (the example / document of each block position, as Llama takes them) and a
+`decoder_mask` (B, T) (True: the decoder reads this position and predicts its target; False: the
+encoder reads it), `forward` moves each row's encoder positions, in order, into an encoder row and
+its decoder positions into a decoder row (`pack_examples`; rows padded to a multiple of 8 of the
+batch's longest, so shapes vary little). Instruction data's decoder_mask (`response_split`) starts
+at each example's first counted target: for ``[BOS] p1 .. pn r1 .. rm [EOS]`` the encoder reads
+``[BOS] p1 .. p(n-1)`` at positions 0..n-1 and the decoder reads ``pn r1 .. rm`` at n.. and
+predicts ``r1 .. rm [EOS]``: what generation does with the prompt ``[BOS] p1 .. pn`` (the paper's
+input -> encoder, target -> decoder). A chat's later turns are decoder input (read causally, their
+prompt targets not counted), so the bidirectional encoder never reads a token after a target.
+Text with doc_ids keeps the prefix-LM split of the block (decoder_mask: positions >= P).
+
+Examples stay apart: the encoder attends within its example (bidirectionally), the decoder
+causally within its example, and cross-attention reaches only its example's encoder positions;
+RoPE positions are each token's offset in its example (`document_positions`), continuous from
+encoder to decoder. A decoder fragment whose example's encoder part is not in the block (the
+block was cut inside the example's response) has no memory: its cross-attention adds nothing
+(zero, not a softmax over no keys). Given targets the forward returns the mean loss over the
+decoder's targets (every counted target is the decoder's); without, logits (B, T, V) at the
+block's positions, zero at the encoder's.
+
 Generation (`EncoderDecoderCache`): the prompt's first T-1 tokens are encoded once; each decoder
 layer's cross-attention keys/values are computed from them once and cached; the decoder then
 runs one position at a time with a self-attention KV cache, as Llama's does.
@@ -34,6 +56,8 @@ d_model, H query heads, K key/value heads, E head dim, V vocab.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -42,6 +66,7 @@ from models.kernels import KernelPlan
 from models.llama import (
     Attention,
     Block,
+    DocumentMask,
     KVCache,
     LanguageModel,
     OutputHead,
@@ -49,10 +74,132 @@ from models.llama import (
     SwiGLU,
     apply_rope,
     default_plan,
+    document_mask,
+    document_positions,
     full_attention,
     residual_dropout,
     rope_cos_sin,
 )
+
+PAD_MULTIPLE = 8  # packed encoder / decoder rows are padded to a multiple of this (fewer shapes)
+ENCODER_PAD, DECODER_PAD = (
+    -1,
+    -2,
+)  # pad positions' example ids: never an example's, never each other's
+
+
+@dataclass(frozen=True)
+class PackedExamples:
+    """A block's positions split between the encoder and the decoder (`pack_examples`).
+
+    encoder_*: (B, P); decoder_*: (B, T'); ids the tokens, positions their RoPE positions (offset
+    in their example), docs their example ids (ENCODER_PAD / DECODER_PAD at padding), index their
+    position in the block; targets (B, T') the decoder's (ignore_index at padding) or None.
+    """
+
+    encoder_ids: torch.Tensor
+    encoder_positions: torch.Tensor
+    encoder_docs: torch.Tensor
+    decoder_ids: torch.Tensor
+    decoder_positions: torch.Tensor
+    decoder_docs: torch.Tensor
+    decoder_index: torch.Tensor
+    targets: torch.Tensor | None
+
+    @property
+    def decoder_valid(self) -> torch.Tensor:
+        return self.decoder_docs != DECODER_PAD  # (B, T')
+
+
+@dataclass(frozen=True)
+class CrossMask:
+    """Which encoder positions each decoder query may read: mask (B, 1, T', P) bool (rows without
+    any key opened up, to keep the softmax finite) and reads (B, 1, T', 1), False for a query with
+    no encoder position of its example (its cross-attention output is zeroed)."""
+
+    mask: torch.Tensor
+    reads: torch.Tensor
+
+
+def _padded(n: int, limit: int) -> int:
+    """n rounded up to a multiple of PAD_MULTIPLE, at least 1, at most `limit`."""
+    return min(limit, max(1, -(-n // PAD_MULTIPLE) * PAD_MULTIPLE))
+
+
+def pack_examples(
+    input_ids: torch.Tensor,
+    decoder_mask: torch.Tensor,
+    doc_ids: torch.Tensor | None = None,
+    targets: torch.Tensor | None = None,
+    ignore_index: int = -100,
+) -> PackedExamples:
+    """input_ids, decoder_mask (True: the decoder's position), doc_ids, targets: (B, T) -> the
+    encoder's positions of each row (in order, left-aligned, padded) and the decoder's."""
+    B, T = input_ids.shape
+    device = input_ids.device
+    if doc_ids is None:  # one example per row
+        doc_ids = torch.zeros(B, T, dtype=torch.long, device=device)
+    _, positions = document_positions(doc_ids)  # (B, T)
+    to_decoder = decoder_mask.to(device=device, dtype=torch.bool)
+    n_dec = to_decoder.sum(dim=1)  # (B,)
+    n_enc = T - n_dec
+    # The rows' lengths size the tensors: a CPU-GPU sync point (one per forward).
+    P, D = _padded(int(n_enc.max()), T), _padded(int(n_dec.max()), T)
+    # Encoder positions first, then the decoder's, each in block order.
+    order = torch.sort(to_decoder.to(torch.int8), dim=1, stable=True).indices  # (B, T)
+    columns = torch.arange(max(P, D), device=device)
+    enc_index = order[:, :P]  # (B, P)
+    enc_valid = columns[:P] < n_enc[:, None]  # (B, P)
+    dec_index = order.gather(1, (n_enc[:, None] + columns[:D]).clamp(max=T - 1))  # (B, D)
+    dec_valid = columns[:D] < n_dec[:, None]  # (B, D)
+    docs = doc_ids.to(device).long()
+    return PackedExamples(
+        encoder_ids=input_ids.gather(1, enc_index),
+        encoder_positions=positions.gather(1, enc_index),
+        encoder_docs=torch.where(enc_valid, docs.gather(1, enc_index), ENCODER_PAD),
+        decoder_ids=input_ids.gather(1, dec_index),
+        decoder_positions=positions.gather(1, dec_index),
+        decoder_docs=torch.where(dec_valid, docs.gather(1, dec_index), DECODER_PAD),
+        decoder_index=dec_index,
+        targets=None
+        if targets is None
+        else torch.where(dec_valid, targets.gather(1, dec_index), ignore_index),
+    )
+
+
+def response_split(counted: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Instruction data's decoder_mask: counted (B, T) bool, True where a position's target counts
+    (a response token or the EOS is predicted there); doc_ids (B, T) its example -> (B, T) bool,
+    True from each example's first counted position on. The encoder reads only what comes before
+    an example's first response (its prompt, but the last token), so nothing it reads lies after
+    a target: a chat's later turns and the EOS are decoder input, read causally."""
+    c = counted.long()
+    seen = c.cumsum(dim=1)  # (B, T): counted positions up to here in the row
+    if doc_ids is None:
+        return seen > 0
+    starts, _ = document_positions(doc_ids)  # (B, T)
+    before = torch.where(starts, seen - c, 0).cummax(dim=1).values  # counted before the example
+    return seen - before > 0
+
+
+def encoder_mask(packed: PackedExamples) -> DocumentMask:
+    """The encoder's attention over packed examples: bidirectional within an example."""
+    enc = packed.encoder_docs  # (B, P)
+    return DocumentMask(
+        packed.encoder_positions, mask=(enc[:, :, None] == enc[:, None, :])[:, None]
+    )
+
+
+def decoder_masks(packed: PackedExamples, attention: str) -> tuple[DocumentMask, CrossMask]:
+    """The decoder's self-attention over packed examples (causal within an example, for attention
+    kernel `attention`) and its cross-attention (to its example's encoder positions)."""
+    enc, dec = packed.encoder_docs, packed.decoder_docs  # (B, P), (B, T')
+    # The decoder's example ids are non-decreasing along its row (block order), padding last.
+    docs = document_mask(dec, attention)
+    docs = DocumentMask(packed.decoder_positions, docs.mask, docs.cu_seqlens, docs.max_seqlen)
+    cross = dec[:, :, None] == enc[:, None, :]  # (B, T', P)
+    reads = cross.any(dim=-1, keepdim=True)  # (B, T', 1)
+    return docs, CrossMask((cross | ~reads)[:, None], reads[:, None])
 
 
 class EncoderDecoderCache:
@@ -103,12 +250,17 @@ class CrossAttention(nn.Module):
         k: torch.Tensor,
         v: torch.Tensor,
         eager: bool = False,
+        cross: CrossMask | None = None,
     ) -> torch.Tensor:
-        """x: (B, T, D), the block's normalised input; cos/sin at the decoder's positions (T, E);
-        k, v: (B, K, P, E) from `memory_kv` -> (B, T, D)."""
+        """x: (B, T, D), the block's normalised input; cos/sin at the decoder's positions ((T, E) or
+        per token (B, T, E)); k, v: (B, K, P, E) from `memory_kv`; `cross`: packed examples' mask
+        -> (B, T, D)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, E)
-        y = full_attention(apply_rope(q, cos, sin), k, v, eager=eager)  # (B, H, T, E)
+        mask = None if cross is None else cross.mask  # (B, 1, T, P)
+        y = full_attention(apply_rope(q, cos, sin), k, v, eager=eager, mask=mask)  # (B, H, T, E)
+        if cross is not None:  # a query without its example's encoder positions reads nothing
+            y = y * cross.reads  # (B, H, T, E) * (B, 1, T, 1)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -138,9 +290,12 @@ class DecoderBlock(nn.Module):
         cache: EncoderDecoderCache | None = None,
         start: int = 0,
         kernels: KernelPlan | None = None,
+        docs: DocumentMask | None = None,
+        cross: CrossMask | None = None,
     ) -> torch.Tensor:
         """x: (B, T, D) decoder stream; memory: (B, P, D) encoder output (None when `cache` already
-        holds this layer's cross keys/values); `start`: index of x's first token in the decoder."""
+        holds this layer's cross keys/values); `start`: index of x's first token in the decoder;
+        docs, cross: packed examples' self- and cross-attention masks (`decoder_masks`)."""
         kernels = kernels or default_plan(self.cfg, x)
         layer = self.cross_attn.layer_idx
         if cache is not None and cache.cross[layer] is not None:
@@ -151,11 +306,12 @@ class DecoderBlock(nn.Module):
                 cache.cross[layer] = (k, v)
         self_cache = cache.self_attn if cache is not None else None
         p, training = self.dropout, self.training
-        h = self.attn(self.attn_norm(x, kernels.rmsnorm), cos, sin, self_cache, start, kernels)
-        x = x + residual_dropout(h, p, training)  # (B, T, D)
-        h = self.cross_attn(
-            self.cross_norm(x, kernels.rmsnorm), cos, sin, k, v, eager=kernels.attention == "eager"
+        h = self.attn(
+            self.attn_norm(x, kernels.rmsnorm), cos, sin, self_cache, start, kernels, docs
         )
+        x = x + residual_dropout(h, p, training)  # (B, T, D)
+        eager = kernels.attention == "eager"
+        h = self.cross_attn(self.cross_norm(x, kernels.rmsnorm), cos, sin, k, v, eager, cross)
         x = x + residual_dropout(h, p, training)  # (B, T, D)
         h = self.ffn(self.ffn_norm(x, kernels.rmsnorm), kernels.swiglu)  # (B, T, D)
         return x + residual_dropout(h, p, training)  # (B, T, D)
@@ -181,15 +337,22 @@ class EncoderDecoder(LanguageModel):
         self.lm_head = OutputHead(cfg.d_model, cfg.vocab_size, bias=False)
         self._finish_init()
 
-    def encode(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids: (B, P) at positions 0..P-1 -> the encoder's output (B, P, D)."""
+    def encode(self, input_ids: torch.Tensor, packed: PackedExamples | None = None) -> torch.Tensor:
+        """input_ids: (B, P) at positions 0..P-1 (`packed` examples: each at its position in its
+        example, attending within it) -> the encoder's output (B, P, D)."""
         x = residual_dropout(self.embed(input_ids), self.cfg.dropout, self.training)  # (B, P, D)
         kernels = default_plan(self.cfg, x)
+        docs = None if packed is None else encoder_mask(packed)
         cos, sin = rope_cos_sin(
-            input_ids.shape[1], self.cfg.head_dim, self.cfg.rope_base, x.device, x.dtype
-        )
+            input_ids.shape[1],
+            self.cfg.head_dim,
+            self.cfg.rope_base,
+            x.device,
+            x.dtype,
+            positions=None if docs is None else docs.positions,
+        )  # (P, E) | (B, P, E)
         for block in self.encoder_blocks:
-            x = block(x, cos, sin, kernels=kernels)  # (B, P, D)
+            x = block(x, cos, sin, kernels=kernels, docs=docs)  # (B, P, D)
         return self.encoder_norm(x, kernels.rmsnorm)
 
     def decode(
@@ -200,19 +363,42 @@ class EncoderDecoder(LanguageModel):
         start: int = 0,
         cache: EncoderDecoderCache | None = None,
         targets: torch.Tensor | None = None,
+        packed: PackedExamples | None = None,
     ) -> torch.Tensor:
         """input_ids: (B, T) decoder tokens, the first at decoder index `start` (position
-        encoder_len + start); memory: (B, P, D) -> logits (B, T, V), or the mean loss () given targets."""
+        encoder_len + start); memory: (B, P, D) -> logits (B, T, V), or the mean loss () given
+        targets. `packed` examples: each token at its position in its example, attending within
+        it, the memory's keys at their positions."""
         T = input_ids.shape[1]
         x = residual_dropout(self.embed(input_ids), self.cfg.dropout, self.training)  # (B, T, D)
         kernels = default_plan(self.cfg, x)
         E, base = self.cfg.head_dim, self.cfg.rope_base
-        cos, sin = rope_cos_sin(T, E, base, x.device, x.dtype, offset=encoder_len + start)  # (T, E)
+        docs = cross = None
+        if packed is not None:  # built once for all layers
+            docs, cross = decoder_masks(packed, kernels.attention)
+        cos, sin = rope_cos_sin(
+            T,
+            E,
+            base,
+            x.device,
+            x.dtype,
+            offset=encoder_len + start,
+            positions=None if docs is None else docs.positions,
+        )  # (T, E) | (B, T, E)
         memory_cos = memory_sin = None
         if memory is not None:
-            memory_cos, memory_sin = rope_cos_sin(memory.shape[1], E, base, x.device, x.dtype)
+            memory_cos, memory_sin = rope_cos_sin(
+                memory.shape[1],
+                E,
+                base,
+                x.device,
+                x.dtype,
+                positions=None if packed is None else packed.encoder_positions,
+            )  # (P, E) | (B, P, E)
         for block in self.decoder_blocks:
-            x = block(x, cos, sin, memory, memory_cos, memory_sin, cache, start, kernels)
+            x = block(
+                x, cos, sin, memory, memory_cos, memory_sin, cache, start, kernels, docs, cross
+            )
         z_loss = self.cfg.z_loss if self.training else 0.0  # a training objective: eval is plain CE
         return self.lm_head(self.norm(x, kernels.rmsnorm), targets, kernels.loss, z_loss)
 
@@ -223,10 +409,17 @@ class EncoderDecoder(LanguageModel):
         start_pos: int = 0,
         targets: torch.Tensor | None = None,
         encoder_len: int | None = None,
+        doc_ids: torch.Tensor | None = None,
+        decoder_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Prefix LM over a block. input_ids, targets: (B, T); the first P = encoder_len (default
         model.encoder_len, or T/2) inputs are encoded, the decoder reads inputs P.. and predicts
         targets P.. -> decoder logits (B, T-P, V), or their mean loss () given targets.
+
+        Packed examples (module docstring): with `doc_ids` and / or `decoder_mask` (B, T) each
+        example is encoded and decoded on its own, the encoder reading the positions where
+        decoder_mask is False (default: those before P) -> logits (B, T, V) at the decoder's
+        positions (zero at the encoder's), or the mean loss over the decoder's targets.
 
         With a `kv_cache` (generation), start_pos=0 takes a prompt: its first T-1 tokens are
         encoded, its last starts the decoder -> logits (B, 1, V); later calls take the tokens at
@@ -240,9 +433,41 @@ class EncoderDecoder(LanguageModel):
             raise ValueError(
                 f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}"
             )
+        if doc_ids is not None or decoder_mask is not None:
+            if decoder_mask is None:  # text: the prefix-LM split of every row
+                decoder_mask = (torch.arange(T, device=input_ids.device) >= P).expand(B, T)
+            return self._packed_forward(input_ids, targets, doc_ids, decoder_mask)
         memory = self.encode(input_ids[:, :P])  # (B, P, D)
         dec_targets = targets[:, P:] if targets is not None else None
         return self.decode(input_ids[:, P:], memory, P, targets=dec_targets)
+
+    def _packed_forward(
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor | None,
+        doc_ids: torch.Tensor | None,
+        decoder_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        B, T = input_ids.shape
+        for name, t in (("doc_ids", doc_ids), ("decoder_mask", decoder_mask)):
+            if t is not None and tuple(t.shape) != (B, T):
+                raise ValueError(
+                    f"{name} has shape {tuple(t.shape)}, input_ids {(B, T)}: give one per token"
+                )
+        if doc_ids is not None:
+            doc_ids = doc_ids.to(input_ids.device)
+        packed = pack_examples(input_ids, decoder_mask, doc_ids, targets)
+        memory = self.encode(packed.encoder_ids, packed)  # (B, P, D)
+        out = self.decode(
+            packed.decoder_ids, memory, 0, targets=packed.targets, packed=packed
+        )  # () | (B, T', V)
+        if targets is not None:
+            return out
+        logits = out.new_zeros(B, T, out.shape[-1])  # (B, T, V), at the block's positions
+        valid = packed.decoder_valid  # (B, T')
+        rows = torch.arange(B, device=out.device)[:, None].expand_as(valid)
+        logits[rows[valid], packed.decoder_index[valid]] = out[valid]
+        return logits
 
     def _generation_step(
         self, input_ids: torch.Tensor, cache: EncoderDecoderCache, start_pos: int

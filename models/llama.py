@@ -57,7 +57,8 @@ layer (a `DocumentMask`):
 RoPE kernels: eager and liger take the per-token cos / sin (liger's (B, T, E) layout); flash-attn's
 rotary takes one table for every row, so with doc_ids the eager rotation runs instead (torch.compile
 fuses it). Without doc_ids every path is bit-identical to the plain causal one. Generation (a
-KVCache) takes no doc_ids; the encoder-decoder (models/encdec.py) does not support them yet.
+KVCache) takes no doc_ids; the encoder-decoder (models/encdec.py) packs examples with the same masks
+(`EncoderDecoder.forward(..., doc_ids=, decoder_mask=)`).
 
 Fused kernels (FlashAttention-2, xformers, liger-kernel, a chunked loss) live in models/kernels.py
 and are chosen by config strings; the code in this file is the eager reference they are tested
@@ -202,6 +203,17 @@ class DocumentMask:
     max_seqlen: int = 0
 
 
+def document_positions(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """doc_ids: (B, T) -> (starts, positions), both (B, T): True where a document starts (wherever
+    the id changes along T, and at each row's start), and each position's offset in its document."""
+    B, T = doc_ids.shape
+    starts = torch.ones(B, T, dtype=torch.bool, device=doc_ids.device)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]  # (B, T): a document starts here
+    index = torch.arange(T, device=doc_ids.device).expand(B, T)  # (B, T)
+    first = torch.where(starts, index, 0).cummax(dim=1).values  # (B, T): its document's start
+    return starts, index - first
+
+
 def document_mask(doc_ids: torch.Tensor, attention: str = "sdpa") -> DocumentMask:
     """doc_ids: (B, T) ids of the document of each position (a new document starts wherever the id
     changes along T, and at each row's start) -> what attention kernel `attention` needs."""
@@ -210,11 +222,8 @@ def document_mask(doc_ids: torch.Tensor, attention: str = "sdpa") -> DocumentMas
             f"doc_ids must be a (B, T) integer tensor, got {tuple(doc_ids.shape)} {doc_ids.dtype}"
         )
     B, T = doc_ids.shape
-    starts = torch.ones(B, T, dtype=torch.bool, device=doc_ids.device)
-    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]  # (B, T): a document starts here
+    starts, positions = document_positions(doc_ids)  # (B, T) each
     index = torch.arange(T, device=doc_ids.device).expand(B, T)  # (B, T)
-    first = torch.where(starts, index, 0).cummax(dim=1).values  # (B, T): its document's start
-    positions = index - first  # (B, T)
     if attention == "flash_attn":
         cu_seqlens = torch.cat(
             (starts.flatten().nonzero().flatten(), index.new_full((1,), B * T))
@@ -280,8 +289,9 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         else:
             q, k = fused.rope(q, k, cos, sin, kernels.rope)
-        if not self.causal:  # an encoder: every position sees every other
-            y = full_attention(q, k, v, eager=kernels.attention == "eager")  # (B, H, T, E)
+        if not self.causal:  # an encoder: every position sees every other (of its document)
+            mask = None if docs is None else docs.mask  # (B, 1, T, T) packed examples
+            y = full_attention(q, k, v, eager=kernels.attention == "eager", mask=mask)
         elif docs is not None:  # packed documents: block-diagonal causal
             if kv_cache is not None:
                 raise ValueError("generation with a KVCache takes no document mask")
@@ -407,16 +417,22 @@ def attention_reference(
 
 
 def full_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eager: bool = False
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    eager: bool = False,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Unmasked attention (an encoder's self-attention, cross-attention): every query sees every key.
+    """Attention without a causal mask (an encoder's self-attention, cross-attention): every query
+    sees every key, or (with `mask`, bool broadcastable to (B, H, T, S), e.g. (B, 1, T, S) for
+    packed examples) the keys where it is True; every query must see some key.
 
     q: (B, H, T, E); k, v: (B, K, S, E) -> (B, H, T, E).
     """
     k, v = repeat_kv(k, v, q.shape[1])  # (B, H, S, E)
     if eager:
-        return attention_reference(q, k, v)
-    return F.scaled_dot_product_attention(q, k, v)  # (B, H, T, E)
+        return attention_reference(q, k, v, mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, E)
 
 
 class SwiGLU(nn.Module):

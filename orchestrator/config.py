@@ -63,8 +63,11 @@ class DataConfig:
         "causal attention) and its RoPE positions restart at 0. Cross-document attention in packed "
         "pretraining is a known quality issue (Llama 3, OLMo). Documents start at each BOS, or after "
         "each EOS with `prepare --separator eos`, as recorded in the data's prepare_stats.json; "
-        "training and validation alike. Decoder-only (model.arch=llama). Required (true) with instruction "
-        "data (`prepare --format instruction`), whose packed examples must not attend to each other.",
+        "training and validation alike. The encoder-decoder keeps its prefix-LM split per block and "
+        "keeps documents apart in its encoder, decoder and cross-attention. Required (true) with "
+        "instruction data (`prepare --format instruction`), whose packed examples must not attend to "
+        "each other (the encoder-decoder: each example's prompt to the encoder, its response to the "
+        "decoder).",
     )
     cache_dir: str | None = doc(
         None,
@@ -705,11 +708,6 @@ class Config:
             raise ConfigError(
                 f"model.encoder_len={self.model.encoder_len} leaves no decoder tokens in a training block of "
                 f"{self.seq_len} (train.seq_len): choose an encoder_len below it (0 = half the block)"
-            )
-        if self.model.arch == "encoder_decoder" and self.data.document_mask:
-            raise ConfigError(
-                "data.document_mask=true is not supported with model.arch=encoder_decoder yet "
-                "(decoder-only models only): set data.document_mask=false"
             )
         if self.train.global_batch_size is not None and self.train.global_batch_tokens is not None:
             raise ConfigError(

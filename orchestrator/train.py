@@ -70,6 +70,7 @@ from orchestrator.training.data import (
     elastic_resume_warning,
     endless,
     model_batch,
+    packing_arguments,
     train_blocks,
 )
 from orchestrator.training.epochs import EpochTracker
@@ -321,21 +322,23 @@ def forward_backward(run: Run, batches: Iterator) -> tuple[torch.Tensor, torch.T
     counted = sum(b[2] for b in blocks) if run.instruction else 0
     for micro_step, block in enumerate(blocks):
         if run.instruction:  # decoded on the host: (B, T) inputs and targets, counted targets
-            inputs, targets, count = block
-            host_inputs = inputs
-            inputs = inputs.to(fabric.device, non_blocking=True)
-            targets = targets.to(fabric.device, non_blocking=True)
+            host_inputs, host_targets, count = block
+            inputs = host_inputs.to(fabric.device, non_blocking=True)
+            targets = host_targets.to(fabric.device, non_blocking=True)
             weight = count / counted if counted else 0.0
         else:
-            host_inputs = block[:, :-1]
+            host_inputs, host_targets = block[:, :-1], block[:, 1:]
             tokens = block.to(fabric.device, non_blocking=True)
             inputs, targets = tokens[:, :-1], tokens[:, 1:]  # (B, T) each
-        docs = {}  # data.document_mask: the document of each input position, found on the host
-        if run.documents is not None:
-            docs["doc_ids"] = run.documents.ids(host_inputs).to(fabric.device, non_blocking=True)
+        # data.document_mask: each input position's document; the encoder-decoder on instruction
+        # data: which positions its decoder reads. Found on the host.
+        packing = packing_arguments(
+            cfg.model.arch, host_inputs, host_targets, run.documents, run.instruction
+        )
+        packing = {k: v.to(fabric.device, non_blocking=True) for k, v in packing.items()}
         with fabric.no_backward_sync(model, enabled=micro_step < run.accumulation - 1):
             # mean next-token loss through model.loss_kernel (each document on its own with doc_ids)
-            loss = model(inputs, targets=targets, **docs)
+            loss = model(inputs, targets=targets, **packing)
             loss = loss * weight if run.instruction else loss / run.accumulation
             fabric.backward(loss)
         step_loss += loss.detach()

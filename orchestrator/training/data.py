@@ -19,6 +19,7 @@ from data.loader import (
     resolve_split,
 )
 from data.storage import StorageError, join
+from models.encdec import response_split
 from models.kernels import IGNORE_INDEX
 from orchestrator.config import Config
 from orchestrator.schema import ConfigError
@@ -151,11 +152,6 @@ def data_formats(cfg: Config) -> tuple[str, str]:
         if fmt != "instruction":
             continue
         where = f"{key}={value} (the {what} data) is instruction data"
-        if cfg.model.arch == "encoder_decoder":
-            raise ConfigError(
-                f"{where}: instruction finetuning is not supported with model.arch=encoder_decoder "
-                "yet; use model.arch=llama"
-            )
         if not cfg.data.document_mask:
             raise ConfigError(
                 f"{where}, whose packed examples must not attend to each other: set "
@@ -177,6 +173,27 @@ def model_batch(block: torch.Tensor, instruction: bool) -> tuple[torch.Tensor, t
     if count == 0:
         targets[0, 0] = block[0, 1] & TOKEN_MASK
     return inputs, targets, count
+
+
+def packing_arguments(
+    arch: str,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    documents: DocumentBoundary | None,
+    instruction: bool,
+) -> dict[str, torch.Tensor]:
+    """The forward pass's packing arguments for a batch's (B, T) inputs and targets with model.arch
+    `arch`, found on the host (training and validation alike): `doc_ids` with data.document_mask
+    (the document of each input position), and for the encoder-decoder on instruction data
+    `decoder_mask` (from each example's first counted target on: the decoder reads those positions
+    and the encoder the ones before, so each example's prompt is encoded and its response decoded;
+    models/encdec.py `response_split`)."""
+    out = {}
+    if documents is not None:
+        out["doc_ids"] = documents.ids(inputs)
+    if instruction and arch == "encoder_decoder":
+        out["decoder_mask"] = response_split(targets != IGNORE_INDEX, out.get("doc_ids"))
+    return out
 
 
 # litdata's elastic resume (a new world size, data.num_workers or micro-batch size) lays out the

@@ -67,7 +67,7 @@ def check_inputs(cfg: Config) -> None:
             f"set --model.vocab_size {vocab} (or larger, e.g. a multiple of 64) or use a smaller tokenizer"
         )
     check_datasets_match_tokenizer(cfg, datasets, tokenizer_path)
-    # Text or instruction data: not mixed, and instruction data with data.document_mask and the decoder.
+    # Text or instruction data: not mixed, and instruction data with data.document_mask.
     data_formats(cfg)
     check_tasks(cfg)  # eval.tasks: every file read, every example tokenised and checked
     if cfg.checkpoint.remote_dir:  # the bucket exists and takes the credentials

@@ -10,7 +10,7 @@ from data.documents import DocumentBoundary
 from data.loader import make_dataloader, resolve_split
 from models.kernels import IGNORE_INDEX
 from orchestrator.config import Config
-from orchestrator.training.data import model_batch, stream_options
+from orchestrator.training.data import model_batch, packing_arguments, stream_options
 from orchestrator.training.monitor import Monitor
 
 
@@ -97,12 +97,12 @@ def validate(
             targets = targets.clone()
             targets[:, : cfg.eval.loss_from] = IGNORE_INDEX
             count = int((targets != IGNORE_INDEX).sum())
-        doc_ids = {}
-        if documents is not None:  # on the host, as in training
-            doc_ids = {"doc_ids": documents.ids(inputs).to(fabric.device)}
+        # on the host, as in training
+        packing = packing_arguments(cfg.model.arch, inputs, targets, documents, instruction)
+        packing = {k: v.to(fabric.device) for k, v in packing.items()}
         inputs, targets = inputs.to(fabric.device), targets.to(fabric.device)  # (B, T) each
         # mean loss; every rank runs every batch's forward (sharded models gather in it)
-        loss = model(inputs, targets=targets, **doc_ids).double()
+        loss = model(inputs, targets=targets, **packing).double()
         if not instruction:
             totals[0] += loss
             totals[1] += 1

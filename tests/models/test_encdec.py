@@ -53,7 +53,8 @@ def test_rope_positions_are_continuous(model, monkeypatch):
     calls = []
     real = encdec.rope_cos_sin
 
-    def spy(seq_len, head_dim, base, device, dtype, offset=0):
+    def spy(seq_len, head_dim, base, device, dtype, offset=0, positions=None):
+        assert positions is None  # per-token positions: packed examples only
         calls.append((offset, seq_len))
         return real(seq_len, head_dim, base, device, dtype, offset=offset)
 
@@ -79,7 +80,8 @@ def test_continuous_positions_make_the_split_a_relabelling_of_relative_distances
     reference = m(ids, encoder_len=8)
     shifted = encdec.rope_cos_sin
 
-    def offset_by_5(seq_len, head_dim, base, device, dtype, offset=0):
+    def offset_by_5(seq_len, head_dim, base, device, dtype, offset=0, positions=None):
+        assert positions is None  # per-token positions: packed examples only
         return shifted(seq_len, head_dim, base, device, dtype, offset=offset + 5)
 
     with pytest.MonkeyPatch.context() as mp:

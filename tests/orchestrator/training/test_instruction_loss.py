@@ -15,12 +15,12 @@ import torch
 
 from data.documents import DocumentBoundary
 from data.instructions import LOSS_FLAG, TOKEN_MASK, Example, encode_example
+from models.build import build_model
 from models.config import model_config
 from models.kernels import IGNORE_INDEX
-from models.llama import Llama
 from orchestrator.config import load_config
 from orchestrator.schema import ConfigError
-from orchestrator.training.data import data_formats, model_batch
+from orchestrator.training.data import data_formats, model_batch, packing_arguments
 from tests.training import TINY, step_records, train
 
 torch.set_num_threads(1)
@@ -52,22 +52,35 @@ def stored(examples: list[Example]) -> torch.Tensor:
     return torch.from_numpy(arr).long()[None]
 
 
-def tiny_model(seed: int = 0) -> Llama:
+FAMILIES = ["llama", "encoder_decoder"]
+
+
+def tiny_model(arch: str = "llama", seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     cfg = model_config(
-        "tiny", n_layers=2, vocab_size=128, max_seq_len=128, d_model=64, n_heads=4,
-        n_kv_heads=2, ffn_hidden=172,
+        "tiny" if arch == "llama" else "redllm-tiny", n_layers=2, vocab_size=128, max_seq_len=128,
+        d_model=64, n_heads=4, n_kv_heads=2, ffn_hidden=172,
     )  # fmt: skip
-    return Llama(cfg).eval()
+    return build_model(cfg).eval()
 
 
-def loss_of(model: Llama, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def loss_of(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The loss as the trainer computes it (its packing arguments; the encoder-decoder: each
+    example's prompt to the encoder, its response to the decoder)."""
+    packing = packing_arguments(model.cfg.arch, inputs, targets, BOUNDARY, instruction=True)
     with torch.no_grad():
-        return model(inputs, targets=targets, doc_ids=BOUNDARY.ids(inputs))
+        return model(inputs, targets=targets, **packing)
 
 
-def test_the_loss_counts_response_targets_only():
-    model = tiny_model()
+def logits_of(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    packing = packing_arguments(model.cfg.arch, inputs, targets, BOUNDARY, instruction=True)
+    with torch.no_grad():
+        return model(inputs, **packing)  # (1, T, V)
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_the_loss_counts_response_targets_only(arch):
+    model = tiny_model(arch)
     block = stored(EXAMPLES)
     inputs, targets, count = model_batch(block, instruction=True)
     ids, flags = block & TOKEN_MASK, (block & LOSS_FLAG) != 0
@@ -97,30 +110,30 @@ def test_the_loss_counts_response_targets_only():
     assert n == count + 1 and not torch.equal(loss_of(model, inputs, flagged_targets), loss)
 
 
-def test_a_block_without_a_response_target_keeps_a_finite_loss():
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_a_block_without_a_response_target_keeps_a_finite_loss(arch):
     block = stored([Example((("only prompt", False), ("x", True)))]) & TOKEN_MASK  # no flags
     inputs, targets, count = model_batch(block, instruction=True)
     assert count == 0 and int((targets != IGNORE_INDEX).sum()) == 1  # weighed 0 by the trainer
-    assert torch.isfinite(loss_of(tiny_model(), inputs, targets))
+    assert torch.isfinite(loss_of(tiny_model(arch), inputs, targets))
 
 
-def test_packed_examples_do_not_attend_to_each_other():
-    model = tiny_model()
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_packed_examples_do_not_attend_to_each_other(arch):
+    model = tiny_model(arch)
     block = stored(EXAMPLES)
     inputs, targets, count = model_batch(block, instruction=True)
     doc_ids = BOUNDARY.ids(inputs)
     assert doc_ids[0].unique().tolist() == [1, 2, 3]
-    with torch.no_grad():
-        logits = model(inputs, doc_ids=doc_ids)  # (1, T, V)
+    logits = logits_of(model, inputs, targets)  # (1, T, V)
     # A prompt token of the middle example changed: the others' logits are bitwise the same.
     middle = (doc_ids[0] == 2).nonzero().flatten()
     changed = block.clone()
     j = int(middle[3])
     changed[0, j] = 3 + (int(changed[0, j]) + 1 - 3) % 120
-    changed_inputs, _, _ = model_batch(changed, instruction=True)
+    changed_inputs, changed_targets, _ = model_batch(changed, instruction=True)
     assert torch.equal(BOUNDARY.ids(changed_inputs), doc_ids)
-    with torch.no_grad():
-        changed_logits = model(changed_inputs, doc_ids=doc_ids)
+    changed_logits = logits_of(model, changed_inputs, changed_targets)
     others = doc_ids[0] != 2
     assert torch.equal(changed_logits[0, others], logits[0, others])
     assert not torch.equal(
@@ -132,8 +145,7 @@ def test_packed_examples_do_not_attend_to_each_other():
     losses, counts = [], []
     for example in EXAMPLES:
         alone_inputs, alone_targets, n = model_batch(stored([example]), instruction=True)
-        with torch.no_grad():
-            losses.append(float(model(alone_inputs, targets=alone_targets)))
+        losses.append(float(loss_of(model, alone_inputs, alone_targets)))
         counts.append(n)
     assert sum(counts) == count
     weighted = sum(loss * n for loss, n in zip(losses, counts, strict=True)) / count
@@ -177,11 +189,10 @@ def test_instruction_data_is_checked_against_the_config(tmp_path):
         ConfigError, match=r"data\.document_mask=true \(--data\.document_mask true\)"
     ):
         data_formats(load_config(["--data.dir", str(sft)]))
-    with pytest.raises(ConfigError, match=r"not supported with model\.arch=encoder_decoder yet"):
-        data_formats(
-            load_config(["--data.dir", str(sft), "--model.name", "redllm-tiny", "--data.document_mask",
-                         "false"])
-        )  # fmt: skip
+    redllm = ["--data.dir", str(sft), "--model.name", "redllm-tiny"]
+    assert data_formats(load_config([*redllm, *masked])) == ("instruction", "instruction")
+    with pytest.raises(ConfigError, match=r"data\.document_mask=true"):
+        data_formats(load_config(redllm))
     mixed = f"[{{name: sft, dir: {sft}, weight: 1}}, {{name: web, dir: {text}, weight: 1}}]"
     with pytest.raises(ConfigError, match=r"data\.sources mixes pretraining text and instruction"):
         data_formats(load_config(["--data.sources", mixed, *masked]))
@@ -227,18 +238,27 @@ def instruction_data(sample_data, tmp_path_factory):
     return root / "tokens", tokenizer
 
 
+# The decoder under DDP; the encoder-decoder (prompt -> encoder, response -> decoder) under FSDP2.
+FAMILY_RUNS = {
+    "llama": (),
+    "encoder_decoder": ("--model.name", "redllm-tiny", "--strategy.name", "fsdp"),
+}
+
+
 @pytest.mark.slow
-def test_instruction_training_runs_and_resumes_bitwise(instruction_data, tmp_path, capsys):
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_instruction_training_runs_and_resumes_bitwise(arch, instruction_data, tmp_path, capsys):
     from orchestrator.train import main as train_main
 
     tokens, tokenizer = instruction_data
     data = ["--data.dir", str(tokens), "--data.tokenizer", str(tokenizer)]
+    family = FAMILY_RUNS[arch]
     # Refused before anything starts without document masking.
-    assert train_main([*TINY, *data, "--run.dir", str(tmp_path / "refused")]) == 2
+    assert train_main([*TINY, *family, *data, "--run.dir", str(tmp_path / "refused")]) == 2
     assert "data.document_mask=true" in capsys.readouterr().err
 
-    args = ("--data.document_mask", "true", "--train.max_steps", "4", "--eval.interval", "2",
-            "--checkpoint.interval", "2")  # fmt: skip
+    args = (*family, "--data.document_mask", "true", "--train.max_steps", "4",
+            "--eval.interval", "2", "--checkpoint.interval", "2")  # fmt: skip
     straight = tmp_path / "straight"
     train(straight, instruction_data, *args)
     records = step_records(straight)
