@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 DEMO_DATA ?= .cache/sample
 
-.PHONY: setup demo finetune-demo test test-fast lint format clean sample-data
+.PHONY: setup demo finetune-demo finetune-demo-redllm test test-fast lint format clean sample-data
 
 setup: $(STAMP)
 
@@ -36,8 +36,13 @@ demo: $(STAMP)
 finetune-demo: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m orchestrator demo --finetune --data-dir $(DEMO_DATA) --run-dir $(DEMO_DIR) --finetune-dir $(DEMO_DIR)-finetune
 
+# The same with the demo model's encoder-decoder partner (RedLLM, redllm-tiny): pretrained as a
+# prefix LM in runs/demo-redllm, then each question to its encoder and the answer from its decoder.
+finetune-demo-redllm: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m orchestrator demo --finetune --arch encoder_decoder --data-dir $(DEMO_DATA) --run-dir runs/demo-redllm
+
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -ra tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -ra --durations=30 tests
 
 test-fast: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -ra -m "not slow" tests

@@ -190,12 +190,24 @@ def _train_quickstart(overrides: list[str]) -> int:
         return subprocess.call(command, env=env)
 
 
+# The demo's model per family (overrides of the quickstart config) and its default run dirs: the
+# quickstart decoder, or its RedLLM partner (a size with the decoder's width, heads and about its
+# parameter count; models/config.py REDLLM_PAIRS).
+DEMO_MODELS = {
+    "llama": ([], "runs/demo"),
+    "encoder_decoder": (["--model.name", "redllm-tiny"], "runs/demo-redllm"),
+}
+
+
 def cmd_demo(args: argparse.Namespace, rest: list[str]) -> int:
+    model, default_dir = DEMO_MODELS[args.arch]
+    args.run_dir = args.run_dir or default_dir
+    args.finetune_dir = args.finetune_dir or f"{args.run_dir}-finetune"
     tokens, tokenizer = prepare_sample(Path(args.data_dir))
     if args.finetune:
-        return finetune_demo(args, tokens, tokenizer, rest)
+        return finetune_demo(args, tokens, tokenizer, model, rest)
     data = ["--data.dir", str(tokens), "--data.tokenizer", str(tokenizer)]
-    return _train_quickstart([*data, "--run.dir", args.run_dir, *rest])
+    return _train_quickstart([*data, *model, "--run.dir", args.run_dir, *rest])
 
 
 # The finetune demo's schedule (overrides of the quickstart config): short (the held-out loss is
@@ -212,10 +224,13 @@ FINETUNE_OVERRIDES = [
 ]  # fmt: skip
 
 
-def finetune_demo(args: argparse.Namespace, tokens: Path, tokenizer: Path, rest: list[str]) -> int:
+def finetune_demo(
+    args: argparse.Namespace, tokens: Path, tokenizer: Path, model: list[str], rest: list[str]
+) -> int:
     """`orchestrator demo --finetune`: the pretrained demo model (pretrained first when its run dir
-    has no checkpoint) finetuned on the built-in question set (data/sample_instructions.py), with
-    exact-match accuracy on the held-out questions before and after."""
+    has no checkpoint; `model`: the family's overrides) finetuned on the built-in question set
+    (data/sample_instructions.py), with exact-match accuracy on the held-out questions before and
+    after. The encoder-decoder reads each question with its encoder and answers with its decoder."""
     from data.sample_instructions import write_sample_instructions
     from orchestrator.tools.evaluate import exact_match  # torch (seconds)
 
@@ -225,7 +240,7 @@ def finetune_demo(args: argparse.Namespace, tokens: Path, tokenizer: Path, rest:
     except FileNotFoundError:
         print(f"No pretrained checkpoint in {args.run_dir}: running the demo pretraining first")
         data = ["--data.dir", str(tokens), "--data.tokenizer", str(tokenizer)]
-        code = _train_quickstart([*data, "--run.dir", args.run_dir])
+        code = _train_quickstart([*data, *model, "--run.dir", args.run_dir])
         if code != 0:
             return code
         pretrained = resolve_checkpoint(args.run_dir)
@@ -251,7 +266,7 @@ def finetune_demo(args: argparse.Namespace, tokens: Path, tokenizer: Path, rest:
         [
             "--data.dir", str(instr_tokens), "--data.tokenizer", str(tokenizer),
             "--run.dir", args.finetune_dir, "--checkpoint.init_from", str(pretrained),
-            *FINETUNE_OVERRIDES, *rest,
+            *model, *FINETUNE_OVERRIDES, *rest,
         ]
     )  # fmt: skip
     if code != 0:
@@ -452,7 +467,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             include = include or tempfile.mkdtemp(prefix="orchestrator-tasks-")
             for path in args.local_task:
                 name = Path(path).stem.replace("-", "_").replace(".", "_")
-                ev.write_local_task(include, name, path, args.local_task_kind)
+                ev.write_local_task(
+                    include, name, path, args.local_task_kind, max_new_tokens=args.max_new_tokens
+                )
                 tasks.append(name)
         if args.hf_dir:
             hf_dir = Path(args.hf_dir)
@@ -699,14 +716,23 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="sample data + 2-process CPU pretraining of the quickstart model"
     )
     p.add_argument("--data-dir", default=".cache/sample")
-    p.add_argument("--run-dir", default="runs/demo")
+    p.add_argument(
+        "--arch",
+        choices=sorted(DEMO_MODELS),
+        default="llama",
+        help="the demo model's family: the quickstart decoder (llama) or its RedLLM partner "
+        "(encoder_decoder, redllm-tiny)",
+    )
+    p.add_argument("--run-dir", default=None, help="run dir (default runs/demo, runs/demo-redllm)")
     p.add_argument(
         "--finetune",
         action="store_true",
         help="finetune the pretrained demo model (--run-dir) on the built-in question set and print "
         "exact-match accuracy on held-out questions before and after",
     )
-    p.add_argument("--finetune-dir", default="runs/demo-finetune", help="with --finetune: run dir")
+    p.add_argument(
+        "--finetune-dir", default=None, help="with --finetune: run dir (default <run dir>-finetune)"
+    )
     p.set_defaults(fn=cmd_demo, takes_rest=True)
 
     p = sub.add_parser("config", help="print the resolved config, or the reference of every key")
@@ -856,8 +882,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--local-task-kind",
         default="perplexity",
-        choices=["perplexity", "multiple_choice"],
-        help="perplexity: lines {text}; multiple_choice: lines {context, choices, label}",
+        choices=["perplexity", "multiple_choice", "exact_match"],
+        help="perplexity: lines {text}; multiple_choice: lines {context, choices, label}; "
+        "exact_match: instruction records ({input, target}, alpaca, chat), greedy answers",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=16,
+        help="exact_match: most tokens generated per answer (the answer ends at EOS or a newline)",
     )
     p.add_argument(
         "--limit", type=float, default=None, help="harness: documents per task (or a fraction)"

@@ -366,19 +366,34 @@ class EvalConfig:
     )
     tasks: list[str] = doc(
         [],
-        "Downstream tasks scored at every validation (TensorBoard eval/<task>/acc and acc_norm, metrics.jsonl): "
-        'local multiple-choice JSON-lines files, lines {"context": ..., "choices": [...], "label": i}, each '
-        "named after its file, scored exactly as `orchestrator evaluate --local-task FILE --local-task-kind "
-        "multiple_choice` scores it (orchestrator/training/downstream.py). Checked before the run starts.",
+        "Downstream tasks scored at every validation (TensorBoard eval/<task>/<metric>, metrics.jsonl), each "
+        "a local JSON-lines file named after it, its kind read from its first line: multiple choice, lines "
+        '{"context": ..., "choices": [...], "label": i} (acc, acc_norm), or exact match, instruction records '
+        '({"input": ..., "target": ...}, alpaca or chat, as data/instructions.py reads them; exact_match: greedy '
+        "answers of up to eval.max_new_tokens tokens, cut at EOS and the first newline, stripped, against the "
+        "stripped first response). Scored exactly as `orchestrator evaluate --local-task FILE --local-task-kind "
+        "multiple_choice|exact_match` scores it (orchestrator/training/downstream.py). Checked before the run "
+        "starts.",
     )
     task_limit: int = doc(
         0,
         "Examples scored of each eval.tasks file: its first N (0 = all), as evaluate's --limit N.",
     )
+    max_new_tokens: int = doc(
+        16,
+        "Tokens generated per exact-match example of eval.tasks (every rank runs this many forward passes per "
+        "example, whatever it generates: the answer is cut at EOS and the first newline afterwards), as "
+        "`orchestrator evaluate --local-task-kind exact_match --max-new-tokens N`; at most model.max_seq_len - 2.",
+    )
 
     def validate(self) -> None:
         if self.task_limit < 0:
             raise ConfigError(f"eval.task_limit must be >= 0 (0 = all), got {self.task_limit}")
+        if isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 1:
+            raise ConfigError(
+                f"eval.max_new_tokens must be >= 1 (tokens generated per exact-match answer), got "
+                f"{self.max_new_tokens}"
+            )
         names: dict[str, str] = {}
         for path in self.tasks:
             if not isinstance(path, str) or not path.strip():

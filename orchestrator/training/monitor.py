@@ -9,8 +9,9 @@ collectives some numbers need. TensorBoard scalar names (all indexed by optimize
   train/z_loss (model.z_loss > 0: the z-loss term of the step's loss, mean over ranks; also
       `z_loss` in the step's metrics.jsonl record at log steps),
   val/loss, val/perplexity,
-  eval/<task>/acc, eval/<task>/acc_norm (eval.tasks: downstream multiple-choice tasks, scored right
-      after every validation; orchestrator/training/downstream.py),
+  eval/<task>/acc, eval/<task>/acc_norm, eval/<task>/exact_match (eval.tasks: downstream
+      multiple-choice and exact-match tasks, scored right after every validation;
+      orchestrator/training/downstream.py),
   perf/mfu (when the device's peak is known: logging.peak_tflops or
       orchestrator.devices.DEVICE_PEAK_FLOPS),
   perf/tflops_per_device (achieved model TFLOP/s per device: models.flops training FLOPs per token),
@@ -26,7 +27,7 @@ TensorBoard text: `config` (the resolved config, at the first step of every (re)
 metrics.jsonl (beside tensorboard/ in the run dir) holds one JSON object per line: one per optimizer
 step (step, loss, lr, grad_norm, tokens_seen, time, and at log steps the perf/memory figures and
 eta_seconds), one per validation (val_loss, val_perplexity, tokens_seen), one per downstream
-evaluation right after it ({"step": s, "eval": {"<task>/acc": ..., "<task>/acc_norm": ...},
+evaluation right after it ({"step": s, "eval": {"<task>/acc": ..., "<task>/exact_match": ...},
 "tokens_seen": n}: the TensorBoard names without `eval/`), one per sample generation,
 checkpoint, bad step, rollback and epoch end.
 """

@@ -4,6 +4,7 @@ exported model with local tasks (no download), checked against our own model's l
 import functools
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -161,8 +162,40 @@ def test_local_task_files_are_checked(tmp_path):
         write_local_task(tmp_path / "t", "bad", bad, "perplexity")
     with pytest.raises(ValueError, match="multiple-choice task needs"):
         write_local_task(tmp_path / "t", "bad", bad, "multiple_choice")
+    with pytest.raises(
+        ValueError, match=r"bad.jsonl, line 1: no instruction record \(unknown_format"
+    ):
+        write_local_task(tmp_path / "t", "bad", bad, "exact_match")
     with pytest.raises(FileNotFoundError):
         write_local_task(tmp_path / "t", "x", tmp_path / "missing.jsonl")
+    with pytest.raises(ValueError, match="use perplexity, multiple_choice or exact_match"):
+        write_local_task(tmp_path / "t", "bad", bad, "generation")
+
+
+def test_an_exact_match_task_is_a_generate_until_task(tmp_path):
+    """The YAML `--local-task-kind exact_match` writes, and the normalised records it reads."""
+    import yaml
+
+    records = tmp_path / "qa.jsonl"
+    rows = [{"input": "Q: 2 + 2?\nA:", "target": " 4\n"}, {"instruction": "Say [1, 2].", "output": "[1, 2]"},
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " hello "}]}]  # fmt: skip
+    records.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    task = yaml.safe_load(
+        write_local_task(tmp_path / "t", "qa", records, "exact_match", 7).read_text()
+    )
+    assert task["output_type"] == "generate_until" and task["target_delimiter"] == ""
+    assert task["doc_to_text"] == "input" and task["doc_to_target"] == "target"
+    assert task["generation_kwargs"] == {"until": ["\n"], "do_sample": False, "max_gen_toks": 7}
+    strip = [{"function": "remove_whitespace"}, {"function": "take_first"}]  # str.strip, then one
+    assert task["filter_list"] == [{"name": "strip", "filter": strip}]
+    assert [m["metric"] for m in task["metric_list"]] == ["exact_match"]
+    data = task["dataset_kwargs"]["data_files"]["test"]
+    assert data == str((tmp_path / "t" / "qa.prompts.jsonl").resolve())
+    assert [json.loads(x) for x in Path(data).read_text().splitlines()] == [
+        {"input": "Q: 2 + 2?\nA:", "target": "4"},
+        {"input": "Say [1, 2].\n\n", "target": "[1, 2]"},
+        {"input": "user: hi\nassistant:", "target": "hello"},
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,7 +310,8 @@ def test_harness_tasks_on_an_encoder_decoder_checkpoint(tmp_path, monkeypatch, c
         correct += max(range(len(scores)), key=scores.__getitem__) == item["label"]
     assert results["sample_capitals"]["acc,none"] == pytest.approx(correct / len(items))
 
-    # Generation tasks (exact match): greedy, cut at the stop sequences.
+    # Generation tasks (exact match): greedy, the continuation decoded alone (as the hf model
+    # decodes it), cut at the stop sequences.
     from types import SimpleNamespace
 
     from orchestrator.tools.generate import generate
@@ -288,8 +322,16 @@ def test_harness_tasks_on_an_encoder_decoder_checkpoint(tmp_path, monkeypatch, c
     new = generate(model, torch.tensor([ids]), 6, temperature=0, eos_id=2, vocab_limit=400)
     new = new[0, len(ids) :].tolist()
     new = new[: new.index(2)] if 2 in new else new
-    expected = tok.decode(ids + new)[len(tok.decode(ids)) :].split("\n")[0]
+    expected = tok.decode(new).split("\n")[0]
     assert lm.generate_until([request]) == [expected]
+    # A prompt longer than the window leaves room for: its first tokens dropped, as the hf model does.
+    long = " ".join(["The capital of"] * 40)
+    request = SimpleNamespace(args=(long, {"until": ["\n"], "max_gen_toks": 6}))
+    ids = tok.encode(long, bos=True)[-(64 - 6) :]
+    new = generate(model, torch.tensor([ids]), 6, temperature=0, eos_id=2, vocab_limit=400)
+    new = new[0, len(ids) :].tolist()
+    new = new[: new.index(2)] if 2 in new else new
+    assert lm.generate_until([request]) == [tok.decode(new).split("\n")[0]]
     # Rolling perplexity needs an empty encoder: refused, naming the alternative.
     mine = tmp_path / "mine.jsonl"
     mine.write_text(json.dumps({"text": DOCS[0]}) + "\n")

@@ -1,15 +1,16 @@
 """Downstream tasks during training (eval.tasks, orchestrator/training/downstream.py): real 2-process
 runs whose in-loop accuracies at the last step are exactly what `orchestrator evaluate --checkpoint
 <that checkpoint> --local-task FILE --local-task-kind multiple_choice` (lm-evaluation-harness)
-reports, for both families; logged to metrics.jsonl and TensorBoard; bad task files refused before
-anything starts."""
+reports, and whose exact match is exactly `exact_match` on that checkpoint (orchestrator/tools/
+evaluate.py: what `--local-task-kind exact_match` scores), for both families; logged to
+metrics.jsonl and TensorBoard; bad task files refused before anything starts."""
 
 import json
 
 import pytest
 
 from orchestrator.cli import main as cli_main
-from orchestrator.tools.evaluate import write_sample_tasks
+from orchestrator.tools.evaluate import exact_match, write_sample_tasks
 from tests.training import TINY, data_args, train
 
 pytestmark = pytest.mark.slow
@@ -25,6 +26,18 @@ MINE = [
 ]
 
 
+# Exact match: instruction records of every format, an odd count (the ranks generate for 3 and 2
+# examples: the second rank pads with a copy); their targets are set from the starting model.
+QUESTIONS = [
+    {"input": "The capital of Norvania is", "target": "?"},
+    {"instruction": "Name a river.", "output": "?"},
+    {"instruction": "Add the numbers.", "input": "17 + 25", "output": "?"},
+    {"messages": [{"role": "user", "content": "Once upon a time"}, {"role": "assistant", "content": "?"}]},
+    {"input": "def add(a, b):\n", "target": "?"},
+]  # fmt: skip
+NEW_TOKENS = 5  # eval.max_new_tokens and exact_match's max_new_tokens
+
+
 def _tasks(tmp_path, with_empty_context=True):
     tasks_dir = tmp_path / "tasks"
     write_sample_tasks(tasks_dir)
@@ -32,6 +45,35 @@ def _tasks(tmp_path, with_empty_context=True):
     docs = MINE if with_empty_context else MINE[:-1]
     mine.write_text("".join(json.dumps(d) + "\n" for d in docs))
     return [tasks_dir / "sample_capitals.jsonl", mine]
+
+
+def _starting_point(sample_data, tmp_path, *model_args):
+    """A random model's checkpoint (the run starts from it: checkpoint.init_from) and an
+    exact-match task whose targets are that model's own answers for some questions, so that the
+    in-loop score at step 0 is known and not 0: (checkpoint, task file, that score)."""
+    from orchestrator.config import load_config
+    from tests.hf_helpers import random_model, write_checkpoint
+
+    cfg = load_config([*TINY, *data_args(sample_data), *model_args])
+    init = write_checkpoint(tmp_path / "init", random_model(cfg.model, seed=3), sample_data[1])
+    probe = tmp_path / "probe.jsonl"
+    probe.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    answers = [
+        p["answer"] for p in exact_match(init, probe, max_new_tokens=NEW_TOKENS)["predictions"]
+    ]
+    right = [bool(a) and i != 1 for i, a in enumerate(answers)]  # one never right
+    assert sum(right) >= 2, answers
+    questions = tmp_path / "questions.jsonl"
+    with questions.open("w") as f:
+        for question, answer, ok in zip(QUESTIONS, answers, right, strict=True):
+            question = json.loads(json.dumps(question))
+            target = f" {answer} " if ok else "never generated"  # stripped before comparing
+            if "messages" in question:
+                question["messages"][-1]["content"] = target
+            else:
+                question["output" if "output" in question else "target"] = target
+            f.write(json.dumps(question) + "\n")
+    return init, questions, sum(right) / len(QUESTIONS)
 
 
 def _records(run_dir):
@@ -54,19 +96,35 @@ def _evaluate(run_dir, task_file, tmp_path, monkeypatch, limit=None):
     return {k.split(",")[0]: v for k, v in results.items() if "," in k and "_stderr" not in k}
 
 
-def _check_run(run_dir, proc, task_files, tmp_path, monkeypatch, steps, limit=None):
+def _check_run(
+    run_dir,
+    proc,
+    task_files,
+    tmp_path,
+    monkeypatch,
+    steps,
+    limit=None,
+    questions=None,
+    at_init=None,
+):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     evals = [r for r in _records(run_dir) if "eval" in r]
     assert [r["step"] for r in evals] == steps
     final = evals[-1]["eval"]
     names = ["sample_capitals", "my_task"]
-    assert set(final) == {f"{n}/{m}" for n in names for m in ("acc", "acc_norm")}
+    assert set(final) == {f"{n}/{m}" for n in names for m in ("acc", "acc_norm")} | {
+        "questions/exact_match"
+    }
     # The same numbers as `orchestrator evaluate` on the final checkpoint, exactly.
     for name, task_file in zip(names, task_files, strict=True):
         expected = _evaluate(run_dir, task_file, tmp_path, monkeypatch, limit)
         assert expected.keys() == {"acc", "acc_norm"}
         assert {m: final[f"{name}/{m}"] for m in expected} == expected, name
+    # Exact match: exact_match's on the final checkpoint, and at step 0 on the starting weights.
+    expected = exact_match(run_dir, questions, limit=limit or 0, max_new_tokens=NEW_TOKENS)
+    assert final["questions/exact_match"] == expected["accuracy"]
+    assert evals[0]["eval"]["questions/exact_match"] == at_init
     # TensorBoard: eval/<task>/<metric> at every validation, equal to the records.
     acc = EventAccumulator(str(run_dir / "tensorboard"))
     acc.Reload()
@@ -82,12 +140,15 @@ def test_in_loop_tasks_equal_orchestrator_evaluate(sample_data, tmp_path, monkey
     """The decoder, DDP: at eval.at_start (step 0), every eval.interval and the last step."""
     pytest.importorskip("lm_eval")
     task_files = _tasks(tmp_path)
+    init, questions, at_init = _starting_point(sample_data, tmp_path)
     run_dir = tmp_path / "run"
     proc = train(
         run_dir, sample_data, "--train.max_steps", "2", "--eval.interval", "2",
-        "--eval.tasks", "[" + ", ".join(str(p) for p in task_files) + "]",
+        "--checkpoint.init_from", str(init), "--eval.max_new_tokens", str(NEW_TOKENS),
+        "--eval.tasks", "[" + ", ".join(str(p) for p in [*task_files, questions]) + "]",
     )  # fmt: skip
-    final = _check_run(run_dir, proc, task_files, tmp_path, monkeypatch, steps=[0, 2])
+    final = _check_run(run_dir, proc, task_files, tmp_path, monkeypatch, steps=[0, 2],
+                       questions=questions, at_init=at_init)  # fmt: skip
     assert all(0 <= v <= 1 for v in final.values())
     # The record beside the validation loss of the same step.
     records = _records(run_dir)
@@ -98,17 +159,21 @@ def test_in_loop_tasks_equal_orchestrator_evaluate(sample_data, tmp_path, monkey
 
 def test_in_loop_tasks_of_an_encoder_decoder_under_fsdp(sample_data, tmp_path, monkeypatch):
     """The encoder-decoder (scored by `orchestrator evaluate` in process: no HF export), FSDP2
-    (uneven forward counts per rank), eval.task_limit as evaluate's --limit."""
+    (uneven forward counts per rank; generation steps that run the decoder alone after the
+    multiple-choice passes that run both stacks), eval.task_limit as evaluate's --limit."""
     pytest.importorskip("lm_eval")
     task_files = _tasks(tmp_path, with_empty_context=False)  # its encoder needs a context
+    encdec = ["--model.arch", "encoder_decoder", "--model.tie_embeddings", "true"]
+    init, questions, at_init = _starting_point(sample_data, tmp_path, *encdec)
     run_dir = tmp_path / "run"
     proc = train(
-        run_dir, sample_data, "--train.max_steps", "2", "--eval.interval", "2",
-        "--eval.at_start", "false", "--model.arch", "encoder_decoder", "--model.tie_embeddings", "true",
-        "--strategy.name", "fsdp", "--eval.task_limit", "7",
-        "--eval.tasks", "[" + ", ".join(str(p) for p in task_files) + "]",
+        run_dir, sample_data, "--train.max_steps", "2", "--eval.interval", "2", *encdec,
+        "--strategy.name", "fsdp", "--eval.task_limit", "7", "--checkpoint.init_from", str(init),
+        "--eval.max_new_tokens", str(NEW_TOKENS),
+        "--eval.tasks", "[" + ", ".join(str(p) for p in [*task_files, questions]) + "]",
     )  # fmt: skip
-    _check_run(run_dir, proc, task_files, tmp_path, monkeypatch, steps=[2], limit=7)
+    _check_run(run_dir, proc, task_files, tmp_path, monkeypatch, steps=[0, 2], limit=7,
+               questions=questions, at_init=at_init)  # fmt: skip
 
 
 def test_tokenisation_is_the_harness(sample_data):
@@ -165,6 +230,22 @@ def test_bad_task_files_are_config_errors_before_anything_starts(sample_data, tm
     perplexity = tmp_path / "docs.jsonl"
     perplexity.write_text(json.dumps({"text": "a document"}) + "\n")
     assert "perplexity document" in refused([perplexity])
+    # Neither kind: named with the file and the line its kind is read from.
+    neither = tmp_path / "neither.jsonl"
+    neither.write_text("\n" + json.dumps({"question": "?", "answer": "!"}) + "\n")
+    err = refused([neither])
+    assert f"{neither}, line 2: ['answer', 'question'] is neither kind of task" in err
+    # An exact-match file (its kind from the first record) with a bad record further down.
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text(json.dumps(QUESTIONS[0]) + "\n" + json.dumps({"input": "x"}) + "\n")
+    assert f"{questions}, line 2: no instruction record (unknown_format" in refused([questions])
+    questions.write_text(
+        json.dumps(QUESTIONS[1]) + "\n" + json.dumps({**QUESTIONS[1], "output": " "})
+    )
+    assert f"{questions}, line 2: no instruction record (empty_response" in refused([questions])
+    # Generated tokens that leave no room for a prompt in the window.
+    questions.write_text(json.dumps(QUESTIONS[0]) + "\n")
+    assert "eval.max_new_tokens <= 62" in refused([questions], "--eval.max_new_tokens", "63")
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(MINE[0]) + "\n" + json.dumps({**MINE[0], "label": 3}) + "\n")
     assert f"{bad}, line 2: label 3" in refused([bad])
@@ -179,6 +260,8 @@ def test_bad_task_files_are_config_errors_before_anything_starts(sample_data, tm
     empty.write_text(json.dumps(MINE[-1]) + "\n")
     encdec = ["--model.arch", "encoder_decoder", "--model.tie_embeddings", "true"]
     assert "non-empty context" in refused([empty], *encdec)
+    questions.write_text(json.dumps({"input": "", "target": "x"}) + "\n")  # [BOS] alone
+    assert f"{questions}, example 1: an empty prompt" in refused([questions], *encdec)
     # Two files of the same name would be the same task.
     (tmp_path / "a").mkdir()
     assert "rename one" in refused([bad, tmp_path / "a" / "bad.jsonl"])
