@@ -62,7 +62,7 @@ COPY data data
 COPY configs configs
 COPY cluster cluster
 RUN pip install --no-deps -e . \
- && python -c "import torch, lightning, deepspeed, litdata, orchestrator.train; print('orchestrator image ok: torch', torch.__version__, 'CUDA', torch.version.cuda)"
+ && python -c "import torch, lightning_fabric, deepspeed, litdata, orchestrator.train; print('orchestrator image ok: torch', torch.__version__, 'CUDA', torch.version.cuda)"
 
 # `docker run IMAGE train ...`. Slurm container runtimes (pyxis/enroot, Apptainer) ignore the
 # entrypoint and run the command given to srun, e.g. `python -m orchestrator train ...`.

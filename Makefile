@@ -13,13 +13,13 @@ setup: $(STAMP)
 
 # DS_BUILD_OPS=0: DeepSpeed's ops are JIT-built on first use instead of at install time.
 # torchvision is removed after install: litdata pulls a CUDA build of it that does not match
-# the CPU torch and breaks `import lightning` (operator torchvision::nms does not exist).
+# the CPU torch and breaks any import of it (operator torchvision::nms does not exist).
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	DS_BUILD_OPS=0 $(PIP) install -q -c constraints.txt -e ".[dev]"
 	-$(PIP) uninstall -y -q torchvision
-	$(PY) -c "import torch, lightning, litdata, deepspeed, sentencepiece, tensorboard; print('environment ok: torch', torch.__version__)"
+	$(PY) -c "import torch, lightning_fabric, litdata, deepspeed, sentencepiece, tensorboard; print('environment ok: torch', torch.__version__)"
 	touch $(STAMP)
 
 # Sample corpus (SlimPajama layout) -> sentencepiece tokenizer -> litdata token chunks.

@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
-from lightning.fabric import Fabric  # noqa: E402
+from lightning_fabric import Fabric  # noqa: E402
 
 from models.llama import Llama  # noqa: E402
 from orchestrator.checkpoint.checkpointer import Checkpointer  # noqa: E402

@@ -457,7 +457,8 @@ def versions() -> dict[str, str | None]:
     for pkg in (
         "transformers",
         "litgpt",
-        "lightning",
+        "lightning",  # the GPU machine's (lightning.fabric is lightning_fabric there too)
+        "lightning-fabric",
         "flash-attn",
         "xformers",
         "liger-kernel",

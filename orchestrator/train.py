@@ -25,7 +25,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
-from lightning.fabric import Fabric
+from lightning_fabric import Fabric
 
 from data.documents import DocumentBoundary
 from data.loader import source_samples

@@ -36,9 +36,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from lightning.fabric import Fabric
-from lightning.fabric.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
-from lightning.fabric.wrappers import _unwrap_objects
+from lightning_fabric import Fabric
+from lightning_fabric.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+from lightning_fabric.wrappers import _unwrap_objects
 
 from orchestrator.checkpoint.consolidate import load_model_state
 from orchestrator.checkpoint.files import (

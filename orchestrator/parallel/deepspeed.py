@@ -26,10 +26,10 @@ import warnings
 from typing import Any
 
 import torch
-from lightning.fabric.accelerators import CUDAAccelerator
-from lightning.fabric.strategies import DDPStrategy, DeepSpeedStrategy
-from lightning.fabric.strategies.strategy import _BackwardSyncControl
-from lightning.fabric.utilities.seed import reset_seed
+from lightning_fabric.accelerators import CUDAAccelerator
+from lightning_fabric.strategies import DDPStrategy, DeepSpeedStrategy
+from lightning_fabric.strategies.strategy import _BackwardSyncControl
+from lightning_fabric.utilities.seed import reset_seed
 from torch import nn
 
 from orchestrator.config import Config

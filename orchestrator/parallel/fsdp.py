@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.strategies import ModelParallelStrategy
-from lightning.fabric.strategies.model_parallel import _has_dtensor_modules
-from lightning.fabric.utilities.load import _METADATA_FILENAME
-from lightning.fabric.utilities.types import _Stateful
+from lightning_fabric.strategies import ModelParallelStrategy
+from lightning_fabric.strategies.model_parallel import _has_dtensor_modules
+from lightning_fabric.utilities.load import _METADATA_FILENAME
+from lightning_fabric.utilities.types import _Stateful
 from torch import nn
 from torch.distributed.checkpoint import async_save
 from torch.distributed.checkpoint.state_dict import (

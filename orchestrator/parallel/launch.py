@@ -24,8 +24,8 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
-from lightning.fabric import Fabric
-from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning_fabric import Fabric
+from lightning_fabric.plugins.environments import SLURMEnvironment
 
 from orchestrator.devices import apply_matmul_precision
 from orchestrator.parallel.strategy import build_strategy

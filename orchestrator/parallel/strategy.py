@@ -18,9 +18,9 @@ from datetime import timedelta
 from typing import Any
 
 import torch
-from lightning.fabric.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
-from lightning.fabric.strategies.model_parallel import _has_dtensor_modules, _load_raw_module_state
-from lightning.fabric.wrappers import _unwrap_objects
+from lightning_fabric.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+from lightning_fabric.strategies.model_parallel import _has_dtensor_modules, _load_raw_module_state
+from lightning_fabric.wrappers import _unwrap_objects
 from torch import nn
 
 from orchestrator.config import Config

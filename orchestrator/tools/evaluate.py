@@ -129,7 +129,10 @@ def evaluate_checkpoint(
     """Loss and perplexity of a checkpoint (or a run dir: its latest) on a prepared split.
 
     `data`: an `orchestrator prepare` output (its `split`/ is read) or a split dir; default: the
-    validation split the run was configured with. `max_batches` 0 reads the whole split."""
+    validation split the run was configured with. `max_batches` 0 reads the whole split. Read as
+    the run's validation reads it: instruction data (`prepare --format instruction`) over its
+    response targets only, and with data.document_mask (or instruction data) each document on
+    its own; `tokens` counts the targets the loss is over."""
     # imported on use: preflight loads the checkpointer, hence lightning (seconds)
     from orchestrator.training.preflight import check_datasets_match_tokenizer
 
@@ -149,6 +152,7 @@ def evaluate_checkpoint(
         raise ValueError(
             f"--seq-len {T} must be in 1..{cfg.model.max_seq_len} (the model's context)"
         )
+    instruction, documents = split_reading(cfg, split_dir)
     loader = make_dataloader(
         split_dir, seq_len=T, batch_size=batch_size, shuffle=False, seed=0, drop_last=False
     )
@@ -158,14 +162,20 @@ def evaluate_checkpoint(
         for i, batch in enumerate(loader):
             if max_batches and i >= max_batches:
                 break
-            batch = batch.to(dev).long()  # (B, T+1)
+            batch = batch.long()  # (B, T+1), as stored (instruction data: loss flags)
+            sequences += batch.shape[0]
+            if instruction or documents is not None:  # decoded and packed as validation does
+                loss, count = packed_loss(model, cfg, batch, documents, instruction, dev)
+                total_loss += loss * count
+                tokens += count
+                continue
+            batch = batch.to(dev)
             logits = model(batch[:, :-1])  # (B, T, V); the encoder-decoder: (B, T-P, V)
             targets = batch[:, batch.shape[1] - logits.shape[1] :]  # the tokens they predict
             total_loss += float(
                 F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
             )
             tokens += targets.numel()
-            sequences += batch.shape[0]
     if tokens == 0:
         raise ValueError(f"{split_dir} holds no sequence of {T + 1} tokens: lower --seq-len")
     loss = total_loss / tokens
@@ -187,6 +197,47 @@ def evaluate_checkpoint(
         "seq_len": T,
         "seconds": time.perf_counter() - started,
     }
+
+
+def split_reading(cfg, split_dir: Path) -> tuple[bool, Any]:
+    """How validation reads a prepared split for this checkpoint's config: (instruction data?,
+    its DocumentBoundary when the run masked documents or the data is instruction data, else
+    None), from the prepare_stats.json beside it."""
+    from data.documents import DocumentBoundary, read_prepare_stats
+
+    stats = read_prepare_stats(split_dir) or {}
+    instruction = stats.get("format", "text") == "instruction"
+    if not (instruction or cfg.data.document_mask):
+        return False, None
+    if not stats:
+        raise ValueError(
+            f"{split_dir}: the checkpoint was trained with data.document_mask=true, which needs the "
+            "prepare_stats.json beside the split (where documents start): score the prepare's output"
+        )
+    return instruction, DocumentBoundary.from_stats(stats)
+
+
+def packed_loss(
+    model: LanguageModel, cfg, batch: torch.Tensor, documents, instruction: bool, dev
+) -> tuple[float, int]:
+    """(mean loss, targets it is over) of a (B, T+1) stored batch read as validation reads it:
+    instruction data decoded (the responses' targets only), documents kept apart, the
+    encoder-decoder's examples or prefix split packed (orchestrator/training/data.py)."""
+    from models.kernels import IGNORE_INDEX
+    from orchestrator.training.data import model_batch, packing_arguments
+
+    inputs, targets, count = model_batch(batch, instruction)
+    packing = packing_arguments(cfg.model.arch, inputs, targets, documents, instruction)
+    if cfg.model.arch == "encoder_decoder" and not instruction:  # the decoder's targets
+        P = cfg.model.encoder_tokens(inputs.shape[1])
+        count = targets[:, P:].numel()
+    elif not instruction:
+        count = int((targets != IGNORE_INDEX).sum())
+    if count == 0:  # a batch without a response target adds nothing
+        return 0.0, 0
+    packing = {k: v.to(dev) for k, v in packing.items()}
+    loss = model(inputs.to(dev), targets=targets.to(dev), **packing)  # eval mode: plain CE
+    return float(loss), count
 
 
 # --------------------------------------------------------------------------------------------

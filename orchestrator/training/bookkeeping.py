@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from lightning.fabric import Fabric
+from lightning_fabric import Fabric
 
 from orchestrator.parallel.slurm import StopSignals
 from orchestrator.training.epochs import EpochTracker

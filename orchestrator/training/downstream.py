@@ -67,7 +67,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric import Fabric
+from lightning_fabric import Fabric
 
 from data.instructions import FORMATS, detect_format
 from data.tokenizer import Tokenizer

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from lightning.fabric import Fabric
+from lightning_fabric import Fabric
 
 from orchestrator.parallel.launch import gather_object
 

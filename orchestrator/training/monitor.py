@@ -50,8 +50,8 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from lightning.fabric import Fabric
-from lightning.fabric.loggers import TensorBoardLogger
+from lightning_fabric import Fabric
+from lightning_fabric.loggers import TensorBoardLogger
 from torch.distributed.tensor import DTensor
 
 from data.tokenizer import Tokenizer

@@ -4,7 +4,7 @@ every eval.interval steps, at the last step, and (eval.at_start) before the firs
 from __future__ import annotations
 
 import torch
-from lightning.fabric import Fabric
+from lightning_fabric import Fabric
 
 from data.documents import DocumentBoundary
 from data.loader import make_dataloader, resolve_split

@@ -214,3 +214,32 @@ def test_response_split_starts_the_decoder_at_each_examples_first_counted_target
     split = response_split(counted, docs)
     assert split.int().tolist() == [[0, 0, 1, 1, 1, 1, 1, 0, 0, 1, 1]]
     assert response_split(counted).int().tolist() == [[0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1]]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("attention", ["flash_attn", "sdpa"])
+def test_packed_encoder_decoder_kernels_match_eager_on_gpu(attention):
+    """Packed examples on CUDA under bf16 autocast, each kernel (`flash_attn`: the decoder's
+    self-attention through the varlen kernel; the encoder and cross-attention through SDPA's masked
+    kernel) with the best other kernels, against the all-eager model in float64."""
+    import dataclasses
+
+    from models import kernels
+
+    problem = kernels.why_not("attention", attention, "cuda", torch.bfloat16)
+    if problem is not None:
+        pytest.skip(problem)
+    fast = make_model(attention=attention, d_model=256, ffn_hidden=688).cuda()
+    eager_fields = dict(attention="eager", rmsnorm_kernel="eager", swiglu_kernel="eager",
+                        rope_kernel="eager", loss_kernel="cross_entropy")  # fmt: skip
+    ref = EncoderDecoder(dataclasses.replace(fast.cfg, **eager_fields)).double().eval()
+    ref.load_state_dict(fast.state_dict())
+    rows = [row(example(5, 4, 1), example(7, 3, 2)), row(example(3, 6, 3), example(9, 2, 4))]
+    rows = [tuple(t[:, :22] for t in r) for r in rows]
+    ids, mask, docs, targets = (torch.cat(ts) for ts in zip(*rows, strict=True))
+    with torch.no_grad():
+        want = ref(ids, doc_ids=docs, decoder_mask=mask)[mask]
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            got = fast(ids.cuda(), doc_ids=docs.cuda(), decoder_mask=mask.cuda())[mask.cuda()]
+    err = ((got.double().cpu() - want).norm() / want.norm()).item()
+    assert err <= 0.05, err

@@ -8,7 +8,7 @@ Why torch >= 2.6 (none of these is in 2.4; the first two are not in 2.5):
   * torch.distributed.tensor.DTensor as a public module (2.5; orchestrator/training/monitor.py);
   * torch.utils.checkpoint.create_selective_checkpoint_contexts, torch.get_autocast_dtype(device),
     fused AdamW on CPU tensors (2.4).
-Why lightning >= 2.6.1: Fabric.load(..., weights_only=) (orchestrator/checkpoint/checkpointer.py).
+Why lightning-fabric >= 2.6.1: Fabric.load(..., weights_only=) (orchestrator/checkpoint/checkpointer.py).
 """
 
 from __future__ import annotations
@@ -36,12 +36,13 @@ def floor(requirements: list[str], package: str) -> tuple[int, ...]:
 
 
 def test_installed_torch_and_lightning_satisfy_the_declared_floors():
-    import lightning
+    import lightning_fabric
 
     deps = PYPROJECT["dependencies"]
     assert floor(deps, "torch") == (2, 6)
     assert release(torch.__version__) >= floor(deps, "torch"), torch.__version__
-    assert release(lightning.__version__) >= floor(deps, "lightning"), lightning.__version__
+    fabric = release(lightning_fabric.__version__)
+    assert fabric >= floor(deps, "lightning-fabric"), lightning_fabric.__version__
 
 
 def test_docker_base_image_is_inside_the_supported_range():
@@ -72,7 +73,7 @@ def test_fsdp2_import_path():
 
 
 def test_apis_that_set_the_floor_exist(tmp_path):
-    from lightning.fabric import Fabric
+    from lightning_fabric import Fabric
     from torch.distributed.tensor import DTensor  # noqa: F401
     from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts  # noqa: F401
 

@@ -14,23 +14,12 @@ from orchestrator.training.data import document_boundaries
 from tests.training import step_records, train
 
 
-def test_document_mask_is_off_by_default_and_refused_for_the_encoder_decoder():
+def test_document_mask_is_off_by_default_and_taken_by_both_families():
     assert load_config(["--model.name", "tiny"]).data.document_mask is False
     assert load_config(["--model.name", "tiny", "--data.document_mask", "true"]).data.document_mask
-    with pytest.raises(
-        ConfigError,
-        match=r"data\.document_mask=true is not supported with model\.arch=encoder_decoder",
-    ):
-        load_config(
-            [
-                "--model.name",
-                "tiny",
-                "--model.arch",
-                "encoder_decoder",
-                "--data.document_mask",
-                "true",
-            ]
-        )
+    # The encoder-decoder keeps its prefix split and keeps documents apart (models/encdec.py).
+    cfg = load_config(["--model.name", "redllm-tiny", "--data.document_mask", "true"])
+    assert cfg.data.document_mask and cfg.model.arch == "encoder_decoder"
 
 
 def _prepared(root, separator, bos=1, eos=2):

@@ -9,7 +9,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from lightning.fabric import Fabric
+from lightning_fabric import Fabric
 
 from orchestrator.checkpoint import checkpointer as checkpointer_mod
 from orchestrator.checkpoint.checkpointer import Checkpointer, write_weights_checkpoint

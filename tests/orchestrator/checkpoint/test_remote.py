@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from lightning.fabric import Fabric
+from lightning_fabric import Fabric
 
 from data.storage import ObjectStore, StorageError
 from orchestrator.checkpoint.checkpointer import Checkpointer

@@ -267,6 +267,25 @@ def test_instruction_training_runs_and_resumes_bitwise(arch, instruction_data, t
     summary = json.loads((straight / "summary.json").read_text())
     assert 0 < summary["final_val_loss"] < 10
 
+    # `orchestrator evaluate --checkpoint` reads instruction data as validation does: the loss
+    # over the responses' targets, examples apart (the encoder-decoder: prompts encoded).
+    from data.loader import make_dataloader
+    from orchestrator.tools.evaluate import evaluate_checkpoint
+    from orchestrator.tools.hf import load_model
+
+    result = evaluate_checkpoint(straight, data=tokens, batch_size=4, max_batches=2)
+    model, _ = load_model(straight)
+    loader = make_dataloader(
+        tokens / "val", seq_len=result["seq_len"], batch_size=4, shuffle=False, seed=0
+    )
+    total = counted = 0
+    for _, block in zip(range(2), loader):
+        inputs, targets, n = model_batch(block.long(), instruction=True)
+        total += float(loss_of(model, inputs, targets)) * n
+        counted += n
+    assert result["tokens"] == counted > 0
+    assert result["loss"] == pytest.approx(total / counted, rel=1e-6)
+
     # The step-2 checkpoint in a new run directory: steps 3 and 4 again, bitwise.
     resumed = tmp_path / "resumed"
     shutil.copytree(
