@@ -224,6 +224,9 @@ FINETUNE_OVERRIDES = [
 ]  # fmt: skip
 
 
+DEMO_ANSWER_TOKENS = 8  # generated per held-out question (the answers are 1-4 tokens)
+
+
 def finetune_demo(
     args: argparse.Namespace, tokens: Path, tokenizer: Path, model: list[str], rest: list[str]
 ) -> int:
@@ -253,7 +256,9 @@ def finetune_demo(
     print_prepare_stats(stats, instr_tokens)
 
     def accuracy(checkpoint: Path, label: str) -> dict:
-        result = exact_match(checkpoint, heldout, tokenizer=tokenizer, max_new_tokens=8)
+        result = exact_match(
+            checkpoint, heldout, tokenizer=tokenizer, max_new_tokens=DEMO_ANSWER_TOKENS
+        )
         print(
             f"{label}: exact match {result['correct']}/{result['total']} = "
             f"{result['accuracy']:.1%} on held-out questions ({checkpoint})",
@@ -266,6 +271,9 @@ def finetune_demo(
         [
             "--data.dir", str(instr_tokens), "--data.tokenizer", str(tokenizer),
             "--run.dir", args.finetune_dir, "--checkpoint.init_from", str(pretrained),
+            # the held-out questions scored in the loop too (eval/heldout/exact_match)
+            "--eval.tasks", json.dumps([str(Path(heldout).resolve())]),
+            "--eval.max_new_tokens", str(DEMO_ANSWER_TOKENS),
             *model, *FINETUNE_OVERRIDES, *rest,
         ]
     )  # fmt: skip
