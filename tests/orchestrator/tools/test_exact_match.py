@@ -46,13 +46,15 @@ def test_demo_finetune_prepares_questions_and_reports_before_and_after(
     monkeypatch.setattr(cli, "prepare_sample", lambda out: (out / "tokens", sp_model))
     calls = []
 
-    def fake_train(overrides):  # stands in for the 2-process finetuning: copies the checkpoint
+    def fake_train(overrides):  # stands in for the 2-process runs: finetuning copies the checkpoint
         calls.append(overrides)
-        shutil.copytree(pretrained, finetune_dir / "checkpoints" / pretrained.name)
+        if "--checkpoint.init_from" in overrides:
+            shutil.copytree(pretrained, finetune_dir / "checkpoints" / pretrained.name)
         return 0
 
     monkeypatch.setattr(cli, "_train_quickstart", fake_train)
     argv = ["demo", "--finetune", "--data-dir", str(data_dir), "--run-dir", str(tmp_path / "demo")]
+    argv += ["--pretrain-steps", "100"]  # the checkpoint's step: finetuned as it is
     assert cli.main([*argv, "--finetune-dir", str(finetune_dir), "--train.max_steps", "3"]) == 0
     (overrides,) = calls
     opts = dict(zip(overrides[::2], overrides[1::2]))
@@ -73,11 +75,15 @@ def test_demo_finetune_prepares_questions_and_reports_before_and_after(
     shutil.copytree(pretrained.parent.parent, tmp_path / "runs" / "demo-redllm")
     finetune_dir = tmp_path / "runs" / "demo-redllm-finetune"
     argv = ["demo", "--finetune", "--arch", "encoder_decoder", "--data-dir", str(data_dir)]
-    assert cli.main(argv) == 0
-    (overrides,) = calls
+    assert cli.main(argv) == 0  # the default --pretrain-steps: pretrained further first
+    pretraining, overrides = calls
+    opts = dict(zip(pretraining[::2], pretraining[1::2]))
+    assert opts["--run.dir"] == "runs/demo-redllm" and opts["--model.name"] == "redllm-tiny"
+    assert opts["--train.max_steps"] == str(cli.FINETUNE_PRETRAIN_STEPS)
     opts = dict(zip(overrides[::2], overrides[1::2]))
     assert opts["--model.name"] == "redllm-tiny"
     assert opts["--run.dir"] == "runs/demo-redllm-finetune"
+    assert opts["--eval.tasks"].endswith('heldout.jsonl"]')  # scored in the loop too
     assert opts["--checkpoint.init_from"].endswith(
         f"runs/demo-redllm/checkpoints/{pretrained.name}"
     )
