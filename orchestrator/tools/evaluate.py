@@ -95,7 +95,7 @@ from orchestrator.checkpoint.layout import (
     resolve_checkpoint,
 )
 from orchestrator.devices import pick_device
-from orchestrator.tools.generate import completion, generate
+from orchestrator.tools.generate import completion, greedy
 from orchestrator.tools.hf import DTYPES, export_checkpoint, inference_dtype, load_model
 
 EXACT_MATCH_TOKENS = 16  # default max_new_tokens of exact match (CLI, eval.max_new_tokens)
@@ -498,14 +498,7 @@ def exact_match(
     predictions = []
     for prompt, target in records:
         ids = generation_prompt(tok, prompt, cfg.model.max_seq_len, max_new_tokens)
-        out = generate(
-            model,
-            torch.tensor([ids]),
-            max_new_tokens,
-            temperature=0,
-            eos_id=eos,
-            vocab_limit=tok.vocab_size,
-        )[0].tolist()
+        out = greedy(model, ids, max_new_tokens, tok.vocab_size, eos)
         answer = exact_match_answer(tok, out, len(ids))
         predictions.append(
             {"prompt": prompt, "target": target, "answer": answer, "correct": answer == target}
@@ -608,12 +601,11 @@ def checkpoint_lm(
                 ids = generation_prompt(tok, context, cfg.model.max_seq_len, max_new)
                 eos = tok.eos_id if tok.eos_id >= 0 else None
                 # Greedy, as the harness's generation tasks ask by default.
-                out_ids = generate(model, torch.tensor([ids]), max_new, temperature=0.0, eos_id=eos,
-                                   vocab_limit=tok.vocab_size)  # fmt: skip
+                out_ids = greedy(model, ids, max_new, tok.vocab_size, eos)
                 # The continuation decoded alone, as the hf model decodes it (its leading space
                 # dropped); cut at each stop sequence: with until ["\n"], stripped (the exact-match
                 # task's filter), exactly exact_match_answer.
-                text = tok.decode(completion(out_ids[0].tolist(), len(ids), eos))
+                text = tok.decode(completion(out_ids, len(ids), eos))
                 for stop in until:
                     text = text.split(stop)[0]
                 out.append(text)

@@ -115,6 +115,27 @@ def generate(
     return torch.cat(out, dim=1)
 
 
+def greedy(
+    model: LanguageModel,
+    ids: list[int],
+    max_new_tokens: int,
+    vocab_limit: int | None = None,
+    eos_id: int | None = None,
+) -> list[int]:
+    """One prompt's greedy generation: the prompt's ids and the new ones. Without `eos_id` it runs
+    every step of the budget (no early stop: ranks of a sharded model stay in lockstep; cut the
+    answer with `completion`); with it, it stops once EOS is produced."""
+    out = generate(
+        model,
+        torch.tensor([ids]),
+        max_new_tokens,
+        temperature=0.0,
+        eos_id=eos_id,
+        vocab_limit=vocab_limit,
+    )
+    return out[0].tolist()
+
+
 def completion(out: list[int], prompt_len: int, eos_id: int | None) -> list[int]:
     """The generated ids of one sequence `out` (prompt + new tokens), cut before the first EOS
     (eos_id None or < 0: the tokenizer has none, nothing is cut)."""

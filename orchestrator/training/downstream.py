@@ -79,7 +79,7 @@ from orchestrator.tools.evaluate import (
     generation_prompt,
     read_instruction_records,
 )
-from orchestrator.tools.generate import generate
+from orchestrator.tools.generate import greedy
 
 MULTIPLE_CHOICE, EXACT_MATCH = "multiple_choice", "exact_match"
 METRICS = {MULTIPLE_CHOICE: ("acc", "acc_norm"), EXACT_MATCH: ("exact_match",)}
@@ -366,14 +366,9 @@ class Downstream:
             question = mine[i] if i < len(mine) else self.questions[0]  # a copy: lockstep only
             # eval.max_new_tokens steps whatever is generated (no eos_id: no early stop); the
             # prompt leaves that many positions in the window (generation_prompt)
-            out = generate(
-                model,
-                torch.tensor([question.prompt]),  # (1, P)
-                self.max_new_tokens,
-                temperature=0.0,
-                eos_id=None,
-                vocab_limit=self.tok.vocab_size,
-            )[0].tolist()  # P + max_new_tokens ids
+            out = greedy(
+                model, list(question.prompt), self.max_new_tokens, self.tok.vocab_size
+            )  # P + max_new_tokens ids
             if i < len(mine):
                 answer = exact_match_answer(self.tok, out, len(question.prompt))
                 hits[question.task, 0] += answer == question.target

@@ -60,7 +60,7 @@ from models.flops import flops_per_token
 from orchestrator.devices import device_peak_flops
 from orchestrator.parallel.launch import gather_object, on_rank_zero
 from orchestrator.schema import to_dict
-from orchestrator.tools.generate import completion, generate
+from orchestrator.tools.generate import completion, greedy
 
 
 def tensorboard_dir(run_dir: str | Path) -> Path:
@@ -229,14 +229,7 @@ def generate_samples(
     with preserved_rng(device), torch.no_grad():
         for prompt in prompts:
             ids = tokenizer.encode(prompt, bos=True)[-model.cfg.max_seq_len + 1 :]
-            out = generate(
-                model,
-                torch.tensor([ids]),
-                max_new_tokens,
-                temperature=0.0,
-                eos_id=None,
-                vocab_limit=tokenizer.vocab_size,
-            )[0].tolist()
+            out = greedy(model, ids, max_new_tokens, tokenizer.vocab_size)  # every step
             new = completion(out, len(ids), tokenizer.eos_id)
             texts.append(
                 tokenizer.decode(ids[1:] + new)
