@@ -530,6 +530,55 @@ def measure_streaming(args: argparse.Namespace, work: Path, config: dict) -> dic
     return out
 
 
+# -- chunk verification ------------------------------------------------------------------------
+
+
+def measure_verify(args: argparse.Namespace, work: Path, config: dict) -> dict[str, Any]:
+    """What checking chunks at their first read costs (data/integrity.py): the check of one chunk
+    file (size, crc32, every token id below the vocabulary; page cache warm), and one epoch of a
+    local split read with checksums recorded against the same chunks without (num_workers 0 and 2,
+    so each epoch's workers check the chunks they read)."""
+    from data.integrity import CHECKSUM_KEY, TokenRange, file_checksum, file_problems, token_dtype
+
+    chunk_tokens = max(ITEM_TOKENS, int(args.stream_chunk_mb * 1e6) // TOKEN_BYTES)
+    checked, plain = work / "verify" / "checked", work / "verify" / "plain"
+    make_stream_split(checked, args.tokens, chunk_tokens, config)
+    index = json.loads((checked / "index.json").read_text())
+    plain.mkdir(parents=True)
+    for c in index["chunks"]:
+        os.symlink(checked / c["filename"], plain / c["filename"])
+    write_index(plain, index["chunks"], config, chunk_tokens * TOKEN_BYTES)
+    chunks = [{**c, CHECKSUM_KEY: file_checksum(checked / c["filename"])} for c in index["chunks"]]
+    write_index(checked, chunks, config, chunk_tokens * TOKEN_BYTES)
+    dtype, vocab = token_dtype(index["config"]), TokenRange(32_000)
+    seconds = []
+    for _ in range(args.repeats):
+        for c in chunks:
+            t0 = time.perf_counter()
+            assert not file_problems(checked / c["filename"], c, dtype, vocab)
+            seconds.append(time.perf_counter() - t0)
+    nbytes = statistics.mean(c["chunk_bytes"] for c in chunks)
+    per_chunk = statistics.median(seconds)
+    out: dict[str, Any] = {
+        "chunks": len(chunks),
+        "chunk_mb": nbytes / 1e6,
+        "check_ms_per_chunk": per_chunk * 1e3,
+        "check_mb_s": nbytes / per_chunk / 1e6,
+        "check_ms_per_64mb_chunk": 64e6 / (nbytes / per_chunk) * 1e3,
+        "epochs": {},
+    }
+    for nw in args.stream_workers:
+        for name, d in (("with checksums", checked), ("without", plain)):
+            runs = [
+                stream_pass(str(d), nw, None, args.seq_len, args.batch, None)
+                for _ in range(args.repeats)
+            ]
+            out["epochs"][f"{name}|{nw}"] = min(r["seconds"] for r in runs)
+        with_s, without_s = (out["epochs"][f"{k}|{nw}"] for k in ("with checksums", "without"))
+        out["epochs"][f"overhead|{nw}"] = (with_s - without_s) / without_s
+    return out
+
+
 # -- the run -----------------------------------------------------------------------------------
 
 
@@ -771,7 +820,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--startup-workers", type=_ints, default=[0, 2])
     parser.add_argument("--stream-workers", type=_ints, default=[0, 2])
     parser.add_argument("--resume-workers", type=_ints, default=[0, 2])
-    parser.add_argument("--skip", default="", help="parts to leave out: startup,streaming,resume")
+    parser.add_argument(
+        "--skip", default="", help="parts to leave out: startup,streaming,verify,resume"
+    )
     parser.add_argument("--workdir", default=None, help="work directory (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
@@ -814,6 +865,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             t0 = time.perf_counter()
             results["streaming"] = measure_streaming(args, work, config)
             seconds["streaming"] = time.perf_counter() - t0
+        if "verify" not in skip:
+            t0 = time.perf_counter()
+            results["verify"] = measure_verify(args, work, config)
+            seconds["verify"] = time.perf_counter() - t0
         if "resume" not in skip:
             t0 = time.perf_counter()
             if startup is None and args.chunks:  # resume needs the largest synthetic index
@@ -828,7 +883,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not args.keep and args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
         elif not args.keep:
-            for sub in ("synthetic", "stream", "cache", "probe"):
+            for sub in ("synthetic", "stream", "cache", "probe", "verify"):
                 shutil.rmtree(work / sub, ignore_errors=True)
     results["load_average_at_end"] = os.getloadavg()
     results["wall_s"] = time.perf_counter() - started
@@ -965,6 +1020,23 @@ def print_report(r: dict[str, Any]) -> None:
                 f"\nGoal >= 1M tokens/s per process from a warm cache: {goal}. "
                 f"Upload to the server: {st['upload_mb_s']:.0f} MB/s."
             )
+    ve = r.get("verify")
+    if ve:
+        print(
+            f"\n### Chunk verification at first read ({ve['chunks']} chunks of "
+            f"{ve['chunk_mb']:.1f} MB)\n"
+        )
+        print(
+            f"check of one chunk (size, crc32, ids < vocab): {ve['check_ms_per_chunk']:.1f} ms "
+            f"({ve['check_mb_s']:,.0f} MB/s; {ve['check_ms_per_64mb_chunk']:.0f} ms per 64 MB chunk)\n"
+        )
+        _head("num_workers", "epoch with checksums s", "epoch without s", "overhead")
+        for key, value in ve["epochs"].items():
+            name, nw = key.split("|")
+            if name == "with checksums":
+                without = ve["epochs"][f"without|{nw}"]
+                overhead = ve["epochs"][f"overhead|{nw}"]
+                print(_row([nw, _f(value), _f(without), f"{overhead:+.1%}"]))
     rs = r.get("resume")
     if rs:
         print(

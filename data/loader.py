@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,9 +34,18 @@ import torch
 from litdata import StreamingDataLoader, StreamingDataset
 from litdata.constants import _TORCH_DTYPES_MAPPING
 from litdata.streaming import downloader as _litdata_downloader
-from litdata.streaming.item_loader import TokensLoader
+from litdata.streaming.item_loader import TokensLoader as _LitdataTokensLoader
 
 from data.instructions import TOKEN_MASK
+from data.integrity import (
+    CHECKSUM_KEY,
+    DamagedChunk,
+    TokenRange,
+    damaged,
+    file_problems,
+    split_token_range,
+)
+from data.integrity import token_dtype as _token_dtype
 from data.mixture import MixtureDataset
 from data.storage import ObjectStore, is_remote, join
 from data.util import parse_size
@@ -202,10 +212,116 @@ def _to_int64(batch: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(batch).to(torch.int64)
 
 
+# Chunk files this process has checked: (path, (inode, mtime_ns, size), checksum, token range).
+_VERIFIED: set[tuple[Any, ...]] = set()
+
+
+class TokensLoader(_LitdataTokensLoader):
+    """litdata's TokensLoader that verifies each chunk file before its first item is read, once
+    per process and file version (a new download is checked again; each epoch's DataLoader
+    workers, new processes, check the chunks they read): size and checksum against index.json,
+    and token ids against ``token_range``.
+
+    (It keeps litdata's class name: litdata checks it against the index's ``item_loader``.)
+    Hooks, all on litdata's own paths: ``_load_chunk`` (a chunk opened, by the reader or by the
+    download thread right after a download), ``load_item_from_chunk`` (a local or downloaded file
+    of the wrong size would otherwise make litdata wait for the rest of a download that never
+    comes) and the wait loop's ``_raise_if_prefetch_crashed`` (a download published while the
+    reader waits; an error found by the download thread is raised as it is)."""
+
+    def __init__(
+        self,
+        block_size: int,
+        split: str | Path = "",
+        token_range: TokenRange | None = None,
+        storage_options: dict | None = None,
+    ) -> None:
+        super().__init__(block_size=block_size)
+        self._split = str(split)
+        self._token_range = token_range
+        self._storage_options = dict(storage_options or {})
+        self._verified: dict[str, tuple[int, int, int]] = {}  # path -> (inode, mtime_ns, size)
+        self._verify_lock: threading.Lock | None = threading.Lock()
+        self._by_name: dict[str, int] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_verify_lock"] = None  # not picklable; made again where it is used
+        return state
+
+    def setup(self, config: dict, chunks: list, serializers: dict, region_of_interest=None) -> None:
+        super().setup(config, chunks, serializers, region_of_interest)
+        self._by_name = {c["filename"]: i for i, c in enumerate(chunks)}
+        self._np_dtype = _token_dtype(config)
+
+    def verify_chunk(self, chunk_filepath: str) -> None:
+        """Check a chunk file that is there, once per file version (a DamagedChunk if damaged)."""
+        try:
+            st = os.stat(chunk_filepath)
+        except FileNotFoundError:
+            return  # not downloaded yet (or evicted): litdata fetches it, it is checked then
+        identity = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if self._verified.get(chunk_filepath) == identity:
+            return
+        if self._verify_lock is None:
+            self._verify_lock = threading.Lock()
+        with self._verify_lock:  # the reader waits for the download thread's check, not twice
+            if self._verified.get(chunk_filepath) == identity:
+                return
+            name = os.path.basename(chunk_filepath)
+            chunk = self._chunks[self._by_name[name]]
+            key = (chunk_filepath, identity, chunk.get(CHECKSUM_KEY), self._token_range)
+            if key in _VERIFIED:  # by another loader of this process (validation makes one per run)
+                self._verified[chunk_filepath] = identity
+                return
+            problems = file_problems(chunk_filepath, chunk, self._np_dtype, self._token_range)
+            if problems == ["missing"]:
+                return  # evicted meanwhile: litdata fetches it again, it is checked then
+            if problems:
+                split = self._split or os.path.dirname(chunk_filepath)
+                raise damaged(split, name, problems, self._storage_options)
+            self._verified[chunk_filepath] = identity
+            _VERIFIED.add(key)
+
+    def _load_chunk(self, chunk_index: int, chunk_filepath: str) -> None:
+        i = int(chunk_index)
+        if not (i in self._mmaps and i in self._buffers):  # opened now: checked first
+            self.verify_chunk(chunk_filepath)
+        super()._load_chunk(chunk_index, chunk_filepath)
+
+    def load_item_from_chunk(
+        self, index: int, chunk_index: int, chunk_filepath: str, begin: int, filesize_bytes: int
+    ) -> Any:
+        if chunk_filepath not in self._verified:
+            self.verify_chunk(chunk_filepath)
+        return super().load_item_from_chunk(
+            index, chunk_index, chunk_filepath, begin, filesize_bytes
+        )
+
+    def pre_load_chunk(self, chunk_index: int, chunk_filepath: str) -> None:
+        try:  # litdata's download thread, right after a download
+            super().pre_load_chunk(chunk_index, chunk_filepath)
+        except DamagedChunk:
+            pass  # the reader raises it at this chunk: one clear error, not a download-thread crash
+
+    def _raise_if_prefetch_crashed(self, chunk_filepath: str) -> None:
+        super()._raise_if_prefetch_crashed(chunk_filepath)
+        # Called while litdata waits for a download: once published, a wrong size stays wrong.
+        self.verify_chunk(chunk_filepath)
+
+
 def _token_dataset(
-    name: str, split: str | Path, seq_len: int, shuffle: bool, seed: int, stream: StreamOptions
+    name: str,
+    split: str | Path,
+    seq_len: int,
+    shuffle: bool,
+    seed: int,
+    stream: StreamOptions,
+    vocab_size: int | None = None,
 ) -> StreamingDataset:
-    """litdata's dataset of ``seq_len + 1``-token blocks over one split, refused when empty."""
+    """litdata's dataset of ``seq_len + 1``-token blocks over one split, refused when empty. Each
+    chunk is verified when a process first opens it (data.integrity: size, checksum and, with
+    ``vocab_size``, every id below it)."""
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}.")
     index = read_index(split, stream)
@@ -218,9 +334,14 @@ def _token_dataset(
             f"one block of seq_len + 1 = {seq_len + 1} per chunk. Use a shorter seq_len or prepare "
             f"more data (`orchestrator prepare`)."
         )
+    token_range = None
+    if vocab_size is not None:
+        token_range = split_token_range(
+            split, vocab_size, f"model.vocab_size={vocab_size}", stream.storage_options
+        )
     return StreamingDataset(
         **stream.dataset_kwargs(split),
-        item_loader=TokensLoader(block_size=seq_len + 1),
+        item_loader=TokensLoader(seq_len + 1, split, token_range, stream.storage_options),
         shuffle=shuffle,
         seed=seed,
     )
@@ -233,10 +354,12 @@ def make_dataset(
     seed: int,
     drop_last: bool = True,
     stream: StreamOptions | None = None,
+    vocab_size: int | None = None,
 ) -> StreamingDataset:
-    """A ``StreamingDataset`` of ``seq_len + 1``-token blocks over one prepared split."""
+    """A ``StreamingDataset`` of ``seq_len + 1``-token blocks over one prepared split; with
+    ``vocab_size``, a chunk holding an id >= it is an error naming the chunk when first read."""
     split = _check_prepared_split(data_dir)
-    ds = _token_dataset("", split, seq_len, shuffle, seed, stream or StreamOptions())
+    ds = _token_dataset("", split, seq_len, shuffle, seed, stream or StreamOptions(), vocab_size)
     ds.set_drop_last(drop_last)
     return ds
 
@@ -274,12 +397,20 @@ def make_dataloader(
     num_workers: int = 0,
     drop_last: bool = True,
     stream: StreamOptions | None = None,
+    vocab_size: int | None = None,
 ) -> StreamingDataLoader:
-    """Batches of shape ``[batch_size, seq_len + 1]`` (int64) from a prepared split."""
+    """Batches of shape ``[batch_size, seq_len + 1]`` (int64) from a prepared split (every id
+    checked below ``vocab_size`` when given, see make_dataset)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     dataset = make_dataset(
-        data_dir, seq_len, shuffle=shuffle, seed=seed, drop_last=drop_last, stream=stream
+        data_dir,
+        seq_len,
+        shuffle=shuffle,
+        seed=seed,
+        drop_last=drop_last,
+        stream=stream,
+        vocab_size=vocab_size,
     )
     return TokenBlockLoader(
         dataset,
@@ -359,6 +490,7 @@ def make_mixture_loader(
     seed: int,
     num_workers: int = 0,
     stream: StreamOptions | None = None,
+    vocab_size: int | None = None,
 ) -> StreamingDataLoader:
     """Batches ``[batch_size, seq_len + 1]`` (int64) mixing prepared splits ``(name, dir, weight)``.
 
@@ -374,7 +506,7 @@ def make_mixture_loader(
     datasets = []
     for name, directory, _ in sources:
         split = resolve_split(directory, stream=stream)
-        ds = _token_dataset(f"source {name!r}: ", split, seq_len, shuffle, seed, stream)
+        ds = _token_dataset(f"source {name!r}: ", split, seq_len, shuffle, seed, stream, vocab_size)
         # Every block is read once per source epoch, none dropped to even out ranks: sources cycle
         # forever, so no rank ever waits for the end of another's epoch. (Set after construction:
         # passing drop_last=False makes litdata warn about collectives, which do not apply here.)

@@ -69,6 +69,7 @@ import queue
 import shutil
 import signal
 import sys
+import tempfile
 import time
 import zlib
 from collections import Counter
@@ -80,6 +81,7 @@ import numpy as np
 
 from data.instructions import FORMATS as INSTRUCTION_FORMATS
 from data.instructions import LOSS_FLAG, LOSS_MASK_BIT, BadRecord, encode_example, to_example
+from data.integrity import CHECKSUM_KEY, file_checksum
 from data.shards import RecordFilter, ShardReader, SkipStats, find_shards
 from data.storage import ObjectStore, is_remote
 from data.tokenizer import SEPARATORS, Tokenizer
@@ -455,8 +457,14 @@ class _SplitWriter:
         # BinaryWriter also writes "<rank>.index.json"; the part record replaces it.
         for f in self.directory.glob("*.index.json"):
             f.unlink()
+        # Each chunk's checksum, into its index.json entry: a chunk damaged later (truncated, bytes
+        # flipped, locally or in an object store) is then an error when read (data.integrity).
+        chunks = [
+            {**c, CHECKSUM_KEY: file_checksum(self.directory / c["filename"])}
+            for c in self.writer._chunks_info
+        ]
         return {
-            "chunks": list(self.writer._chunks_info),
+            "chunks": chunks,
             "config": self.writer.get_config(),
             "docs": self.docs,
             "tokens": self.tokens,
@@ -749,8 +757,13 @@ def prepare_dataset(
     format: str = "text",
     instruction_format: str = "auto",
     max_tokens: int = 0,
+    repair: bool = False,
 ) -> dict[str, Any]:
     """Tokenize ``input_dir`` into ``output_dir/{train,val}``; return the stats dict.
+
+    ``repair=True`` on a finished output: every chunk is verified (data.integrity) and the parts
+    that wrote damaged ones are tokenized again; their chunks, identical to the recorded
+    checksums, replace the damaged files (the stats get ``"repaired": [chunk, ...]``).
 
     ``num_workers`` processes (default: every core) tokenize parts in parallel. A finished
     output is returned as is unless ``overwrite=True`` (and refused if it was made from other
@@ -810,6 +823,9 @@ def prepare_dataset(
     if is_prepared(output_dir, storage_options) and not overwrite:
         existing = read_stats(output_dir, storage_options)
         _check_same_inputs(existing, fingerprint, out)
+        if repair:
+            job = _Job(str(tok_path.resolve()), opts, "", None, dict(storage_options or {}))
+            return _repair(out, existing, parts, job, work_dir, num_workers)
         return existing
     out.check_writable()
 
@@ -881,6 +897,58 @@ def prepare_dataset(
     _merge(out, work, records, parts, stats)
     shutil.rmtree(work, ignore_errors=True)
     return stats
+
+
+def _repair(
+    out: _Output,
+    stats: dict[str, Any],
+    parts: list[_Part],
+    job: _Job,
+    work_dir: str | Path | None,
+    num_workers: int,
+) -> dict[str, Any]:
+    """Tokenize again the parts whose chunks are damaged and put their chunks back in place, each
+    checked against the checksum its index recorded (a part's bytes depend only on its files and
+    the settings, which _check_same_inputs has compared)."""
+    from data.integrity import CHECKSUM_KEY, damaged_chunks
+
+    report = damaged_chunks(str(out), out.storage_options, num_workers)
+    todo = {int(name.split("-")[1]) for _, name, _ in report}
+    if not todo:
+        return {**stats, "repaired": []}
+    indexes = {s: json.loads(out.read_text(s, "index.json")) for s in SPLITS}
+    recorded = {(s, c["filename"]): c for s in SPLITS for c in indexes[s]["chunks"]}
+    missing = [f"{s}/{n}" for s, n, _ in report if CHECKSUM_KEY not in recorded[(s, n)]]
+    if missing:
+        raise ValueError(
+            f"{out}: {', '.join(missing)} damaged, and prepared before checksums were recorded: "
+            "nothing to check a repair against. Prepare it again with --overwrite."
+        )
+    work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="prepare-repair-"))
+    job = replace(job, work_dir=str(work))
+    _init_state_in_process(job)
+    try:
+        for p in parts:
+            if p.index not in todo:
+                continue
+            for split, s in _process_part(p, _Reporter(None))["splits"].items():
+                for c in s["chunks"]:
+                    want = recorded.get((split, c["filename"]), {})
+                    if c[CHECKSUM_KEY] != want.get(CHECKSUM_KEY):
+                        raise ValueError(
+                            f"{out}: part {p.index} ({', '.join(f[1] for f in p.files)}) no longer "
+                            f"makes the chunk {split}/{c['filename']} it recorded (changed input "
+                            "files?). Prepare it again with --overwrite."
+                        )
+                    local = work / "parts" / f"{p.index:07d}" / split / c["filename"]
+                    if out.remote:
+                        out.upload(local, split, c["filename"])
+                    else:
+                        os.replace(local, out.path / split / c["filename"])
+    finally:
+        _STATE.clear()
+        shutil.rmtree(work, ignore_errors=True)
+    return {**stats, "repaired": [f"{s}/{n}" for s, n, _ in report]}
 
 
 def _run_parts(

@@ -273,6 +273,10 @@ class ObjectStore:
 
     def list(self, rel: str = "") -> list[str]:
         """Every object key under ``rel/``, relative to this store's prefix, sorted."""
+        return sorted(self.sizes(rel))
+
+    def sizes(self, rel: str = "") -> dict[str, int]:
+        """{key relative to this store's prefix: size in bytes} of every object under ``rel/``."""
         if self.scheme != "s3":
             raise StorageError(
                 f"Cannot list {self.url_of(rel)}: listing is supported for s3:// (and S3-compatible) "
@@ -280,17 +284,17 @@ class ObjectStore:
             )
         base = self.key(rel)
         base = f"{base}/" if base else ""
-        keys: list[str] = []
+        strip = len(f"{self.prefix}/") if self.prefix else 0
+        found: dict[str, int] = {}
         try:
             pages = self.client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix=base
             )
             for page in pages:
-                keys += [obj["Key"] for obj in page.get("Contents", [])]
+                found.update((o["Key"][strip:], int(o["Size"])) for o in page.get("Contents", []))
         except Exception as e:  # noqa: BLE001
             raise self.explain(e, rel, doing="list") from e
-        strip = f"{self.prefix}/" if self.prefix else ""
-        return sorted(k[len(strip) :] for k in keys)
+        return found
 
     def delete(self, rel: str) -> None:
         try:

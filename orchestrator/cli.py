@@ -1,7 +1,8 @@
 """`orchestrator` command line (also `python -m orchestrator`).
 
 orchestrator tokenizer   --input RAW_DIR --output PREFIX [--vocab-size 32000]
-orchestrator prepare     --input RAW_DIR --output TOKENS_DIR --tokenizer PREFIX.model
+orchestrator prepare     --input RAW_DIR --output TOKENS_DIR --tokenizer PREFIX.model [--repair]
+orchestrator prepare     --verify TOKENS_DIR   (sizes, checksums, token ids of every chunk)
 orchestrator train       --config configs/quickstart.yaml [--section.key value ...]
 orchestrator sample-data --out .cache/sample      (built-in corpus -> tokenizer -> tokens)
 orchestrator demo                                  (sample data + 2-process CPU training)
@@ -36,6 +37,7 @@ from pathlib import Path
 
 import yaml
 
+from data.integrity import verify_dataset
 from data.prepare import is_prepared, prepare_dataset
 from data.sample_corpus import write_sample_corpus
 from data.shards import RecordFilter
@@ -99,7 +101,46 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    """`orchestrator prepare --verify DIR`: sizes, checksums and token ids of every chunk."""
+    vocab = Tokenizer(args.tokenizer).vocab_size if args.tokenizer else None
+    try:
+        report = verify_dataset(args.verify, vocab_size=vocab, num_workers=args.num_workers)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for name, r in report["splits"].items():
+        ids = (
+            f"ids < {r['vocab_size']:,}"
+            if r["vocab_size"]
+            else "ids not checked (no vocab_size recorded; pass --tokenizer)"
+        )
+        sums = f"crc32 of {r['checksums']}/{r['chunks']} chunks"
+        if r["checksums"] < r["chunks"]:
+            sums += " (prepared before checksums were recorded: prepare again to add them)"
+        state = f"DAMAGED ({len(r['damaged'])} chunks)" if r["damaged"] else "OK"
+        print(
+            f"{name}: {r['chunks']:,} chunks, {r['bytes']:,} bytes, {r['tokens']:,} tokens: {state} "
+            f"(sizes, {sums}, {ids})"
+        )
+        for chunk, problems in r["damaged"]:
+            print(f"  damaged {r['split'].rstrip('/')}/{chunk}: {'; '.join(problems)}")
+        if r["fix"]:
+            print(f"  {r['fix']}")
+    print(f"Verified {args.verify}: {'OK' if report['ok'] else 'DAMAGED'}")
+    return 0 if report["ok"] else 1
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
+    if args.verify:
+        return cmd_verify(args)
+    needed = [f"--{k}" for k in ("input", "output", "tokenizer") if not getattr(args, k)]
+    if needed:
+        print(
+            f"error: prepare needs {', '.join(needed)} (or --verify DIR to check a prepared dataset)",
+            file=sys.stderr,
+        )
+        return 2
     try:
         stats = prepare_dataset(
             args.input,
@@ -119,10 +160,17 @@ def cmd_prepare(args: argparse.Namespace) -> int:
             format=args.format,
             instruction_format=args.instruction_format,
             max_tokens=args.max_tokens,
+            repair=args.repair,
         )
     except PermissionError as e:  # an unwritable output: say so, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.repair:
+        repaired = stats.get("repaired", [])
+        print(
+            f"Repaired {len(repaired)} damaged chunks"
+            + (f": {', '.join(repaired)}" if repaired else "")
+        )
     print_prepare_stats(stats, args.output)
     if stats.get("format") == "instruction":  # documents are examples; the loss counts responses
         for split, s in stats["splits"].items():
@@ -656,14 +704,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--input",
-        required=True,
         help="raw corpus: SlimPajama layout (train/, validation/) or a folder/file of *.jsonl, *.jsonl.zst, "
         "*.jsonl.gz, *.parquet (validation then held out by content hash, see --val-every)",
     )
+    p.add_argument("--output", help="output directory or object-store URL (s3://...)")
     p.add_argument(
-        "--output", required=True, help="output directory or object-store URL (s3://...)"
+        "--tokenizer",
+        help="sentencepiece .model file (--verify: ids checked against its vocabulary)",
     )
-    p.add_argument("--tokenizer", required=True, help="sentencepiece .model file")
+    p.add_argument(
+        "--verify",
+        metavar="DIR",
+        default=None,
+        help="check a prepared dataset (prepare output, split or s3:// URL) instead: every chunk's "
+        "size, checksum and token ids (within the tokenizer's vocabulary); exit 1 if damaged",
+    )
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="on a finished output: tokenize again the parts whose chunks are damaged (same "
+        "--input, --tokenizer and settings) and put their chunks back",
+    )
     p.add_argument(
         "--format",
         default="text",

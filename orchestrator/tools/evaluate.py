@@ -154,7 +154,13 @@ def evaluate_checkpoint(
         )
     instruction, documents = split_reading(cfg, split_dir)
     loader = make_dataloader(
-        split_dir, seq_len=T, batch_size=batch_size, shuffle=False, seed=0, drop_last=False
+        split_dir,
+        seq_len=T,
+        batch_size=batch_size,
+        shuffle=False,
+        seed=0,
+        drop_last=False,
+        vocab_size=cfg.model.vocab_size,
     )
     started = time.perf_counter()
     total_loss, tokens, sequences = 0.0, 0, 0

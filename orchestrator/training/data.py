@@ -48,6 +48,7 @@ def build_train_loader(cfg: Config) -> Any:
         seed=cfg.run.seed,
         num_workers=cfg.data.num_workers,
         stream=stream_options(cfg),
+        vocab_size=cfg.model.vocab_size,  # a chunk with a bigger id: an error naming it, no step
     )
     if cfg.data.sources:  # weighted mixture of prepared datasets
         return make_mixture_loader([(s.name, s.dir, s.weight) for s in cfg.data.sources], **common)

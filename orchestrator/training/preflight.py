@@ -13,6 +13,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from data.integrity import DamagedChunk, check_sizes, has_checksums
 from data.loader import read_index, resolve_split
 from data.storage import ObjectStore, StorageError, is_remote
 from data.util import file_sha256
@@ -67,6 +68,7 @@ def check_inputs(cfg: Config) -> None:
             f"set --model.vocab_size {vocab} (or larger, e.g. a multiple of 64) or use a smaller tokenizer"
         )
     check_datasets_match_tokenizer(cfg, datasets, tokenizer_path)
+    check_chunk_files(cfg, datasets)
     # Text or instruction data: not mixed, and instruction data with data.document_mask.
     data_formats(cfg)
     check_tasks(cfg)  # eval.tasks: every file read, every example tokenised and checked
@@ -166,6 +168,29 @@ def check_datasets_match_tokenizer(
                     f"data.tokenizer={cfg.data.tokenizer} (the files differ): use the tokenizer the data was "
                     "prepared with, or prepare the data again with this one"
                 )
+
+
+def check_chunk_files(cfg: Config, datasets: list[tuple[str, str, str | Path]]) -> None:
+    """Every chunk of every dataset is there at the size its index records (a truncated or missing
+    chunk is a ConfigError naming it, not a hang at its first read); datasets prepared before chunk
+    checksums were recorded are said so once, with how to check them."""
+    unchecked = []
+    for key, value, split in datasets:
+        try:
+            index = read_index(split, stream_options(cfg))
+            check_sizes(split, index, cfg.storage.options())
+        except (DamagedChunk, StorageError) as e:
+            raise ConfigError(f"{key}={value}: {e}") from None
+        if not has_checksums(index) and f"{key}={value}" not in unchecked:
+            unchecked.append(f"{key}={value}")
+    if unchecked and os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")) == "0":
+        print(
+            f"warning: {', '.join(unchecked)} was prepared without chunk checksums (before they were "
+            "recorded): its chunks are checked for size and token ids only, so damage that keeps "
+            "ids in the vocabulary would train unnoticed. Check it with `orchestrator prepare "
+            "--verify DIR`, or prepare it again to record them",
+            file=sys.stderr,
+        )
 
 
 def tokenizer_vocab_size(path: Path) -> int:

@@ -82,6 +82,7 @@ def validate(
         seed=cfg.run.seed,
         num_workers=0,
         stream=stream,
+        vocab_size=cfg.model.vocab_size,
     )
     # (sum of losses, batches); instruction data: (sum of losses x counted targets, counted targets)
     totals = torch.zeros(2, device=fabric.device, dtype=torch.float64)
