@@ -156,13 +156,15 @@ def setup(cfg: Config, stop_signals: StopSignals) -> Run:
     fabric.barrier()
 
     fabric.seed_everything(cfg.run.seed)
+    # FSDP2 builds on the meta device and ZeRO-3 partitions as it builds: each rank materialises
+    # only its shards in fabric.setup, with the weights an unsharded build has.
     with fabric.init_module():
         model = build_model(cfg.model)  # model.arch: Llama or the encoder-decoder
     if wants_activation_checkpointing_outside(cfg):  # FSDP applies it while sharding
         apply_activation_checkpointing(model, cfg.strategy.activation_checkpointing)
     if cfg.model.compile:  # torch.compile each block in place (names and hooks unchanged)
         compile_blocks(model)
-    optimizer = build_optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg, fabric.device)  # FSDP2: still on the meta device
     model, optimizer = fabric.setup(model, optimizer)
     # DeepSpeed: the scheduler drives its inner torch optimizer.
     scheduler = build_scheduler(scheduler_optimizer(optimizer), cfg)

@@ -33,6 +33,7 @@ from lightning_fabric.utilities.seed import reset_seed
 from torch import nn
 
 from orchestrator.config import Config
+from orchestrator.parallel.init import FullTensorInit
 
 
 def deepspeed_config(cfg: Config, on_gpu: bool) -> dict[str, Any]:
@@ -107,8 +108,8 @@ class CPUCapableDeepSpeedStrategy(DeepSpeedStrategy):
       boundary, so one optimizer step follows N micro-batches exactly as under DDP.
     * `clip_gradients` returns the global gradient norm before the step (DeepSpeed clips inside
       its step, with the same max_norm), +inf when a gradient is inf / NaN.
-    * Parameters are built normally and partitioned by `deepspeed.initialize` (no
-      `zero.Init`), so every strategy starts from bitwise the same initial weights.
+    * ZeRO-3 builds under `deepspeed.zero.Init` (parameters partitioned as they are built),
+      with bitwise the initial weights of the other strategies (`module_init_context`).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -162,9 +163,18 @@ class CPUCapableDeepSpeedStrategy(DeepSpeedStrategy):
         return engine, ds_optimizer, ds_scheduler
 
     def module_init_context(self, empty_init: bool | None = None):
-        # Build the model as DDP would (on the device, real init); deepspeed.initialize
-        # partitions ZeRO-3 parameters afterwards.
-        return DDPStrategy.module_init_context(self, empty_init=empty_init)
+        if not self.zero_stage_3:  # built as DDP builds (on the device, real init)
+            return DDPStrategy.module_init_context(self, empty_init=empty_init)
+        # ZeRO-3: each module's parameters are partitioned as soon as it is built
+        # (deepspeed.zero.Init), so no rank holds the whole model. Every random init draws a
+        # full tensor in DDP's dtype on DDP's device (one parameter at a time): the initial
+        # weights and random stream of an unsharded build, bitwise.
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.precision.module_init_context())  # DDP's dtype
+        unsharded_dtype = torch.get_default_dtype()
+        stack.enter_context(self.module_sharded_context())
+        stack.enter_context(FullTensorInit(self.root_device, dtype=unsharded_dtype))
+        return stack
 
     def clip_gradients_norm(
         self, module, optimizer, max_norm, norm_type=2.0, error_if_nonfinite=True

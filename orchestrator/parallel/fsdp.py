@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from concurrent.futures import Future
 from contextlib import ExitStack
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from lightning_fabric.strategies.model_parallel import _has_dtensor_modules
 from lightning_fabric.utilities.load import _METADATA_FILENAME
 from lightning_fabric.utilities.types import _Stateful
 from torch import nn
-from torch.distributed.checkpoint import async_save
+from torch.distributed.checkpoint import async_save, save
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -31,6 +32,7 @@ from orchestrator.parallel.activation_checkpointing import (
     apply_activation_checkpointing,
     transformer_blocks,
 )
+from orchestrator.parallel.init import FullTensorInit, materialize_sharded
 
 
 def parallelize_fsdp(
@@ -76,14 +78,20 @@ class FSDP2Strategy(ModelParallelStrategy):
     """
 
     def module_init_context(self, empty_init: bool | None = None):
-        # Build (and initialise) on the process's device, as DDP does: the same weights under every
-        # strategy, and a 1B model initialised in seconds on a GPU instead of minutes on CPU cores.
-        # fully_shard then keeps each rank's shard only.
+        # Build on the meta device: no rank ever holds the whole model (4.4 GB in fp32 at 1.1B).
+        # The constructor's random draws still happen, one full tensor at a time on the process's
+        # device, so `setup_module` initialises each shard with bitwise the weights (and leaves the
+        # generator in the state) of an unsharded build under DDP.
         stack = ExitStack()
-        stack.enter_context(super().module_init_context(empty_init=empty_init))
-        if not empty_init:
-            stack.enter_context(self.root_device)
+        stack.enter_context(super().module_init_context(empty_init=True))
+        stack.enter_context(FullTensorInit(self.root_device))
         return stack
+
+    def setup_module(self, module: nn.Module) -> nn.Module:
+        module = self._parallelize_fn(module, self.device_mesh)
+        if any(t.is_meta for t in chain(module.parameters(), module.buffers())):
+            materialize_sharded(module, self.root_device)  # only this rank's shards
+        return module
 
     def setup_module_and_optimizers(self, module, optimizers, scheduler=None):
         names = {id(p): n for n, p in module.named_parameters()}
@@ -111,7 +119,15 @@ class FSDP2Strategy(ModelParallelStrategy):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         return super().save_checkpoint(path, state, storage_options=storage_options, filter=filter)
 
-    def async_save_checkpoint(self, path, state: dict[str, Any], process_group) -> Future:
+    def save_sharded_checkpoint(self, path, state: dict[str, Any], storage_writer) -> None:
+        """`save_checkpoint` with sharded checkpoints (the same files), through `storage_writer`
+        (a torch.distributed.checkpoint FileSystemWriter for `path`, e.g. one that hashes the
+        files as it writes them). Collective; `state` holds unwrapped objects."""
+        self.async_save_checkpoint(path, state, None, storage_writer=storage_writer, blocking=True)
+
+    def async_save_checkpoint(
+        self, path, state: dict[str, Any], process_group, storage_writer=None, blocking=False
+    ) -> Future | None:
         """What `save_checkpoint` writes with sharded checkpoints (Lightning's `_save_checkpoint`
         in lightning/fabric/strategies/model_parallel.py: model and optimizer shards through
         torch.distributed.checkpoint, everything else in rank 0's `meta.pt`), written by a
@@ -121,7 +137,8 @@ class FSDP2Strategy(ModelParallelStrategy):
 
         `state` holds unwrapped objects (`_unwrap_objects`). `process_group`: a gloo group of all
         ranks that nothing else uses (the writing thread runs its collectives while training
-        runs its own on the default group).
+        runs its own on the default group). `storage_writer`: see `save_sharded_checkpoint`;
+        `blocking`: write now, in this thread (that method).
         """
         if not self._save_distributed_checkpoint:
             raise NotImplementedError("async_save_checkpoint writes sharded checkpoints only")
@@ -142,7 +159,17 @@ class FSDP2Strategy(ModelParallelStrategy):
             else:  # Lightning's "metadata": everything but modules and optimizers
                 metadata[key] = obj.state_dict() if isinstance(obj, _Stateful) else obj
         path.mkdir(parents=True, exist_ok=True)
-        future = async_save(converted, checkpoint_id=path, process_group=process_group)
+        if blocking:
+            save(converted, checkpoint_id=path, storage_writer=storage_writer)
+            if self.global_rank == 0:
+                torch.save(metadata, path / _METADATA_FILENAME)
+            return None
+        future = async_save(
+            converted,
+            checkpoint_id=path,
+            storage_writer=storage_writer,
+            process_group=process_group,
+        )
         # After async_save on every rank: should this fail, no rank's writing thread waits for a
         # rank that never started one.
         if self.global_rank == 0:

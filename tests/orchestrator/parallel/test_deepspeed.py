@@ -66,9 +66,11 @@ def engine_checks(stage: int, precision: str) -> dict:
     cfg = _cfg(stage, precision)
     fabric = build_fabric(cfg)
     fabric.launch()
-    with fabric.init_module():
+    with (
+        fabric.init_module()
+    ):  # ZeRO-3: partitioned as built; nn.init inside reaches the partitions
         model = torch.nn.Linear(2, 1, bias=False)
-    torch.nn.init.constant_(model.weight, 0.25)
+        torch.nn.init.constant_(model.weight, 0.25)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     model, optimizer = fabric.setup(model, optimizer)
     engine = fabric.strategy._deepspeed_engine

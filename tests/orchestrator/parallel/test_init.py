@@ -1,0 +1,129 @@
+"""Sharded strategies build without holding the whole model, with bitwise the initial weights of an
+unsharded build (orchestrator/parallel/init.py).
+
+FSDP2 builds on the meta device and materialises each rank's shards in `fabric.setup`; ZeRO-3
+partitions each module as it is built (`deepspeed.zero.Init`). Either way every parameter, and the
+random stream after initialisation, equals `build_model` under DDP for the same seed. Run as a
+script by Fabric's launcher, one process per rank (gloo, 2 CPU processes).
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+
+from orchestrator.parallel.init import FullTensorInit  # noqa: E402
+
+MODEL = [
+    "--model.n_layers", "2", "--model.d_model", "64", "--model.n_heads", "4",
+    "--model.n_kv_heads", "2", "--model.ffn_hidden", "172", "--model.vocab_size", "512",
+    "--model.max_seq_len", "64",
+]  # fmt: skip
+STRATEGIES = {
+    "fsdp": ["--strategy.name", "fsdp"],
+    "zero3": ["--strategy.name", "deepspeed", "--strategy.zero_stage", "3"],
+}
+ARCHS = {  # the decoder; the encoder-decoder has tied embeddings
+    "decoder": ["--model.name", "tiny"],
+    "encoder_decoder": ["--model.name", "redllm-tiny"],
+}
+
+
+def test_a_meta_build_draws_what_a_real_build_draws():
+    """The constructor's throwaway init still advances the generator (one full tensor at a time),
+    so the weights drawn at materialisation are the real build's; without the mode they are not."""
+    from models.build import build_model
+    from orchestrator.config import load_config
+    from orchestrator.parallel.init import materialize_sharded
+
+    cfg = load_config([*ARCHS["decoder"], *MODEL]).model
+    torch.manual_seed(3)
+    real = build_model(cfg).state_dict()
+    after_real = torch.get_rng_state()
+    for mode in (FullTensorInit("cpu"), None):
+        torch.manual_seed(3)
+        with torch.device("meta"), mode or torch.device("meta"):
+            model = build_model(cfg)
+        assert all(p.is_meta for p in model.parameters())
+        materialize_sharded(model, torch.device("cpu"))
+        same = all(torch.equal(v, real[k]) for k, v in model.state_dict().items())
+        assert same == (mode is not None)
+        assert torch.equal(torch.get_rng_state(), after_real) == (mode is not None)
+
+
+def rank_checks(strategy: str, arch: str, precision: str = "32-true") -> dict:
+    """On every rank: build under the strategy, set up, gather the weights."""
+    from models.build import build_model
+    from orchestrator.config import load_config
+    from orchestrator.parallel.launch import build_fabric
+
+    cfg = load_config(
+        [*ARCHS[arch], *MODEL, *STRATEGIES[strategy], "--strategy.accelerator", "cpu",
+         "--strategy.devices", "2", "--strategy.precision", precision]
+    )  # fmt: skip
+    fabric = build_fabric(cfg)
+    fabric.launch()
+    torch.manual_seed(11)
+    reference = build_model(cfg.model)  # an unsharded build (DDP's), same seed
+    reference_rng = torch.get_rng_state()
+    torch.manual_seed(11)
+    with fabric.init_module():
+        model = build_model(cfg.model)
+    total = sum(p.numel() for p in reference.parameters())
+    # What this rank holds before setup: nothing (meta) or its partitions (ZeRO-3).
+    held = sum(
+        p.ds_tensor.numel() if hasattr(p, "ds_tensor") else (0 if p.is_meta else p.numel())
+        for p in model.parameters()
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model, optimizer = fabric.setup(model, optimizer)
+    rng_same = torch.equal(torch.get_rng_state(), reference_rng)
+    module = fabric.strategy._deepspeed_engine.module if strategy == "zero3" else model.module
+    if strategy == "zero3":
+        import deepspeed
+
+        params = list(module.parameters())
+        with deepspeed.zero.GatheredParameters(params):
+            weights = {n: p.detach().clone() for n, p in module.named_parameters()}
+    else:
+        weights = {n: p.full_tensor() for n, p in module.named_parameters()}
+    # ZeRO-3 under bf16 keeps bf16 weights (as it did when it converted a full fp32 build).
+    dtype = next(iter(weights.values())).dtype
+    expected = {n: p.detach().to(dtype) for n, p in reference.named_parameters()}
+    return {
+        "held_fraction": held / total,
+        "rng_same": rng_same,
+        "names_same": sorted(weights) == sorted(expected),
+        "unequal": [n for n in expected if not torch.equal(weights[n], expected[n])],
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_sharded_builds_hold_their_share_and_equal_an_unsharded_build(strategy, tmp_path):
+    from tests.orchestrator.parallel.test_strategies import run
+
+    run([sys.executable, str(Path(__file__).resolve()), strategy, str(tmp_path)])
+    for name in [*ARCHS, "decoder-bf16"] if strategy == "zero3" else ARCHS:
+        for rank in (0, 1):
+            out = json.loads((tmp_path / f"{name}.{rank}.json").read_text())
+            print(strategy, name, rank, out)
+            assert out["names_same"] and out["unequal"] == [], (name, rank, out)
+            assert out["rng_same"], (name, rank)
+            assert out["held_fraction"] <= 0.51, (name, rank, out)  # never the whole model
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    strategy, out_dir = sys.argv[1], Path(sys.argv[2])
+    runs = {arch: (arch, "32-true") for arch in ARCHS}
+    if strategy == "zero3":
+        runs["decoder-bf16"] = ("decoder", "bf16-mixed")
+    for name, (arch, precision) in runs.items():
+        result = rank_checks(strategy, arch, precision)
+        rank = torch.distributed.get_rank()
+        (out_dir / f"{name}.{rank}.json").write_text(json.dumps(result))
