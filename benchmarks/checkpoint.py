@@ -12,8 +12,10 @@ then, in one run and on one directory:
               disk while hashed, fsync, SHA-256 manifest, atomic rename
   async save  Checkpointer.save with checkpoint.async_save: training stalls only for a CPU snapshot
               (FSDP: every rank's shards, torch.distributed.checkpoint.async_save)
-  verify      SHA-256 of every file against the manifest (orchestrator/checkpoint/manifest.py;
-              done before every resume)
+  manifest    of the sync save: rank 0's write_manifest (hashes what no rank hashed while writing)
+  verify      SHA-256 of every file against the manifest (orchestrator/checkpoint/manifest.py):
+              by rank 0 alone (`verify`: resume before 2026-12-07, and export), and shared
+              (`Checkpointer.verify`, each rank its own shards: resume since; absent before)
   load        Checkpointer.load into the model and optimizer (weights-only unpickling)
 """
 
@@ -34,9 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from lightning_fabric import Fabric  # noqa: E402
 
+import orchestrator.checkpoint.checkpointer as checkpointer_mod  # noqa: E402
+from data.util import file_sha256  # noqa: E402
 from models.llama import Llama  # noqa: E402
 from orchestrator.checkpoint.checkpointer import Checkpointer  # noqa: E402
-from orchestrator.checkpoint.manifest import verify  # noqa: E402
+from orchestrator.checkpoint.manifest import read_manifest, verify  # noqa: E402
 from orchestrator.config import load_config  # noqa: E402
 from orchestrator.parallel.launch import build_fabric  # noqa: E402
 
@@ -122,8 +126,20 @@ def main() -> None:
         "directory": str(work),
     }
 
+    manifest_seconds: list[float] = []  # rank 0's write_manifest, timed
+    write_manifest = checkpointer_mod.write_manifest
+
+    def timed_manifest(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return write_manifest(*args, **kwargs)
+        finally:
+            manifest_seconds.append(time.perf_counter() - started)
+
+    checkpointer_mod.write_manifest = timed_manifest
     checkpointer = Checkpointer(fabric, cfg)
     report = checkpointer.save(state, step=1, tokens_seen=0)
+    results["sync_manifest_s"] = manifest_seconds[0] if manifest_seconds else 0.0
     nbytes = report.size_bytes
     results["checkpoint_bytes"] = nbytes
     results["sync_save_s"] = report.write_seconds
@@ -138,10 +154,25 @@ def main() -> None:
     results["sync_save_gb_s"] = nbytes / report.write_seconds / 1e9
 
     started = time.perf_counter()
-    reason = verify(report.path, checksums=True)  # (FSDP: every rank checks every file)
-    results["verify_s"] = time.perf_counter() - started
-    assert reason is None, reason
+    if fabric.is_global_zero:  # rank 0 alone, the others wait
+        reason = verify(report.path, checksums=True)
+        assert reason is None, reason
     fabric.barrier()
+    results["verify_s"] = time.perf_counter() - started
+    started = time.perf_counter()
+    if fabric.is_global_zero:  # rank 0 alone, one file after the other (verify before 2026-12-07)
+        for name, entry in read_manifest(report.path)["files"].items():
+            assert file_sha256(report.path / name) == entry["sha256"], name
+    fabric.barrier()
+    results["verify_serial_s"] = time.perf_counter() - started
+    results["verify_shared_s"] = None
+    if hasattr(checkpointer, "verify"):  # every rank its own shards (since 2026-12-07)
+        fabric.barrier()
+        started = time.perf_counter()
+        reason = checkpointer.verify(report.path)
+        fabric.barrier()
+        results["verify_shared_s"] = time.perf_counter() - started
+        assert reason is None, reason
 
     started = time.perf_counter()
     checkpointer.load(report.path, dict(state))
@@ -154,6 +185,7 @@ def main() -> None:
     async_checkpointer.wait()
     fabric.barrier()
     results["async_stall_s"] = async_report.stall_seconds
+    results["async_manifest_s"] = manifest_seconds[-1] if len(manifest_seconds) > 1 else None
     results["async_total_s"] = time.perf_counter() - started
     if not fabric.is_global_zero:
         return
@@ -165,13 +197,21 @@ def main() -> None:
     rows = [
         ("raw write + fsync (same bytes)", results["raw_write_s"], results["raw_write_gb_s"]),
         ("sync save (training stalls)", results["sync_save_s"], results["sync_save_gb_s"]),
+        ("  of which manifest (rank 0)", results["sync_manifest_s"], None),
         ("async save: stall", results["async_stall_s"], None),
         ("async save: total", results["async_total_s"], nbytes / results["async_total_s"] / 1e9),
-        ("verify (SHA-256)", results["verify_s"], nbytes / results["verify_s"] / 1e9),
+        ("  of which manifest (rank 0)", results["async_manifest_s"], None),
+        ("verify (SHA-256), rank 0 alone", results["verify_s"], nbytes / results["verify_s"] / 1e9),
+        ("  the same, one file at a time", results["verify_serial_s"], None),
         ("load", results["load_s"], nbytes / results["load_s"] / 1e9),
     ]
+    if results["verify_shared_s"] is not None:
+        shared = results["verify_shared_s"]
+        rows.append(("verify (SHA-256), ranks share", shared, nbytes / shared / 1e9))
     print(f"{'':34} {'seconds':>8} {'GB/s':>6}")
     for name, seconds, rate in rows:
+        if seconds is None:
+            continue
         print(f"{name:34} {seconds:8.2f} {'' if rate is None else f'{rate:6.2f}'}")
     print(f"sync save / raw write: {results['sync_save_s'] / results['raw_write_s']:.2f}x the time")
     if args.json:

@@ -448,6 +448,17 @@ class CheckpointConfig:
         "checkpoint.resume=auto a run whose local run dir has no newer complete checkpoint resumes from "
         "the newest remote one whose files match its manifest. null: local checkpoints only.",
     )
+    remote_retry_s: float = doc(
+        120.0,
+        "How long a run's start keeps retrying checkpoint.remote_dir (with backoff) when the store fails "
+        "transiently (5xx, throttling, timeouts, dropped connections) while listing or downloading "
+        "checkpoints; then it stops with exit code 75, the store and the run dir untouched.",
+    )
+    upload_warn_s: float = doc(
+        60.0,
+        "Warn when an upload to checkpoint.remote_dir has had no answer from the store for this many "
+        "seconds (a store that stops answering, rather than refusing; training goes on).",
+    )
 
 
 @dataclass
@@ -701,6 +712,8 @@ class Config:
             "schedule.warmup_steps": self.schedule.warmup_steps,
             "data.num_workers": self.data.num_workers,
             "checkpoint.keep_every": self.checkpoint.keep_every,
+            "checkpoint.remote_retry_s": self.checkpoint.remote_retry_s,
+            "checkpoint.upload_warn_s": self.checkpoint.upload_warn_s,
             "guard.spike_factor": self.guard.spike_factor,
             "guard.spike_warmup": self.guard.spike_warmup,
             "guard.rollback_after": self.guard.rollback_after,

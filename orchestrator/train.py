@@ -42,7 +42,6 @@ from orchestrator.checkpoint.layout import (
 from orchestrator.checkpoint.manifest import read_manifest
 from orchestrator.checkpoint.resume import (
     check_resume_strategy,
-    choose_resume,
     is_branch,
     resume_step_hint,
 )
@@ -156,15 +155,13 @@ def setup(cfg: Config, stop_signals: StopSignals) -> Run:
     fabric.barrier()
 
     fabric.seed_everything(cfg.run.seed)
-    # FSDP2 builds on the meta device and ZeRO-3 partitions as it builds: each rank materialises
-    # only its shards in fabric.setup, with the weights an unsharded build has.
     with fabric.init_module():
         model = build_model(cfg.model)  # model.arch: Llama or the encoder-decoder
     if wants_activation_checkpointing_outside(cfg):  # FSDP applies it while sharding
         apply_activation_checkpointing(model, cfg.strategy.activation_checkpointing)
     if cfg.model.compile:  # torch.compile each block in place (names and hooks unchanged)
         compile_blocks(model)
-    optimizer = build_optimizer(model, cfg, fabric.device)  # FSDP2: still on the meta device
+    optimizer = build_optimizer(model, cfg)
     model, optimizer = fabric.setup(model, optimizer)
     # DeepSpeed: the scheduler drives its inner torch optimizer.
     scheduler = build_scheduler(scheduler_optimizer(optimizer), cfg)
@@ -181,11 +178,9 @@ def setup(cfg: Config, stop_signals: StopSignals) -> Run:
         "progress": initial_progress(),
     }
     checkpointer = Checkpointer(fabric, cfg)
-    # Rank 0 verifies the checkpoints (checksums) once, and brings a newer one from
-    # checkpoint.remote_dir into the (shared) run dir; every rank loads the one it chose.
-    resume_from, damaged = fabric.broadcast(
-        on_rank_zero(fabric, lambda: choose_resume(cfg, remote=True))
-    )
+    # Every rank verifies the checksums of the files it will read; rank 0 brings a newer
+    # checkpoint from checkpoint.remote_dir into the (shared) run dir; all load the same one.
+    resume_from, damaged = checkpointer.choose_resume(remote=True)
     for path, reason in damaged:
         fabric.print(
             f"Skipping damaged checkpoint {path}: {reason}; falling back to an older one",
@@ -356,7 +351,7 @@ def forward_backward(run: Run, batches: Iterator) -> tuple[torch.Tensor, torch.T
 
 def roll_back(run: Run, step: int) -> None:
     """Too many bad steps in a row: reload the last good checkpoint instead of diverging further."""
-    cfg, fabric, guard = run.cfg, run.fabric, run.guard
+    cfg, guard = run.cfg, run.guard
     guard.rollbacks += 1
     if guard.rollbacks > cfg.guard.max_rollbacks:
         raise RuntimeError(
@@ -364,7 +359,7 @@ def roll_back(run: Run, step: int) -> None:
             "stopping instead of diverging (lower optimizer.lr, check the data, or raise guard.max_rollbacks)"
         )
     run.checkpointer.wait()
-    target, _ = fabric.broadcast(on_rank_zero(fabric, lambda: choose_resume(cfg)))
+    target, _ = run.checkpointer.choose_resume()
     if target is None:
         raise RuntimeError(
             f"step {step}: {guard.consecutive_bad} bad steps in a row and no checkpoint to roll back to"

@@ -1,12 +1,14 @@
 """Saving and restoring the training state: checkpoints that are either complete and verified,
 or never used.
 
-Writing: every rank writes into `step-00000100.partial/`; rank 0 then flushes every file to
-disk, writes the manifest (each file's size and SHA-256, step, tokens seen, config hash)
-last, and publishes the directory with an atomic rename. A crash at any moment leaves either
-the previous checkpoints untouched plus a `.partial` directory (removed at the next start),
-or a complete new checkpoint. DDP and single-device runs stream one file from rank 0 (hashed as
-it is written); FSDP and DeepSpeed write per-rank shards through Fabric.
+Writing: every rank writes into `step-00000100.partial/`, hashing (SHA-256) each file it writes
+as it writes it (checkpoint/digests.py); rank 0 gathers those digests, flushes and hashes the few
+small files no rank hashed, writes the manifest (each file's size and SHA-256, step, tokens
+seen, config hash) last, and publishes the directory with an atomic rename. A crash at any
+moment leaves either the previous checkpoints untouched plus a `.partial` directory (removed at
+the next start), or a complete new checkpoint. DDP and single-device runs stream one file from
+rank 0 (hashed as it is written); FSDP (torch.distributed.checkpoint) and DeepSpeed write
+per-rank shards, each rank hashing its own.
 
 checkpoint.async_save: training stalls only while the state is copied to CPU memory; a
 background thread writes it, and rank 0's thread publishes it as above once every rank's files
@@ -19,8 +21,9 @@ checkpoint.remote_dir: rank 0 queues each published checkpoint for upload to the
 (checkpoint/remote.py: one background thread; a failure is a warning, retried at the next save);
 `finish_uploads` waits for them at the end of the run.
 
-Reading: `orchestrator/checkpoint/resume.py` chooses the checkpoint; `Checkpointer.load` fills the
-training state from it without running pickled code (`torch.load(weights_only=True)`).
+Reading: `orchestrator/checkpoint/resume.py` chooses the checkpoint (`Checkpointer.choose_resume`:
+every rank verifies the checksums of its own shard files, rank 0 the rest); `Checkpointer.load`
+fills the training state from it without running pickled code (`torch.load(weights_only=True)`).
 """
 
 from __future__ import annotations
@@ -41,6 +44,12 @@ from lightning_fabric.strategies import DDPStrategy, DeepSpeedStrategy, SingleDe
 from lightning_fabric.wrappers import _unwrap_objects
 
 from orchestrator.checkpoint.consolidate import load_model_state
+from orchestrator.checkpoint.digests import (
+    HashingFileSystemWriter,
+    gather_digests,
+    hashing_deepspeed_engine,
+    verify_together,
+)
 from orchestrator.checkpoint.files import (
     fsync_dir,
     refuse_unsafe_pickles,
@@ -54,12 +63,19 @@ from orchestrator.checkpoint.layout import (
     checkpoint_root,
     dir_size,
     initial_progress,
+    list_checkpoints,
     partial_dir,
     prune,
     step_dir,
 )
-from orchestrator.checkpoint.manifest import config_hash, verify, write_manifest
-from orchestrator.checkpoint.remote import RemoteCheckpoints, Uploader, record_uploads
+from orchestrator.checkpoint.manifest import config_hash, write_manifest
+from orchestrator.checkpoint.remote import (
+    RemoteCheckpoints,
+    Uploader,
+    fetch_newer,
+    record_uploads,
+)
+from orchestrator.checkpoint.resume import choose_resume
 from orchestrator.checkpoint.rng import capture_rng, restore_rng
 from orchestrator.config import Config, save_config
 from orchestrator.parallel.fsdp import FSDP2Strategy
@@ -185,8 +201,16 @@ class Checkpointer:
                 converted = self._state_dicts(full_state)
                 if self.fabric.is_global_zero:
                     known[STATE_NAME] = write_state_file(converted, partial / STATE_NAME)
-            else:
-                self.fabric.save(partial / STATE_NAME, full_state)
+            elif writes_async_shards(self.fabric):
+                # Every rank hashes the shard files it writes, as it writes them.
+                writer = HashingFileSystemWriter(partial / STATE_NAME)
+                self.fabric.strategy.save_sharded_checkpoint(
+                    partial / STATE_NAME, _unwrap_objects(full_state), writer
+                )
+                known = writer.relative_digests(STATE_NAME)
+            else:  # DeepSpeed: each rank hashes the files its engine saves
+                with hashing_deepspeed_engine(_unwrap_objects(full_state), partial) as known:
+                    self.fabric.save(partial / STATE_NAME, full_state)
         except Exception as e:  # noqa: BLE001 - reported to every rank below
             error = e
         try:
@@ -197,7 +221,8 @@ class Checkpointer:
                 f"{e}. The previous checkpoints are intact; fix the cause (e.g. free disk "
                 "space) and rerun to resume from the latest one"
             ) from error
-        self.fabric.barrier()
+        # Rank 0's manifest takes every rank's digests: it hashes only what no rank hashed.
+        known = gather_digests(known, lambda digests: gather_object(self.fabric, digests))
 
         def publish() -> None:
             try:
@@ -241,9 +266,11 @@ class Checkpointer:
             writers = self.fabric.is_global_zero
         elif writes_async_shards(self.fabric):
             error, future = None, None
+            group = self._shard_writers_group()
+            writer = HashingFileSystemWriter(partial / STATE_NAME)
             try:
                 future = self.fabric.strategy.async_save_checkpoint(
-                    partial / STATE_NAME, _unwrap_objects(full_state), self._shard_writers_group()
+                    partial / STATE_NAME, _unwrap_objects(full_state), group, storage_writer=writer
                 )
             except Exception as e:  # noqa: BLE001 - reported to every rank below
                 error = e
@@ -254,8 +281,17 @@ class Checkpointer:
                 raise
 
             def write() -> dict[str, str] | None:  # every rank: its shard (DCP's collectives)
-                future.result()
-                return None
+                try:
+                    future.result()
+                    digests = writer.relative_digests(STATE_NAME)
+                except BaseException:
+                    digests = None
+                    raise
+                finally:  # every rank's thread gathers, failed or not: none waits forever
+                    gathered = _gather_on(group, digests)
+                if any(d is None for d in gathered):
+                    raise CheckpointError("another rank failed to write its shards")
+                return gather_digests({}, lambda _: gathered)
 
             writers = True
         else:
@@ -357,9 +393,36 @@ class Checkpointer:
             # now; one that is there already is skipped.
             self._upload(path)
 
+    def verify(self, path: Path) -> str | None:
+        """manifest.verify of checkpoint `path`, shared among the ranks (collective): each checks
+        the checksums of the files it will read (digests.verify_together); the same verdict on
+        every rank."""
+        return verify_together(
+            path,
+            self.cfg.checkpoint.verify_checksums,
+            self.fabric.global_rank,
+            self.fabric.world_size,
+            lambda reason: gather_object(self.fabric, reason),
+        )
+
+    def choose_resume(self, remote: bool = False) -> tuple[Path | None, list[tuple[Path, str]]]:
+        """resume.choose_resume on every rank together (collective): rank 0 lists the checkpoints
+        (and, with `remote`, downloads a newer one from checkpoint.remote_dir), every rank
+        verifies its share of each candidate, and all return the same choice."""
+        fabric = self.fabric
+
+        def listing(root: Path) -> list[Path]:
+            return fabric.broadcast(list_checkpoints(root) if fabric.is_global_zero else None)
+
+        def fetch(*args: Any) -> Path | None:
+            return fabric.broadcast(fetch_newer(*args) if fabric.is_global_zero else None)
+
+        chosen = choose_resume(self.cfg, remote, check=self.verify, listing=listing, fetch=fetch)
+        return fabric.broadcast(chosen)
+
     def load_weights(self, path: Path, model: torch.nn.Module) -> None:
         """Only the model weights of checkpoint `path` (a new run starting from pretrained weights)."""
-        reason = verify(path, checksums=self.cfg.checkpoint.verify_checksums)
+        reason = self.verify(path)
         if reason is not None:
             raise CheckpointError(f"checkpoint.init_from={path} cannot be used: {reason}")
         # Any strategy's checkpoint (file, FSDP shards, DeepSpeed ZeRO) into any strategy's model.
@@ -369,6 +432,15 @@ class Checkpointer:
             except ValueError as e:
                 raise CheckpointError(str(e)) from e
         load_full_model_state(self.fabric, model, weights, strict=True)
+
+
+def _gather_on(group, obj: Any) -> list[Any]:
+    """Every rank's `obj` over `group` (the async writers' own gloo group)."""
+    if not dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
 
 
 def _without_tracebacks(error: BaseException) -> BaseException:

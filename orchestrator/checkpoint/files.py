@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from orchestrator.checkpoint.layout import CheckpointError
+from orchestrator.checkpoint.layout import STATE_NAME, CheckpointError
 
 
 class UnsafeCheckpointError(CheckpointError, ValueError):
@@ -38,6 +38,25 @@ def load_tensors(path: Path) -> Any:
     never read into memory) and weights-only (a checkpoint never runs pickled code)."""
     with refuse_unsafe_pickles(path):
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+
+
+# The files of a checkpoint that the trainer reads weights-only: `state` itself (ddp, single,
+# gathered fsdp), and the metadata file Lightning writes beside the shards of a sharded fsdp one.
+# (DeepSpeed's engine reads its own files, not weights-only.)
+_WEIGHTS_ONLY_FILES = (STATE_NAME, f"{STATE_NAME}/meta.pt")
+
+
+def unsafe_reason(ckpt_dir: Path) -> str | None:
+    """Why loading checkpoint `ckpt_dir` would be refused as unsafe (pickled objects other than
+    tensors and plain containers), or None. Checks what the trainer's load reads weights-only,
+    without reading the tensors (memory-mapped): cheap, also for a large checkpoint."""
+    for rel in _WEIGHTS_ONLY_FILES:
+        if (ckpt_dir / rel).is_file():
+            try:
+                load_tensors(ckpt_dir / rel)
+            except UnsafeCheckpointError as e:
+                return str(e)
+    return None
 
 
 def fsync_file(path: Path) -> None:

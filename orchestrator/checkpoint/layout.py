@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -119,15 +120,21 @@ def retention_victims(
 
 
 def prune(
-    root: Path, keep_last: int, keep_every: int = 0, protect: Path | None = None
+    root: Path,
+    keep_last: int,
+    keep_every: int = 0,
+    protect: Path | None = None,
+    keep: Collection[str] = (),
 ) -> list[Path]:
     """Keep the newest `keep_last` checkpoints plus every step that is a multiple of `keep_every`,
     and always `protect` (the checkpoint just published: after a fallback from a damaged newer
-    one, or an explicit resume from an older one, it is not among the newest by step)."""
+    one, or an explicit resume from an older one, it is not among the newest by step) and the
+    checkpoints named in `keep` (those still waiting for their upload to checkpoint.remote_dir)."""
     found = list_checkpoints(root)
     victims = retention_victims(
         [p.name for p in found], keep_last, keep_every, None if protect is None else protect.name
     )
+    victims = [name for name in victims if name not in keep]
     removed = []
     for old in (p for p in found if p.name in victims):
         # Unlist it atomically first: a kill during the delete leaves a .partial, never a half

@@ -7,11 +7,21 @@ survives the loss of its run dir (a node's local disk, a cluster's scratch files
 As on disk, a remote checkpoint is complete only with its manifest: an interrupted upload or
 deletion leaves a prefix without one, which is never used and is deleted once a newer complete
 checkpoint exists. Uploads run on global rank 0 in one background thread, in publishing order;
-a failure is a warning and is retried at the next save, never an end of training. Resuming
-(`checkpoint.resume=auto`) downloads the newest complete remote checkpoint newer than the run
-dir's into `step-N.partial/`, verifies it against its manifest (SHA-256) and publishes it with the
-same rename as a local save. Rank 0 alone does this: the run dir is shared by every node (like the
-checkpoints every rank writes into and loads from), and the path it chose is broadcast.
+a failure is a warning and is retried at the next save, never an end of training; an upload that
+has had no answer for checkpoint.upload_warn_s is a warning too, and a checkpoint waiting for its
+upload is never deleted locally by retention. A run whose final checkpoint is not in the store
+exits with EXIT_UPLOAD_FAILED. Resuming (`checkpoint.resume=auto`) downloads the newest complete
+remote checkpoint newer than the run dir's into `step-N.partial/`, verifies it against its
+manifest (SHA-256) and the trainer's safe load, and publishes it with the same rename as a local
+save. Rank 0 alone does this: the run dir is shared by every node (like the checkpoints every rank
+writes into and loads from), and the path it chose is broadcast.
+
+Damage is not failure: a remote checkpoint that is damaged (a missing file, a checksum mismatch,
+an unsafe name, a state the safe load refuses) is passed over for the next older one, while a
+store that fails (5xx, throttling, timeouts, dropped connections) is retried with backoff for
+checkpoint.remote_retry_s and then stops the run with StoreUnavailableError (EXIT_STORE_UNAVAILABLE),
+the store and the run dir untouched: never a start from scratch that would overwrite the store's
+newest checkpoint with an older state.
 """
 
 from __future__ import annotations
@@ -31,7 +41,7 @@ from typing import Any
 import yaml
 
 from data.storage import ObjectStore, StorageError
-from orchestrator.checkpoint.files import fsync_dir, fsync_file
+from orchestrator.checkpoint.files import fsync_dir, fsync_file, unsafe_reason
 from orchestrator.checkpoint.layout import (
     CONFIG_NAME,
     MANIFEST_NAME,
@@ -45,9 +55,66 @@ from orchestrator.checkpoint.layout import (
 from orchestrator.checkpoint.manifest import verify
 from orchestrator.config import Config
 
+# Exit codes of `orchestrator train` for the object store (README: "Checkpoints in object storage").
+EXIT_UPLOAD_FAILED = 74  # the run finished, but its newest checkpoint is not in the store
+EXIT_STORE_UNAVAILABLE = 75  # the store failed at the start; nothing was started or changed
+
+# Failures of the store that may pass: throttling and server errors (by code or HTTP status),
+# and the connection errors and timeouts of botocore, s3transfer and urllib3 (by class name).
+_TRANSIENT_CODES = {
+    "SlowDown",
+    "ServiceUnavailable",
+    "InternalError",
+    "RequestTimeout",
+    "RequestTimeoutException",
+    "Throttling",
+    "ThrottlingException",
+    "TooManyRequests",
+    "RequestLimitExceeded",
+    "BandwidthLimitExceeded",
+}
+_TRANSIENT_ERRORS = {
+    "EndpointConnectionError",
+    "ConnectTimeoutError",
+    "ReadTimeoutError",
+    "ConnectionClosedError",
+    "ResponseStreamingError",
+    "IncompleteReadError",
+    "ProxyConnectionError",
+    "ProtocolError",
+    "IncompleteRead",
+}
+
+
+class StoreUnavailableError(CheckpointError):
+    """checkpoint.remote_dir failed while a run chose its checkpoint (not a damaged checkpoint):
+    the run stops with `exit_code`, the store and the run dir untouched."""
+
+    exit_code = EXIT_STORE_UNAVAILABLE
+
 
 def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether a store operation's failure may pass when retried (a StorageError's cause: 5xx,
+    throttling, a timeout, a dropped connection), unlike refused credentials or a missing bucket."""
+    seen: BaseException | None = error
+    for _ in range(8):  # the chain: StorageError <- botocore / s3transfer <- urllib3
+        if seen is None:
+            return False
+        response = getattr(seen, "response", None)
+        if isinstance(response, dict):
+            status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+            code = str(response.get("Error", {}).get("Code", ""))
+            return status >= 500 or status == 429 or code in _TRANSIENT_CODES
+        if isinstance(seen, (ConnectionError, TimeoutError)) or (
+            type(seen).__name__ in _TRANSIENT_ERRORS
+        ):
+            return True
+        seen = getattr(seen, "last_exception", None) or seen.__cause__ or seen.__context__
+    return False
 
 
 def _safe_name(name: str) -> str:
@@ -59,15 +126,22 @@ def _safe_name(name: str) -> str:
 
 
 class RemoteCheckpoints:
-    """The checkpoints under one object-store prefix: listing, upload, retention, download."""
+    """The checkpoints under one object-store prefix: listing, upload, retention, download.
+    `retry_s`: how long reads at resume retry a transiently failing store (checkpoint.remote_retry_s);
+    `upload_warn_s`: how long an upload may wait for an answer before a warning."""
 
-    def __init__(self, store: ObjectStore) -> None:
+    def __init__(self, store: ObjectStore, retry_s: float = 120.0, upload_warn_s: float = 60.0):
         self.store = store
+        self.retry_s = retry_s
+        self.upload_warn_s = upload_warn_s
 
     @classmethod
     def from_config(cls, cfg: Config) -> RemoteCheckpoints | None:
         url = cfg.checkpoint.remote_dir
-        return cls(ObjectStore(url, cfg.storage.options())) if url else None
+        if not url:
+            return None
+        c = cfg.checkpoint
+        return cls(ObjectStore(url, cfg.storage.options()), c.remote_retry_s, c.upload_warn_s)
 
     @property
     def url(self) -> str:
@@ -91,6 +165,42 @@ class RemoteCheckpoints:
 
     def complete(self) -> list[str]:
         return self.scan()[0]
+
+    def retrying(self, fn: Callable[[], Any]) -> Any:
+        """`fn()` (a read from the store), retried with exponential backoff for `retry_s` while the
+        store fails transiently. A failure that persists, or one that retrying cannot fix (refused
+        credentials, a missing bucket), is a StoreUnavailableError naming the URL and what to do;
+        FileNotFoundError (no such object) passes through."""
+        started = time.monotonic()
+        delay = min(1.0, max(self.retry_s, 0.01) / 8)
+        attempt = 1
+        while True:
+            try:
+                return fn()
+            except StorageError as e:
+                waited = time.monotonic() - started
+                error = str(e).rstrip(".")
+                if not is_transient(e):
+                    cause, advice = error, "fix the store's settings or the credentials"
+                elif waited + delay > self.retry_s:
+                    cause = f"{error} (still failing after {attempt} attempts over {waited:.0f}s)"
+                    advice = (
+                        "rerun once the store answers again (checkpoint.remote_retry_s="
+                        f"{self.retry_s:g} sets how long a start keeps retrying)"
+                    )
+                else:
+                    _warn(f"{e}; retrying in {delay:.1f}s (attempt {attempt + 1})")
+                    time.sleep(delay)
+                    delay = min(delay * 2, 30.0)
+                    attempt += 1
+                    continue
+                raise StoreUnavailableError(
+                    f"{cause}. This is a failure of the store, not a damaged "
+                    "checkpoint: the run did not start and nothing was changed in the store or the "
+                    f"run dir (exit code {EXIT_STORE_UNAVAILABLE}). To continue, {advice}; or pass "
+                    "--checkpoint.remote_dir null to go on without the store (from the run dir's "
+                    "own checkpoints, or from scratch without any)"
+                ) from e
 
     def has_copy(self, ckpt: Path) -> bool:
         """The store holds `ckpt` complete with the same manifest (it was uploaded already)."""
@@ -141,27 +251,33 @@ class RemoteCheckpoints:
 
     def download(self, name: str, root: Path) -> tuple[Path | None, str | None]:
         """Bring the remote checkpoint `name` into `root/name.partial`, verify every file against
-        the manifest (sizes and SHA-256), and publish it as `root/name` with an atomic rename.
-        Returns the published path, or None and the reason it cannot be used."""
+        the manifest (sizes and SHA-256) and the state against the trainer's safe load, and
+        publish it as `root/name` with an atomic rename. Returns the published path, or None and
+        the reason it cannot be used (damage); a failing store raises StoreUnavailableError
+        (after `retrying`), with `root` as it was."""
         final = root / name
         partial = partial_dir(final)
         shutil.rmtree(partial, ignore_errors=True)
         reason = None
         try:
-            manifest = self.store.read_bytes(f"{name}/{MANIFEST_NAME}")
+            manifest = self.retrying(lambda: self.store.read_bytes(f"{name}/{MANIFEST_NAME}"))
             files = json.loads(manifest)["files"]
             partial.mkdir(parents=True)
             for rel in sorted(files):
                 local = partial / _safe_name(rel)
-                self.store.download(f"{name}/{rel}", local)
+                self.retrying(lambda: self.store.download(f"{name}/{rel}", local))  # noqa: B023
                 fsync_file(local)
             (partial / MANIFEST_NAME).write_bytes(manifest)
         except FileNotFoundError as e:
             reason = f"missing file ({e})"
-        except (StorageError, OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        except StoreUnavailableError:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             reason = f"{type(e).__name__}: {e}"
-        reason = reason or verify(partial, checksums=True)
+        reason = reason or verify(partial, checksums=True) or _load_refusal(partial)
         if reason is not None:
+            reason = reason.replace(str(partial), self.url_of(name))  # it never got published
             shutil.rmtree(partial, ignore_errors=True)
             return None, reason
         fsync_file(partial / MANIFEST_NAME)
@@ -171,6 +287,18 @@ class RemoteCheckpoints:
         partial.rename(final)
         fsync_dir(root)
         return final, None
+
+
+UNSAFE = "unsafe: "  # how download's reason starts for a state the safe load refuses
+
+
+def _load_refusal(ckpt: Path) -> str | None:
+    """Why the trainer's safe load would refuse the (verified) checkpoint `ckpt`, or None."""
+    try:
+        unsafe = unsafe_reason(ckpt)
+    except Exception as e:  # noqa: BLE001 - an unreadable state is damage like any other
+        return f"its state cannot be read ({type(e).__name__}: {e})"
+    return None if unsafe is None else UNSAFE + unsafe
 
 
 # -- uploads in the background (global rank 0) ------------------------------------------------
@@ -196,7 +324,9 @@ class Uploader:
     """One worker thread copying published checkpoints to the store in the order they were
     submitted, then applying retention there. Never raises into training: each outcome is an
     UploadReport for the training thread to log (`drain`), and a failed checkpoint is queued
-    again at the next `submit` (the next save)."""
+    again at the next `submit` (the next save). The checkpoints queued or in flight (`waiting`)
+    are kept by local retention; an upload that has had no answer from the store for
+    `remote.upload_warn_s` is a warning."""
 
     def __init__(self, remote: RemoteCheckpoints, keep_last: int, keep_every: int = 0) -> None:
         self.remote = remote
@@ -209,6 +339,8 @@ class Uploader:
         self._failed: dict[str, Path] = {}  # to retry at the next submit
         self._outcome: dict[str, UploadReport] = {}  # the last report of each checkpoint
         self._newest: Path | None = None  # the newest checkpoint submitted
+        self._waiting: dict[str, int] = {}  # queued or in flight: how many times
+        self._last_answer = 0.0  # time.monotonic() of the store's last response
         self._atexit = False
 
     def submit(self, ckpt: Path) -> None:
@@ -226,8 +358,14 @@ class Uploader:
                 if not self._atexit:  # a normal exit waits for the queue (daemon: never hangs)
                     atexit.register(self.close)
                     self._atexit = True
-        for path in [*retries, ckpt]:
-            self._queue.put(path)
+            for path in [*retries, ckpt]:
+                self._waiting[path.name] = self._waiting.get(path.name, 0) + 1
+                self._queue.put(path)
+
+    def waiting(self) -> set[str]:
+        """The checkpoints queued or being uploaded (names): local retention must keep them."""
+        with self._lock:
+            return set(self._waiting)
 
     def _work(self) -> None:
         while True:
@@ -235,17 +373,61 @@ class Uploader:
             try:
                 if ckpt is None:
                     return
+                done = threading.Event()
                 try:
+                    self._listen_for_answers()
+                    threading.Thread(
+                        target=self._watch, args=(ckpt, done), name="upload-watch", daemon=True
+                    ).start()
                     report = self._upload(ckpt)
                 except Exception as e:  # noqa: BLE001 - the thread must outlive any one upload
                     report = UploadReport(ckpt, -1, self.remote.url_of(ckpt.name), error=repr(e))
+                finally:
+                    done.set()
                 with self._lock:
+                    if self._waiting.get(ckpt.name, 0) > 1:
+                        self._waiting[ckpt.name] -= 1
+                    else:
+                        self._waiting.pop(ckpt.name, None)
                     self._reports.append(report)
                     self._outcome[ckpt.name] = report
                     if report.error is not None:
                         self._failed[ckpt.name] = ckpt
             finally:
                 self._queue.task_done()
+
+    def _answered(self, response: Any = None, **_: Any) -> None:
+        """botocore's needs-retry event, after every attempt of every request: a response (of
+        any status) is an answer; a timeout or a dropped connection is not. Returns None (a
+        value would be taken for a retry delay)."""
+        if response is not None:
+            self._last_answer = time.monotonic()
+
+    def _listen_for_answers(self) -> None:
+        """Count the store's answers from now on (in the worker thread: the client it uploads
+        with, created here if need be)."""
+        self._last_answer = time.monotonic()
+        events = getattr(getattr(self.remote.store.client, "meta", None), "events", None)
+        if events is not None:  # s3://: boto3's client (registered once: unique_id)
+            events.register("needs-retry.s3", self._answered, unique_id="checkpoint-upload-watch")
+
+    def _watch(self, ckpt: Path, done: threading.Event) -> None:
+        """While `ckpt` is being uploaded: one warning once the store has not answered for
+        upload_warn_s (a store that stops answering, rather than refusing, is otherwise silent
+        until the client's read timeout)."""
+        bound = self.remote.upload_warn_s
+        if bound <= 0:
+            return
+        while not done.wait(min(bound / 4, 1.0)):
+            quiet = time.monotonic() - self._last_answer
+            if quiet >= bound:
+                _warn(
+                    f"uploading checkpoint {ckpt.name} to {self.remote.url_of(ckpt.name)}: no "
+                    f"answer from the store for {quiet:.0f}s (checkpoint.upload_warn_s={bound:g}); "
+                    "it may have stopped answering. Training goes on, and the upload keeps "
+                    "waiting until the client's read timeout (then it is retried at the next save)"
+                )
+                return
 
     def _upload(self, ckpt: Path) -> UploadReport:
         report = UploadReport(ckpt, checkpoint_step(ckpt), self.remote.url_of(ckpt.name))
@@ -285,12 +467,13 @@ class Uploader:
             self._queue.join()
         return self.drain()
 
-    def newest_missing(self) -> None:
-        """After `finish`: say loudly when the run's newest checkpoint is not in the store."""
+    def newest_missing(self) -> bool:
+        """After `finish`: say loudly when the run's newest checkpoint is not in the store, and
+        whether it is not (the run then exits with EXIT_UPLOAD_FAILED)."""
         newest = self._newest
         outcome = None if newest is None else self._outcome.get(newest.name)
         if newest is None or outcome is None or outcome.error is None:
-            return
+            return False
         complete = _try(self.remote.complete)  # None: the store cannot even list
         there = ""
         if complete is not None:
@@ -301,10 +484,12 @@ class Uploader:
             f"{outcome.error}\n"
             f"error: it exists only in {newest}{there}. Run the same command again once the "
             "store is reachable (a run resuming from a checkpoint the store lacks uploads it "
-            "first), or copy it yourself (every file, manifest.json last).",
+            "first), or copy it yourself (every file, manifest.json last). Exit code "
+            f"{EXIT_UPLOAD_FAILED}.",
             file=sys.stderr,
             flush=True,
         )
+        return True
 
     def close(self) -> None:
         """Finish the queue and stop the thread (also at interpreter exit)."""
@@ -377,22 +562,22 @@ def fetch_newer(
 ) -> Path | None:
     """The newest complete remote checkpoint newer than `local` (the run dir's newest good one),
     downloaded, verified and published under `root`; None when there is none or none is good
-    (each damaged one is passed over with a warning naming it). `model_mismatch(saved_config)`
-    says how a checkpoint's model differs from this run's (checked before downloading it)."""
+    (each damaged or unsafe one is passed over with a warning naming it, never published).
+    `model_mismatch(saved_config)` says how a checkpoint's model differs from this run's (checked
+    before downloading it). A failing store raises StoreUnavailableError (RemoteCheckpoints.retrying),
+    except for the listing of a run that has a local checkpoint to resume: a warning."""
     remote = RemoteCheckpoints.from_config(cfg)
     if remote is None:
         return None
     try:
-        complete = remote.complete()
-    except StorageError as e:
-        if local is not None:
-            _warn(f"{e}; resuming from the local {local} without looking for newer remote ones")
-            return None
-        raise CheckpointError(
-            f"{e}. checkpoint.remote_dir may hold this run's checkpoints, so the run does not "
-            "start from scratch: fix the store (storage.endpoint_url / AWS_ENDPOINT_URL, "
-            "credentials), or pass --checkpoint.remote_dir null to start without it"
-        ) from e
+        complete = remote.retrying(remote.complete)
+    except StoreUnavailableError as e:
+        if local is None:  # checkpoint.remote_dir may hold this run's checkpoints: no fresh start
+            raise
+        _warn(
+            f"{e.__cause__}; resuming from the local {local} without looking for newer remote ones"
+        )
+        return None
     local_step = -1 if local is None else checkpoint_step(local)
     newer = [name for name in complete if checkpoint_step(Path(name)) > local_step]
     for name in reversed(newer):
@@ -416,7 +601,13 @@ def fetch_newer(
                 flush=True,
             )
             return path
-        _warn(f"skipping damaged remote checkpoint {url}: {reason}; trying an older one")
+        if reason.startswith(UNSAFE):
+            _warn(
+                f"skipping unsafe remote checkpoint {url} (refused before it was published in "
+                f"the run dir): {reason.removeprefix(UNSAFE)}; trying an older one"
+            )
+        else:
+            _warn(f"skipping damaged remote checkpoint {url}: {reason}; trying an older one")
     if newer:
         _warn(
             f"no remote checkpoint in {remote.url} newer than the run dir's could be used; "

@@ -6,6 +6,7 @@ so that a mismatch is one clear error naming the checkpoint and the fix.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,48 +27,65 @@ from orchestrator.parallel.strategy import strategy_label
 from orchestrator.schema import ConfigError, to_dict
 
 
-def choose_resume(cfg: Config, remote: bool = False) -> tuple[Path | None, list[tuple[Path, str]]]:
+def choose_resume(
+    cfg: Config,
+    remote: bool = False,
+    check: Callable[[Path], str | None] | None = None,
+    listing: Callable[[Path], list[Path]] = list_checkpoints,
+    fetch: Callable[..., Path | None] | None = None,
+) -> tuple[Path | None, list[tuple[Path, str]]]:
     """The checkpoint to resume from per checkpoint.resume, and the damaged ones passed over.
 
-    `remote` (a run's start, on global rank 0): with checkpoint.remote_dir, a newer complete
-    remote checkpoint than the run dir's newest good one is downloaded into the run dir first
-    (checkpoint/remote.py), and chosen. Without a checkpoint of the run's own (or with
-    checkpoint.resume=never), checkpoint.branch_from when set: a branch starts from another
-    run's full state."""
+    `remote` (a run's start): with checkpoint.remote_dir, a newer complete remote checkpoint than
+    the run dir's newest good one is downloaded into the run dir first (checkpoint/remote.py),
+    and chosen. Without a checkpoint of the run's own (or with checkpoint.resume=never),
+    checkpoint.branch_from when set: a branch starts from another run's full state.
+
+    `check(path)`: the reason a checkpoint cannot be used, or None (default: `manifest.verify`
+    in this process, checksums per checkpoint.verify_checksums). `listing` and `fetch` replace
+    list_checkpoints and remote.fetch_newer: every rank of a run calls this together, verifying
+    its share of each checkpoint (Checkpointer.choose_resume), on rank 0's listing and download.
+    """
+    if check is None:
+        checksums = cfg.checkpoint.verify_checksums
+        check = lambda path: verify(path, checksums=checksums)  # noqa: E731
     if cfg.checkpoint.resume == "never":
-        return branch_point(cfg), []
+        return branch_point(cfg, check), []
     if cfg.checkpoint.resume != "auto":
         path = Path(cfg.checkpoint.resume)
-        reason = verify(path, checksums=cfg.checkpoint.verify_checksums)
+        reason = check(path)
         if reason is not None:
             raise CheckpointError(f"checkpoint.resume={path} cannot be used: {reason}")
         return path, []
     skipped = []
     chosen = None
-    for path in reversed(list_checkpoints(checkpoint_root(cfg))):
-        reason = verify(path, checksums=cfg.checkpoint.verify_checksums)
+    for path in reversed(listing(checkpoint_root(cfg))):
+        reason = check(path)
         if reason is None:
             chosen = path
             break
         skipped.append((path, reason))
     if remote and cfg.checkpoint.remote_dir:
-        fetched = fetch_newer(
+        fetched = (fetch or fetch_newer)(
             cfg, checkpoint_root(cfg), chosen, lambda saved: model_mismatch(saved, cfg)
         )
         if fetched is not None:  # it replaced a damaged local copy of its step, if there was one
             return fetched, [(p, r) for p, r in skipped if p.name > fetched.name]
     if chosen is None:
-        chosen = branch_point(cfg)
+        chosen = branch_point(cfg, check)
     return chosen, skipped
 
 
-def branch_point(cfg: Config) -> Path | None:
-    """checkpoint.branch_from, verified, for a run with no checkpoint of its own to resume (None
-    without one). Its full state starts the run; a damaged one is an error, never a fresh start."""
+def branch_point(cfg: Config, check: Callable[[Path], str | None] | None = None) -> Path | None:
+    """checkpoint.branch_from, verified (`check`, as in choose_resume), for a run with no
+    checkpoint of its own to resume (None without one). Its full state starts the run; a damaged
+    one is an error, never a fresh start."""
     if cfg.checkpoint.branch_from is None:
         return None
     path = Path(cfg.checkpoint.branch_from)
-    reason = verify(path, checksums=cfg.checkpoint.verify_checksums)
+    reason = (
+        verify(path, checksums=cfg.checkpoint.verify_checksums) if check is None else check(path)
+    )
     if reason is not None:
         raise CheckpointError(f"checkpoint.branch_from={path} cannot be used: {reason}")
     return path

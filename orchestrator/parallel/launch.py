@@ -255,7 +255,9 @@ def is_peer_failure(exc: BaseException) -> bool:
 def fail_fast(exc: BaseException, timeout_s: int | None = None) -> None:
     """Report a fatal error on this rank clearly, stop the processes this one launched, and exit
     now (os._exit: never wait in atexit handlers or process-group teardown for peers that are gone).
-    In a single-process run it returns and the caller re-raises."""
+    In a single-process run it returns and the caller re-raises. An error with an `exit_code`
+    (an expected failure, e.g. checkpoint/remote.py's StoreUnavailableError) is reported by its
+    message alone and exits with that code."""
     launcher = (
         getattr(getattr(_current, "strategy", None), "launcher", None)
         if _current is not None
@@ -266,10 +268,14 @@ def fail_fast(exc: BaseException, timeout_s: int | None = None) -> None:
     ) or bool(getattr(launcher, "procs", None))
     if not distributed:
         return  # one process: the caller re-raises, with the usual traceback
-    rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0"
-    world = os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or "1"
+    rank, world = process_rank()
     first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    if is_peer_failure(exc):
+    code = getattr(exc, "exit_code", None)
+    if code is not None:
+        message = (
+            f"error: rank {rank}/{world}: {exc}\nerror: stopping the whole job (exit code {code})"
+        )
+    elif is_peer_failure(exc):
         bound = f" (collectives wait at most strategy.timeout_s={timeout_s}s)" if timeout_s else ""
         message = (
             f"error: rank {rank}/{world} lost contact with another rank: {type(exc).__name__}: {first_line[:300]}\n"
@@ -282,7 +288,17 @@ def fail_fast(exc: BaseException, timeout_s: int | None = None) -> None:
     print(message, file=sys.stderr, flush=True)
     _kill_launched_children()
     sys.stdout.flush()
-    os._exit(1)
+    os._exit(1 if code is None else code)
+
+
+def process_rank() -> tuple[int | str, int | str]:
+    """This process's global rank and the world size: the process group's (every launcher, also
+    Fabric's own, which sets no RANK), else the launcher's variables (before the group exists)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0"
+    world = os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or "1"
+    return rank, world
 
 
 def _kill_launched_children() -> None:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -450,6 +451,15 @@ def write_tokenizer(
 # --------------------------------------------------------------------------------------------
 
 
+def _save_readable(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' save_file, with the mode the export's other files get (0666 less the umask,
+    0644 usually): save_file creates its file 0600, which other users of a cluster cannot read."""
+    save_file(tensors, path, metadata={"format": "pt"})
+    umask = os.umask(0)  # the only way to read it; set back at once
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def save_safetensors(
     tensors: dict[str, torch.Tensor], out_dir: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
 ) -> list[str]:
@@ -464,12 +474,12 @@ def save_safetensors(
         shards[-1][name] = t
         size += nbytes
     if len(shards) == 1:
-        save_file(shards[0], out_dir / "model.safetensors", metadata={"format": "pt"})
+        _save_readable(shards[0], out_dir / "model.safetensors")
         return ["model.safetensors"]
     files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
     for fname, shard in zip(files, shards, strict=True):
-        save_file(shard, out_dir / fname, metadata={"format": "pt"})
+        _save_readable(shard, out_dir / fname)
         weight_map.update({name: fname for name in shard})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}

@@ -5,7 +5,9 @@ and the real trainer losing its run dir."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import time
 
 import pytest
 import torch
@@ -22,11 +24,30 @@ from orchestrator.checkpoint.layout import (
     retention_victims,
 )
 from orchestrator.checkpoint.manifest import verify
-from orchestrator.checkpoint.remote import RemoteCheckpoints, Uploader, fetch_newer
+from orchestrator.checkpoint.remote import (
+    EXIT_STORE_UNAVAILABLE,
+    EXIT_UPLOAD_FAILED,
+    RemoteCheckpoints,
+    StoreUnavailableError,
+    Uploader,
+    fetch_newer,
+)
 from orchestrator.checkpoint.resume import choose_resume
+from orchestrator.train import main as train_main
 from orchestrator.training.monitor import Monitor
 from tests.orchestrator.checkpoint.helpers import flip_middle_byte, make_checkpoint, make_config
-from tests.training import step_records, train
+from tests.s3_faults import FaultProxy
+from tests.training import TINY, data_args, step_records, train
+
+
+@pytest.fixture
+def faults(s3, monkeypatch):
+    """A fault-injecting proxy in front of the server (tests/s3_faults.py); stores created from
+    now on reach the server through it (the stores made before keep the direct route)."""
+    proxy = FaultProxy(s3.endpoint)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    yield proxy
+    proxy.stop()
 
 
 def remote_of(s3, bucket: str) -> tuple[str, RemoteCheckpoints]:
@@ -156,6 +177,53 @@ def test_failed_upload_is_retried_at_the_next_save(s3, tmp_path, capsys):
     uploader.close()
 
 
+def test_upload_that_gets_no_answer_is_a_warning(s3, faults, tmp_path, capsys):
+    s3.create_bucket("ckpt-stalled")
+    remote = RemoteCheckpoints(ObjectStore("s3://ckpt-stalled/runs/a"), upload_warn_s=0.3)
+    uploader = Uploader(remote, keep_last=0)
+    faults.hold("PUT", "/step-00000001/state")  # the store stops answering (not refusing)
+    uploader.submit(make_checkpoint(tmp_path, 1))
+    assert faults.held.acquire(timeout=10)
+    deadline = time.monotonic() + 10
+    err = ""
+    while "no answer from the store" not in err and time.monotonic() < deadline:
+        time.sleep(0.1)
+        err += capsys.readouterr().err
+    assert "uploading checkpoint step-00000001 to s3://ckpt-stalled/runs/a/step-00000001: no " \
+        "answer from the store for 0s (checkpoint.upload_warn_s=0.3)" in err  # fmt: skip
+    faults.release()  # it answers again: the upload goes through
+    (report,) = uploader.finish()
+    assert report.error is None and report.size_bytes > 0
+    assert remote.complete() == ["step-00000001"]
+    uploader.close()
+
+
+def test_checkpoints_waiting_for_upload_are_kept_locally(s3, faults, tmp_path):
+    s3.create_bucket("ckpt-waiting")
+    url = "s3://ckpt-waiting/runs/a"
+    fabric = Fabric(accelerator="cpu", devices=1)
+    model = torch.nn.Linear(4, 2)
+    model = fabric.setup(model)
+    run_dir = tmp_path / "run"
+    cfg = make_config(run_dir, "--checkpoint.remote_dir", url, "--checkpoint.keep_last", "1")
+    ckpt, monitor = Checkpointer(fabric, cfg), Monitor(fabric, cfg, start_step=0)
+    faults.hold("PUT", "/step-00000001/")  # the first upload is slow: the next ones queue up
+    for step in (1, 2, 3):
+        ckpt.save({"model": model, "progress": {"step": step}}, step, tokens_seen=16 * step)
+    root = run_dir / "checkpoints"
+    # keep_last 1, but 1 is being uploaded and 2 waits for its turn: neither is deleted.
+    assert [p.name for p in list_checkpoints(root)] == [f"step-0000000{s}" for s in (1, 2, 3)]
+    faults.release()
+    reports = ckpt.uploader.finish()
+    assert [(r.step, r.skipped, r.error) for r in reports] == [(s, None, None) for s in (1, 2, 3)]
+    assert RemoteCheckpoints(ObjectStore(url)).complete() == ["step-00000003"]  # keep_last there
+    ckpt.save({"model": model, "progress": {"step": 4}}, 4, tokens_seen=64)  # nothing waits now
+    ckpt.uploader.finish()
+    assert [p.name for p in list_checkpoints(root)] == ["step-00000004"]
+    assert ckpt.finish_uploads(monitor) == 0
+    ckpt.uploader.close()
+
+
 def test_checkpointer_uploads_what_it_publishes(s3, tmp_path):
     s3.create_bucket("ckpt-trainer")
     url = "s3://ckpt-trainer/runs/a"
@@ -265,6 +333,61 @@ def test_no_good_remote_checkpoint_keeps_the_local_one(s3, tmp_path, capsys):
     assert "starting from scratch" in capsys.readouterr().err
 
 
+class Opaque:
+    """A pickled object other than tensors and plain containers: the safe load refuses it."""
+
+
+def test_unsafe_remote_checkpoint_is_refused_before_it_is_published(s3, tmp_path, capsys):
+    url, remote = remote_of(s3, "ckpt-unsafe")
+    remote.upload(make_checkpoint(tmp_path / "source", 2))
+    remote.upload(make_checkpoint(tmp_path / "source", 4, state={"model": Opaque()}))
+    root = tmp_path / "run" / "checkpoints"
+    cfg = make_config(tmp_path / "run", "--checkpoint.remote_dir", url)
+    assert choose_resume(cfg, remote=True) == (root / "step-00000002", [])
+    err = capsys.readouterr().err
+    assert f"skipping unsafe remote checkpoint {url}/step-00000004 (refused before" in err
+    assert f"refusing to load {url}/step-00000004/state: it contains pickled objects" in err
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000002"]  # never published
+    assert remote.complete() == ["step-00000002", "step-00000004"]  # the store is left as it is
+
+
+def test_transient_store_failure_at_resume_is_retried(s3, faults, tmp_path, capsys):
+    url, remote = remote_of(s3, "ckpt-flaky")
+    for step in (2, 4):
+        remote.upload(make_checkpoint(tmp_path / "source", step))
+    # 503s for as many requests as the client's own attempts (4): the download fails once.
+    faults.fail("HEAD", "/step-00000004/state", times=4)
+    root = tmp_path / "run" / "checkpoints"
+    cfg = make_config(tmp_path / "run", "--checkpoint.remote_dir", url)
+    assert fetch_newer(cfg, root, None) == root / "step-00000004"
+    assert [f[0] for f in faults.faults] == ["fail"] * 4
+    err = capsys.readouterr().err
+    assert f"Cannot read {url}/step-00000004/state: ClientError: An error occurred (503)" in err
+    assert "retrying in" in err and "skipping" not in err
+    assert verify(root / "step-00000004") is None
+
+
+def test_store_failing_at_resume_stops_the_run_and_changes_nothing(s3, faults, tmp_path):
+    url, remote = remote_of(s3, "ckpt-down")
+    for step in (2, 4):
+        remote.upload(make_checkpoint(tmp_path / "source", step))
+    before = remote.store.list()
+    run_dir = tmp_path / "run"
+    local = make_checkpoint(run_dir / "checkpoints", 2)  # older than the store's newest
+    faults.fail("HEAD", "/step-00000004/state")  # every time
+    cfg = make_config(run_dir, "--checkpoint.remote_dir", url, "--checkpoint.remote_retry_s", "0.5")
+    with pytest.raises(StoreUnavailableError) as info:
+        choose_resume(cfg, remote=True)
+    message = str(info.value)
+    assert info.value.exit_code == EXIT_STORE_UNAVAILABLE == 75
+    assert message.startswith(f"Cannot read {url}/step-00000004/state: ClientError")
+    assert "not a damaged checkpoint" in message and "remote_retry_s=0.5" in message
+    assert "--checkpoint.remote_dir null" in message
+    # Neither resumed from the older local one nor from scratch; nothing written anywhere.
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == [local.name]
+    assert remote.store.list() == before
+
+
 def test_remote_copy_replaces_a_damaged_local_one(s3, tmp_path):
     url, remote = remote_of(s3, "ckpt-replace")
     remote.upload(make_checkpoint(tmp_path / "source", 4))
@@ -282,8 +405,10 @@ def test_unreachable_store_stops_a_run_that_has_nothing_local(s3, tmp_path, monk
     url, _ = remote_of(s3, "ckpt-unreachable")
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens on port 9
     run_dir = tmp_path / "run"
-    cfg = make_config(run_dir, "--checkpoint.remote_dir", url)
-    with pytest.raises(CheckpointError, match=r"cannot reach the object store.*remote_dir null"):
+    cfg = make_config(run_dir, "--checkpoint.remote_dir", url, "--checkpoint.remote_retry_s", "0.1")
+    with pytest.raises(
+        StoreUnavailableError, match=r"cannot reach the object store.*remote_dir null"
+    ):
         choose_resume(cfg, remote=True)
     local = make_checkpoint(run_dir / "checkpoints", 2)
     assert choose_resume(cfg, remote=True) == (local, [])
@@ -305,6 +430,48 @@ def test_remote_checkpoint_of_another_model_is_refused(s3, tmp_path):
 # One process; the decay spans 6 steps whatever train.max_steps is (4 + 2 steps = 6 straight).
 E2E = ["--strategy.devices", "1", "--train.global_batch_size", "4", "--schedule.decay_steps", "6",
        "--eval.interval", "0", "--eval.at_start", "false", "--checkpoint.interval", "2"]  # fmt: skip
+
+
+def train_in_process(sample_data, run_dir, *extra: str) -> int:
+    """`orchestrator train` in this process (strategy single: no process group; 2 steps), its
+    exit code; the environment as it was before (Lightning sets variables in it)."""
+    argv = [*TINY, *data_args(sample_data), *E2E, "--strategy.name", "single"]
+    environ = dict(os.environ)
+    try:
+        return train_main([*argv, "--train.max_steps", "2", "--run.dir", str(run_dir), *extra])
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
+
+
+def test_run_whose_newest_checkpoint_is_not_in_the_store_exits_74(
+    s3, faults, sample_data, tmp_path, capsys
+):
+    s3.create_bucket("ckpt-refusing")
+    faults.fail("PUT", "/step-00000002/")  # every upload of the run's checkpoint fails
+    run_dir = tmp_path / "run"
+    code = train_in_process(sample_data, run_dir, "--checkpoint.remote_dir", "s3://ckpt-refusing/a")
+    assert code == EXIT_UPLOAD_FAILED == 74
+    err = capsys.readouterr().err
+    assert "error: the run's newest checkpoint step-00000002 was NOT copied" in err
+    assert "Exit code 74" in err
+    assert json.loads((run_dir / "summary.json").read_text())["exit_code"] == 74
+
+
+def test_run_stops_with_75_when_the_store_fails_at_its_start(
+    s3, faults, sample_data, tmp_path, capsys
+):
+    url, remote = remote_of(s3, "ckpt-failing")
+    remote.upload(make_checkpoint(tmp_path / "source", 4))
+    faults.fail("HEAD", "/step-00000004/state")  # every time
+    run_dir = tmp_path / "run"
+    retry = ["--checkpoint.remote_retry_s", "0.2"]
+    code = train_in_process(sample_data, run_dir, "--checkpoint.remote_dir", url, *retry)
+    assert code == EXIT_STORE_UNAVAILABLE == 75
+    err = capsys.readouterr().err
+    assert f"error: Cannot read {url}/step-00000004/state" in err
+    assert "Traceback" not in err
+    assert not list((run_dir / "checkpoints").iterdir())  # nothing started, nothing written
 
 
 def losses(run_dir) -> dict[int, float]:

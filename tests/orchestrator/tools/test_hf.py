@@ -1,6 +1,8 @@
 """Export to / import from the Hugging Face Llama format, checked against transformers itself."""
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -9,7 +11,13 @@ from orchestrator import cli
 from orchestrator.checkpoint.consolidate import load_model_state
 from orchestrator.checkpoint.manifest import verify
 from orchestrator.schema import ConfigError
-from orchestrator.tools.hf import export_checkpoint, import_hf, load_model, write_tokenizer
+from orchestrator.tools.hf import (
+    export_checkpoint,
+    import_hf,
+    load_model,
+    save_safetensors,
+    write_tokenizer,
+)
 from tests.hf_helpers import (
     TEXTS,
     random_model,
@@ -95,6 +103,25 @@ def test_export_directory_contents(tmp_path, sp_model):
     # Exporting over an existing directory needs --overwrite.
     with pytest.raises(FileExistsError, match="--overwrite"):
         export_checkpoint(ckpt, out)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_safetensors_files_get_the_mode_of_the_other_files(tmp_path, umask):
+    """safetensors writes 0600; an export on a shared cluster must be readable like its JSON."""
+    tensors = {"a": torch.zeros(4), "b": torch.ones(4)}
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    previous = os.umask(umask)
+    try:
+        single = save_safetensors(tensors, tmp_path / "one", max_shard_bytes=1 << 20)
+        sharded = save_safetensors(tensors, tmp_path / "two", max_shard_bytes=16)
+    finally:
+        os.umask(previous)
+    assert single == ["model.safetensors"] and len(sharded) == 2
+    files = [tmp_path / "one" / single[0], *(tmp_path / "two" / f for f in sharded)]
+    index = tmp_path / "two" / "model.safetensors.index.json"  # written by Python, like the rest
+    modes = {stat.S_IMODE(f.stat().st_mode) for f in [*files, index]}
+    assert modes == {0o666 & ~umask}
 
 
 def test_exported_tokenizer_encodes_like_sentencepiece(tmp_path, sp_model):
