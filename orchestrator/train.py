@@ -105,7 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as e:  # one rank failing ends every rank, with a clear message
         fail_fast(e, cfg.strategy.timeout_s)  # returns only in a single-process run
-        raise
+        if getattr(e, "exit_code", None) is None:
+            raise
+        print(f"error: {e}", file=sys.stderr)  # an expected failure with its own exit code
+        return e.exit_code
     return summary.get("exit_code", 0)
 
 
@@ -155,13 +158,15 @@ def setup(cfg: Config, stop_signals: StopSignals) -> Run:
     fabric.barrier()
 
     fabric.seed_everything(cfg.run.seed)
+    # FSDP2 builds on the meta device and ZeRO-3 partitions as it builds: each rank materialises
+    # only its shards in fabric.setup, with the weights an unsharded build has.
     with fabric.init_module():
         model = build_model(cfg.model)  # model.arch: Llama or the encoder-decoder
     if wants_activation_checkpointing_outside(cfg):  # FSDP applies it while sharding
         apply_activation_checkpointing(model, cfg.strategy.activation_checkpointing)
     if cfg.model.compile:  # torch.compile each block in place (names and hooks unchanged)
         compile_blocks(model)
-    optimizer = build_optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg, fabric.device)  # FSDP2: still on the meta device
     model, optimizer = fabric.setup(model, optimizer)
     # DeepSpeed: the scheduler drives its inner torch optimizer.
     scheduler = build_scheduler(scheduler_optimizer(optimizer), cfg)
@@ -381,9 +386,11 @@ def stop_early(run: Run, stop: int, step: int, saved_this_step: bool) -> dict:
     if not saved_this_step:
         run.monitor.checkpoint(run.checkpointer.save(run.state, step, run.progress["tokens_seen"]))
     run.checkpointer.wait()
-    run.checkpointer.finish_uploads(run.monitor)  # waits for checkpoint.remote_dir
+    upload_code = run.checkpointer.finish_uploads(run.monitor)  # waits for checkpoint.remote_dir
     run.monitor.close()
-    return finish_stop(run.fabric, run.cfg, stop, step)
+    summary = finish_stop(run.fabric, run.cfg, stop, step)
+    summary["exit_code"] = summary["exit_code"] or upload_code
+    return summary
 
 
 def finish(run: Run) -> dict:
@@ -393,7 +400,7 @@ def finish(run: Run) -> dict:
     for report in run.checkpointer.completed:
         if report.write_seconds is not None and cfg.checkpoint.async_save:
             run.monitor.checkpoint(report)
-    run.checkpointer.finish_uploads(run.monitor)  # waits for checkpoint.remote_dir
+    upload_code = run.checkpointer.finish_uploads(run.monitor)  # waits for checkpoint.remote_dir
     run.monitor.close()
     summary = {
         "steps": run.progress["step"],
@@ -402,6 +409,7 @@ def finish(run: Run) -> dict:
         "final_val_loss": run.validator.last_loss,
         "latest_checkpoint": str(latest_checkpoint(checkpoint_root(cfg))),
         "tensorboard": str(tensorboard_dir(Path(cfg.run.dir))),
+        "exit_code": upload_code,  # EXIT_UPLOAD_FAILED: the newest checkpoint is not in the store
     }
     on_rank_zero(run.fabric, lambda: finish_run(cfg, summary))
     return summary

@@ -70,6 +70,7 @@ from orchestrator.checkpoint.layout import (
 )
 from orchestrator.checkpoint.manifest import config_hash, write_manifest
 from orchestrator.checkpoint.remote import (
+    EXIT_UPLOAD_FAILED,
     RemoteCheckpoints,
     Uploader,
     fetch_newer,
@@ -115,15 +116,18 @@ def _publish(
     final: Path,
     info: dict[str, Any],
     known: dict[str, str] | None = None,
+    uploading: set[str] | frozenset[str] = frozenset(),
 ) -> None:
-    """Rank 0: config, manifest (last), atomic rename, retention."""
+    """Rank 0: config, manifest (last), atomic rename, retention (never of the checkpoints
+    still `uploading` to checkpoint.remote_dir)."""
     save_config(cfg, partial / CONFIG_NAME)
     write_manifest(partial, info, known)
     if final.exists():  # the same step again (after resuming from an older checkpoint)
         shutil.rmtree(final)
     partial.rename(final)
     fsync_dir(final.parent)
-    prune(final.parent, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every, protect=final)
+    c = cfg.checkpoint
+    prune(final.parent, c.keep_last, c.keep_every, protect=final, keep=uploading)
 
 
 def _manifest_info(fabric: Fabric, cfg: Config, step: int, tokens_seen: int) -> dict[str, Any]:
@@ -226,7 +230,7 @@ class Checkpointer:
 
         def publish() -> None:
             try:
-                _publish(self.cfg, partial, final, info, known)
+                _publish(self.cfg, partial, final, info, known, self._uploading())
             except Exception:
                 shutil.rmtree(partial, ignore_errors=True)
                 raise
@@ -307,7 +311,7 @@ class Checkpointer:
             try:
                 known = write()
                 if is_zero:  # every rank's files are on disk (the future waited for them)
-                    _publish(self.cfg, partial, final, info, known)
+                    _publish(self.cfg, partial, final, info, known, self._uploading())
                     self._upload(final)
                     self.completed.append(
                         SaveReport(
@@ -345,6 +349,10 @@ class Checkpointer:
             _unwrap_objects(full_state), filter={}
         )
 
+    def _uploading(self) -> set[str]:
+        """The checkpoints queued or in flight to checkpoint.remote_dir (rank 0)."""
+        return set() if self.uploader is None else self.uploader.waiting()
+
     def _upload(self, final: Path) -> None:
         """Rank 0: queue a published checkpoint for checkpoint.remote_dir (returns at once)."""
         if self.uploader is not None:
@@ -356,15 +364,18 @@ class Checkpointer:
         if self.uploader is not None:
             record_uploads(monitor, self.uploader.drain())
 
-    def finish_uploads(self, monitor: Any) -> None:
+    def finish_uploads(self, monitor: Any) -> int:
         """The end of a run (collective): rank 0 waits until every checkpoint is in the store,
         logs the uploads, and says loudly when the newest is not there, while the other ranks
-        wait at a barrier (so that no launcher takes rank 0 for hung after the others exited)."""
+        wait (so that no launcher takes rank 0 for hung after the others exited). Returns, on
+        every rank, the run's exit code for it: EXIT_UPLOAD_FAILED when the newest is missing."""
+        missing = False
         if self.uploader is not None:
             record_uploads(monitor, self.uploader.finish())
-            self.uploader.newest_missing()
+            missing = self.uploader.newest_missing()
         if self.cfg.checkpoint.remote_dir:
-            self.fabric.barrier()
+            missing = self.fabric.broadcast(missing)
+        return EXIT_UPLOAD_FAILED if missing else 0
 
     def wait(self) -> None:
         """Finish a background save; every rank learns if it failed."""

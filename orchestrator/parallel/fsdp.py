@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from concurrent.futures import Future
 from contextlib import ExitStack
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from orchestrator.parallel.activation_checkpointing import (
     apply_activation_checkpointing,
     transformer_blocks,
 )
+from orchestrator.parallel.init import FullTensorInit, materialize_sharded
 
 
 def parallelize_fsdp(
@@ -76,14 +78,20 @@ class FSDP2Strategy(ModelParallelStrategy):
     """
 
     def module_init_context(self, empty_init: bool | None = None):
-        # Build (and initialise) on the process's device, as DDP does: the same weights under every
-        # strategy, and a 1B model initialised in seconds on a GPU instead of minutes on CPU cores.
-        # fully_shard then keeps each rank's shard only.
+        # Build on the meta device: no rank ever holds the whole model (4.4 GB in fp32 at 1.1B).
+        # The constructor's random draws still happen, one full tensor at a time on the process's
+        # device, so `setup_module` initialises each shard with bitwise the weights (and leaves the
+        # generator in the state) of an unsharded build under DDP.
         stack = ExitStack()
-        stack.enter_context(super().module_init_context(empty_init=empty_init))
-        if not empty_init:
-            stack.enter_context(self.root_device)
+        stack.enter_context(super().module_init_context(empty_init=True))
+        stack.enter_context(FullTensorInit(self.root_device))
         return stack
+
+    def setup_module(self, module: nn.Module) -> nn.Module:
+        module = self._parallelize_fn(module, self.device_mesh)
+        if any(t.is_meta for t in chain(module.parameters(), module.buffers())):
+            materialize_sharded(module, self.root_device)  # only this rank's shards
+        return module
 
     def setup_module_and_optimizers(self, module, optimizers, scheduler=None):
         names = {id(p): n for n, p in module.named_parameters()}
