@@ -51,6 +51,7 @@ from orchestrator.parallel.compile import compile_blocks
 from orchestrator.parallel.launch import (
     build_fabric,
     fail_fast,
+    fix_host_allocator,
     launched_by_fabric_cli,
     on_rank_zero,
     threads_per_process,
@@ -89,6 +90,7 @@ from orchestrator.training.validation import Validator
 
 
 def main(argv: list[str] | None = None) -> int:
+    fix_host_allocator()  # before the first large allocation of this process
     try:
         cfg = load_config(sys.argv[1:] if argv is None else argv)
         check_inputs(cfg)

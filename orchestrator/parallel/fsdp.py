@@ -43,7 +43,8 @@ def parallelize_fsdp(
     activation_checkpointing: bool | str = False,
     param_dtype: torch.dtype | None = None,
 ) -> nn.Module:
-    """`fully_shard` every transformer block, then the root (embedding, final norm, output head).
+    """`fully_shard` every transformer block, the embedding and the output head (when untied),
+    then the root (the rest: final norm; tied embeddings).
 
     `param_dtype=torch.bfloat16` gathers parameters in bf16 for compute while master weights,
     gradient reduction and the optimizer stay fp32 (FSDP2's MixedPrecisionPolicy).
@@ -65,6 +66,13 @@ def parallelize_fsdp(
         fully_shard(
             block, reshard_after_forward=reshard_after_forward and i < len(blocks) - 1, **kwargs
         )
+    # A decoder's untied embedding and output head: units of their own, so backward reduces the
+    # head's gradients as soon as they exist instead of holding them (in bf16 and fp32) with the
+    # embedding's to the end. (The encoder-decoder reads its embedding twice: it stays in the root.)
+    cfg = getattr(model, "cfg", None)
+    if cfg is not None and cfg.arch == "decoder" and not cfg.tie_embeddings:
+        fully_shard(model.embed, reshard_after_forward=reshard_after_forward, **kwargs)
+        fully_shard(model.lm_head, reshard_after_forward=False, **kwargs)  # backward's first
     fully_shard(model, reshard_after_forward=reshard_after_forward, **kwargs)
     return model
 
