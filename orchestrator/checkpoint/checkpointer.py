@@ -72,6 +72,7 @@ from orchestrator.checkpoint.manifest import config_hash, write_manifest
 from orchestrator.checkpoint.remote import (
     EXIT_UPLOAD_FAILED,
     RemoteCheckpoints,
+    StoreUnavailableError,
     Uploader,
     fetch_newer,
     record_uploads,
@@ -292,7 +293,7 @@ class Checkpointer:
                     digests = None
                     raise
                 finally:  # every rank's thread gathers, failed or not: none waits forever
-                    gathered = _gather_on(group, digests)
+                    gathered = gather_object(self.fabric, digests, group=group)
                 if any(d is None for d in gathered):
                     raise CheckpointError("another rank failed to write its shards")
                 return gather_digests({}, lambda _: gathered)
@@ -426,7 +427,18 @@ class Checkpointer:
             return fabric.broadcast(list_checkpoints(root) if fabric.is_global_zero else None)
 
         def fetch(*args: Any) -> Path | None:
-            return fabric.broadcast(fetch_newer(*args) if fabric.is_global_zero else None)
+            # Rank 0 downloads; a store that stays unavailable stops every rank with the same
+            # error and exit code (not rank 0 alone while the others wait in the broadcast).
+            outcome = None
+            if fabric.is_global_zero:
+                try:
+                    outcome = (fetch_newer(*args), None)
+                except StoreUnavailableError as e:
+                    outcome = (None, str(e))
+            fetched, unavailable = fabric.broadcast(outcome)
+            if unavailable is not None:
+                raise StoreUnavailableError(unavailable)
+            return fetched
 
         chosen = choose_resume(self.cfg, remote, check=self.verify, listing=listing, fetch=fetch)
         return fabric.broadcast(chosen)
@@ -443,15 +455,6 @@ class Checkpointer:
             except ValueError as e:
                 raise CheckpointError(str(e)) from e
         load_full_model_state(self.fabric, model, weights, strict=True)
-
-
-def _gather_on(group, obj: Any) -> list[Any]:
-    """Every rank's `obj` over `group` (the async writers' own gloo group)."""
-    if not dist.is_initialized():
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(out, obj, group=group)
-    return out
 
 
 def _without_tracebacks(error: BaseException) -> BaseException:

@@ -15,7 +15,6 @@ gets the same verdict.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import re
@@ -25,14 +24,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch.distributed.checkpoint.filesystem import FileSystem, _FileSystemWriter
 
-from orchestrator.checkpoint.files import _HashingFile
+from orchestrator.checkpoint.files import HashingFile, write_state_file
 from orchestrator.checkpoint.manifest import verify
 
-# The writing rank in a shard's name: DCP's `__R_N.distcp`, DeepSpeed's `zero_pp_rank_R_...`.
-_RANK_IN_NAME = re.compile(r"(?:^__(\d+)_\d+\.distcp$)|(?:^zero_pp_rank_(\d+)_)")
+# The writing rank in a shard's name: DCP's `__R_N.distcp`, DeepSpeed's `zero_pp_rank_R_...`
+# (its optimizer shards under bf16: `bf16_zero_pp_rank_R_...`).
+_RANK_IN_NAME = re.compile(r"(?:^__(\d+)_\d+\.distcp$)|(?:^(?:bf16_)?zero_pp_rank_(\d+)_)")
 
 
 def reading_rank(name: str, world_size: int) -> int:
@@ -47,45 +46,11 @@ def reading_rank(name: str, world_size: int) -> int:
 # -- saving --------------------------------------------------------------------------------------
 
 
-class _HashingStream:
-    """A binary file open for writing that hashes what passes through it."""
-
-    def __init__(self, file: io.BufferedWriter, on_close: Callable[[str], None]) -> None:
-        self.file = file
-        self.digest = hashlib.sha256()
-        self.on_close = on_close
-
-    @property
-    def closed(self) -> bool:
-        return self.file.closed
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data) -> int:
-        self.digest.update(data)
-        return self.file.write(data)
-
-    def tell(self) -> int:
-        return self.file.tell()
+class _SyncableHashingFile(HashingFile):
+    """For DCP, which fsyncs each stream it writes through `fileno()`."""
 
     def fileno(self) -> int:
         return self.file.fileno()
-
-    def flush(self) -> None:
-        if not self.file.closed:
-            self.file.flush()
-
-    def close(self) -> None:
-        if not self.file.closed:
-            self.file.close()
-            self.on_close(self.digest.hexdigest())
-
-    def __enter__(self) -> _HashingStream:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class _HashingFileSystem(FileSystem):
@@ -105,7 +70,7 @@ class _HashingFileSystem(FileSystem):
         def record(hexdigest: str) -> None:
             self.digests[name] = hexdigest
 
-        with Path(path).open(mode) as file, _HashingStream(file, record) as stream:
+        with Path(path).open(mode) as file, _SyncableHashingFile(file, record) as stream:
             yield stream
 
     def rename(self, path: str | os.PathLike, new_path: str | os.PathLike) -> None:
@@ -140,17 +105,10 @@ class _HashingCheckpointEngine:
         self._digests = digests
 
     def save(self, state_dict, path) -> None:
-        out = _HashingFile(Path(path))
-        try:
-            torch.save(
-                state_dict,
-                out,
-                _use_new_zipfile_serialization=getattr(self._engine, "zipfile_serialization", True),
-            )
-        except BaseException:
-            out.file.close()
-            raise
-        self._digests[Path(path)] = out.close_synced()
+        zipfile = getattr(self._engine, "zipfile_serialization", True)
+        self._digests[Path(path)] = write_state_file(
+            state_dict, Path(path), _use_new_zipfile_serialization=zipfile
+        )
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)

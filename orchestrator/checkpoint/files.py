@@ -6,10 +6,10 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -74,33 +74,59 @@ def fsync_dir(path: Path) -> None:
         pass
 
 
-class _HashingFile:
-    """A write-only file that hashes what passes through it (saves re-reading a multi-GB file)."""
+class HashingFile:
+    """A binary file open for writing that hashes what passes through it (saves re-reading a
+    multi-GB file); `on_close(hexdigest)` runs when it is closed. No `fileno`: given one,
+    torch.save's legacy format writes tensor data straight to the descriptor, past the hash."""
 
-    def __init__(self, path: Path) -> None:
-        self.file = path.open("wb")
+    def __init__(self, file: BinaryIO, on_close: Callable[[str], None] | None = None) -> None:
+        self.file = file
         self.digest = hashlib.sha256()
+        self.on_close = on_close
+
+    @property
+    def closed(self) -> bool:
+        return self.file.closed
+
+    def writable(self) -> bool:
+        return True
 
     def write(self, data) -> int:
         self.digest.update(data)
         return self.file.write(data)
 
+    def tell(self) -> int:
+        return self.file.tell()
+
     def flush(self) -> None:
-        self.file.flush()
+        if not self.file.closed:
+            self.file.flush()
+
+    def close(self) -> None:
+        if not self.file.closed:
+            self.file.close()
+            if self.on_close is not None:
+                self.on_close(self.digest.hexdigest())
 
     def close_synced(self) -> str:
         self.file.flush()
         os.fsync(self.file.fileno())
-        self.file.close()
+        self.close()
         return self.digest.hexdigest()
 
+    def __enter__(self) -> HashingFile:
+        return self
 
-def write_state_file(state: dict[str, Any], path: Path) -> str:
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def write_state_file(state: dict[str, Any], path: Path, **save_options: Any) -> str:
     """torch.save straight to disk (fsynced), returning the file's SHA-256."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    out = _HashingFile(path)
+    out = HashingFile(path.open("wb"))
     try:
-        torch.save(state, out)
+        torch.save(state, out, **save_options)
     except BaseException:
         out.file.close()
         raise

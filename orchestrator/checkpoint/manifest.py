@@ -91,9 +91,12 @@ def verify(
         return "manifest lists no state"
     for name, size_expected, _ in entries:
         file = path / name
-        if not file.is_file():
-            return f"missing file {name}"
-        size = file.stat().st_size
+        try:
+            if not file.is_file():
+                return f"missing file {name}"
+            size = file.stat().st_size
+        except OSError as e:  # damage too (an unreadable shard): fall back, never crash
+            return f"{name} cannot be read ({type(e).__name__}: {e})"
         if size != size_expected:
             return (
                 f"{name} is {size} bytes, manifest says {size_expected} (truncated or overwritten)"
@@ -108,12 +111,20 @@ def verify(
 
 
 def _hash_matches(path: Path, entries: list[tuple[str, str]]) -> list[bool]:
-    """Whether each file's SHA-256 is the expected one; up to 8 files hashed at a time."""
+    """Whether each file's SHA-256 is the expected one (an unreadable file is not); up to 8
+    files hashed at a time."""
+
+    def matches(entry: tuple[str, str]) -> bool:
+        try:
+            return file_sha256(path / entry[0]) == entry[1]
+        except OSError:
+            return False
+
     if len(entries) <= 1:
-        return [file_sha256(path / name) == sha for name, sha in entries]
+        return [matches(e) for e in entries]
     workers = min(len(entries), os.cpu_count() or 1, 8)
     with ThreadPoolExecutor(workers, thread_name_prefix="verify") as pool:
-        return list(pool.map(lambda e: file_sha256(path / e[0]) == e[1], entries))
+        return list(pool.map(matches, entries))
 
 
 def check_matches_manifest(ckpt_dir: Path, checksums: bool = True) -> None:

@@ -324,8 +324,8 @@ class Uploader:
     """One worker thread copying published checkpoints to the store in the order they were
     submitted, then applying retention there. Never raises into training: each outcome is an
     UploadReport for the training thread to log (`drain`), and a failed checkpoint is queued
-    again at the next `submit` (the next save). The checkpoints queued or in flight (`waiting`)
-    are kept by local retention; an upload that has had no answer from the store for
+    again at the next `submit` (the next save). The checkpoints queued, in flight or to be
+    retried (`waiting`) are kept by local retention; an upload that has had no answer from the store for
     `remote.upload_warn_s` is a warning."""
 
     def __init__(self, remote: RemoteCheckpoints, keep_last: int, keep_every: int = 0) -> None:
@@ -363,9 +363,10 @@ class Uploader:
                 self._queue.put(path)
 
     def waiting(self) -> set[str]:
-        """The checkpoints queued or being uploaded (names): local retention must keep them."""
+        """The checkpoints queued, being uploaded, or failed and to be retried (names): local
+        retention must keep them (during a long outage they accumulate on the local disk)."""
         with self._lock:
-            return set(self._waiting)
+            return set(self._waiting) | set(self._failed)
 
     def _work(self) -> None:
         while True:

@@ -211,12 +211,12 @@ def on_rank_zero(fabric: Fabric, fn: Callable[[], T]) -> T | None:
     return None
 
 
-def gather_object(fabric: Fabric, obj: Any) -> list[Any]:
-    """Every rank's `obj`, in rank order, on every rank."""
+def gather_object(fabric: Fabric, obj: Any, group=None) -> list[Any]:
+    """Every rank's `obj`, in rank order, on every rank (of `group`: default all)."""
     if fabric.world_size == 1 or not dist.is_initialized():
         return [obj]
-    out: list[Any] = [None] * fabric.world_size
-    dist.all_gather_object(out, obj)
+    out: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
     return out
 
 

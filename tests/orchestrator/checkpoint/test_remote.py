@@ -224,6 +224,24 @@ def test_checkpoints_waiting_for_upload_are_kept_locally(s3, faults, tmp_path):
     ckpt.uploader.close()
 
 
+def test_a_failed_upload_is_kept_locally_until_retried(s3, faults, tmp_path):
+    s3.create_bucket("ckpt-failed")
+    url = "s3://ckpt-failed/runs/a"
+    fabric = Fabric(accelerator="cpu", devices=1)
+    model = fabric.setup(torch.nn.Linear(4, 2))
+    run_dir = tmp_path / "run"
+    cfg = make_config(run_dir, "--checkpoint.remote_dir", url, "--checkpoint.keep_last", "1")
+    ckpt = Checkpointer(fabric, cfg)
+    faults.fail("PUT", "/step-00000001/")  # every attempt: the upload of step 1 fails
+    ckpt.save({"model": model, "progress": {"step": 1}}, 1, tokens_seen=16)
+    assert [r.error is not None for r in ckpt.uploader.finish()] == [True]
+    ckpt.save({"model": model, "progress": {"step": 2}}, 2, tokens_seen=32)
+    # keep_last 1, but step 1 has not reached the store: it stays until its retry succeeds.
+    root = run_dir / "checkpoints"
+    assert [p.name for p in list_checkpoints(root)] == ["step-00000001", "step-00000002"]
+    ckpt.uploader.close()
+
+
 def test_checkpointer_uploads_what_it_publishes(s3, tmp_path):
     s3.create_bucket("ckpt-trainer")
     url = "s3://ckpt-trainer/runs/a"

@@ -44,6 +44,8 @@ def test_reading_rank_is_the_writer_of_a_shard_else_rank_0():
     assert reading_rank("state/__0_0.distcp", 2) == 0
     assert reading_rank("state/__5_0.distcp", 4) == 1  # a larger world's shard spreads
     assert reading_rank("state/checkpoint/zero_pp_rank_1_mp_rank_00_optim_states.pt", 2) == 1
+    # DeepSpeed's optimizer shards under bf16 (the largest files: fp32 master and moments).
+    assert reading_rank("state/checkpoint/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", 2) == 1
     for name in ("state/.metadata", "state/meta.pt", "config.yaml", "state", "state/latest"):
         assert reading_rank(name, 2) == 0
 

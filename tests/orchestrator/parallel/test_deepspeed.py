@@ -183,13 +183,20 @@ def test_bf16_training_skips_a_bad_step_and_resumes_bitwise(bf16_runs, name):
     norms = [r["grad_norm"] for r in got]
     assert norms[2] == math.inf and all(0 < n < 10 for i, n in enumerate(norms) if i != 2)
     assert got[-1]["loss"] < got[0]["loss"]  # ...and training went on
-    # Every stage computes the same training: ZeRO-2 and -3 bitwise (both add bf16 micro-batch
-    # gradients into fp32 partitions; deepspeed 0.19.7's ZeRO-2, accumulating in bf16, differs
+    # Every stage computes the same training: ZeRO-2 and -3 within 1e-6 relative (both add bf16
+    # micro-batch gradients into fp32 partitions; bitwise on some CPUs, 1 ulp apart from step 2
+    # on others, measured on the same deepspeed; 0.19.7's ZeRO-2, accumulating in bf16, differs
     # at the 5th digit of the norm), ZeRO-1 (all-reducing the fp32 sums in bf16) within 1e-4.
     if name == "zero3":
         zero2 = records(runs["zero2"].check().run_dir)
-        assert [r["grad_norm"] for r in zero2] == norms
-        assert losses(runs["zero2"].run_dir) == losses(run.run_dir)
+        assert all(
+            math.isclose(a, b, rel_tol=1e-6) or a == b == math.inf
+            for a, b in zip((r["grad_norm"] for r in zero2), norms, strict=True)
+        ), ([r["grad_norm"] for r in zero2], norms)
+        assert all(
+            a == b or math.isclose(a, b, rel_tol=1e-6)
+            for a, b in zip(losses(runs["zero2"].run_dir), losses(run.run_dir), strict=True)
+        )
     reference = losses(runs["zero2"].check().run_dir)
     assert all(abs(a - b) <= 1e-4 for a, b in zip(losses(run.run_dir), reference) if a != "nan"), (
         losses(run.run_dir),
@@ -220,7 +227,8 @@ def test_bf16_checkpoints_consolidate(bf16_runs):
         )
         worst = max((state[k] - full["zero2"][k]).abs().max().item() for k in state)
         print(f"{name}: max |w - w_zero2| = {worst:.2e}")
-        assert worst <= 1e-3
+        # One ulp of a gradient can turn one element's Adam update (lr 1e-3) around: 2 x lr.
+        assert worst <= 2e-3
     for name in ("zero1", "zero2"):  # (ZeRO-3 keeps no full bf16 module in its model file)
         files = checkpoint(runs[name].run_dir, STEPS) / "state" / "checkpoint"
         module = torch.load(files / "mp_rank_00_model_states.pt", weights_only=False)["module"]
