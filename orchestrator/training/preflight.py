@@ -72,6 +72,7 @@ def check_inputs(cfg: Config) -> None:
     # Text or instruction data: not mixed, and instruction data with data.document_mask.
     data_formats(cfg)
     check_tasks(cfg)  # eval.tasks: every file read, every example tokenised and checked
+    check_async_save_memory(cfg)
     if cfg.checkpoint.remote_dir:  # the bucket exists and takes the credentials
         try:
             ObjectStore(cfg.checkpoint.remote_dir, cfg.storage.options()).check_bucket()
@@ -198,6 +199,50 @@ def tokenizer_vocab_size(path: Path) -> int:
         return spm.SentencePieceProcessor(model_file=str(path)).vocab_size()
     except (OSError, RuntimeError) as e:
         raise ConfigError(f"data.tokenizer={path} is not a sentencepiece model: {e}") from e
+
+
+GIB = 2**30
+
+
+def host_memory_bytes() -> int | None:
+    """MemTotal of this machine (Linux), None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_async_save_memory(cfg: Config, memory: int | None = None) -> None:
+    """checkpoint.async_save with FSDP on CPUs: the background save snapshots each rank's weights
+    and AdamW moments (12 bytes a parameter, sharded) in host memory, beside the training state
+    (16 bytes a parameter: weights, gradients, moments). Refuse before launch what cannot fit the
+    node (measured at TinyLlama-1.1B on 2 processes: the kernel killed a rank during the first
+    async save on a 24 GiB machine)."""
+    s = cfg.strategy
+    if not (cfg.checkpoint.async_save and s.name == "fsdp" and s.accelerator in ("cpu", "auto")):
+        return
+    if s.accelerator == "auto":
+        import torch  # already loaded by the trainer
+
+        if torch.cuda.is_available():
+            return
+    memory = memory if memory is not None else host_memory_bytes()
+    if memory is None:
+        return
+    per_param_rank = cfg.model.num_params() / (s.devices * s.num_nodes)
+    node = s.devices * 28 * per_param_rank
+    if node > memory:
+        raise ConfigError(
+            f"checkpoint.async_save=true on CPU keeps a snapshot of each rank's weights and "
+            f"optimizer state in host memory while training goes on: ~{12 * per_param_rank / GIB:.1f} "
+            f"GiB per rank beside ~{16 * per_param_rank / GIB:.1f} GiB of training state, "
+            f"~{node / GIB:.1f} GiB for the {s.devices} processes of this node, which has "
+            f"{memory / GIB:.1f} GiB: set checkpoint.async_save=false (a synchronous save makes "
+            "no copy) or use more processes / nodes"
+        )
 
 
 def process_count(cfg: Config) -> tuple[int, int]:

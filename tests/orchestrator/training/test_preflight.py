@@ -37,3 +37,23 @@ def test_stated_once_per_node_and_warns_naming_the_keys(monkeypatch, capsys):
     # The other ranks of the node say nothing.
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert report_processes(cfg) == [] and capsys.readouterr().err == ""
+
+
+def test_async_save_that_cannot_fit_host_memory_is_refused_before_launch():
+    import pytest
+
+    from orchestrator.schema import ConfigError
+    from orchestrator.training.preflight import check_async_save_memory
+    from tests.conftest import REPO_ROOT
+
+    def cfg(*extra):
+        return load_config(
+            ["--config", str(REPO_ROOT / "configs/tinyllama-1.1b.yaml"), "--strategy.name", "fsdp",
+             "--strategy.accelerator", "cpu", "--strategy.devices", "2", *extra]
+        )  # fmt: skip
+
+    # TinyLlama-1.1B on 2 CPU processes: 2 x 28 bytes x 1.1e9 / 2 = 28.7 GiB > a 24 GiB machine.
+    with pytest.raises(ConfigError, match="checkpoint.async_save=false"):
+        check_async_save_memory(cfg("--checkpoint.async_save", "true"), memory=24 * 2**30)
+    check_async_save_memory(cfg("--checkpoint.async_save", "true"), memory=64 * 2**30)  # fits
+    check_async_save_memory(cfg(), memory=24 * 2**30)  # a synchronous save makes no copy
