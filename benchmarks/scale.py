@@ -184,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--save-at", type=int, default=2)
     p.add_argument("--no-resume", action="store_true", help="skip the resumed run")
+    p.add_argument(
+        "--resume-only", action="store_true", help="only the resumed run, from an earlier run's"
+    )
     p.add_argument("--export", action="store_true", help="also time `orchestrator export`")
     p.add_argument("--work", default=".cache/scale", help="run dirs and the prepared data")
     p.add_argument("--json", help="write the figures here")
@@ -196,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     tokens, tokenizer = a.data or prepare_sample_tokens(work / "data", train_docs=2000, val_docs=50)
     name = f"{a.strategy}-{a.model}"
     run_dir = work / name
-    shutil.rmtree(run_dir, ignore_errors=True)
+    if not a.resume_only:
+        shutil.rmtree(run_dir, ignore_errors=True)
     args = [
         "--config", str(REPO / "configs" / "tinyllama-1.1b.yaml"),
         "--model.name", a.model, "--run.dir", str(run_dir),
@@ -211,7 +215,12 @@ def main(argv: list[str] | None = None) -> int:
         *extra,
     ]  # fmt: skip
     print(f"== {name}: {a.steps} steps, checkpoints every {a.save_at}", flush=True)
-    straight = summarise(run_trainer(args, work / f"{name}.log"), run_dir)
+    straight = (
+        {"losses": [json.loads(x).get("loss") for x in (run_dir / "metrics.jsonl").open()
+                    if '"perf_step_time_ms"' in x]}
+        if a.resume_only
+        else summarise(run_trainer(args, work / f"{name}.log"), run_dir)
+    )  # fmt: skip
     out = {
         "device": f"{platform.node()}: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}",
         "date": time.strftime("%Y-%m-%d"),

@@ -48,6 +48,7 @@ from orchestrator.checkpoint.digests import (
     HashingFileSystemWriter,
     gather_digests,
     hashing_deepspeed_engine,
+    mapped_deepspeed_loads,
     verify_together,
 )
 from orchestrator.checkpoint.files import (
@@ -393,7 +394,7 @@ class Checkpointer:
     def load(self, path: Path, state: dict[str, Any]) -> None:
         """Fill `state` in place from checkpoint `path` (its stateful objects and plain values)."""
         state["rng"] = None
-        with refuse_unsafe_pickles(path):
+        with refuse_unsafe_pickles(path), mapped_deepspeed_loads(_unwrap_objects(state)):
             self.fabric.load(path / STATE_NAME, state, weights_only=True)
         rng_per_rank = state.pop("rng")
         if rng_per_rank is not None:

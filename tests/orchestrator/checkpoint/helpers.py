@@ -49,3 +49,53 @@ def flip_middle_byte(file: Path) -> None:
 def truncate(file: Path) -> None:
     data = file.read_bytes()
     file.write_bytes(data[: len(data) // 2])
+
+
+# A tiny Llama under FSDP2 on 2 CPU processes (tests run as scripts by Fabric's launcher).
+FSDP2_TINY = [
+    "--model.name", "tiny", "--model.n_layers", "2", "--model.d_model", "64", "--model.n_heads", "4",
+    "--model.n_kv_heads", "2", "--model.ffn_hidden", "172", "--model.vocab_size", "512",
+    "--model.max_seq_len", "64",
+    "--strategy.name", "fsdp", "--strategy.accelerator", "cpu", "--strategy.devices", "2",
+    "--strategy.precision", "32-true", "--checkpoint.keep_last", "0",
+]  # fmt: skip
+
+
+def fsdp2_config(root, name: str, async_save: bool):
+    from orchestrator.config import load_config
+
+    return load_config(
+        [
+            *FSDP2_TINY,
+            "--run.dir",
+            str(root / name),
+            "--checkpoint.async_save",
+            str(async_save).lower(),
+        ]
+    )
+
+
+def fsdp2_trained(cfg):
+    """On every rank: Fabric for `cfg`, a Llama and AdamW set up under FSDP2 and trained one step
+    (the optimizer has state), and the function that takes another step."""
+    import torch
+
+    from models.llama import Llama
+    from orchestrator.parallel.launch import build_fabric
+
+    fabric = build_fabric(cfg)
+    fabric.launch()
+    fabric.seed_everything(0)
+    with fabric.init_module():
+        model = Llama(cfg.model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model, optimizer = fabric.setup(model, optimizer)
+
+    def train_step():
+        tokens = torch.randint(0, 512, (2, 33), generator=torch.Generator().manual_seed(7))
+        fabric.backward(model(tokens[:, :-1], targets=tokens[:, 1:]))
+        optimizer.step()
+        optimizer.zero_grad()
+
+    train_step()
+    return fabric, model, optimizer, train_step

@@ -20,16 +20,6 @@ from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.slow
 
-MODEL = [
-    "--model.name", "tiny", "--model.n_layers", "2", "--model.d_model", "64", "--model.n_heads", "4",
-    "--model.n_kv_heads", "2", "--model.ffn_hidden", "172", "--model.vocab_size", "512",
-    "--model.max_seq_len", "64",
-]  # fmt: skip
-FSDP2 = [
-    "--strategy.name", "fsdp", "--strategy.accelerator", "cpu", "--strategy.devices", "2",
-    "--strategy.precision", "32-true", "--checkpoint.keep_last", "0",
-]  # fmt: skip
-
 
 # -- 1. the Checkpointer, one process per rank ---------------------------------------------------
 
@@ -42,36 +32,17 @@ def checkpointer_checks(root: Path) -> dict:
     """Run on every rank (launched by Fabric); returns what this rank saw."""
     import torch.distributed.checkpoint.filesystem as dcp_fs
 
-    from models.llama import Llama
     from orchestrator.checkpoint.checkpointer import Checkpointer
     from orchestrator.checkpoint.consolidate import load_model_state
     from orchestrator.checkpoint.layout import CheckpointError
     from orchestrator.checkpoint.manifest import verify
-    from orchestrator.config import load_config
-    from orchestrator.parallel.launch import build_fabric
+    from tests.orchestrator.checkpoint.helpers import fsdp2_config, fsdp2_trained
 
     def config(name: str, async_save: bool):
-        return load_config(
-            [*MODEL, *FSDP2, "--run.dir", str(root / name),
-             "--checkpoint.async_save", str(async_save).lower()]
-        )  # fmt: skip
+        return fsdp2_config(root, name, async_save)
 
     cfg = config("async", True)
-    fabric = build_fabric(cfg)
-    fabric.launch()
-    fabric.seed_everything(0)
-    with fabric.init_module():
-        model = Llama(cfg.model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    model, optimizer = fabric.setup(model, optimizer)
-
-    def train_step():
-        tokens = torch.randint(0, 512, (2, 33), generator=torch.Generator().manual_seed(7))
-        fabric.backward(model(tokens[:, :-1], targets=tokens[:, 1:]))
-        optimizer.step()
-        optimizer.zero_grad()
-
-    train_step()  # the optimizer has state
+    fabric, model, optimizer, train_step = fsdp2_trained(cfg)  # the optimizer has state
     state = {"model": model, "optimizer": optimizer, "progress": {"step": 1, "tokens_seen": 16}}
     out: dict = {"rank": fabric.global_rank}
 

@@ -19,16 +19,6 @@ import torch
 
 from tests.conftest import REPO_ROOT
 
-MODEL = [
-    "--model.name", "tiny", "--model.n_layers", "2", "--model.d_model", "64", "--model.n_heads", "4",
-    "--model.n_kv_heads", "2", "--model.ffn_hidden", "172", "--model.vocab_size", "512",
-    "--model.max_seq_len", "64",
-]  # fmt: skip
-FSDP2 = [
-    "--strategy.name", "fsdp", "--strategy.accelerator", "cpu", "--strategy.devices", "2",
-    "--strategy.precision", "32-true", "--checkpoint.keep_last", "0",
-]  # fmt: skip
-
 
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -132,30 +122,15 @@ def hashing_checks(root: Path) -> dict:
     import data.util
     import orchestrator.checkpoint.digests as digests_mod
     import orchestrator.checkpoint.manifest as manifest_mod
-    from models.llama import Llama
     from orchestrator.checkpoint.checkpointer import Checkpointer
     from orchestrator.checkpoint.layout import MANIFEST_NAME
-    from orchestrator.config import load_config
-    from orchestrator.parallel.launch import build_fabric
+    from tests.orchestrator.checkpoint.helpers import fsdp2_config, fsdp2_trained
 
     def config(name: str, async_save: bool):
-        return load_config(
-            [*MODEL, *FSDP2, "--run.dir", str(root / name),
-             "--checkpoint.async_save", str(async_save).lower()]
-        )  # fmt: skip
+        return fsdp2_config(root, name, async_save)
 
     cfg = config("sync", False)
-    fabric = build_fabric(cfg)
-    fabric.launch()
-    fabric.seed_everything(0)
-    with fabric.init_module():
-        model = Llama(cfg.model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    model, optimizer = fabric.setup(model, optimizer)
-    tokens = torch.randint(0, 512, (2, 33), generator=torch.Generator().manual_seed(7))
-    fabric.backward(model(tokens[:, :-1], targets=tokens[:, 1:]))
-    optimizer.step()
-    optimizer.zero_grad()
+    fabric, model, optimizer, _ = fsdp2_trained(cfg)
     state = {"model": model, "optimizer": optimizer, "progress": {"step": 1, "tokens_seen": 16}}
     out: dict = {"rank": fabric.global_rank}
 
@@ -276,3 +251,28 @@ def main(root: str) -> int:
 if __name__ == "__main__":
     sys.path.insert(0, str(REPO_ROOT))
     sys.exit(main(sys.argv[1]))
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps")
+def test_deepspeed_loads_are_memory_mapped(tmp_path):
+    """At resume DeepSpeed's engine reads each shard whole into new memory beside the live state
+    (at 1.1B the kernel killed a ZeRO-3 rank for it); inside mapped_deepspeed_loads the file is
+    memory-mapped instead, with the same contents."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    from orchestrator.checkpoint.digests import mapped_deepspeed_loads
+
+    engine = TorchCheckpointEngine()
+    model = SimpleNamespace(checkpoint_engine=engine)
+    sd = {"w": torch.arange(1 << 16, dtype=torch.float32), "step": 3}
+    mapped, read = tmp_path / "zero_pp_rank_0_optim_states.pt", tmp_path / "plain.pt"
+    for path in (mapped, read):
+        torch.save(sd, path)
+    with mapped_deepspeed_loads({"model": model}):
+        loaded = model.checkpoint_engine.load(str(mapped), map_location="cpu")
+    assert model.checkpoint_engine is engine  # restored
+    plain = engine.load(str(read), map_location="cpu")
+    maps = Path("/proc/self/maps").read_text()
+    assert str(mapped) in maps and str(read) not in maps
+    assert torch.equal(loaded["w"], sd["w"]) and loaded["step"] == 3
+    assert torch.equal(plain["w"], sd["w"])
