@@ -224,7 +224,8 @@ def test_checkpoints_waiting_for_upload_are_kept_locally(s3, faults, tmp_path):
     ckpt.uploader.close()
 
 
-def test_a_failed_upload_is_kept_locally_until_retried(s3, faults, tmp_path):
+def test_a_failed_upload_is_kept_locally_until_retried(s3, faults, tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # fail at once: botocore's backoff is not tested
     s3.create_bucket("ckpt-failed")
     url = "s3://ckpt-failed/runs/a"
     fabric = Fabric(accelerator="cpu", devices=1)
