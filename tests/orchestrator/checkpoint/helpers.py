@@ -99,3 +99,14 @@ def fsdp2_trained(cfg):
 
     train_step()
     return fabric, model, optimizer, train_step
+
+
+def write_rank_checks(checks, root: str) -> int:
+    """A test file run as a script by Fabric's launcher: each rank writes what `checks(root)`
+    saw (a dict with its "rank") to root/rank<R>.json for the test to read."""
+    import json
+    from pathlib import Path
+
+    out = checks(Path(root))
+    (Path(root) / f"rank{out['rank']}.json").write_text(json.dumps(out))
+    return 0

@@ -16,8 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO_ROOT
-
 pytestmark = pytest.mark.slow
 
 
@@ -172,12 +170,7 @@ def test_async_fsdp_training_matches_resumes_bitwise_and_consolidates(fsdp_runs,
     assert all(torch.equal(weights[k], reference[k]) for k in reference)
 
 
-def main(root: str) -> int:
-    out = checkpointer_checks(Path(root))
-    (Path(root) / f"rank{out['rank']}.json").write_text(json.dumps(out))
-    return 0
-
-
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO_ROOT))
-    sys.exit(main(sys.argv[1]))
+    from tests.orchestrator.checkpoint.helpers import write_rank_checks
+
+    sys.exit(write_rank_checks(checkpointer_checks, sys.argv[1]))

@@ -17,8 +17,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.conftest import REPO_ROOT
-
 
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -242,17 +240,6 @@ def test_fsdp_ranks_hash_their_own_shards_at_save_and_resume(tmp_path):
     assert one["damaged_read_back"] == ["__1_0.distcp", "__1_0.distcp"]  # step 2, then step 1
 
 
-def main(root: str) -> int:
-    out = hashing_checks(Path(root))
-    (Path(root) / f"rank{out['rank']}.json").write_text(json.dumps(out))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.path.insert(0, str(REPO_ROOT))
-    sys.exit(main(sys.argv[1]))
-
-
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps")
 def test_deepspeed_loads_are_memory_mapped(tmp_path):
     """At resume DeepSpeed's engine reads each shard whole into new memory beside the live state
@@ -276,3 +263,9 @@ def test_deepspeed_loads_are_memory_mapped(tmp_path):
     assert str(mapped) in maps and str(read) not in maps
     assert torch.equal(loaded["w"], sd["w"]) and loaded["step"] == 3
     assert torch.equal(plain["w"], sd["w"])
+
+
+if __name__ == "__main__":
+    from tests.orchestrator.checkpoint.helpers import write_rank_checks
+
+    sys.exit(write_rank_checks(hashing_checks, sys.argv[1]))
