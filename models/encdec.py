@@ -62,7 +62,7 @@ import torch
 from torch import nn
 
 from models.config import ModelConfig
-from models.kernels import KernelPlan
+from models.kernels import KernelPlan, compute_dtype
 from models.llama import (
     Attention,
     Block,
@@ -70,10 +70,13 @@ from models.llama import (
     KVCache,
     LanguageModel,
     OutputHead,
+    PackedLayout,
     RMSNorm,
     SwiGLU,
     apply_rope,
+    attention_bias,
     default_plan,
+    document_layout,
     document_mask,
     document_positions,
     full_attention,
@@ -105,6 +108,7 @@ class PackedExamples:
     decoder_docs: torch.Tensor
     decoder_index: torch.Tensor
     targets: torch.Tensor | None
+    layout: PackedLayout  # the rows' lengths and the decoder's documents, as numbers
 
     @property
     def decoder_valid(self) -> torch.Tensor:
@@ -113,9 +117,10 @@ class PackedExamples:
 
 @dataclass(frozen=True)
 class CrossMask:
-    """Which encoder positions each decoder query may read: mask (B, 1, T', P) bool (rows without
-    any key opened up, to keep the softmax finite) and reads (B, 1, T', 1), False for a query with
-    no encoder position of its example (its cross-attention output is zeroed)."""
+    """Which encoder positions each decoder query may read: mask (B, 1, T', P) additive
+    (`attention_bias`; rows without any key opened up, to keep the softmax finite) and reads
+    (B, 1, T', 1), False for a query with no encoder position of its example (its
+    cross-attention output is zeroed)."""
 
     mask: torch.Tensor
     reads: torch.Tensor
@@ -126,32 +131,60 @@ def _padded(n: int, limit: int) -> int:
     return min(limit, max(1, -(-n // PAD_MULTIPLE) * PAD_MULTIPLE))
 
 
+def packed_layout(decoder_mask: torch.Tensor, doc_ids: torch.Tensor | None = None) -> PackedLayout:
+    """decoder_mask, doc_ids: (B, T) -> the padded lengths of the encoder's and the decoder's rows
+    and the decoder's documents (flash_attn's cu_seqlens). Reads the masks' values: call it where
+    they are (the trainer's host copy), not on GPU tensors in the forward."""
+    B, T = decoder_mask.shape
+    to_decoder = decoder_mask.bool()
+    n_dec = to_decoder.sum(dim=1)  # (B,)
+    P, D = _padded(int((T - n_dec).max()), T), _padded(int(n_dec.max()), T)
+    _, _, dec_index, dec_valid = _split(to_decoder, P, D)
+    docs = torch.zeros(B, T, dtype=torch.long) if doc_ids is None else doc_ids.long()
+    decoder = document_layout(torch.where(dec_valid, docs.gather(1, dec_index), DECODER_PAD))
+    return PackedLayout(decoder.cu_seqlens, decoder.max_seqlen, encoder_len=P, decoder_len=D)
+
+
+def _split(
+    to_decoder: torch.Tensor, P: int, D: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """to_decoder: (B, T) bool -> each row's encoder positions (B, P) and decoder positions (B, D)
+    in block order, left-aligned (indices into the block), and which of them are not padding."""
+    T = to_decoder.shape[1]
+    n_dec = to_decoder.sum(dim=1)  # (B,)
+    n_enc = T - n_dec
+    # Encoder positions first, then the decoder's, each in block order.
+    order = torch.sort(to_decoder.to(torch.int8), dim=1, stable=True).indices  # (B, T)
+    columns = torch.arange(max(P, D), device=to_decoder.device)
+    enc_index = order[:, :P]  # (B, P)
+    enc_valid = columns[:P] < n_enc[:, None]  # (B, P)
+    dec_index = order.gather(1, (n_enc[:, None] + columns[:D]).clamp(max=T - 1))  # (B, D)
+    dec_valid = columns[:D] < n_dec[:, None]  # (B, D)
+    return enc_index, enc_valid, dec_index, dec_valid
+
+
 def pack_examples(
     input_ids: torch.Tensor,
     decoder_mask: torch.Tensor,
     doc_ids: torch.Tensor | None = None,
     targets: torch.Tensor | None = None,
     ignore_index: int = -100,
+    layout: PackedLayout | None = None,
 ) -> PackedExamples:
     """input_ids, decoder_mask (True: the decoder's position), doc_ids, targets: (B, T) -> the
-    encoder's positions of each row (in order, left-aligned, padded) and the decoder's."""
+    encoder's positions of each row (in order, left-aligned, padded) and the decoder's. The rows'
+    lengths come from `layout` (`packed_layout`, found on the host); without one they are found
+    here: a host sync on a GPU."""
     B, T = input_ids.shape
     device = input_ids.device
+    if layout is None:
+        layout = packed_layout(decoder_mask, doc_ids)
     if doc_ids is None:  # one example per row
         doc_ids = torch.zeros(B, T, dtype=torch.long, device=device)
-    _, positions = document_positions(doc_ids)  # (B, T)
+    _, positions = document_positions(doc_ids.to(device))  # (B, T)
     to_decoder = decoder_mask.to(device=device, dtype=torch.bool)
-    n_dec = to_decoder.sum(dim=1)  # (B,)
-    n_enc = T - n_dec
-    # The rows' lengths size the tensors: a CPU-GPU sync point (one per forward).
-    P, D = _padded(int(n_enc.max()), T), _padded(int(n_dec.max()), T)
-    # Encoder positions first, then the decoder's, each in block order.
-    order = torch.sort(to_decoder.to(torch.int8), dim=1, stable=True).indices  # (B, T)
-    columns = torch.arange(max(P, D), device=device)
-    enc_index = order[:, :P]  # (B, P)
-    enc_valid = columns[:P] < n_enc[:, None]  # (B, P)
-    dec_index = order.gather(1, (n_enc[:, None] + columns[:D]).clamp(max=T - 1))  # (B, D)
-    dec_valid = columns[:D] < n_dec[:, None]  # (B, D)
+    P, D = layout.encoder_len, layout.decoder_len
+    enc_index, enc_valid, dec_index, dec_valid = _split(to_decoder, P, D)
     docs = doc_ids.to(device).long()
     return PackedExamples(
         encoder_ids=input_ids.gather(1, enc_index),
@@ -163,7 +196,8 @@ def pack_examples(
         decoder_index=dec_index,
         targets=None
         if targets is None
-        else torch.where(dec_valid, targets.gather(1, dec_index), ignore_index),
+        else torch.where(dec_valid, targets.to(device).gather(1, dec_index), ignore_index),
+        layout=layout,
     )
 
 
@@ -182,24 +216,27 @@ def response_split(counted: torch.Tensor, doc_ids: torch.Tensor | None = None) -
     return seen - before > 0
 
 
-def encoder_mask(packed: PackedExamples) -> DocumentMask:
-    """The encoder's attention over packed examples: bidirectional within an example."""
+def encoder_mask(packed: PackedExamples, dtype: torch.dtype) -> DocumentMask:
+    """The encoder's attention over packed examples: bidirectional within an example (its mask in
+    `dtype`, the attention's compute dtype)."""
     enc = packed.encoder_docs  # (B, P)
-    return DocumentMask(
-        packed.encoder_positions, mask=(enc[:, :, None] == enc[:, None, :])[:, None]
-    )
+    same = (enc[:, :, None] == enc[:, None, :])[:, None]  # (B, 1, P, P)
+    return DocumentMask(packed.encoder_positions, mask=attention_bias(same, dtype))
 
 
-def decoder_masks(packed: PackedExamples, attention: str) -> tuple[DocumentMask, CrossMask]:
+def decoder_masks(
+    packed: PackedExamples, attention: str, dtype: torch.dtype, layout: PackedLayout
+) -> tuple[DocumentMask, CrossMask]:
     """The decoder's self-attention over packed examples (causal within an example, for attention
-    kernel `attention`) and its cross-attention (to its example's encoder positions)."""
+    kernel `attention`; flash_attn's documents from `layout`) and its cross-attention (to its
+    example's encoder positions), masks in `dtype`."""
     enc, dec = packed.encoder_docs, packed.decoder_docs  # (B, P), (B, T')
     # The decoder's example ids are non-decreasing along its row (block order), padding last.
-    docs = document_mask(dec, attention)
+    docs = document_mask(dec, attention, dtype, layout)
     docs = DocumentMask(packed.decoder_positions, docs.mask, docs.cu_seqlens, docs.max_seqlen)
     cross = dec[:, :, None] == enc[:, None, :]  # (B, T', P)
     reads = cross.any(dim=-1, keepdim=True)  # (B, T', 1)
-    return docs, CrossMask((cross | ~reads)[:, None], reads[:, None])
+    return docs, CrossMask(attention_bias((cross | ~reads)[:, None], dtype), reads[:, None])
 
 
 class EncoderDecoderCache:
@@ -342,7 +379,8 @@ class EncoderDecoder(LanguageModel):
         example, attending within it) -> the encoder's output (B, P, D)."""
         x = residual_dropout(self.embed(input_ids), self.cfg.dropout, self.training)  # (B, P, D)
         kernels = default_plan(self.cfg, x)
-        docs = None if packed is None else encoder_mask(packed)
+        dtype = compute_dtype(x.device.type, x.dtype)
+        docs = None if packed is None else encoder_mask(packed, dtype)
         cos, sin = rope_cos_sin(
             input_ids.shape[1],
             self.cfg.head_dim,
@@ -375,7 +413,8 @@ class EncoderDecoder(LanguageModel):
         E, base = self.cfg.head_dim, self.cfg.rope_base
         docs = cross = None
         if packed is not None:  # built once for all layers
-            docs, cross = decoder_masks(packed, kernels.attention)
+            dtype = compute_dtype(x.device.type, x.dtype)
+            docs, cross = decoder_masks(packed, kernels.attention, dtype, packed.layout)
         cos, sin = rope_cos_sin(
             T,
             E,
@@ -411,6 +450,7 @@ class EncoderDecoder(LanguageModel):
         encoder_len: int | None = None,
         doc_ids: torch.Tensor | None = None,
         decoder_mask: torch.Tensor | None = None,
+        layout: PackedLayout | None = None,
     ) -> torch.Tensor:
         """Prefix LM over a block. input_ids, targets: (B, T); the first P = encoder_len (default
         model.encoder_len, or T/2) inputs are encoded, the decoder reads inputs P.. and predicts
@@ -420,6 +460,8 @@ class EncoderDecoder(LanguageModel):
         example is encoded and decoded on its own, the encoder reading the positions where
         decoder_mask is False (default: those before P) -> logits (B, T, V) at the decoder's
         positions (zero at the encoder's), or the mean loss over the decoder's targets.
+        `layout`: `packed_layout(decoder_mask, doc_ids)` found on the host (else found here: a
+        host sync on a GPU).
 
         With a `kv_cache` (generation), start_pos=0 takes a prompt: its first T-1 tokens are
         encoded, its last starts the decoder -> logits (B, 1, V); later calls take the tokens at
@@ -436,7 +478,7 @@ class EncoderDecoder(LanguageModel):
         if doc_ids is not None or decoder_mask is not None:
             if decoder_mask is None:  # text: the prefix-LM split of every row
                 decoder_mask = (torch.arange(T, device=input_ids.device) >= P).expand(B, T)
-            return self._packed_forward(input_ids, targets, doc_ids, decoder_mask)
+            return self._packed_forward(input_ids, targets, doc_ids, decoder_mask, layout)
         memory = self.encode(input_ids[:, :P])  # (B, P, D)
         dec_targets = targets[:, P:] if targets is not None else None
         return self.decode(input_ids[:, P:], memory, P, targets=dec_targets)
@@ -447,6 +489,7 @@ class EncoderDecoder(LanguageModel):
         targets: torch.Tensor | None,
         doc_ids: torch.Tensor | None,
         decoder_mask: torch.Tensor,
+        layout: PackedLayout | None,
     ) -> torch.Tensor:
         B, T = input_ids.shape
         for name, t in (("doc_ids", doc_ids), ("decoder_mask", decoder_mask)):
@@ -454,20 +497,17 @@ class EncoderDecoder(LanguageModel):
                 raise ValueError(
                     f"{name} has shape {tuple(t.shape)}, input_ids {(B, T)}: give one per token"
                 )
-        if doc_ids is not None:
-            doc_ids = doc_ids.to(input_ids.device)
-        packed = pack_examples(input_ids, decoder_mask, doc_ids, targets)
+        packed = pack_examples(input_ids, decoder_mask, doc_ids, targets, layout=layout)
         memory = self.encode(packed.encoder_ids, packed)  # (B, P, D)
         out = self.decode(
             packed.decoder_ids, memory, 0, targets=packed.targets, packed=packed
         )  # () | (B, T', V)
         if targets is not None:
             return out
-        logits = out.new_zeros(B, T, out.shape[-1])  # (B, T, V), at the block's positions
-        valid = packed.decoder_valid  # (B, T')
-        rows = torch.arange(B, device=out.device)[:, None].expand_as(valid)
-        logits[rows[valid], packed.decoder_index[valid]] = out[valid]
-        return logits
+        # (B, T, V) at the block's positions; padding adds zeros (no boolean indexing: no host sync)
+        valid = packed.decoder_valid[..., None]  # (B, T', 1)
+        index = packed.decoder_index[..., None].expand_as(out)  # (B, T', V)
+        return out.new_zeros(B, T, out.shape[-1]).scatter_add_(1, index, out * valid)
 
     def _generation_step(
         self, input_ids: torch.Tensor, cache: EncoderDecoderCache, start_pos: int

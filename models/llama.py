@@ -46,14 +46,17 @@ values). Attention is then causal and confined to the position's own document (b
 causal), and RoPE positions restart at 0 at each document start (per-token positions: cos / sin
 are (B, T, E)). `document_mask` builds what the attention kernel needs once per forward, never per
 layer (a `DocumentMask`):
-  * `eager`: the reference, `attention_reference` with a (B, 1, T, T) bool mask;
-  * `sdpa`: F.scaled_dot_product_attention with that bool mask (CPU and CUDA; K/V repeated to
-    every query head, as SDPA's masked kernels want; no flash backend with a mask on CUDA, the
-    memory-efficient one instead), and `xformers`, which takes the same path (the mask costs
-    B*T*T bytes: 32 MiB for 8 x 2,048 tokens);
+  * `eager`: the reference, `attention_reference`, with a (B, 1, T, T) additive mask (0 / -inf,
+    in the attention's compute dtype, built once per forward and shared by every layer);
+  * `sdpa`: F.scaled_dot_product_attention with that mask, and `xformers`, which takes the same
+    path (`full_attention`: on CPU grouped queries go in as they are (enable_gqa); on CUDA cuDNN
+    groups them where it runs masked calls (torch >= 2.11, sm90+), else K/V are repeated for
+    the memory-efficient kernel; key lengths of 64 mod 128 stay off cuDNN, whose masked backward
+    returns NaN there, pytorch#196678);
   * `flash_attn`: flash-attn's `flash_attn_varlen_func` over the batch flattened to (B*T, heads, E)
-    with `cu_seqlens` at the document starts (each row's start included) and T as max_seqlen (an
-    upper bound: no host sync for it); finding the starts (`nonzero`) is one host sync per forward.
+    with `cu_seqlens` at the document starts (each row's start included) and the longest
+    document as max_seqlen, both found on the host with the batch (`PackedLayout`,
+    `document_layout`): the forward reads nothing back from the GPU.
 RoPE kernels: eager and liger take the per-token cos / sin (liger's (B, T, E) layout); flash-attn's
 rotary takes one table for every row, so with doc_ids the eager rotation runs instead (torch.compile
 fuses it). Without doc_ids every path is bit-identical to the plain causal one. Generation (a
@@ -77,6 +80,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from models import kernels as fused
 from models.config import ModelConfig
@@ -190,17 +194,53 @@ class DocumentMask:
     """Packed documents of one batch, in the form the attention kernel wants (`document_mask`).
 
     positions: (B, T) int64, each position's offset in its document (RoPE restarts at 0);
-    mask: (B, 1, T, T) bool, True where query t may attend to key s (same document, s <= t), for
-      eager / sdpa / xformers (None for flash_attn);
+    mask: (B, 1, T, S) additive (0 where query t may attend to key s, -inf elsewhere) in the
+      attention's compute dtype, built once per forward and shared by every layer, for eager /
+      sdpa / xformers (None for flash_attn);
     cu_seqlens: (N + 1,) int32 start of each of the N documents of the batch flattened to B*T
-      positions, then B*T, for flash_attn's varlen kernel (None otherwise); max_seqlen: an upper
-      bound on a document's length (T).
+      positions, then B*T, for flash_attn's varlen kernel (None otherwise); max_seqlen: the
+      longest document.
     """
 
     positions: torch.Tensor
     mask: torch.Tensor | None = None
     cu_seqlens: torch.Tensor | None = None
     max_seqlen: int = 0
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """What the forward pass needs to know about a packed batch's documents as Python numbers,
+    found on the host where the ids are (`document_layout`, encdec's `packed_layout`), so that the
+    forward reads nothing back from the GPU: flash_attn's cu_seqlens (document starts in the
+    flattened (B*T,) batch, then B*T) and max_seqlen (the longest document), and for the
+    encoder-decoder the padded lengths of its encoder and decoder rows (the decoder's documents
+    are then what cu_seqlens describes). Plain numbers, so DDP's input scatter leaves it alone."""
+
+    cu_seqlens: tuple[int, ...]
+    max_seqlen: int
+    encoder_len: int = 0
+    decoder_len: int = 0
+
+
+def document_layout(doc_ids: torch.Tensor) -> PackedLayout:
+    """doc_ids: (B, T) -> the batch's PackedLayout. Reads doc_ids' values: call it where they are
+    (the trainer's host copy), not on a GPU tensor in the forward."""
+    starts, _ = document_positions(doc_ids)  # (B, T)
+    B, T = doc_ids.shape
+    begin = starts.flatten().nonzero().flatten().tolist()  # [N]: each document's first position
+    ends = [*begin[1:], B * T]
+    return PackedLayout((*begin, B * T), max(e - b for b, e in zip(begin, ends, strict=True)))
+
+
+def attention_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """allowed: bool, True where a query may attend -> the additive mask SDPA and the eager
+    reference take, in `dtype` (the attention's compute dtype): 0 there, -inf elsewhere. Built once
+    per forward: given the bool mask, SDPA would convert it in every layer's call, and its masked
+    backward kernels keep that copy per layer."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
+        ~allowed, float("-inf")
+    )
 
 
 def document_positions(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,25 +254,32 @@ def document_positions(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return starts, index - first
 
 
-def document_mask(doc_ids: torch.Tensor, attention: str = "sdpa") -> DocumentMask:
+def document_mask(
+    doc_ids: torch.Tensor,
+    attention: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+    layout: PackedLayout | None = None,
+) -> DocumentMask:
     """doc_ids: (B, T) ids of the document of each position (a new document starts wherever the id
-    changes along T, and at each row's start) -> what attention kernel `attention` needs."""
+    changes along T, and at each row's start) -> what attention kernel `attention` needs, its mask
+    in `dtype`. flash_attn takes the documents' starts from `layout` (`document_layout`, found on
+    the host); without one they are found here: a host sync on a GPU."""
     if doc_ids.dim() != 2 or doc_ids.is_floating_point() or doc_ids.is_complex():
         raise ValueError(
             f"doc_ids must be a (B, T) integer tensor, got {tuple(doc_ids.shape)} {doc_ids.dtype}"
         )
     B, T = doc_ids.shape
     starts, positions = document_positions(doc_ids)  # (B, T) each
-    index = torch.arange(T, device=doc_ids.device).expand(B, T)  # (B, T)
     if attention == "flash_attn":
-        cu_seqlens = torch.cat(
-            (starts.flatten().nonzero().flatten(), index.new_full((1,), B * T))
-        ).to(torch.int32)  # (N + 1,)
-        return DocumentMask(positions, cu_seqlens=cu_seqlens, max_seqlen=T)
+        layout = layout or document_layout(doc_ids)
+        cu_seqlens = torch.tensor(layout.cu_seqlens, dtype=torch.int32).to(
+            doc_ids.device, non_blocking=True
+        )  # (N + 1,)
+        return DocumentMask(positions, cu_seqlens=cu_seqlens, max_seqlen=layout.max_seqlen)
     segment = starts.cumsum(dim=1)  # (B, T): documents numbered from 1 in each row
     same = segment[:, :, None] == segment[:, None, :]  # (B, T, T)
-    mask = same & causal_mask(T, T, doc_ids.device)  # (B, T, T)
-    return DocumentMask(positions, mask=mask[:, None], max_seqlen=T)  # (B, 1, T, T)
+    allowed = same & causal_mask(T, T, doc_ids.device)  # (B, T, T)
+    return DocumentMask(positions, mask=attention_bias(allowed[:, None], dtype), max_seqlen=T)
 
 
 class Attention(nn.Module):
@@ -345,7 +392,9 @@ def repeat_kv(k: torch.Tensor, v: torch.Tensor, n_heads: int) -> tuple[torch.Ten
 # SDPA attends grouped queries to their shared key/value head itself (torch >= 2.5): on CPU, and on
 # CUDA in bf16/fp16 (flash / cuDNN backends). In fp32 on CUDA only the math backend would take it,
 # so K/V are repeated there for the memory-efficient kernel.
-_SDPA_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
+_TORCH = tuple(int(p) for p in torch.__version__.split(".")[:2])
+_SDPA_GQA = _TORCH >= (2, 5)
+_SDPA_CUDNN_GQA = _TORCH >= (2, 11)
 
 
 def causal_attention(
@@ -385,10 +434,7 @@ def document_attention(
         return fused.varlen_attention(q, k, v, docs.cu_seqlens, docs.max_seqlen)
     if docs.mask is None:
         raise ValueError(f"this DocumentMask was built for flash_attn, not attention {kernel!r}")
-    k, v = repeat_kv(k, v, q.shape[1])  # (B, H, T, E)
-    if kernel == "eager":
-        return attention_reference(q, k, v, docs.mask)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=docs.mask)  # (B, H, T, E)
+    return full_attention(q, k, v, eager=kernel == "eager", mask=docs.mask)  # (B, H, T, E)
 
 
 def causal_mask(T: int, S: int, device: torch.device) -> torch.Tensor:
@@ -408,11 +454,14 @@ def attention_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(E), where mask) v. q: (B, H, T, E); k, v: (B, H, S, E); mask: (T, S)
-    bool or anything broadcastable to (B, H, T, S) such as a per-row (B, 1, T, S), True where a
-    query may attend (None: everywhere; every query must see some key) -> (B, H, T, E)."""
+    or anything broadcastable to (B, H, T, S) such as a per-row (B, 1, T, S): bool, True where a
+    query may attend, or additive (`attention_bias`) (None: everywhere; every query must see some
+    key) -> (B, H, T, E)."""
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, H, T, S)
-    if mask is not None:
+    if mask is not None and mask.dtype == torch.bool:
         scores = scores.masked_fill(~mask, float("-inf"))
+    elif mask is not None:
+        scores = scores + mask.to(scores.dtype)  # + 0 or -inf: masked_fill's values
     return torch.softmax(scores.float(), dim=-1).type_as(q) @ v  # (B, H, T, E)
 
 
@@ -423,16 +472,47 @@ def full_attention(
     eager: bool = False,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attention without a causal mask (an encoder's self-attention, cross-attention): every query
-    sees every key, or (with `mask`, bool broadcastable to (B, H, T, S), e.g. (B, 1, T, S) for
-    packed examples) the keys where it is True; every query must see some key.
+    """Attention under `mask` (additive from `attention_bias`, or bool; broadcastable to
+    (B, H, T, S), e.g. (B, 1, T, S) for packed documents and examples), or without one (an
+    encoder's self-attention, cross-attention: every query sees every key); every query must
+    see some key.
 
     q: (B, H, T, E); k, v: (B, K, S, E) -> (B, H, T, E).
     """
-    k, v = repeat_kv(k, v, q.shape[1])  # (B, H, S, E)
+    H, S = q.shape[1], k.shape[2]
     if eager:
+        k, v = repeat_kv(k, v, H)  # (B, H, S, E)
         return attention_reference(q, k, v, mask)
+    if mask is not None and mask.dtype != torch.bool and mask.dtype != q.dtype:
+        mask = mask.to(q.dtype)  # (a copy per call: document_mask builds it in the compute dtype)
+    if mask is None or not q.is_cuda:
+        # CPU: SDPA groups queries itself, also with a mask (torch >= 2.5).
+        if k.shape[1] != H and _SDPA_GQA and not q.is_cuda:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        k, v = repeat_kv(k, v, H)  # (B, H, S, E)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, E)
+    if S % 128 == 64:
+        # cuDNN's masked backward returns NaN gradients for queries at these key lengths
+        # (pytorch#196678, torch 2.11 on sm90): the memory-efficient kernel, K/V repeated.
+        k, v = repeat_kv(k, v, H)
+        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if k.shape[1] != H and _cudnn_groups_masked_queries(q):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    k, v = repeat_kv(k, v, H)  # (B, H, S, E): the memory-efficient kernel takes no groups
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, E)
+
+
+def _cudnn_groups_masked_queries(q: torch.Tensor) -> bool:
+    """Whether SDPA runs a masked grouped-query call on q's GPU through cuDNN without repeating K/V:
+    torch >= 2.11 on sm90 and later with cuDNN attention enabled, in bf16 / fp16 (otherwise the
+    only backend that would take enable_gqa with a mask is the math one, far slower)."""
+    return (
+        _SDPA_CUDNN_GQA
+        and torch.backends.cuda.cudnn_sdp_enabled()
+        and fused.compute_dtype("cuda", q.dtype) in fused.HALF
+        and torch.cuda.get_device_capability(q.device) >= (9, 0)
+    )
 
 
 class SwiGLU(nn.Module):
@@ -607,6 +687,7 @@ class Llama(LanguageModel):
         start_pos: int = 0,
         targets: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
+        layout: PackedLayout | None = None,
     ) -> torch.Tensor:
         """input_ids: (B, T) token ids -> logits (B, T, V); with targets (B, T) -> the mean loss ()
         (plus the z-loss term in training mode when model.z_loss > 0).
@@ -616,7 +697,8 @@ class Llama(LanguageModel):
 
         With `doc_ids` (B, T) (packed documents, see the module docstring), each position attends
         only to its own document's positions up to itself, and RoPE positions restart at 0 at each
-        document start. Not with a kv_cache.
+        document start. Not with a kv_cache. `layout`: `document_layout(doc_ids)` found on the
+        host (flash_attn then needs no host sync).
         """
         B, T = input_ids.shape
         if start_pos + T > self.cfg.max_seq_len:
@@ -636,7 +718,8 @@ class Llama(LanguageModel):
         kernels = default_plan(self.cfg, x)  # resolved once for this call's device and dtype
         docs = None
         if doc_ids is not None:  # built once for all layers
-            docs = document_mask(doc_ids.to(x.device), kernels.attention)
+            dtype = fused.compute_dtype(x.device.type, x.dtype)
+            docs = document_mask(doc_ids.to(x.device), kernels.attention, dtype, layout)
         cos, sin = rope_cos_sin(
             T,
             self.cfg.head_dim,

@@ -572,6 +572,11 @@ class StrategyConfig:
         "DeepSpeed ZeRO stage (strategy.name=deepspeed): 1 shards optimizer state, 2 also gradients, 3 also "
         "parameters.",
     )
+    grad_accum_dtype: Literal["auto", "fp32", "bf16"] = doc(
+        "auto",
+        "DeepSpeed under bf16: dtype of the gradient partitions. `auto`: bf16 for ZeRO-3 with one micro-batch "
+        "per step (it reduces in bf16, so fp32 would hold the same values: 2 bytes/parameter saved), else fp32.",
+    )
     offload_optimizer: bool = doc(
         False,
         "DeepSpeed: keep optimizer state (and its step) in CPU memory (GPU runs; slower, saves GPU memory).",

@@ -58,6 +58,7 @@ from orchestrator.parallel.launch import (
 )
 from orchestrator.parallel.slurm import StopSignals, finish_stop
 from orchestrator.parallel.strategy import (
+    describe_strategy,
     scheduler_optimizer,
     wants_activation_checkpointing_outside,
 )
@@ -218,7 +219,7 @@ def setup(cfg: Config, stop_signals: StopSignals) -> Run:
     tokens_per_step = cfg.train.micro_batch_size * cfg.seq_len * accumulation * fabric.world_size
     fabric.print(
         f"Model {cfg.model.name}: {count_parameters(model):,} parameters | {fabric.world_size} process(es) on "
-        f"{fabric.device.type} | {cfg.strategy.precision} | {accumulation} micro-batch(es) of "
+        f"{fabric.device.type} | {describe_strategy(cfg)} | {accumulation} micro-batch(es) of "
         f"{cfg.train.micro_batch_size}x{cfg.seq_len} per process per step = {tokens_per_step:,} tokens/step",
         flush=True,
     )
@@ -337,9 +338,8 @@ def forward_backward(run: Run, batches: Iterator) -> tuple[torch.Tensor, torch.T
         # data.document_mask: each input position's document; the encoder-decoder on instruction
         # data: which positions its decoder reads. Found on the host.
         packing = packing_arguments(
-            cfg.model.arch, host_inputs, host_targets, run.documents, run.instruction
+            cfg.model, host_inputs, host_targets, run.documents, run.instruction, fabric.device
         )
-        packing = {k: v.to(fabric.device, non_blocking=True) for k, v in packing.items()}
         with fabric.no_backward_sync(model, enabled=micro_step < run.accumulation - 1):
             # mean next-token loss through model.loss_kernel (each document on its own with doc_ids)
             loss = model(inputs, targets=targets, **packing)

@@ -2,7 +2,8 @@
 state / parameters, on GPUs (NCCL) and CPUs (gloo).
 
 Precision bf16-mixed / bf16-true: bf16 weights, fp32 master weights and optimizer state, and
-gradients accumulated in fp32 (DeepSpeed's default would be bf16). The ZeRO optimizer that brings:
+gradients accumulated in fp32 (DeepSpeed's default would be bf16; ZeRO-3 with one micro-batch per
+step keeps bf16 partitions, which hold the same values: see grad_accum_dtype). The ZeRO optimizer:
 ZeRO-1 (without offload) DeepSpeed's BF16_Optimizer, ZeRO-2 / ZeRO-3 their own, each handled by
 the clipping and skipped-step code below.
 
@@ -61,8 +62,9 @@ def deepspeed_config(cfg: Config, on_gpu: bool) -> dict[str, Any]:
                 "stage3_max_live_parameters": 100_000_000,
                 "stage3_max_reuse_distance": 100_000_000,
                 "stage3_prefetch_bucket_size": 50_000_000,
-                # The optimizer steps its fp32 partition in groups of this many elements.
-                "sub_group_size": 100_000_000,
+                # The optimizer steps its fp32 partition in groups of this many elements (bf16
+                # gradients are converted to fp32 one group at a time: 25M = 100 MB).
+                "sub_group_size": 25_000_000,
             }
         )
     if s.offload_optimizer:
@@ -84,12 +86,24 @@ def deepspeed_config(cfg: Config, on_gpu: bool) -> dict[str, Any]:
         "wall_clock_breakdown": False,
     }
     if s.precision in ("bf16-mixed", "bf16-true"):
-        # Lightning adds only `bf16.enabled`; DeepSpeed then accumulates gradients in the weights'
-        # dtype, bf16 (8 mantissa bits: over 16 micro-batches, small contributions round away).
-        # fp32 accumulation: ZeRO-1 (without offload) becomes DeepSpeed's BF16_Optimizer, ZeRO-2/3
-        # keep their optimizers with fp32 gradient partitions.
-        config["data_types"] = {"grad_accum_dtype": "fp32"}
+        config["data_types"] = {"grad_accum_dtype": grad_accum_dtype(cfg)}
     return config
+
+
+def grad_accum_dtype(cfg: Config) -> str:
+    """strategy.grad_accum_dtype resolved: the dtype DeepSpeed keeps gradient partitions in under bf16.
+
+    Lightning adds only `bf16.enabled`; DeepSpeed then accumulates in the weights' dtype, bf16 (8
+    mantissa bits: over 16 micro-batches, small contributions round away), so `auto` asks for fp32,
+    except for ZeRO-3 with one micro-batch per step: it reduce-scatters in bf16 (its communication
+    dtype) and adds nothing afterwards, so an fp32 partition would hold the same bf16 values in twice
+    the memory (2.05 GiB per rank of TinyLlama-1.1B on 2 ranks). fp32: ZeRO-1 (without offload)
+    becomes DeepSpeed's BF16_Optimizer, ZeRO-2/3 keep their optimizers with fp32 partitions."""
+    s = cfg.strategy
+    if s.grad_accum_dtype != "auto":
+        return s.grad_accum_dtype
+    single_micro_batch = cfg.gradient_accumulation(s.devices * s.num_nodes) == 1
+    return "bf16" if s.zero_stage == 3 and single_micro_batch else "fp32"
 
 
 class _BoundaryControl(_BackwardSyncControl):

@@ -25,7 +25,11 @@ from torch import nn
 
 from orchestrator.config import Config
 from orchestrator.parallel.activation_checkpointing import checkpointing_mode
-from orchestrator.parallel.deepspeed import CPUCapableDeepSpeedStrategy, deepspeed_config
+from orchestrator.parallel.deepspeed import (
+    CPUCapableDeepSpeedStrategy,
+    deepspeed_config,
+    grad_accum_dtype,
+)
 from orchestrator.parallel.fsdp import FSDP2Strategy, parallelize_fsdp
 
 
@@ -70,6 +74,17 @@ def build_strategy(cfg: Config, accelerator: str) -> Any:
             device=torch.device("cuda", 0) if on_gpu else torch.device("cpu")
         )
     return "auto"
+
+
+def describe_strategy(cfg: Config) -> str:
+    """The start-up line's word on the strategy: its name, precision and what DeepSpeed chose."""
+    s = cfg.strategy
+    text = f"{s.name} | {s.precision}"
+    if s.name == "deepspeed":
+        text = f"deepspeed ZeRO-{s.zero_stage} | {s.precision}"
+        if s.precision in ("bf16-mixed", "bf16-true"):
+            text += f" (grad_accum_dtype={grad_accum_dtype(cfg)})"
+    return text
 
 
 def scheduler_optimizer(optimizer):

@@ -233,7 +233,7 @@ def packed_loss(
     from orchestrator.training.data import model_batch, packing_arguments
 
     inputs, targets, count = model_batch(batch, instruction)
-    packing = packing_arguments(cfg.model.arch, inputs, targets, documents, instruction)
+    packing = packing_arguments(cfg.model, inputs, targets, documents, instruction, dev)
     if cfg.model.arch == "encoder_decoder" and not instruction:  # the decoder's targets
         P = cfg.model.encoder_tokens(inputs.shape[1])
         count = targets[:, P:].numel()
@@ -241,7 +241,6 @@ def packed_loss(
         count = int((targets != IGNORE_INDEX).sum())
     if count == 0:  # a batch without a response target adds nothing
         return 0.0, 0
-    packing = {k: v.to(dev) for k, v in packing.items()}
     loss = model(inputs.to(dev), targets=targets.to(dev), **packing)  # eval mode: plain CE
     return float(loss), count
 

@@ -19,8 +19,10 @@ from data.loader import (
     resolve_split,
 )
 from data.storage import StorageError, join
-from models.encdec import response_split
+from models.config import ModelConfig
+from models.encdec import packed_layout, response_split
 from models.kernels import IGNORE_INDEX
+from models.llama import document_layout
 from orchestrator.config import Config
 from orchestrator.schema import ConfigError
 
@@ -177,24 +179,36 @@ def model_batch(block: torch.Tensor, instruction: bool) -> tuple[torch.Tensor, t
 
 
 def packing_arguments(
-    arch: str,
+    model: ModelConfig,
     inputs: torch.Tensor,
     targets: torch.Tensor,
     documents: DocumentBoundary | None,
     instruction: bool,
-) -> dict[str, torch.Tensor]:
-    """The forward pass's packing arguments for a batch's (B, T) inputs and targets with model.arch
-    `arch`, found on the host (training and validation alike): `doc_ids` with data.document_mask
-    (the document of each input position), and for the encoder-decoder on instruction data
-    `decoder_mask` (from each example's first counted target on: the decoder reads those positions
-    and the encoder the ones before, so each example's prompt is encoded and its response decoded;
-    models/encdec.py `response_split`)."""
-    out = {}
+    device: torch.device | str,
+) -> dict[str, Any]:
+    """The forward pass's packing arguments for a batch's (B, T) host inputs and targets, found on
+    the host (training and validation alike) and sent to `device`: `doc_ids` with
+    data.document_mask (the document of each input position); for the encoder-decoder with either,
+    `decoder_mask` (on instruction data from each example's first counted target on: the decoder
+    reads those positions and the encoder the ones before, so each example's prompt is encoded and
+    its response decoded, models/encdec.py `response_split`; on text the prefix-LM split); and
+    their `layout` (document starts, row lengths), so that the forward reads nothing back."""
+    out: dict[str, Any] = {}
     if documents is not None:
         out["doc_ids"] = documents.ids(inputs)
-    if instruction and arch == "encoder_decoder":
-        out["decoder_mask"] = response_split(targets != IGNORE_INDEX, out.get("doc_ids"))
-    return out
+    if model.arch == "encoder_decoder" and (instruction or documents is not None):
+        if instruction:
+            out["decoder_mask"] = response_split(targets != IGNORE_INDEX, out.get("doc_ids"))
+        else:
+            B, T = inputs.shape
+            out["decoder_mask"] = (torch.arange(T) >= model.encoder_tokens(T)).expand(B, T)
+        out["layout"] = packed_layout(out["decoder_mask"], out.get("doc_ids"))
+    elif "doc_ids" in out:
+        out["layout"] = document_layout(out["doc_ids"])
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+        for k, v in out.items()
+    }
 
 
 # litdata's elastic resume (a new world size, data.num_workers or micro-batch size) lays out the

@@ -58,6 +58,8 @@ from data.tokenizer import Tokenizer
 from data.util import format_duration
 from models.flops import flops_per_token
 from orchestrator.devices import device_peak_flops
+from orchestrator.parallel.compile import eager
+from orchestrator.parallel.fsdp import gathered
 from orchestrator.parallel.launch import gather_object, on_rank_zero
 from orchestrator.schema import to_dict
 from orchestrator.tools.generate import completion, greedy
@@ -485,12 +487,14 @@ class Monitor:
         try:
             if self.tokenizer is None:
                 self.tokenizer = Tokenizer(self.cfg.data.tokenizer)
-            texts = generate_samples(
-                unwrap(model),
-                self.tokenizer,
-                list(self.cfg.logging.sample_prompts),
-                self.cfg.logging.sample_tokens,
-            )
+            # Eager (parallel/compile.py), and FSDP2 units gathered once for every token.
+            with eager(), gathered(model):
+                texts = generate_samples(
+                    unwrap(model),
+                    self.tokenizer,
+                    list(self.cfg.logging.sample_prompts),
+                    self.cfg.logging.sample_tokens,
+                )
         except Exception as e:  # a monitoring feature must never end the run
             self.samples_failed = True
             self.fabric.print(

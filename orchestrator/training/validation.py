@@ -10,6 +10,8 @@ from data.documents import DocumentBoundary
 from data.loader import make_dataloader, resolve_split
 from models.kernels import IGNORE_INDEX
 from orchestrator.config import Config
+from orchestrator.parallel.compile import eager
+from orchestrator.parallel.fsdp import gathered
 from orchestrator.training.data import model_batch, packing_arguments, stream_options
 from orchestrator.training.monitor import Monitor
 
@@ -48,13 +50,15 @@ class Validator:
         return self.run(step) if self.due(step) else None
 
     def run(self, step: int) -> float:
-        self.last_loss = validate(
-            self.fabric, self.model, self.cfg, self.documents, self.instruction
-        )
-        self.monitor.validation(step, self.last_loss)
-        if self.downstream is not None:
-            self.last_downstream = self.downstream.score(self.model, self.fabric)
-            self.monitor.downstream(step, self.last_downstream)
+        with eager():  # compiled graphs are for the training step (parallel/compile.py)
+            self.last_loss = validate(
+                self.fabric, self.model, self.cfg, self.documents, self.instruction
+            )
+            self.monitor.validation(step, self.last_loss)
+            if self.downstream is not None:
+                with gathered(self.model):  # many small forwards: FSDP2 gathers each unit once
+                    self.last_downstream = self.downstream.score(self.model, self.fabric)
+                self.monitor.downstream(step, self.last_downstream)
         return self.last_loss
 
 
@@ -99,8 +103,9 @@ def validate(
             targets[:, : cfg.eval.loss_from] = IGNORE_INDEX
             count = int((targets != IGNORE_INDEX).sum())
         # on the host, as in training
-        packing = packing_arguments(cfg.model.arch, inputs, targets, documents, instruction)
-        packing = {k: v.to(fabric.device) for k, v in packing.items()}
+        packing = packing_arguments(
+            cfg.model, inputs, targets, documents, instruction, fabric.device
+        )
         inputs, targets = inputs.to(fabric.device), targets.to(fabric.device)  # (B, T) each
         # mean loss; every rank runs every batch's forward (sharded models gather in it)
         loss = model(inputs, targets=targets, **packing).double()

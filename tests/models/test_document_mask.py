@@ -17,11 +17,15 @@ from models.kernels import IGNORE_INDEX
 from models.llama import (
     KVCache,
     Llama,
+    PackedLayout,
     apply_rope,
+    attention_bias,
     attention_reference,
     causal_mask,
     document_attention,
+    document_layout,
     document_mask,
+    full_attention,
     repeat_kv,
     rope_cos_sin,
 )
@@ -107,19 +111,26 @@ def test_boundary_from_prepare_stats(tmp_path, separator, expected):
 
 def test_document_mask_positions_mask_and_cu_seqlens():
     ids = torch.tensor([[0, 0, 1, 1, 1, 2], [4, 4, 4, 4, 4, 4]])
-    docs = document_mask(ids, "sdpa")
+    # The mask is additive, in the attention's compute dtype (built once for every layer).
+    docs = document_mask(ids, "sdpa", torch.bfloat16)
     assert docs.positions.tolist() == [[0, 1, 0, 1, 2, 0], [0, 1, 2, 3, 4, 5]]
-    assert docs.mask.shape == (2, 1, 6, 6) and docs.mask.dtype == torch.bool
+    assert docs.mask.shape == (2, 1, 6, 6) and docs.mask.dtype == torch.bfloat16
+    assert set(docs.mask.unique().tolist()) == {0.0, float("-inf")}
+    allowed = docs.mask == 0
     want = torch.zeros(6, 6, dtype=torch.bool)
     for a, b in ((0, 2), (2, 5), (5, 6)):
         want[a:b, a:b] = torch.ones(b - a, b - a, dtype=torch.bool).tril()
-    assert torch.equal(docs.mask[0, 0], want)
-    assert torch.equal(docs.mask[1, 0], causal_mask(6, 6, ids.device))  # one document: causal
+    assert torch.equal(allowed[0, 0], want)
+    assert torch.equal(allowed[1, 0], causal_mask(6, 6, ids.device))  # one document: causal
     flash = document_mask(ids, "flash_attn")
-    assert flash.mask is None and flash.max_seqlen == 6
+    assert flash.mask is None and flash.max_seqlen == 6  # the longest document (row 1's)
     assert flash.cu_seqlens.dtype == torch.int32
     assert flash.cu_seqlens.tolist() == [0, 2, 5, 6, 12]  # row 1 starts a document at 6
     assert torch.equal(flash.positions, docs.positions)
+    # Found on the host (plain numbers, which DDP's input scatter leaves alone) and passed in.
+    layout = document_layout(ids[:1])
+    assert layout == PackedLayout((0, 2, 5, 6), 3)
+    assert document_mask(ids[:1], "flash_attn", layout=layout).cu_seqlens.tolist() == [0, 2, 5, 6]
 
 
 def test_rope_with_per_token_positions():
@@ -370,3 +381,22 @@ def test_packed_model_kernels_match_eager_on_gpu(attention):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             got = fast(tokens.cuda(), doc_ids=ids.cuda())
     assert rel(got.float(), want) <= 3 * BF16_TOL
+
+
+@pytest.mark.gpu
+def test_masked_attention_gradients_stay_finite_where_cudnn_returns_nan():
+    """pytorch#196678: cuDNN's masked backward (torch 2.11, sm90) returns NaN query gradients at
+    key lengths of 64 mod 128 when a row's logsumexp is below ~-88.7; `full_attention` keeps
+    such calls off cuDNN. The issue's reproduction, through our masked path, grouped and not."""
+    L, D = 192, 64
+    for H, K in ((1, 1), (4, 2)):
+        torch.manual_seed(0)
+        q = torch.randn(1, H, L, D, device="cuda", dtype=torch.bfloat16) * 0.1
+        k = torch.randn(1, K, L, D, device="cuda", dtype=torch.bfloat16) * 0.1
+        v = torch.randn(1, K, L, D, device="cuda", dtype=torch.bfloat16)
+        q[..., 0], k[..., 0] = 1.0, -120 * D**0.5  # every logit ~ -120
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+        allowed = torch.ones(L, L, dtype=torch.bool, device="cuda").tril()[None, None]
+        out = full_attention(q, k, v, mask=attention_bias(allowed, torch.bfloat16))
+        out.backward(torch.randn_like(out))
+        assert all(torch.isfinite(t.grad).all() for t in (q, k, v)), (H, K)

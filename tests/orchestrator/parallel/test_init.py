@@ -91,14 +91,36 @@ def rank_checks(strategy: str, arch: str, precision: str = "32-true") -> dict:
             weights = {n: p.detach().clone() for n, p in module.named_parameters()}
     else:
         weights = {n: p.full_tensor() for n, p in module.named_parameters()}
+    gathering = fsdp_gathering(module) if strategy == "fsdp" else {}
     # ZeRO-3 under bf16 keeps bf16 weights (as it did when it converted a full fp32 build).
     dtype = next(iter(weights.values())).dtype
     expected = {n: p.detach().to(dtype) for n, p in reference.named_parameters()}
     return {
+        **gathering,
         "held_fraction": held / total,
         "rng_same": rng_same,
         "names_same": sorted(weights) == sorted(expected),
         "unequal": [n for n in expected if not torch.equal(weights[n], expected[n])],
+    }
+
+
+def fsdp_gathering(module: torch.nn.Module) -> dict:
+    """In-loop generation under FSDP2 (`gathered`): every unit stays gathered from its first
+    forward on (no all-gather per generated token), reshards after, and generates the same."""
+    from torch.distributed.tensor import DTensor
+
+    from orchestrator.parallel.fsdp import gathered
+    from orchestrator.tools.generate import greedy
+
+    module.eval()
+    plain = greedy(module, [1, 5, 7], 4)
+    with gathered(module):
+        kept = greedy(module, [1, 5, 7], 4)
+        held = not any(isinstance(p, DTensor) for p in module.parameters())
+    return {
+        "gathered_same": kept == plain,
+        "gathered_held": held,
+        "resharded_after": all(isinstance(p, DTensor) for p in module.parameters()),
     }
 
 
@@ -115,6 +137,8 @@ def test_sharded_builds_hold_their_share_and_equal_an_unsharded_build(strategy, 
             assert out["names_same"] and out["unequal"] == [], (name, rank, out)
             assert out["rng_same"], (name, rank)
             assert out["held_fraction"] <= 0.51, (name, rank, out)  # never the whole model
+            if strategy == "fsdp":  # generation inside training (orchestrator/parallel/fsdp.py)
+                assert out["gathered_same"] and out["gathered_held"] and out["resharded_after"]
 
 
 if __name__ == "__main__":

@@ -67,13 +67,13 @@ def tiny_model(arch: str = "llama", seed: int = 0) -> torch.nn.Module:
 def loss_of(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The loss as the trainer computes it (its packing arguments; the encoder-decoder: each
     example's prompt to the encoder, its response to the decoder)."""
-    packing = packing_arguments(model.cfg.arch, inputs, targets, BOUNDARY, instruction=True)
+    packing = packing_arguments(model.cfg, inputs, targets, BOUNDARY, True, "cpu")
     with torch.no_grad():
         return model(inputs, targets=targets, **packing)
 
 
 def logits_of(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    packing = packing_arguments(model.cfg.arch, inputs, targets, BOUNDARY, instruction=True)
+    packing = packing_arguments(model.cfg, inputs, targets, BOUNDARY, True, "cpu")
     with torch.no_grad():
         return model(inputs, **packing)  # (1, T, V)
 
