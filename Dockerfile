@@ -1,22 +1,31 @@
-# GPU image for cluster runs: CUDA PyTorch + DeepSpeed + this project + the GPU extras
-# (flash-attn, xformers, liger-kernel). See README "Containers" for Slurm (pyxis/enroot, Apptainer).
+# GPU image for cluster runs: CUDA PyTorch + DeepSpeed + this project + liger-kernel. See README
+# "Containers" for Slurm (pyxis/enroot, Apptainer).
 #
-#   docker build -t orchestrator .                       # GPU extras included
-#   docker build --build-arg GPU_EXTRAS=0 -t orchestrator .   # without them (PyTorch SDPA)
+#   docker build -t orchestrator .                       # torch 2.11, CUDA 13: SDPA + liger-kernel
 #   docker run --gpus all --ipc=host -v /data:/data orchestrator train --config configs/tinyllama-1.1b.yaml
 #
-# The devel base has nvcc, which DeepSpeed's JIT-built ops and a flash-attn source build need.
-# Its torch must satisfy pyproject.toml's floor (torch>=2.6: FSDP2's public fully_shard and more;
-# checked below and by tests/models/test_torch_support.py). This tag: torch 2.6.0, CUDA 12.4, Python 3.11.
-ARG BASE=pytorch/pytorch:2.6.0-cuda12.4-cudnn9-devel
+# The default is the stack the GPU suite (benchmarks/gpu_suite.py) runs on: torch 2.11 + CUDA 13,
+# attention through PyTorch's SDPA (its CUDA flash backend is FlashAttention-2). The devel base has
+# nvcc, which DeepSpeed's JIT-built ops need. Its torch must satisfy pyproject.toml's floor
+# (torch>=2.6; checked below and by tests/models/test_torch_support.py).
+ARG BASE=pytorch/pytorch:2.11.0-cuda13.0-cudnn9-devel
 FROM ${BASE}
 
-ARG GPU_EXTRAS=1
+# liger-kernel: pure Python (Triton kernels), so it runs on any CUDA the base's Triton supports;
+# `auto` picks it for the norms, RoPE, SwiGLU and the fused loss.
+ARG LIGER=1
+# flash-attn and xformers ship compiled ops for particular torch / CUDA builds, and neither has
+# them for torch 2.11 + CUDA 13 (flash-attn has no wheel; xformers' ops need CUDA 12's runtime and
+# fall back to PyTorch). Opt in with a base they have wheels for, e.g.
+#   docker build --build-arg BASE=pytorch/pytorch:2.6.0-cuda12.4-cudnn9-devel \
+#       --build-arg FLASH_ATTN=1 --build-arg XFORMERS=1 -t orchestrator:flash .
 # flash-attn 2.7.4.post1 ships prebuilt wheels for torch 2.6 / CUDA 12 / Python 3.11 (xformers'
-# builds for torch 2.6, 0.0.29.post2/3, bundle their own FlashAttention and ignore it). A newer BASE
-# needs a FLASH_ATTN_VERSION with wheels for its torch (or a slow source build), and one inside the
-# range its xformers names (0.0.32 refuses to import beside a flash-attn outside 2.7.1-2.8.2).
+# builds for torch 2.6, 0.0.29.post2/3, bundle their own FlashAttention and ignore it). Another
+# BASE needs a FLASH_ATTN_VERSION with wheels for its torch (or a slow source build), and one inside
+# the range its xformers names (0.0.32 refuses to import beside a flash-attn outside 2.7.1-2.8.2).
+ARG FLASH_ATTN=0
 ARG FLASH_ATTN_VERSION=2.7.4.post1
+ARG XFORMERS=0
 # DS_BUILD_OPS=0: DeepSpeed compiles the ops it needs on first use instead of at install time.
 # MAX_JOBS bounds a flash-attn source build (only when no prebuilt wheel matches torch/CUDA/Python).
 ENV PYTHONUNBUFFERED=1 \
@@ -49,12 +58,13 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
 # The GPU extras, each pinned by the constraint to builds for the image's torch. flash-attn's
 # setup downloads a prebuilt wheel for this torch/CUDA/Python (or compiles; slow) and needs torch
 # at build time, hence --no-build-isolation.
-RUN if [ "$GPU_EXTRAS" = "1" ]; then \
+RUN if [ "$LIGER" = "1" ]; then pip install "liger-kernel>=0.5.0"; fi \
+ && if [ "$FLASH_ATTN" = "1" ]; then \
       pip install packaging ninja \
-   && pip install --no-build-isolation "flash-attn==${FLASH_ATTN_VERSION}" \
-   && pip install "xformers>=0.0.29.post2" "liger-kernel>=0.5.0" \
-   && pip show flash-attn xformers liger-kernel | grep -E "^(Name|Version)"; \
-    fi
+   && pip install --no-build-isolation "flash-attn==${FLASH_ATTN_VERSION}"; \
+    fi \
+ && if [ "$XFORMERS" = "1" ]; then pip install "xformers>=0.0.29.post2"; fi \
+ && (pip show liger-kernel flash-attn xformers 2>/dev/null | grep -E "^(Name|Version)" || true)
 
 COPY orchestrator orchestrator
 COPY models models

@@ -38,15 +38,16 @@ the best kernel set: one op at a time, every kernel that can run on this device,
 then torch.compile on and off (--no-kernel-search: the micro-batch only).
 
 --skip-unavailable: an --ours set naming a kernel that cannot run here (library missing, CPU) is
-reported as skipped instead of stopping the comparison (benchmarks/gpu_suite.sh uses it).
+reported as skipped instead of stopping the comparison (benchmarks/gpu_suite.py uses it).
 
 --curve N (for a GPU; runs anywhere): trains each --ours kernel set for N steps from the same
 weights on the same learnable token stream (a fixed random successor table, 10% noise tokens), with
 the trainer's optimizer and 20 warm-up steps, plus the all-eager model in --curve-reference
-precision (default 32-true) as the yardstick of rounding noise. Reported per kernel set: the loss
-at the end and the mean and largest |loss - eager loss| over the last quarter of the steps, beside
-the same figures for eager-in-the-reference-precision vs eager: a fused set "matches within
-bf16 noise" when its gap to eager is no larger than twice that precision gap.
+precision (default 32-true) as the yardstick of rounding noise. Reported per kernel set: the kernels
+that ran (resolved on this device: `auto` names none), the loss at the end and the mean and largest
+|loss - eager loss| over the last quarter of the steps, beside the same figures for
+eager-in-the-reference-precision vs eager: a fused set "matches within bf16 noise" when its gap to
+eager is no larger than twice that precision gap.
 
 --json PATH writes every figure (with device, versions, the command and the ratios) for tools.
 """
@@ -767,20 +768,23 @@ def run_curve(args, device, log=print) -> dict:
     if "eager" not in specs:
         specs.append("eager")
     curves: dict[str, list[float]] = {}
+    ran: dict[str, dict] = {}  # each curve's kernels as resolved here (`auto` names none of them)
     for spec in specs:
         c = build_ours(cfg, parse_kernel_set(spec), device, args.precision, args.ac)
         curves[c.name] = train_curve(c, cfg, args, device, log)
+        ran[c.name] = {"kernels": c.info["kernels"], "compile": c.info["compile"]}
         _free(c)
     reference_name = f"ours[eager] {args.curve_reference}"
     c = build_ours(cfg, KERNEL_SETS["eager"], device, args.curve_reference, args.ac)
     c.name = reference_name
     curves[reference_name] = train_curve(c, cfg, args, device, log)
+    ran[reference_name] = {"kernels": c.info["kernels"], "compile": c.info["compile"]}
     _free(c)
     eager = curves["ours[eager]"]
     noise = curve_gap(curves[reference_name], eager)
     rows = []
     for name, losses in curves.items():
-        row = {"name": name, "first_loss": losses[0], "final_loss": losses[-1]}
+        row = {"name": name, "first_loss": losses[0], "final_loss": losses[-1], **ran[name]}
         if name not in ("ours[eager]", reference_name):
             row.update(curve_gap(losses, eager))
             row["within_noise"] = row["mean_abs_gap"] <= 2 * noise["mean_abs_gap"]
@@ -817,6 +821,9 @@ def print_curve(report: dict, out=print) -> None:
             else ""
         )
         out(f"{r['name']:<44} {r['first_loss']:>8.4f} {r['final_loss']:>8.4f} {gaps}")
+        if "kernels" in r:
+            ran = ", ".join(f"{op}={k}" for op, k in r["kernels"].items())
+            out(f"    ran: {ran}" + (", compiled" if r.get("compile") else ""))
     out(
         f"  noise yardstick ({noise['vs']}, last quarter): mean |gap| {noise['mean_abs_gap']:.4f}, "
         f"max {noise['max_abs_gap']:.4f}; within noise = mean |gap| <= 2 x that"
