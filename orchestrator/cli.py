@@ -577,6 +577,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         model=args.model,
         flops=parse_count(args.flops) if args.flops else None,
         gpus=args.gpus,
+        gpus_per_node=args.gpus_per_node,
+        micro_batches=args.micro_batches,
         mfu=args.mfu,
         tokens_per_sec=args.tokens_per_sec,
         tokens_per_param=args.tokens_per_param,
@@ -1015,6 +1017,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="h100, h100-pcie, h200, a100 (peak bf16 FLOP/s for budgets and MFU)",
     )
     p.add_argument("--gpus", type=int, default=1, help="GPUs the run uses (wall time)")
+    p.add_argument(
+        "--gpus-per-node",
+        type=int,
+        default=None,
+        help="GPUs per node (default 8): the strategy comparison's node boundary",
+    )
+    p.add_argument(
+        "--micro-batches",
+        type=int,
+        default=1,
+        help="micro-batches per GPU and step (gradient accumulation) in the strategy comparison",
+    )
     p.add_argument(
         "--mfu",
         type=float,

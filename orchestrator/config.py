@@ -596,6 +596,15 @@ class StrategyConfig:
         "attention kernels that are torch ops (SDPA, flash-attn >= 2.7, xformers) and recomputes norms, RoPE "
         "and activations (Triton kernels included); `none` (or false) stores everything.",
     )
+    fsdp_shard_size: int | None = doc(
+        None,
+        "FSDP: ranks that shard each parameter; null or 0 = all of them (full sharding). A divisor of the "
+        "world size below it gives HSDP (hybrid sharding): parameters, gradients and optimizer state are "
+        "sharded within each group of this many consecutive ranks (set it to the GPUs per node, so "
+        "all-gathers and reduce-scatters stay inside a node) and replicated across the groups, whose "
+        "gradients are all-reduced (the only traffic between nodes). Changing it between a save and a "
+        "resume is fine (the checkpoint is resharded).",
+    )
     sharded_checkpoint: bool = doc(
         True,
         "FSDP: every rank writes its own shard (a directory); false gathers one full file on rank 0. "
@@ -632,6 +641,26 @@ class StrategyConfig:
             )
         if self.timeout_s <= 0:
             raise ConfigError(f"strategy.timeout_s must be positive, got {self.timeout_s}")
+        shard = self.fsdp_shard_size or 0
+        world = self.devices * self.num_nodes
+        if shard < 0:
+            raise ConfigError(
+                f"strategy.fsdp_shard_size must be >= 0 (0 or null: shard over all ranks), got {shard}"
+            )
+        if shard and self.name != "fsdp":
+            raise ConfigError(
+                f"strategy.fsdp_shard_size={shard} needs strategy.name=fsdp (it is {self.name}); "
+                "remove it, or set strategy.name=fsdp for hybrid sharding"
+            )
+        if shard and world > 0 and world % shard:
+            divisors = [d for d in range(1, world + 1) if world % d == 0]
+            raise ConfigError(
+                f"strategy.fsdp_shard_size={shard} does not divide the world size {world} "
+                f"(strategy.devices x strategy.num_nodes = {self.devices} x {self.num_nodes}): HSDP "
+                f"needs whole replicas of {shard} ranks. Set strategy.fsdp_shard_size to one of "
+                f"{divisors} (usually strategy.devices = {self.devices}, one replica per node), or 0 "
+                "to shard over all ranks"
+            )
 
 
 @dataclass

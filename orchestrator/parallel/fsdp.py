@@ -1,6 +1,11 @@
 """FSDP2 (`strategy.name: fsdp`): `fully_shard` on every transformer block and on the root,
 through Fabric's ModelParallelStrategy (Fabric's FSDPStrategy is FSDP1, which refuses CPUs).
 
+HSDP (strategy.fsdp_shard_size = S, a divisor of the world size W below it): the same units over
+a 2-D mesh (W/S replicas x S shards; ranks r*S .. r*S+S-1 form replica r, one node each when S is
+the GPUs per node). FSDP2 then all-gathers and reduce-scatters within a replica and all-reduces
+the reduced shards across replicas.
+
 Checkpoint: a directory of per-rank shards (torch.distributed.checkpoint), or one gathered
 file with strategy.sharded_checkpoint=false. The shards can also be written in the background
 (`FSDP2Strategy.async_save_checkpoint`, checkpoint.async_save): the same files.
@@ -26,6 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
 )
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import (  # public from torch 2.6
     FSDPModule,
     MixedPrecisionPolicy,
@@ -39,6 +45,31 @@ from orchestrator.parallel.activation_checkpointing import (
 from orchestrator.parallel.init import FullTensorInit, materialize_sharded
 
 
+def data_parallel_mesh(device_mesh: DeviceMesh, shard_size: int | None = None) -> DeviceMesh:
+    """The mesh `fully_shard` gets: Fabric's data-parallel dimension (1-D: full sharding), or,
+    given a `shard_size` that divides it into more than one group, a 2-D ("replicate", "shard")
+    mesh over the same ranks (HSDP: FSDP2 replicates over dim 0 and shards over dim 1)."""
+    mesh = (
+        device_mesh["data_parallel"]
+        if "data_parallel" in (device_mesh.mesh_dim_names or ())
+        else device_mesh
+    )
+    world = mesh.size()
+    if not shard_size or shard_size >= world:
+        return mesh
+    if world % shard_size:  # Config.validate refuses this before launch
+        raise ValueError(f"strategy.fsdp_shard_size={shard_size} does not divide {world} ranks")
+    if mesh.ndim != 1 or world != torch.distributed.get_world_size():
+        raise ValueError("HSDP needs a data-parallel mesh of all ranks (no tensor parallelism)")
+    # Collective (creates the replica and shard process groups): every rank parallelizes.
+    # Row-major: shard groups are consecutive ranks, i.e. one node when shard_size = devices.
+    return init_device_mesh(
+        mesh.device_type,
+        (world // shard_size, shard_size),
+        mesh_dim_names=("replicate", "shard"),
+    )
+
+
 def parallelize_fsdp(
     model: nn.Module,
     device_mesh,
@@ -46,18 +77,16 @@ def parallelize_fsdp(
     reshard_after_forward: bool = True,
     activation_checkpointing: bool | str = False,
     param_dtype: torch.dtype | None = None,
+    shard_size: int | None = None,
 ) -> nn.Module:
     """`fully_shard` every transformer block, the embedding and the output head (when untied),
     then the root (the rest: final norm; tied embeddings).
 
     `param_dtype=torch.bfloat16` gathers parameters in bf16 for compute while master weights,
     gradient reduction and the optimizer stay fp32 (FSDP2's MixedPrecisionPolicy).
+    `shard_size`: HSDP over groups of that many ranks (`data_parallel_mesh`).
     """
-    mesh = (
-        device_mesh["data_parallel"]
-        if "data_parallel" in (device_mesh.mesh_dim_names or ())
-        else device_mesh
-    )
+    mesh = data_parallel_mesh(device_mesh, shard_size)
     apply_activation_checkpointing(model, activation_checkpointing)  # a no-op for false / none
     kwargs: dict[str, Any] = {"mesh": mesh}
     if param_dtype is not None:

@@ -1,7 +1,8 @@
 """cfg.strategy -> a Lightning Fabric strategy that works on GPUs (NCCL) and on CPUs (gloo).
 
     ddp        DistributedDataParallel; checkpoint = one file written by rank 0.
-    fsdp       FSDP2 (orchestrator/parallel/fsdp.py): per-rank shards, or one gathered file.
+    fsdp       FSDP2 (orchestrator/parallel/fsdp.py): per-rank shards, or one gathered file;
+               with strategy.fsdp_shard_size, HSDP (sharded within groups, replicated across).
     deepspeed  ZeRO stage 1, 2 or 3 (orchestrator/parallel/deepspeed.py): DeepSpeed's shards.
     single     one process, no process group.
 
@@ -54,6 +55,7 @@ def build_strategy(cfg: Config, accelerator: str) -> Any:
             reshard_after_forward=s.reshard_after_forward,
             activation_checkpointing=s.activation_checkpointing,
             param_dtype=param_dtype,
+            shard_size=s.fsdp_shard_size,
         )
         world = s.devices * s.num_nodes
         return FSDP2Strategy(
@@ -76,10 +78,21 @@ def build_strategy(cfg: Config, accelerator: str) -> Any:
     return "auto"
 
 
+def hsdp_shape(cfg: Config) -> tuple[int, int] | None:
+    """(replicas, shards per replica) when cfg.strategy is HSDP, else None."""
+    s = cfg.strategy
+    world = s.devices * s.num_nodes
+    if s.name != "fsdp" or not s.fsdp_shard_size or s.fsdp_shard_size >= world:
+        return None
+    return world // s.fsdp_shard_size, s.fsdp_shard_size
+
+
 def describe_strategy(cfg: Config) -> str:
     """The start-up line's word on the strategy: its name, precision and what DeepSpeed chose."""
     s = cfg.strategy
     text = f"{s.name} | {s.precision}"
+    if shape := hsdp_shape(cfg):
+        text = f"fsdp HSDP {shape[0]} replicas x {shape[1]} shards | {s.precision}"
     if s.name == "deepspeed":
         text = f"deepspeed ZeRO-{s.zero_stage} | {s.precision}"
         if s.precision in ("bf16-mixed", "bf16-true"):

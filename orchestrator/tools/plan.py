@@ -20,6 +20,10 @@ it names, measures and carries MFU over from the decoder sizes only (`model.arch
 encoder-decoder `redllm-*` sizes (models/encdec.py) are neither recommended nor taken as
 measurements, and `--model redllm-...` is refused.
 
+With more than one GPU the plan also compares the strategies (`strategy_costs`, the arithmetic
+in docs/distributed.md): training state per GPU and bytes each GPU sends per step, inside a node
+and across nodes, for DDP, FSDP, HSDP (`strategy.fsdp_shard_size`) and ZeRO-1/2/3, and names one.
+
 The measured-throughput table ships with the package (orchestrator/resources/throughput.md, read
 through importlib.resources: no checkout needed); `--results FILE` reads another file of the
 same markdown format instead, e.g. benchmarks/RESULTS.md.
@@ -204,6 +208,8 @@ def make_plan(
     model: str | None = None,
     flops: float | None = None,
     gpus: int = 1,
+    gpus_per_node: int | None = None,
+    micro_batches: int = 1,
     mfu: float | None = None,
     tokens_per_sec: float | None = None,
     tokens_per_param: float = TOKENS_PER_PARAM,
@@ -288,7 +294,162 @@ def make_plan(
     if tps:
         seconds = d_named / (tps * gpus)
         plan.update(wall_seconds=seconds, gpu_hours_needed=seconds * gpus / 3600)
+    if gpus > 1:
+        per_node = min(gpus_per_node or 8, gpus)
+        plan.update(
+            gpus_per_node=per_node,
+            micro_batches=micro_batches,
+            strategies=[vars(c) for c in strategy_costs(n_named, gpus, per_node, micro_batches)],
+            strategy=recommend_strategy(n_named, gpus, per_node, device, micro_batches),
+        )
     return plan
+
+
+# Training state per parameter under bf16-mixed with AdamW, as each strategy holds it: fp32
+# weights (4 B), fp32 gradients (4 B), Adam's two fp32 moments (8 B) = 16 B, replicated or
+# sharded. DDP adds its gradient buckets (4 B: gradients are copied into them to be all-reduced).
+# DeepSpeed keeps bf16 weights and gradients beside fp32 master weights and moments (the ZeRO
+# paper's 2 + 2 + 12 B). Activations come on top (the same under every strategy).
+# GPU memory of the tabulated devices (data sheets; A100: the 80 GB part).
+GPU_MEMORY_GB = {
+    "H100": 80, "H100 PCIe": 80, "H100 NVL": 94, "H200": 141, "H200 NVL": 141,
+    "B200": 180, "GB200": 186, "L40S": 48, "A100": 80,
+}  # fmt: skip
+STATE_SHARE = 0.5  # DDP is advised while its state takes at most half the GPU (activations)
+
+
+@dataclass
+class StrategyCost:
+    name: str  # as configured: "ddp", "fsdp", "fsdp, fsdp_shard_size G (HSDP ...)", "deepspeed ZeRO-n"
+    state_bytes: float  # per GPU: weights, gradients and optimizer state
+    gpu_bytes: float  # sent by each GPU per step, all its collectives
+    node_bytes: float  # sent by each node to the other nodes per step (0 on one node)
+    memory: str  # the formulas
+    traffic: str
+
+
+def strategy_costs(
+    params: float, gpus: int, gpus_per_node: int, micro_batches: int = 1
+) -> list[StrategyCost]:
+    """Per-GPU training state and per-step traffic of each strategy for `params` parameters on
+    `gpus` GPUs, `gpus_per_node` per node (HSDP: shard groups of one node), `micro_batches` per
+    GPU and step (gradient accumulation: gradients are reduced once per step, except by ZeRO-2/3,
+    weights are gathered for every micro-batch).
+
+    Ring collectives over k ranks: an all-gather or a reduce-scatter of X bytes sends X (k-1)/k per
+    rank, an all-reduce 2 X (k-1)/k. A ring over ranks laid out node after node crosses each node
+    boundary once, carrying what one rank sends: a node sends V (the per-rank volume) to other
+    nodes for each ring of its ranks that spans nodes (HSDP: G rings, one per local rank)."""
+    p, w, a = float(params), gpus, micro_batches
+    g = min(gpus_per_node, w)
+    spans = w > g
+
+    def frac(k: int) -> float:
+        return (k - 1) / k
+
+    def world(per_rank: float) -> tuple[float, float]:  # one collective over all W ranks
+        return per_rank, per_rank if spans else 0.0
+
+    rows = [
+        StrategyCost(
+            "ddp", 20 * p, *world(8 * p * frac(w)),
+            "20 B x N (16 + 4 of gradient buckets)", "all-reduce of fp32 grads: 2 x 4N (W-1)/W",
+        ),
+        # FSDP2: bf16 weights all-gathered in forward and again in backward (reshard_after_forward)
+        # for every micro-batch; fp32 gradients reduce-scattered once per step.
+        StrategyCost(
+            "fsdp", 16 * p / w, *world((4 * a + 4) * p * frac(w)),
+            "16 B x N / W", "2 all-gathers of bf16 weights per micro-batch + reduce-scatter of "
+            "fp32 grads: (4A + 4) N (W-1)/W",
+        ),
+    ]  # fmt: skip
+    if spans and w % g == 0:
+        # HSDP over nodes: FSDP's collectives inside the node; across nodes, each rank all-reduces
+        # its fp32 gradient shard (N/G parameters) with the R-1 other replicas' (G rings per node).
+        r = w // g
+        across = 8 * p / g * frac(r)
+        rows.append(
+            StrategyCost(
+                f"fsdp, fsdp_shard_size {g} (HSDP {r} x {g})", 16 * p / g,
+                (4 * a + 4) * p * frac(g) + across, g * across,
+                "16 B x N / G", "FSDP's inside the node, (4A + 4) N (G-1)/G; across nodes, "
+                "all-reduce of the fp32 grad shard, 2 x 4N/G (R-1)/R per GPU = 8N (R-1)/R per node",
+            )
+        )  # fmt: skip
+    # ZeRO (DeepSpeed, bf16): 1 and 2 reduce-scatter bf16 gradients and all-gather the updated bf16
+    # weights (the ZeRO paper: DDP's element count); 2 reduces every micro-batch (its gradients are
+    # partitioned as they are produced); 3 gathers weights twice per micro-batch as FSDP does.
+    for stage, state, memory, per_rank, traffic in (
+        (1, (4 + 12 / w) * p, "(2 + 2 + 12/W) B x N", 4 * p * frac(w),
+         "reduce-scatter of bf16 grads + all-gather of bf16 weights: 2 x 2N (W-1)/W"),
+        (2, (2 + 14 / w) * p, "(2 + 14/W) B x N", (2 * a + 2) * p * frac(w),
+         "reduce-scatter of bf16 grads per micro-batch + all-gather of bf16 weights: (2A + 2) N (W-1)/W"),
+        (3, 16 * p / w, "16 B x N / W", 6 * a * p * frac(w),
+         "per micro-batch, 2 all-gathers of bf16 weights + reduce-scatter of bf16 grads: 6A N (W-1)/W"),
+    ):  # fmt: skip
+        rows.append(
+            StrategyCost(f"deepspeed ZeRO-{stage}", state, *world(per_rank), memory, traffic)
+        )
+    return rows
+
+
+def recommend_strategy(
+    params: float, gpus: int, gpus_per_node: int, device: str | None, micro_batches: int = 1
+) -> str:
+    """Which strategy to configure, and why (the reasoning: docs/distributed.md)."""
+    if gpus <= 1:
+        return "single (one GPU)"
+    memory = gpu_memory_gb(device) or 80  # an 80 GB GPU unless the device says otherwise
+    budget = STATE_SHARE * memory * 1e9
+    ddp, fsdp, *rest = strategy_costs(params, gpus, gpus_per_node, micro_batches)
+    g = min(gpus_per_node, gpus)
+    if gpus <= g:
+        if ddp.state_bytes <= budget:
+            return (
+                f"ddp: its {ddp.state_bytes / 1e9:.1f} GB of state per GPU fit in half of {memory} GB; "
+                f"fsdp ({fsdp.state_bytes / 1e9:.1f} GB) when activations need the room"
+            )
+        return f"fsdp: DDP's {ddp.state_bytes / 1e9:.1f} GB per GPU leave too little of {memory} GB"
+    hsdp = rest[0] if rest and "HSDP" in rest[0].name else None
+    if hsdp is not None and hsdp.state_bytes <= budget:
+        return (
+            f"fsdp with strategy.fsdp_shard_size {g} (HSDP): {hsdp.state_bytes / 1e9:.1f} GB of "
+            f"state per GPU; across nodes only a gradient all-reduce per step, "
+            f"{hsdp.node_bytes / 1e9:.2f} GB per node that overlaps backward, where FSDP sends "
+            f"{fsdp.node_bytes / 1e9:.2f} GB, its weight all-gathers in the forward's path"
+        )
+    return (
+        "fsdp (full sharding): a node's GPUs cannot hold the state with room for activations"
+        if gpus % g == 0
+        else f"fsdp (full sharding): {gpus} GPUs are not whole nodes of {g} (HSDP needs that)"
+    )
+
+
+def gpu_memory_gb(device: str | None) -> float | None:
+    if not device:
+        return None
+    name = device.lower().replace("-", " ").replace("_", " ")
+    matches = [k for k in GPU_MEMORY_GB if k.lower() in name]
+    return GPU_MEMORY_GB[max(matches, key=len)] if matches else None
+
+
+def format_strategies(plan: dict[str, Any]) -> list[str]:
+    rows = plan.get("strategies")
+    if not rows:
+        return []
+    lines = [
+        f"Strategies:      {plan['model']} on {plan['gpus']} GPU(s), {plan['gpus_per_node']} per node, "
+        f"{plan['micro_batches']} micro-batch(es) per GPU and step; state = weights + grads + AdamW "
+        "(activations extra); docs/distributed.md",
+        f"  {'strategy':<37} {'state/GPU':>9} {'sent/GPU/step':>14} {'node->nodes/step':>17}",
+    ]
+    for r in rows:
+        lines.append(
+            f"  {r['name']:<37} {r['state_bytes'] / 1e9:>7.1f}GB {r['gpu_bytes'] / 1e9:>12.2f}GB "
+            f"{r['node_bytes'] / 1e9:>15.2f}GB"
+        )
+    lines.append(f"Strategy:        {plan['strategy']}")
+    return lines
 
 
 def human(x: float) -> str:
@@ -324,4 +485,5 @@ def format_plan(plan: dict[str, Any]) -> str:
         lines.append(f"Wall time:       ? ({plan['throughput_source']})")
     if plan.get("note"):
         lines.append(f"Note:            {plan['note']}")
+    lines.extend(format_strategies(plan))
     return "\n".join(lines)

@@ -10,8 +10,10 @@ checked through the batch fingerprints. Two processes vs one, and every strategy
 Step 3 of every run is a NaN drill whose update is skipped: each strategy must drop that step's
 gradients and continue identically. The stability options (QK-norm, whose gains shard with their
 block, and the z-loss) train 2 steps under DDP, FSDP2, ZeRO-2 and ZeRO-3 and must agree the same way.
-The encoder-decoder (RedLLM) trains under each strategy too, and resumes bitwise. The 24 training
-runs start in two concurrent waves (fixture `runs`); the tests then only read their outputs.
+The encoder-decoder (RedLLM) trains under each strategy too, and resumes bitwise. HSDP (2 replicas
+x 2 shards on 4 processes) matches FSDP on 4 and DDP on 2, and resumes across the two layouts. The
+28 training runs start in two concurrent waves (fixture `runs`); the tests then only read their
+outputs.
 """
 
 import json
@@ -69,6 +71,13 @@ STRATEGIES = {
 STABILITY = ["--model.qk_norm", "true", "--model.z_loss", "1e-3", "--train.max_steps", "2",
              "--checkpoint.interval", "0"]  # fmt: skip
 STABILITY_RUNS = ("ddp", "fsdp", "zero2", "zero3")
+
+# HSDP (strategy.fsdp_shard_size): 4 processes, 2 replicas x 2 shards, the decoder's 4 steps with
+# async sharded saves (`hsdp`), beside full sharding over the same 4 processes (`fsdp4`); then each
+# resumes from the other's step-2 checkpoint (`fsdp4-from-hsdp`, `hsdp-from-fsdp4`): DCP reshards.
+FSDP4 = [*STRATEGIES["fsdp"], "--strategy.devices", "4"]
+HSDP = [*FSDP4, "--strategy.fsdp_shard_size", "2"]
+HSDP_RESUMES = {"fsdp4-from-hsdp": ("hsdp", FSDP4), "hsdp-from-fsdp4": ("fsdp4", HSDP)}
 
 # The encoder-decoder (RedLLM, models/encdec.py) on the same data: 2+2 layers, prefix LM with the
 # block split in half. Each strategy trains it 4 steps (`encdec-<name>`, the NaN drill included);
@@ -208,10 +217,10 @@ def runs(sample_data, tmp_path_factory):
     idle while it starts up, so independent runs go together, in two waves:
       1. each strategy with 2 processes, 4 steps (checkpoints at 2 and 4), for the decoder and for
          the encoder-decoder; one process with the same global batch; `fabric run` with flags
-         overriding the config;
+         overriding the config; HSDP and FSDP with 4 processes;
       2. each sharded strategy resumed from its step-2 checkpoint (the encoder-decoder: FSDP2 and
          ZeRO-3); ZeRO-3 started from the FSDP checkpoint's weights; the `fabric run` resumed;
-         QK-norm + z-loss under DDP, FSDP, ZeRO-2/3.
+         QK-norm + z-loss under DDP, FSDP, ZeRO-2/3; FSDP resumed from HSDP and back.
     """
     import yaml
 
@@ -226,6 +235,10 @@ def runs(sample_data, tmp_path_factory):
         root / "single", sample_data, "--strategy.name", "single", "--strategy.devices", "1"
     )
     first["fabric-a"] = start_fabric_run(root / "fabric-a", sample_data, config)
+    first["hsdp"] = start_worker(
+        root / "hsdp", sample_data, *HSDP, "--checkpoint.async_save", "true"
+    )
+    first["fsdp4"] = start_worker(root / "fsdp4", sample_data, *FSDP4)
     encdec = {
         f"encdec-{name}": start_worker(root / f"encdec-{name}", sample_data, *flags, *ENCDEC)
         for name, flags in STRATEGIES.items()
@@ -254,6 +267,10 @@ def runs(sample_data, tmp_path_factory):
     if first["fabric-a"].ok:
         copy_checkpoint(root / "fabric-a", 2, root / "fabric-b")
         second["fabric-b"] = start_fabric_run(root / "fabric-b", sample_data, config)
+    for name, (source, flags) in HSDP_RESUMES.items():
+        if first[source].ok:
+            copy_checkpoint(root / source, 2, root / name)
+            second[name] = start_worker(root / name, sample_data, *flags)
     for name in STABILITY_RUNS:
         second[f"stability-{name}"] = start_worker(
             root / f"stability-{name}", sample_data, *STRATEGIES[name], *STABILITY
@@ -459,6 +476,54 @@ def test_consolidate_gives_one_plain_state_dict(two_processes, ddp_records, tmp_
     assert all(torch.equal(weights[k].float(), expected[k].float()) for k in expected)
 
 
+def test_hsdp_trains_as_fsdp_and_ddp_and_reshards_through_its_checkpoints(runs, ddp_records):
+    """strategy.fsdp_shard_size 2 on 4 processes: FSDP2 over a 2 x 2 (replicate x shard) mesh.
+    The losses of full sharding over the same 4 processes and of DDP on 2 (the same 16 sequences
+    per step); its async shards resume under FSDP and FSDP's under HSDP, bitwise."""
+    from orchestrator.checkpoint.consolidate import load_model_state
+
+    hsdp, fsdp4 = runs["hsdp"].check(), runs["fsdp4"].check()
+    assert "fsdp HSDP 2 replicas x 2 shards" in hsdp.stdout
+    assert "fsdp HSDP" not in fsdp4.stdout and "4 process(es)" in fsdp4.stdout
+    assert "in the background (training stalled" in hsdp.stdout  # async sharded saves
+    mine, full, ddp = losses(hsdp.run_dir), losses(fsdp4.run_dir), losses(ddp_records)
+    print(f"hsdp {mine}\nfsdp {full}\nddp  {ddp}")
+    assert [sorted(r["batch_hashes"]) for r in records(hsdp.run_dir)] == [
+        sorted(r["batch_hashes"]) for r in records(ddp_records)
+    ]
+    # Step 1 is a forward of the initial weights: the meta-device build materialised bitwise the
+    # same weights over the 2-D mesh. Later steps: gradients summed in another order (<= 1 ulp).
+    assert mine[0] == full[0]
+    assert max_diff(mine, full) <= 1e-6 and max_diff(mine, ddp) <= 1e-6, (mine, full, ddp)
+    assert mine[2] == "nan" and mine[-1] < mine[0]
+    # Really a 2 x 2 mesh: each tensor is saved as one replica's 2 shards (full sharding: 4).
+    assert [_saved_shards(r.run_dir, "model.embed.weight") for r in (hsdp, fsdp4)] == [2, 4]
+    weights = load_model_state(checkpoint(hsdp.run_dir, STEPS))  # consolidates like FSDP's
+    reference = load_model_state(checkpoint(fsdp4.run_dir, STEPS))
+    assert set(weights) == set(reference)
+    assert max((weights[k] - reference[k]).abs().max().item() for k in reference) <= 1e-5
+    for name, (source, _) in HSDP_RESUMES.items():
+        resumed, source_run = runs[name].check(), runs[source]
+        assert "Resumed from" in resumed.stdout and "at step 2" in resumed.stdout, name
+        assert ("fsdp HSDP" in resumed.stdout) == (source == "fsdp4")
+        # Step 3 is the skipped NaN drill, so step 4's loss is a forward of the restored step-2
+        # weights: equal bitwise only if the other layout's shards were loaded bitwise.
+        assert losses(resumed.run_dir) == losses(source_run.run_dir)[2:], name
+        after = load_model_state(checkpoint(resumed.run_dir, STEPS))
+        before = load_model_state(checkpoint(source_run.run_dir, STEPS))
+        # One update from the restored optimizer state (a fresh Adam state moves weights ~lr).
+        worst = max((after[k] - before[k]).abs().max().item() for k in before)
+        print(f"{name}: max |w - w_{source}| at step {STEPS} = {worst:.2e}")
+        assert worst <= 1e-6, (name, worst)
+
+
+def _saved_shards(run_dir, key):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(checkpoint(run_dir, STEPS) / "state").read_metadata()
+    return len(metadata.state_dict_metadata[key].chunks)
+
+
 def test_a_sharded_checkpoint_starts_a_run_of_another_strategy(runs):
     """FSDP shards -> ZeRO-3 partitions: same weights in (same first validation loss), and the
     optimizer continues from them (not from its own initialisation)."""
@@ -631,6 +696,40 @@ def test_launch_settings_agree_with_the_launcher(monkeypatch):
     cfg = load_config([])
     notes = resolve_launch(cfg)
     assert (cfg.strategy.devices, cfg.strategy.num_nodes) == (4, 2) and len(notes) == 2
+
+
+def test_hsdp_shard_size_must_divide_the_world_before_launch(monkeypatch):
+    """Config.validate refuses a shard size that does not divide devices x num_nodes (also once
+    Slurm has said how many there are), naming the key and the sizes that would do."""
+    from orchestrator.config import load_config
+    from orchestrator.parallel.launch import resolve_launch
+    from orchestrator.parallel.strategy import describe_strategy, hsdp_shape
+    from orchestrator.schema import ConfigError
+
+    fsdp = ["--strategy.name", "fsdp", "--strategy.devices", "8", "--strategy.num_nodes", "2"]
+    cfg = load_config([*fsdp, "--strategy.fsdp_shard_size", "8"])
+    assert hsdp_shape(cfg) == (2, 8) and describe_strategy(cfg).startswith("fsdp HSDP 2 replicas")
+    for full in ("0", "16"):  # all ranks: plain FSDP
+        assert hsdp_shape(load_config([*fsdp, "--strategy.fsdp_shard_size", full])) is None
+    with pytest.raises(
+        ConfigError,
+        match=r"strategy.fsdp_shard_size=6 does not divide the world size 16 \(strategy.devices x "
+        r"strategy.num_nodes = 8 x 2\).*Set strategy.fsdp_shard_size to one of \[1, 2, 4, 8, 16\]",
+    ):
+        load_config([*fsdp, "--strategy.fsdp_shard_size", "6"])
+    with pytest.raises(ConfigError, match="fsdp_shard_size=2 needs strategy.name=fsdp"):
+        load_config(["--strategy.name", "ddp", "--strategy.fsdp_shard_size", "2"])
+    # Slurm launched 3 nodes of 4 tasks: a shard size of 8 no longer divides them.
+    for key in [k for k in os.environ if k.startswith(("SLURM_", "LT_"))]:
+        monkeypatch.delenv(key)
+    cfg = load_config([*fsdp, "--strategy.fsdp_shard_size", "8"])
+    for key, value in dict(
+        SLURM_NTASKS="12", SLURM_NTASKS_PER_NODE="4", SLURM_NNODES="3", SLURM_JOB_NAME="x",
+        SLURM_JOB_ID="7", SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODEID="0",
+    ).items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ConfigError, match="fsdp_shard_size=8 does not divide the world size 12"):
+        resolve_launch(cfg)
 
 
 def test_deepspeed_config_and_strategy_validation():

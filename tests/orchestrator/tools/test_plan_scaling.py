@@ -22,6 +22,7 @@ from orchestrator.tools.plan import (
     nearest_size,
     read_results,
     size_of,
+    strategy_costs,
 )
 from orchestrator.tools.scaling import fit_power_law, fit_runs, read_run
 from tests.training import REPO_ROOT
@@ -268,3 +269,34 @@ def test_fit_cli_writes_the_plot_and_reads_tensorboard_logs(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     fits = json.loads(out_json.read_text())["fits"]
     assert fits["params"]["alpha"] == pytest.approx(0.34, abs=1e-5)
+
+
+def test_plan_compares_the_strategies_for_a_1b_model_on_two_nodes():
+    """1.1B parameters on 2 nodes of 8 GPUs (docs/distributed.md): HSDP holds 16 B x N / 8 per
+    GPU and sends across nodes only the all-reduce of its fp32 gradient shards, 8N x 1/2 per node,
+    where FSDP's ring over all 16 GPUs sends 8N x 15/16, and (4A + 4) N x 15/16 with A micro-batches
+    (the weights are gathered again for each); on one node, DDP fits."""
+    n = 1.1e9
+    ddp, fsdp, hsdp, *zero = strategy_costs(n, gpus=16, gpus_per_node=8)
+    assert "HSDP 2 x 8" in hsdp.name and [z.name[-6:] for z in zero] == [
+        "ZeRO-1",
+        "ZeRO-2",
+        "ZeRO-3",
+    ]
+    assert ddp.state_bytes == pytest.approx(20 * n) and fsdp.state_bytes == pytest.approx(n)
+    assert hsdp.state_bytes == pytest.approx(2 * n)
+    assert fsdp.node_bytes == fsdp.gpu_bytes == pytest.approx(8 * n * 15 / 16)
+    assert ddp.node_bytes == pytest.approx(8 * n * 15 / 16)
+    assert hsdp.node_bytes == pytest.approx(8 * n / 2)  # 8 rings (local ranks) x 2 x 4N/8 x 1/2
+    assert hsdp.gpu_bytes == pytest.approx(8 * n * 7 / 8 + n / 2)
+    accumulating = strategy_costs(n, gpus=16, gpus_per_node=8, micro_batches=4)
+    assert accumulating[1].node_bytes == pytest.approx(20 * n * 15 / 16)
+    assert accumulating[2].node_bytes == pytest.approx(8 * n / 2)  # still one all-reduce
+    assert all(c.node_bytes == 0 for c in strategy_costs(n, gpus=8, gpus_per_node=8))
+
+    two_nodes = make_plan(model="tinyllama-1.1b", device="h100", gpus=16)
+    assert two_nodes["strategy"].startswith("fsdp with strategy.fsdp_shard_size 8 (HSDP)")
+    one_node = make_plan(model="tinyllama-1.1b", device="h100", gpus=8)
+    assert one_node["strategy"].startswith("ddp") and len(one_node["strategies"]) == 5  # no HSDP
+    assert "strategies" not in make_plan(model="tinyllama-1.1b", device="h100")  # one GPU
+    assert make_plan(model="tinyllama-1.1b", gpus=12)["strategy"].startswith("fsdp (full")
