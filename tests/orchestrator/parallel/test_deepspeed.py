@@ -71,7 +71,8 @@ def engine_checks(stage: int, precision: str) -> dict:
     """What test_bf16_engine checks, for one ZeRO stage (one Fabric per call, same process group)."""
     from orchestrator.parallel.launch import build_fabric
 
-    cfg = _cfg(stage, precision)
+    # 16 micro-batches per step (as accumulated below): fp32 partitions at every stage.
+    cfg = _cfg(stage, precision, "--train.micro_batch_size", "1", "--train.global_batch_size", "16")
     fabric = build_fabric(cfg)
     fabric.launch()
     with (
