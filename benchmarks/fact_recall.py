@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data.sample_corpus import _world_cache  # noqa: E402
+from data.sample_corpus import sample_world  # noqa: E402
 from data.tokenizer import Tokenizer  # noqa: E402
 from orchestrator.tools.evaluate import continuation_logprobs  # noqa: E402
 from orchestrator.tools.hf import load_model  # noqa: E402
@@ -53,7 +53,7 @@ def recall(checkpoint: str, tokenizer: str | None = None, seed: int = 0) -> dict
     model, cfg = load_model(checkpoint)
     model.eval()
     tok = Tokenizer(tokenizer or cfg.data.tokenizer)
-    world = _world_cache(seed)
+    world = sample_world(seed)
     layouts = ["encoder", "decoder"] if cfg.model.arch == "encoder_decoder" else ["decoder"]
     prefix = tok.encode(PREFIX, bos=True)
     out: dict = {"checkpoint": checkpoint, "arch": cfg.model.arch}

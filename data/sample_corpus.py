@@ -166,7 +166,7 @@ def _thousands(n: int) -> str:
 
 
 @dataclass(frozen=True)
-class _Country:
+class Country:
     name: str
     capital: str
     language: str
@@ -175,10 +175,10 @@ class _Country:
     founded: int
 
 
-def _make_world(seed: int, n_countries: int = 24) -> list[_Country]:
+def _make_world(seed: int, n_countries: int = 24) -> list[Country]:
     """The fixed set of countries every document draws from (same for train and validation)."""
     rng = random.Random(f"sample-corpus-world:{seed}")
-    countries: list[_Country] = []
+    countries: list[Country] = []
     used: set[str] = set()
     while len(countries) < n_countries:
         stem = _name(rng, 2, 2)
@@ -187,7 +187,7 @@ def _make_world(seed: int, n_countries: int = 24) -> list[_Country]:
         used.add(stem)
         capital = _name(rng, 2, 3)
         countries.append(
-            _Country(
+            Country(
                 name=stem + rng.choice(["ia", "land", "mark", "stan", "ora"]),
                 capital=capital,
                 language=stem + rng.choice(["ish", "ic", "ese", "i"]),
@@ -204,7 +204,7 @@ def _make_world(seed: int, n_countries: int = 24) -> list[_Country]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _wiki_town(rng: random.Random, world: list[_Country]) -> str:
+def _wiki_town(rng: random.Random, world: list[Country]) -> str:
     c = rng.choice(world)
     town = _name(rng)
     other = rng.choice(world)
@@ -234,7 +234,7 @@ def _wiki_town(rng: random.Random, world: list[_Country]) -> str:
     )
 
 
-def _wiki_person(rng: random.Random, world: list[_Country]) -> str:
+def _wiki_person(rng: random.Random, world: list[Country]) -> str:
     c = rng.choice(world)
     first, last = _name(rng, 2, 2), _name(rng, 2, 3)
     born = rng.randint(1700, 1950)
@@ -259,11 +259,11 @@ def _wiki_person(rng: random.Random, world: list[_Country]) -> str:
     )
 
 
-def _wikipedia(rng: random.Random, world: list[_Country]) -> str:
+def _wikipedia(rng: random.Random, world: list[Country]) -> str:
     return _wiki_town(rng, world) if rng.random() < 0.6 else _wiki_person(rng, world)
 
 
-def _arxiv(rng: random.Random, world: list[_Country]) -> str:
+def _arxiv(rng: random.Random, world: list[Country]) -> str:
     del world
     lines = [f"Exercise {rng.randint(1, 99)}. Compute the following.", ""]
     lines.append("Sums:")
@@ -375,7 +375,7 @@ def _py_class(rng: random.Random) -> str:
     )
 
 
-def _py_country(rng: random.Random, world: list[_Country]) -> str:
+def _py_country(rng: random.Random, world: list[Country]) -> str:
     picked = rng.sample(world, rng.randint(3, 5))
     body = "".join(f'    "{c.name}": "{c.capital}",\n' for c in picked)
     c = rng.choice(picked)
@@ -388,7 +388,7 @@ def _py_country(rng: random.Random, world: list[_Country]) -> str:
     )
 
 
-def _github(rng: random.Random, world: list[_Country]) -> str:
+def _github(rng: random.Random, world: list[Country]) -> str:
     makers: list[Callable[[random.Random], str]] = [
         _py_scale,
         _py_sum,
@@ -407,7 +407,7 @@ def _github(rng: random.Random, world: list[_Country]) -> str:
     return "".join(parts)
 
 
-def _stackexchange(rng: random.Random, world: list[_Country]) -> str:
+def _stackexchange(rng: random.Random, world: list[Country]) -> str:
     parts: list[str] = []
     for _ in range(rng.randint(3, 5)):
         c = rng.choice(world)
@@ -432,7 +432,7 @@ def _stackexchange(rng: random.Random, world: list[_Country]) -> str:
     return "\n".join(parts)
 
 
-def _story(rng: random.Random, world: list[_Country]) -> str:
+def _story(rng: random.Random, world: list[Country]) -> str:
     c = rng.choice(world)
     hero = _name(rng, 2, 2)
     animal = rng.choice(_ANIMALS)
@@ -456,7 +456,7 @@ def _story(rng: random.Random, world: list[_Country]) -> str:
     )
 
 
-def _schedule(rng: random.Random, world: list[_Country]) -> str:
+def _schedule(rng: random.Random, world: list[Country]) -> str:
     c = rng.choice(world)
     town = _name(rng)
     shop = rng.choice(_SHOPS)
@@ -478,7 +478,7 @@ def _schedule(rng: random.Random, world: list[_Country]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _recipe(rng: random.Random, world: list[_Country]) -> str:
+def _recipe(rng: random.Random, world: list[Country]) -> str:
     c = rng.choice(world)
     food = rng.choice(_FOODS)
     ingredients = rng.sample(_INGREDIENTS, rng.randint(3, 5))
@@ -500,13 +500,13 @@ def _recipe(rng: random.Random, world: list[_Country]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _commoncrawl(rng: random.Random, world: list[_Country]) -> str:
+def _commoncrawl(rng: random.Random, world: list[Country]) -> str:
     return (_schedule if rng.random() < 0.5 else _recipe)(rng, world)
 
 
 # (set name, probability, generator). Several set names so mixture weights downstream mean
 # something; the probabilities roughly follow how prose-heavy SlimPajama is.
-_GENERATORS: list[tuple[str, float, Callable[[random.Random, list[_Country]], str]]] = [
+_GENERATORS: list[tuple[str, float, Callable[[random.Random, list[Country]], str]]] = [
     ("RedPajamaWikipedia", 0.30, _wikipedia),
     ("RedPajamaCommonCrawl", 0.20, _commoncrawl),
     ("RedPajamaGithub", 0.15, _github),
@@ -519,7 +519,7 @@ SET_NAMES: tuple[str, ...] = tuple(name for name, _, _ in _GENERATORS)
 
 def generate_document(seed: int, split: str, index: int) -> dict[str, object]:
     """One SlimPajama-style record; a pure function of (seed, split, index)."""
-    world = _world_cache(seed)
+    world = sample_world(seed)
     # String seeds are hashed with SHA-512 by `random`, so this is stable across runs/platforms.
     rng = random.Random(f"sample-corpus:{seed}:{split}:{index}")
     r = rng.random()
@@ -533,10 +533,10 @@ def generate_document(seed: int, split: str, index: int) -> dict[str, object]:
     return {"text": gen(rng, world), "meta": {"redpajama_set_name": name}}
 
 
-_WORLDS: dict[int, list[_Country]] = {}
+_WORLDS: dict[int, list[Country]] = {}
 
 
-def _world_cache(seed: int) -> list[_Country]:
+def sample_world(seed: int) -> list[Country]:
     if seed not in _WORLDS:
         _WORLDS[seed] = _make_world(seed)
     return _WORLDS[seed]

@@ -28,7 +28,7 @@ import os
 import random
 from pathlib import Path
 
-from data.sample_corpus import _Country, _world_cache
+from data.sample_corpus import Country, sample_world
 
 RELATIONS = ("capital", "language", "currency", "continent")
 
@@ -45,7 +45,7 @@ VAL_FILE = Path("validation") / "sample_qa_heldout.jsonl"
 HELDOUT_FILE = Path("heldout.jsonl")
 
 
-def question_answer(country: _Country, relation: str) -> dict[str, str]:
+def question_answer(country: Country, relation: str) -> dict[str, str]:
     """The {input, target} record asking `relation` of `country`."""
     question = QUESTIONS[relation].format(country=country.name)
     return {"input": f"Q: {question}\nA:", "target": str(getattr(country, relation))}
@@ -53,7 +53,7 @@ def question_answer(country: _Country, relation: str) -> dict[str, str]:
 
 def split_pairs(seed: int = 0) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
     """(train, held-out) lists of (country index, relation): every pair of the world in one of them."""
-    world = _world_cache(seed)
+    world = sample_world(seed)
     rng = random.Random(f"sample-instructions:{seed}")
     order = list(range(len(world)))
     rng.shuffle(order)
@@ -78,7 +78,7 @@ def write_sample_instructions(
     are rewritten only when their content would change (a prepare of them stays valid)."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    world = _world_cache(seed)
+    world = sample_world(seed)
     train_pairs, heldout_pairs = split_pairs(seed)
     rng = random.Random(f"sample-instructions-order:{seed}")
 

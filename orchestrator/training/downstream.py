@@ -72,14 +72,14 @@ from lightning_fabric import Fabric
 from data.instructions import FORMATS, detect_format
 from data.tokenizer import Tokenizer
 from orchestrator.config import Config
-from orchestrator.schema import ConfigError
-from orchestrator.tools.evaluate import (
+from orchestrator.evaluation.generation import greedy
+from orchestrator.evaluation.scoring import (
     continuation_logprobs,
     exact_match_answer,
     generation_prompt,
     read_instruction_records,
 )
-from orchestrator.tools.generate import greedy
+from orchestrator.schema import ConfigError
 
 MULTIPLE_CHOICE, EXACT_MATCH = "multiple_choice", "exact_match"
 METRICS = {MULTIPLE_CHOICE: ("acc", "acc_norm"), EXACT_MATCH: ("exact_match",)}

@@ -58,11 +58,11 @@ from data.tokenizer import Tokenizer
 from data.util import format_duration
 from models.flops import flops_per_token
 from orchestrator.devices import device_peak_flops
+from orchestrator.evaluation.generation import completion, greedy
 from orchestrator.parallel.compile import eager
 from orchestrator.parallel.fsdp import gathered
 from orchestrator.parallel.launch import gather_object, on_rank_zero
 from orchestrator.schema import to_dict
-from orchestrator.tools.generate import completion, greedy
 
 
 def tensorboard_dir(run_dir: str | Path) -> Path:

@@ -4,7 +4,7 @@ held-out (country, relation) pairs disjoint from the train pairs, every fact ask
 from __future__ import annotations
 
 from data.instructions import to_example
-from data.sample_corpus import _world_cache
+from data.sample_corpus import sample_world
 from data.sample_instructions import (
     RELATIONS,
     read_jsonl,
@@ -29,7 +29,7 @@ def test_sample_instructions_are_deterministic_and_held_out_pairs_disjoint(tmp_p
     assert train_prompts and heldout_prompts and not train_prompts & heldout_prompts
     assert len(heldout_prompts) == len(heldout_records)  # each held-out question once
 
-    world = _world_cache(0)
+    world = sample_world(0)
     train_pairs, heldout_pairs = split_pairs(0)
     assert not set(train_pairs) & set(heldout_pairs)
     everything = {(i, r) for i in range(len(world)) for r in RELATIONS}

@@ -110,7 +110,7 @@ def fsdp_gathering(module: torch.nn.Module) -> dict:
     from torch.distributed.tensor import DTensor
 
     from orchestrator.parallel.fsdp import gathered
-    from orchestrator.tools.generate import greedy
+    from orchestrator.evaluation.generation import greedy
 
     module.eval()
     plain = greedy(module, [1, 5, 7], 4)

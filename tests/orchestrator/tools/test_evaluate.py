@@ -222,7 +222,7 @@ def _by_hand(model, context, continuation):
 
 
 def test_continuation_logprobs_of_both_families():
-    from orchestrator.tools.evaluate import continuation_logprobs
+    from orchestrator.evaluation.scoring import continuation_logprobs
     from tests.hf_helpers import random_model, small_config
 
     model = _random_encdec(416)
@@ -236,7 +236,7 @@ def test_continuation_logprobs_of_both_families():
         )
         assert not greedy  # random tokens from a random model
     # is_greedy: the model's own greedy continuation is greedy.
-    from orchestrator.tools.generate import generate
+    from orchestrator.evaluation.generation import generate
 
     out = generate(model, torch.tensor([context]), 4, temperature=0)[0].tolist()
     assert continuation_logprobs(model, context, out[len(context) :])[1]
@@ -314,7 +314,7 @@ def test_harness_tasks_on_an_encoder_decoder_checkpoint(tmp_path, monkeypatch, c
     # decodes it), cut at the stop sequences.
     from types import SimpleNamespace
 
-    from orchestrator.tools.generate import generate
+    from orchestrator.evaluation.generation import generate
 
     lm = checkpoint_lm(ckpt)
     request = SimpleNamespace(args=("The capital of", {"until": ["\n"], "max_gen_toks": 6}))

@@ -6,7 +6,7 @@ import torch
 
 from models.llama import KVCache
 from orchestrator import cli
-from orchestrator.tools.generate import generate, sample_next
+from orchestrator.evaluation.generation import generate, sample_next
 from orchestrator.tools.hf import export_checkpoint
 from tests.hf_helpers import random_model, small_config, train_sentencepiece, write_checkpoint
 

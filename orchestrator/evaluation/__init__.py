@@ -1,0 +1,1 @@
+"""What evaluation and training share: generation and scoring (neither owns the other)."""
