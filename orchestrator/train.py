@@ -16,6 +16,7 @@ from __future__ import annotations
 import atexit
 import gc
 import json
+import signal
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -46,8 +47,6 @@ from orchestrator.checkpoint.resume import (
     resume_step_hint,
 )
 from orchestrator.config import Config, load_config, save_config
-from orchestrator.parallel.activation_checkpointing import apply_activation_checkpointing
-from orchestrator.parallel.compile import compile_blocks
 from orchestrator.parallel.launch import (
     build_fabric,
     fail_fast,
@@ -56,11 +55,11 @@ from orchestrator.parallel.launch import (
     on_rank_zero,
     threads_per_process,
 )
+from orchestrator.parallel.parallelize import parallelize
 from orchestrator.parallel.slurm import StopSignals, finish_stop
 from orchestrator.parallel.strategy import (
     describe_strategy,
     scheduler_optimizer,
-    wants_activation_checkpointing_outside,
 )
 from orchestrator.schema import ConfigError
 from orchestrator.training.bookkeeping import sync_step
@@ -84,7 +83,6 @@ from orchestrator.training.monitor import (
     make_loggers,
     tensorboard_dir,
 )
-from orchestrator.training.optim import build_optimizer
 from orchestrator.training.preflight import check_inputs
 from orchestrator.training.schedule import build_scheduler, follow_schedule
 from orchestrator.training.validation import Validator
@@ -116,10 +114,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train(cfg: Config) -> dict:
-    # SIGUSR1 / SIGTERM from now on: finish the step, save, requeue under Slurm, exit
-    # (orchestrator/parallel/slurm.py).
-    stop_signals = StopSignals()
-    return fit(setup(cfg, stop_signals))
+    # SIGUSR1 from now on, SIGTERM once there is a training state to save: finish the step, save,
+    # requeue under Slurm, exit (orchestrator/parallel/slurm.py). Until then SIGTERM ends the
+    # process at once: one waiting in the rendezvous for a peer that is gone would otherwise sit
+    # there until torchrun's agent, restarting the workers, SIGKILLs it (--shutdown-timeout, 30 s).
+    stop_signals = StopSignals(signals=(signal.SIGUSR1,))
+    run = setup(cfg, stop_signals)
+    stop_signals.install(signal.SIGTERM)
+    return fit(run)
 
 
 @dataclass
@@ -165,12 +167,8 @@ def setup(cfg: Config, stop_signals: StopSignals) -> Run:
     # only its shards in fabric.setup, with the weights an unsharded build has.
     with fabric.init_module():
         model = build_model(cfg.model)  # model.arch: Llama or the encoder-decoder
-    if wants_activation_checkpointing_outside(cfg):  # FSDP applies it while sharding
-        apply_activation_checkpointing(model, cfg.strategy.activation_checkpointing)
-    if cfg.model.compile:  # torch.compile each block in place (names and hooks unchanged)
-        compile_blocks(model)
-    optimizer = build_optimizer(model, cfg, fabric.device)  # FSDP2: still on the meta device
-    model, optimizer = fabric.setup(model, optimizer)
+    # Activation checkpointing, compilation, then sharding: one order for every strategy.
+    model, optimizer = parallelize(fabric, model, cfg)
     # DeepSpeed: the scheduler drives its inner torch optimizer.
     scheduler = build_scheduler(scheduler_optimizer(optimizer), cfg)
     train_loader = build_train_loader(cfg)

@@ -38,10 +38,7 @@ from torch.distributed.fsdp import (  # public from torch 2.6
     fully_shard,
 )
 
-from orchestrator.parallel.activation_checkpointing import (
-    apply_activation_checkpointing,
-    transformer_blocks,
-)
+from orchestrator.parallel.activation_checkpointing import transformer_blocks
 from orchestrator.parallel.init import FullTensorInit, materialize_sharded
 
 
@@ -75,19 +72,18 @@ def parallelize_fsdp(
     device_mesh,
     *,
     reshard_after_forward: bool = True,
-    activation_checkpointing: bool | str = False,
     param_dtype: torch.dtype | None = None,
     shard_size: int | None = None,
 ) -> nn.Module:
     """`fully_shard` every transformer block, the embedding and the output head (when untied),
-    then the root (the rest: final norm; tied embeddings).
+    then the root (the rest: final norm; tied embeddings). Fabric calls it in `fabric.setup`,
+    the last step of `parallelize` (checkpointing and compilation are already applied).
 
     `param_dtype=torch.bfloat16` gathers parameters in bf16 for compute while master weights,
     gradient reduction and the optimizer stay fp32 (FSDP2's MixedPrecisionPolicy).
     `shard_size`: HSDP over groups of that many ranks (`data_parallel_mesh`).
     """
     mesh = data_parallel_mesh(device_mesh, shard_size)
-    apply_activation_checkpointing(model, activation_checkpointing)  # a no-op for false / none
     kwargs: dict[str, Any] = {"mesh": mesh}
     if param_dtype is not None:
         kwargs["mp_policy"] = MixedPrecisionPolicy(

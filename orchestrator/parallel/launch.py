@@ -5,7 +5,10 @@ Who starts the processes decides how many there are:
   * `fabric run --devices=N ...`: torchrun has started them; Fabric's flags (accelerator, devices,
     num_nodes, strategy, precision) override the config's, and each override is printed;
   * `srun` (cluster/pretrain.slurm): Slurm has started them; devices and num_nodes come from
-    the job (tasks per node, nodes), again printed when they differ from the config.
+    the job (tasks per node, nodes), again printed when they differ from the config;
+  * `torchrun` (TorchElastic: Kubernetes PyTorchJob / JobSet, SkyPilot, bare metal; docs/torchrun.md):
+    its agents have started them; devices and num_nodes come from the rendezvous (processes per
+    agent, agents), printed the same way. It wins over Slurm, as in Fabric: torchrun inside srun.
 The resolved values are written back into the config, so `config.yaml` of the run and of every
 checkpoint records what actually ran. Values that cannot be honoured stop the run with an error,
 and a config the launcher changed is validated again (`fabric run --precision=16` is refused with
@@ -26,7 +29,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 from lightning_fabric import Fabric
-from lightning_fabric.plugins.environments import SLURMEnvironment
+from lightning_fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 
 from orchestrator.devices import apply_matmul_precision
 from orchestrator.parallel.strategy import build_strategy
@@ -70,6 +73,20 @@ def launched_by_fabric_cli() -> bool:
 def in_slurm_step() -> bool:
     """Started by `srun` inside a Slurm allocation (Slurm created the processes)."""
     return SLURMEnvironment.detect()
+
+
+def launched_by_torchrun() -> bool:
+    """Started by a torchrun agent (TORCHELASTIC_RUN_ID ...). `fabric run` is torchrun underneath;
+    callers check launched_by_fabric_cli() first."""
+    return TorchElasticEnvironment.detect()
+
+
+def torchrun_restart() -> tuple[int, int] | None:
+    """(restart, max restarts) of a worker group that a torchrun agent restarted, else None."""
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if not launched_by_torchrun() or restart == 0:
+        return None
+    return restart, int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
 
 
 def resolve_launch(cfg) -> list[str]:
@@ -130,6 +147,19 @@ def resolve_launch(cfg) -> list[str]:
         # Fabric would compare its LT_* variables with our (resolved, equivalent) objects and refuse.
         for key in _LT_KEYS:
             os.environ.pop(f"LT_{key.upper()}", None)
+    elif launched_by_torchrun():
+        # The rendezvous decided: LOCAL_WORLD_SIZE workers on this agent, GROUP_WORLD_SIZE agents
+        # (with --nnodes MIN:MAX, the agents that joined this round).
+        local = int(os.environ["LOCAL_WORLD_SIZE"])
+        world = int(os.environ["WORLD_SIZE"])
+        nodes = int(os.environ.get("GROUP_WORLD_SIZE") or max(1, world // local))
+        if local * nodes != world:
+            raise ConfigError(
+                f"torchrun started {world} workers on {nodes} nodes, which is not {local} per node: "
+                "give every agent the same --nproc-per-node"
+            )
+        override("devices", local, f"torchrun (--nproc-per-node={local})")
+        override("num_nodes", nodes, f"torchrun (--nnodes={nodes})")
     elif in_slurm_step():
         nodes = int(os.environ.get("SLURM_NNODES") or os.environ.get("SLURM_JOB_NUM_NODES") or 1)
         tasks = int(os.environ["SLURM_NTASKS"])
@@ -194,6 +224,29 @@ def build_fabric(cfg, loggers: list | None = None) -> Fabric:
     for note in notes:
         if fabric.global_rank == 0:
             print(f"note: {note}", flush=True)
+    if (
+        launched_by_torchrun()
+        and fabric.global_rank == 0
+        and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0
+    ):
+        # Measured: a restarted worker read a dead worker's address from the agents' store and
+        # failed to connect, costing a restart (pytorch/pytorch#135712).
+        print(
+            "warning: torchrun shares its rendezvous store with the workers: after a restart they "
+            "can read the previous workers' addresses and fail again; set "
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for the agents (docs/torchrun.md)",
+            flush=True,
+        )
+    restart = torchrun_restart()
+    if restart is not None and fabric.local_rank == 0:
+        # Per node (a pod's own log): an agent counts only the restarts its own workers' failures
+        # caused; it also restarts them, uncounted, when another node's workers failed.
+        print(
+            f"torchrun restart {restart[0]} of at most {restart[1]} (node {fabric.node_rank}): "
+            "every worker of the job was restarted",
+            flush=True,
+        )
     return fabric
 
 

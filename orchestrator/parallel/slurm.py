@@ -5,7 +5,8 @@
              a Slurm job with strategy.requeue, run `scontrol requeue $SLURM_JOB_ID`; exit 0. The
              requeued job resumes from that checkpoint (checkpoint.resume=auto).
     SIGTERM  (scancel, the time limit itself, `docker stop`, Kubernetes): finish the step, save,
-             exit 143 (no requeue: somebody asked this job to end). A second SIGTERM exits at once.
+             exit 143 (no requeue: somebody asked this job to end). A second SIGTERM exits at once,
+             and so does one before training runs (train.py: nothing to save yet).
 
 Signals reach different ranks at different moments (or only one rank, e.g. the launcher's
 process); ranks agree with an all-reduce after every optimizer step, so all of them stop after
@@ -39,12 +40,16 @@ def in_slurm_job() -> bool:
 class StopSignals:
     """Records SIGUSR1 / SIGTERM; `agreed(fabric)` tells every rank whether any rank got one."""
 
-    def __init__(self) -> None:
+    def __init__(self, signals=(signal.SIGUSR1, signal.SIGTERM)) -> None:
         self.received = NONE
         self._previous: dict[int, object] = {}
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGUSR1, signal.SIGTERM):
-                self._previous[signum] = signal.signal(signum, self._handle)
+        for signum in signals:
+            self.install(signum)
+
+    def install(self, signum: int) -> None:
+        """Record `signum` from now on (handlers live in the main thread only)."""
+        if threading.current_thread() is threading.main_thread() and signum not in self._previous:
+            self._previous[signum] = signal.signal(signum, self._handle)
 
     def _handle(self, signum: int, frame) -> None:
         code = USR1 if signum == signal.SIGUSR1 else TERM

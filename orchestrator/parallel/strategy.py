@@ -25,7 +25,6 @@ from lightning_fabric.wrappers import _unwrap_objects
 from torch import nn
 
 from orchestrator.config import Config
-from orchestrator.parallel.activation_checkpointing import checkpointing_mode
 from orchestrator.parallel.deepspeed import (
     CPUCapableDeepSpeedStrategy,
     deepspeed_config,
@@ -50,16 +49,15 @@ def build_strategy(cfg: Config, accelerator: str) -> Any:
         return DDPStrategy(process_group_backend=None, timeout=timeout)
     if s.name == "fsdp":
         param_dtype = torch.bfloat16 if s.precision == "bf16-mixed" else None
-        parallelize = functools.partial(
+        shard = functools.partial(
             parallelize_fsdp,
             reshard_after_forward=s.reshard_after_forward,
-            activation_checkpointing=s.activation_checkpointing,
             param_dtype=param_dtype,
             shard_size=s.fsdp_shard_size,
         )
         world = s.devices * s.num_nodes
         return FSDP2Strategy(
-            parallelize_fn=parallelize,
+            parallelize_fn=shard,
             data_parallel_size=world,
             tensor_parallel_size=1,
             save_distributed_checkpoint=s.sharded_checkpoint,
@@ -109,14 +107,6 @@ def scheduler_optimizer(optimizer):
     ):
         return inner.optimizer  # DeepSpeed's ZeRO optimizer wraps the client's torch optimizer
     return optimizer
-
-
-def wants_activation_checkpointing_outside(cfg: Config) -> bool:
-    """FSDP applies it inside its parallelize function; the others need it before fabric.setup."""
-    return (
-        checkpointing_mode(cfg.strategy.activation_checkpointing) != "none"
-        and cfg.strategy.name != "fsdp"
-    )
 
 
 # --------------------------------------------------------------------------------------------

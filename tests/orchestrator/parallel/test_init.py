@@ -61,9 +61,11 @@ def rank_checks(strategy: str, arch: str, precision: str = "32-true") -> dict:
     from orchestrator.config import load_config
     from orchestrator.parallel.launch import build_fabric
 
+    # Checkpointed and compiled as training is (`parallelize`): neither may change a weight.
     cfg = load_config(
         [*ARCHS[arch], *MODEL, *STRATEGIES[strategy], "--strategy.accelerator", "cpu",
-         "--strategy.devices", "2", "--strategy.precision", precision]
+         "--strategy.devices", "2", "--strategy.precision", precision,
+         "--strategy.activation_checkpointing", "full", "--model.compile", "true"]
     )  # fmt: skip
     fabric = build_fabric(cfg)
     fabric.launch()
@@ -79,8 +81,7 @@ def rank_checks(strategy: str, arch: str, precision: str = "32-true") -> dict:
         p.ds_tensor.numel() if hasattr(p, "ds_tensor") else (0 if p.is_meta else p.numel())
         for p in model.parameters()
     )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    model, optimizer = fabric.setup(model, optimizer)
+    steps, model = parallelize_in_order(fabric, model, cfg)
     rng_same = torch.equal(torch.get_rng_state(), reference_rng)
     module = fabric.strategy._deepspeed_engine.module if strategy == "zero3" else model.module
     if strategy == "zero3":
@@ -97,6 +98,7 @@ def rank_checks(strategy: str, arch: str, precision: str = "32-true") -> dict:
     expected = {n: p.detach().to(dtype) for n, p in reference.named_parameters()}
     return {
         **gathering,
+        "steps": steps,
         "held_fraction": held / total,
         "rng_same": rng_same,
         "names_same": sorted(weights) == sorted(expected),
@@ -104,19 +106,55 @@ def rank_checks(strategy: str, arch: str, precision: str = "32-true") -> dict:
     }
 
 
+def parallelize_in_order(fabric, model: torch.nn.Module, cfg) -> tuple[list[str], object]:
+    """`parallelize` (what train.setup calls) with its three steps recorded as they run, and each
+    block's state after: checkpointed, compiled and sharded (FSDP2 unit / ZeRO-3 partitions)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from orchestrator.parallel import parallelize as p
+    from orchestrator.parallel.activation_checkpointing import transformer_blocks
+
+    steps = []
+
+    def recorded(name, fn):
+        def run(*args, **kwargs):
+            steps.append(name)
+            return fn(*args, **kwargs)
+
+        return run
+
+    real = (p.apply_activation_checkpointing, p.compile_blocks, fabric.setup)
+    p.apply_activation_checkpointing = recorded("checkpointing", real[0])
+    p.compile_blocks = recorded("compile", real[1])
+    fabric.setup = recorded("shard", real[2])
+    try:
+        wrapped, _ = p.parallelize(fabric, model, cfg)
+    finally:
+        p.apply_activation_checkpointing, p.compile_blocks, fabric.setup = real
+    for block in transformer_blocks(model):
+        sharded = isinstance(block, FSDPModule) or all(
+            hasattr(q, "ds_id") for q in block.parameters()
+        )
+        state = (block._activation_checkpointing, block._compiled_call_impl is not None, sharded)
+        steps.append("block " + ("ok" if state == (True, True, True) else str(state)))
+    return steps, wrapped
+
+
 def fsdp_gathering(module: torch.nn.Module) -> dict:
     """In-loop generation under FSDP2 (`gathered`): every unit stays gathered from its first
     forward on (no all-gather per generated token), reshards after, and generates the same."""
     from torch.distributed.tensor import DTensor
 
-    from orchestrator.parallel.fsdp import gathered
     from orchestrator.evaluation.generation import greedy
+    from orchestrator.parallel.compile import eager
+    from orchestrator.parallel.fsdp import gathered
 
     module.eval()
-    plain = greedy(module, [1, 5, 7], 4)
-    with gathered(module):
-        kept = greedy(module, [1, 5, 7], 4)
-        held = not any(isinstance(p, DTensor) for p in module.parameters())
+    with eager():  # as in training: generation never compiles
+        plain = greedy(module, [1, 5, 7], 4)
+        with gathered(module):
+            kept = greedy(module, [1, 5, 7], 4)
+            held = not any(isinstance(p, DTensor) for p in module.parameters())
     return {
         "gathered_same": kept == plain,
         "gathered_held": held,
@@ -137,6 +175,9 @@ def test_sharded_builds_hold_their_share_and_equal_an_unsharded_build(strategy, 
             assert out["names_same"] and out["unequal"] == [], (name, rank, out)
             assert out["rng_same"], (name, rank)
             assert out["held_fraction"] <= 0.51, (name, rank, out)  # never the whole model
+            # Checkpointing, then compilation, then sharding; every block got all three.
+            assert out["steps"][:3] == ["checkpointing", "compile", "shard"], out["steps"]
+            assert set(out["steps"][3:]) == {"block ok"}, out["steps"]
             if strategy == "fsdp":  # generation inside training (orchestrator/parallel/fsdp.py)
                 assert out["gathered_same"] and out["gathered_held"] and out["resharded_after"]
 
