@@ -268,7 +268,7 @@ def fetch_sample(dest: Path) -> None:
     """The sample corpus of `make sample-data` (prepared in .cache/sample if not yet): its token
     chunks and tokenizer, copied to DEST (about 3 MB)."""
     sys.path.insert(0, str(REPO))
-    from orchestrator.cli import prepare_sample
+    from orchestrator.demo import prepare_sample
 
     tokens, tokenizer = prepare_sample(REPO / ".cache" / "sample")
     shutil.rmtree(dest, ignore_errors=True)

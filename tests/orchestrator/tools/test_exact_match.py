@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from orchestrator import cli
+from orchestrator import cli, demo
 from orchestrator.tools.evaluate import exact_match
 from tests.hf_helpers import random_model, small_config, train_sentencepiece, write_checkpoint
 
@@ -43,7 +43,7 @@ def test_demo_finetune_prepares_questions_and_reports_before_and_after(
 ):
     pretrained = write_checkpoint(tmp_path / "demo", random_model(small_config()), sp_model)
     data_dir, finetune_dir = tmp_path / "sample", tmp_path / "demo-finetune"
-    monkeypatch.setattr(cli, "prepare_sample", lambda out: (out / "tokens", sp_model))
+    monkeypatch.setattr(demo, "prepare_sample", lambda out: (out / "tokens", sp_model))
     calls = []
 
     def fake_train(overrides):  # stands in for the 2-process runs: finetuning copies the checkpoint
@@ -52,7 +52,7 @@ def test_demo_finetune_prepares_questions_and_reports_before_and_after(
             shutil.copytree(pretrained, finetune_dir / "checkpoints" / pretrained.name)
         return 0
 
-    monkeypatch.setattr(cli, "_train_quickstart", fake_train)
+    monkeypatch.setattr(demo, "train_quickstart", fake_train)
     argv = ["demo", "--finetune", "--data-dir", str(data_dir), "--run-dir", str(tmp_path / "demo")]
     argv += ["--pretrain-steps", "100"]  # the checkpoint's step: finetuned as it is
     assert cli.main([*argv, "--finetune-dir", str(finetune_dir), "--train.max_steps", "3"]) == 0
