@@ -719,8 +719,10 @@ class Suite:
         return cmd + (["--smoke"] if self.smoke else [])
 
     def parity_cmd(self) -> list[str]:
+        # Only the modules that hold gpu tests: collecting all of tests/ costs ~10 s more.
+        files = sorted(m.replace(".", "/") + ".py" for m in gpu_test_modules())
         return [sys.executable, "-m", "pytest", "-q", "-ra", "-p", "no:cacheprovider", "-m", "gpu",
-                "--continue-on-collection-errors", f"--junitxml={self.work / 'parity.xml'}", "tests"]  # fmt: skip
+                "--continue-on-collection-errors", f"--junitxml={self.work / 'parity.xml'}", *files]  # fmt: skip
 
     def trainer_args(self, strategy: str, run_dir: Path) -> list[str]:
         z = self.sizes
