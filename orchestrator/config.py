@@ -463,7 +463,26 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    tensorboard: bool = doc(True, "Write TensorBoard event files under <run.dir>/tensorboard.")
+    tensorboard: bool = doc(
+        True,
+        "Write TensorBoard event files under <run.dir>/tensorboard (false: none, even with "
+        "`tensorboard` in logging.trackers).",
+    )
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = doc(
+        ["tensorboard"],
+        "Where the scalars go (rank 0): TensorBoard, Weights & Biases and MLflow (extras "
+        "`orchestrator[wandb]`, `orchestrator[mlflow]`); the same names and steps everywhere. A tracker that "
+        "fails warns once and never stops training; a resume continues its run. Servers and credentials only "
+        "from the environment (docs/tracking.md).",
+    )
+    tracker_project: str | None = doc(
+        None,
+        "W&B project / MLflow experiment of the run (null: WANDB_PROJECT / MLFLOW_EXPERIMENT_NAME, else "
+        "`orchestrator`).",
+    )
+    tracker_run_name: str | None = doc(
+        None, "The run's name in W&B / MLflow (null: the name of run.dir)."
+    )
     batch_hashes: Literal["off", "batch", "sequence"] = doc(
         "batch",
         "Fingerprints in metrics.jsonl for resume audits: one per micro-batch, one per sequence, or none.",
@@ -492,6 +511,8 @@ class LoggingConfig:
     sample_tokens: int = doc(32, "New tokens generated per prompt for the sample generations.")
 
     def validate(self) -> None:
+        if len(set(self.trackers)) != len(self.trackers):
+            raise ConfigError(f"logging.trackers lists a tracker twice: {self.trackers}")
         if self.peak_tflops is not None and not self.peak_tflops > 0:
             raise ConfigError(
                 f"logging.peak_tflops must be positive (or null), got {self.peak_tflops}"

@@ -23,6 +23,8 @@ collectives some numbers need. TensorBoard scalar names (all indexed by optimize
   data/tokens_<source> (with data.sources), data/epoch_unseen_blocks, checkpoint/*
 TensorBoard text: `config` (the resolved config, at the first step of every (re)start) and
 `samples` (greedy generations from logging.sample_prompts every logging.sample_interval steps).
+The trackers of logging.trackers (W&B, MLflow: trackers.py) get the same scalars, the config as
+run parameters and the samples.
 
 metrics.jsonl (beside tensorboard/ in the run dir) holds one JSON object per line: one per optimizer
 step (step, loss, lr, grad_norm, tokens_seen, time, and at log steps the perf/memory figures and
@@ -63,6 +65,7 @@ from orchestrator.parallel.compile import eager
 from orchestrator.parallel.fsdp import gathered
 from orchestrator.parallel.launch import gather_object, on_rank_zero
 from orchestrator.schema import to_dict
+from orchestrator.training.trackers import Tracker, make_trackers
 
 
 def tensorboard_dir(run_dir: str | Path) -> Path:
@@ -70,13 +73,17 @@ def tensorboard_dir(run_dir: str | Path) -> Path:
 
 
 def make_loggers(cfg, resume_step: int | None = None) -> list:
-    if not cfg.logging.tensorboard:
-        return []
-    # version="" keeps every (re)start of the run in one directory, so a resumed run's
-    # curves continue on the same plot; purge_step hides what a killed run logged after
-    # the checkpoint it resumes from (those steps are trained again).
-    extra = {"purge_step": resume_step + 1} if resume_step is not None else {}
-    return [TensorBoardLogger(root_dir=cfg.run.dir, name="tensorboard", version="", **extra)]
+    """TensorBoard and the trackers of logging.trackers (orchestrator/training/trackers.py)."""
+    loggers: list = []
+    if cfg.logging.tensorboard and "tensorboard" in cfg.logging.trackers:
+        # version="" keeps every (re)start of the run in one directory, so a resumed run's
+        # curves continue on the same plot; purge_step hides what a killed run logged after
+        # the checkpoint it resumes from (those steps are trained again).
+        extra = {"purge_step": resume_step + 1} if resume_step is not None else {}
+        loggers.append(
+            TensorBoardLogger(root_dir=cfg.run.dir, name="tensorboard", version="", **extra)
+        )
+    return loggers + make_trackers(cfg, resume_step)
 
 
 def truncate_metrics(path: Path, keep_through_step: int) -> None:
@@ -273,6 +280,12 @@ class Monitor:
         self.hashes: list[list[str]] = []
         on_rank_zero(fabric, lambda: truncate_metrics(self.metrics_path, start_step))
         self.text("config", as_preformatted(config_text(cfg)), start_step)
+        for tracker in self.trackers():  # rank 0 only (the trackers' own rank_zero_only)
+            tracker.log_hyperparams(to_dict(cfg))
+            tracker.log_text("config", config_text(cfg), start_step)
+
+    def trackers(self) -> list[Tracker]:
+        return [logger for logger in self.fabric.loggers if isinstance(logger, Tracker)]
 
     def log_step(self, step: int) -> bool:
         """Is `step` one of the train.log_interval steps (or the last)?"""
@@ -505,6 +518,8 @@ class Monitor:
             return
         prompts = list(self.cfg.logging.sample_prompts)
         self.text("samples", "\n\n".join(as_preformatted(t) for t in texts), step)
+        for tracker in self.trackers():
+            tracker.log_samples(step, prompts, texts)
         self.record(
             {
                 "step": step,

@@ -22,11 +22,13 @@ from orchestrator.config import Config
 from orchestrator.schema import ConfigError
 from orchestrator.training.data import data_formats, stream_options
 from orchestrator.training.downstream import check_tasks
+from orchestrator.training.trackers import check_trackers
 
 SPLITS = ("train", "val")
 
 
 def check_inputs(cfg: Config) -> None:
+    check_trackers(cfg)  # logging.trackers: their packages (an extra to install)
     datasets: list[tuple[str, str, str | Path]] = []  # (config key, value, prepared split)
     for i, src in enumerate(cfg.data.sources):
         key = f"data.sources[{i}].dir"
