@@ -740,7 +740,9 @@ class Config:
         return self.train.seq_len or self.model.max_seq_len
 
     def validate(self) -> None:
-        """Value checks that need no files or processes; raise ConfigError naming the key."""
+        """Value checks: no files, no network, no processes (those are training/preflight.py's);
+        raise ConfigError naming the key. Each section checks its own keys, then the rules that
+        span sections, one small function each."""
         self.model.validate()
         self.strategy.validate()
         self.data.validate()
@@ -749,121 +751,8 @@ class Config:
         self.optimizer.validate()
         self.eval.validate()
         self.schedule.validate(self.train.max_steps)
-        positive = {
-            "train.max_steps": self.train.max_steps,
-            "train.micro_batch_size": self.train.micro_batch_size,
-            "train.log_interval": self.train.log_interval,
-            "strategy.devices": self.strategy.devices,
-            "strategy.num_nodes": self.strategy.num_nodes,
-        }
-        for key, value in positive.items():
-            if value <= 0:
-                raise ConfigError(f"{key} must be positive, got {value}")
-        for key, value in {
-            "eval.interval": self.eval.interval,
-            "eval.max_batches": self.eval.max_batches,
-            "checkpoint.interval": self.checkpoint.interval,
-            "checkpoint.keep_last": self.checkpoint.keep_last,
-            "schedule.warmup_steps": self.schedule.warmup_steps,
-            "data.num_workers": self.data.num_workers,
-            "checkpoint.keep_every": self.checkpoint.keep_every,
-            "checkpoint.remote_retry_s": self.checkpoint.remote_retry_s,
-            "checkpoint.upload_warn_s": self.checkpoint.upload_warn_s,
-            "guard.spike_factor": self.guard.spike_factor,
-            "guard.spike_warmup": self.guard.spike_warmup,
-            "guard.rollback_after": self.guard.rollback_after,
-            "guard.max_rollbacks": self.guard.max_rollbacks,
-            "train.gc_interval": self.train.gc_interval,
-        }.items():
-            if not value >= 0:  # also refuses NaN
-                raise ConfigError(f"{key} must be >= 0, got {value}")
-        if self.train.seq_len is not None and not 0 < self.train.seq_len <= self.model.max_seq_len:
-            raise ConfigError(
-                f"train.seq_len={self.train.seq_len} must be in 1..model.max_seq_len={self.model.max_seq_len}"
-            )
-        if not 0 <= self.eval.loss_from < self.seq_len:
-            raise ConfigError(
-                f"eval.loss_from={self.eval.loss_from} must be in [0, {self.seq_len}) (the training sequence length)"
-            )
-        if self.model.arch == "encoder_decoder" and not (
-            self.model.encoder_len < self.seq_len and self.seq_len >= 2
-        ):
-            raise ConfigError(
-                f"model.encoder_len={self.model.encoder_len} leaves no decoder tokens in a training block of "
-                f"{self.seq_len} (train.seq_len): choose an encoder_len below it (0 = half the block)"
-            )
-        if self.train.global_batch_size is not None and self.train.global_batch_tokens is not None:
-            raise ConfigError(
-                "set only one of train.global_batch_size and train.global_batch_tokens"
-            )
-        if self.checkpoint.async_save and self.strategy.name == "deepspeed":
-            raise ConfigError(
-                "checkpoint.async_save=true is not supported with strategy.name=deepspeed: DeepSpeed writes "
-                "its own sharded checkpoint files from every rank, which cannot be snapshotted and written in "
-                "a background thread; set checkpoint.async_save=false"
-            )
-        if self.optimizer.name == "adafactor" and self.strategy.name in ("deepspeed", "fsdp"):
-            why = {
-                "deepspeed": "ZeRO hands the optimizer flat 1-D partitions, so Adafactor's row/column "
-                "factorisation (and its per-parameter RMS) would silently become an unfactored one",
-                "fsdp": "FSDP2's parameters are DTensors, on which torch's Adafactor step fails (in-place "
-                "ops on the partial column sums)",
-            }[self.strategy.name]
-            raise ConfigError(
-                f"optimizer.name=adafactor does not work with strategy.name={self.strategy.name}: {why}; "
-                "use strategy.name=ddp (Adafactor's factored state is small: replicating it costs little)"
-            )
-        if (
-            self.checkpoint.async_save
-            and self.strategy.name == "fsdp"
-            and not self.strategy.sharded_checkpoint
-        ):
-            raise ConfigError(
-                "checkpoint.async_save=true with strategy.name=fsdp needs strategy.sharded_checkpoint=true "
-                "(the background write is of per-rank shards); set one of them differently"
-            )
-        remote = self.checkpoint.remote_dir
-        if remote and not (
-            remote.startswith("s3://") and len(remote.rstrip("/").split("/", 3)) == 4
-        ):
-            raise ConfigError(
-                f"checkpoint.remote_dir={remote!r} must be an s3:// URL with a bucket and a path, like "
-                f"s3://bucket/runs/NAME (S3-compatible stores through storage.endpoint_url)"
-            )
-        for key, url in [*self.data.remote_keys().items(), ("checkpoint.remote_dir", remote)]:
-            if url and "@" in url.split("/")[2]:
-                raise ConfigError(
-                    f"{key} must not hold credentials in the URL; set AWS_ACCESS_KEY_ID / "
-                    f"AWS_SECRET_ACCESS_KEY in the environment instead"
-                )
-        if (
-            self.checkpoint.resume not in ("auto", "never")
-            and not Path(self.checkpoint.resume).exists()
-        ):
-            raise ConfigError(
-                f"checkpoint.resume={self.checkpoint.resume!r} does not exist: give a checkpoint directory, "
-                "`auto` (latest in the run dir) or `never`"
-            )
-
-        if self.checkpoint.init_from is not None and not Path(self.checkpoint.init_from).is_dir():
-            raise ConfigError(
-                f"checkpoint.init_from={self.checkpoint.init_from!r} is not a checkpoint directory "
-                "(make one with `orchestrator import` or point at <run.dir>/checkpoints/step-N)"
-            )
-        branch = self.checkpoint.branch_from
-        # Once the run has checkpoints of its own (<run.dir>/checkpoints) it no longer reads the
-        # branch point, which the other run's retention may since have deleted.
-        has_own = (Path(self.run.dir) / "checkpoints").is_dir()
-        if branch is not None and not Path(branch).is_dir() and not has_own:
-            raise ConfigError(
-                f"checkpoint.branch_from={branch!r} is not a checkpoint directory "
-                "(point it at another run's <run.dir>/checkpoints/step-N)"
-            )
-        if branch is not None and self.checkpoint.init_from is not None:
-            raise ConfigError(
-                "set only one of checkpoint.branch_from (the full training state) and "
-                "checkpoint.init_from (the model weights only)"
-            )
+        for rule in CROSS_SECTION_RULES:
+            rule(self)
 
     def gradient_accumulation(self, world_size: int) -> int:
         """Micro-batches per optimizer step on each process, from the global batch."""
@@ -887,6 +776,121 @@ class Config:
                 "change the global batch or the micro-batch size"
             )
         return sequences // per_step
+
+
+# -- rules that span sections (Config.validate runs each) -------------------------------------
+
+
+def _counts_are_positive(cfg: Config) -> None:
+    positive = {
+        "train.max_steps": cfg.train.max_steps,
+        "train.micro_batch_size": cfg.train.micro_batch_size,
+        "train.log_interval": cfg.train.log_interval,
+        "strategy.devices": cfg.strategy.devices,
+        "strategy.num_nodes": cfg.strategy.num_nodes,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+    for key, value in {
+        "eval.interval": cfg.eval.interval,
+        "eval.max_batches": cfg.eval.max_batches,
+        "checkpoint.interval": cfg.checkpoint.interval,
+        "checkpoint.keep_last": cfg.checkpoint.keep_last,
+        "schedule.warmup_steps": cfg.schedule.warmup_steps,
+        "data.num_workers": cfg.data.num_workers,
+        "checkpoint.keep_every": cfg.checkpoint.keep_every,
+        "checkpoint.remote_retry_s": cfg.checkpoint.remote_retry_s,
+        "checkpoint.upload_warn_s": cfg.checkpoint.upload_warn_s,
+        "guard.spike_factor": cfg.guard.spike_factor,
+        "guard.spike_warmup": cfg.guard.spike_warmup,
+        "guard.rollback_after": cfg.guard.rollback_after,
+        "guard.max_rollbacks": cfg.guard.max_rollbacks,
+        "train.gc_interval": cfg.train.gc_interval,
+    }.items():
+        if not value >= 0:  # also refuses NaN
+            raise ConfigError(f"{key} must be >= 0, got {value}")
+
+
+def _lengths_fit_the_model(cfg: Config) -> None:
+    if cfg.train.seq_len is not None and not 0 < cfg.train.seq_len <= cfg.model.max_seq_len:
+        raise ConfigError(
+            f"train.seq_len={cfg.train.seq_len} must be in 1..model.max_seq_len={cfg.model.max_seq_len}"
+        )
+    if not 0 <= cfg.eval.loss_from < cfg.seq_len:
+        raise ConfigError(
+            f"eval.loss_from={cfg.eval.loss_from} must be in [0, {cfg.seq_len}) (the training sequence length)"
+        )
+    if cfg.model.arch == "encoder_decoder" and not (
+        cfg.model.encoder_len < cfg.seq_len and cfg.seq_len >= 2
+    ):
+        raise ConfigError(
+            f"model.encoder_len={cfg.model.encoder_len} leaves no decoder tokens in a training block of "
+            f"{cfg.seq_len} (train.seq_len): choose an encoder_len below it (0 = half the block)"
+        )
+    if cfg.train.global_batch_size is not None and cfg.train.global_batch_tokens is not None:
+        raise ConfigError("set only one of train.global_batch_size and train.global_batch_tokens")
+
+
+def _strategy_supports_the_rest(cfg: Config) -> None:
+    if cfg.checkpoint.async_save and cfg.strategy.name == "deepspeed":
+        raise ConfigError(
+            "checkpoint.async_save=true is not supported with strategy.name=deepspeed: DeepSpeed writes "
+            "its own sharded checkpoint files from every rank, which cannot be snapshotted and written in "
+            "a background thread; set checkpoint.async_save=false"
+        )
+    if cfg.optimizer.name == "adafactor" and cfg.strategy.name in ("deepspeed", "fsdp"):
+        why = {
+            "deepspeed": "ZeRO hands the optimizer flat 1-D partitions, so Adafactor's row/column "
+            "factorisation (and its per-parameter RMS) would silently become an unfactored one",
+            "fsdp": "FSDP2's parameters are DTensors, on which torch's Adafactor step fails (in-place "
+            "ops on the partial column sums)",
+        }[cfg.strategy.name]
+        raise ConfigError(
+            f"optimizer.name=adafactor does not work with strategy.name={cfg.strategy.name}: {why}; "
+            "use strategy.name=ddp (Adafactor's factored state is small: replicating it costs little)"
+        )
+    if (
+        cfg.checkpoint.async_save
+        and cfg.strategy.name == "fsdp"
+        and not cfg.strategy.sharded_checkpoint
+    ):
+        raise ConfigError(
+            "checkpoint.async_save=true with strategy.name=fsdp needs strategy.sharded_checkpoint=true "
+            "(the background write is of per-rank shards); set one of them differently"
+        )
+
+
+def _remote_urls_are_plain(cfg: Config) -> None:
+    remote = cfg.checkpoint.remote_dir
+    if remote and not (remote.startswith("s3://") and len(remote.rstrip("/").split("/", 3)) == 4):
+        raise ConfigError(
+            f"checkpoint.remote_dir={remote!r} must be an s3:// URL with a bucket and a path, like "
+            f"s3://bucket/runs/NAME (S3-compatible stores through storage.endpoint_url)"
+        )
+    for key, url in [*cfg.data.remote_keys().items(), ("checkpoint.remote_dir", remote)]:
+        if url and "@" in url.split("/")[2]:
+            raise ConfigError(
+                f"{key} must not hold credentials in the URL; set AWS_ACCESS_KEY_ID / "
+                f"AWS_SECRET_ACCESS_KEY in the environment instead"
+            )
+
+
+def _one_starting_point(cfg: Config) -> None:
+    if cfg.checkpoint.branch_from is not None and cfg.checkpoint.init_from is not None:
+        raise ConfigError(
+            "set only one of checkpoint.branch_from (the full training state) and "
+            "checkpoint.init_from (the model weights only)"
+        )
+
+
+CROSS_SECTION_RULES = (
+    _counts_are_positive,
+    _lengths_fit_the_model,
+    _strategy_supports_the_rest,
+    _remote_urls_are_plain,
+    _one_starting_point,
+)
 
 
 def load_config(argv: list[str] | None = None, base: dict | None = None) -> Config:

@@ -27,7 +27,32 @@ from orchestrator.training.trackers import check_trackers
 SPLITS = ("train", "val")
 
 
+def check_starting_point(cfg: Config) -> None:
+    """The checkpoints the config names exist (checkpoint.resume, init_from, branch_from)."""
+    if cfg.checkpoint.resume not in ("auto", "never") and not Path(cfg.checkpoint.resume).exists():
+        raise ConfigError(
+            f"checkpoint.resume={cfg.checkpoint.resume!r} does not exist: give a checkpoint directory, "
+            "`auto` (latest in the run dir) or `never`"
+        )
+
+    if cfg.checkpoint.init_from is not None and not Path(cfg.checkpoint.init_from).is_dir():
+        raise ConfigError(
+            f"checkpoint.init_from={cfg.checkpoint.init_from!r} is not a checkpoint directory "
+            "(make one with `orchestrator import` or point at <run.dir>/checkpoints/step-N)"
+        )
+    branch = cfg.checkpoint.branch_from
+    # Once the run has checkpoints of its own (<run.dir>/checkpoints) it no longer reads the
+    # branch point, which the other run's retention may since have deleted.
+    has_own = (Path(cfg.run.dir) / "checkpoints").is_dir()
+    if branch is not None and not Path(branch).is_dir() and not has_own:
+        raise ConfigError(
+            f"checkpoint.branch_from={branch!r} is not a checkpoint directory "
+            "(point it at another run's <run.dir>/checkpoints/step-N)"
+        )
+
+
 def check_inputs(cfg: Config) -> None:
+    check_starting_point(cfg)  # checkpoint.resume / init_from / branch_from exist
     check_trackers(cfg)  # logging.trackers: their packages (an extra to install)
     datasets: list[tuple[str, str, str | Path]] = []  # (config key, value, prepared split)
     for i, src in enumerate(cfg.data.sources):

@@ -327,8 +327,11 @@ def test_damaged_branch_point_is_an_error_not_a_fresh_start(branch_point, tmp_pa
 
 
 def test_branch_from_must_exist(tmp_path):
+    from orchestrator.training.preflight import check_starting_point
+
+    cfg = make_config(tmp_path / "cooldown", "--checkpoint.branch_from", str(tmp_path / "missing"))
     with pytest.raises(ConfigError, match="checkpoint.branch_from=.*is not a checkpoint directory"):
-        make_config(tmp_path / "cooldown", "--checkpoint.branch_from", str(tmp_path / "missing"))
+        check_starting_point(cfg)  # (a file check: preflight's, before any process starts)
 
 
 def test_branch_from_and_init_from_exclude_each_other(branch_point, tmp_path):
