@@ -1,4 +1,4 @@
-"""The one owner of the on-disk checkpoint format (see README "Checkpoints").
+"""The one owner of the on-disk checkpoint format (see docs/checkpoints.md).
 
 layout.py        names, finding, listing, partial clean-up, retention, the saved config
 manifest.py      the manifest (sizes, SHA-256, step) written last, and verification

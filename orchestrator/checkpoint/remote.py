@@ -55,7 +55,7 @@ from orchestrator.checkpoint.layout import (
 from orchestrator.checkpoint.manifest import verify
 from orchestrator.config import Config
 
-# Exit codes of `orchestrator train` for the object store (README: "Checkpoints in object storage").
+# Exit codes of `orchestrator train` for the object store (docs/checkpoints.md).
 EXIT_UPLOAD_FAILED = 74  # the run finished, but its newest checkpoint is not in the store
 EXIT_STORE_UNAVAILABLE = 75  # the store failed at the start; nothing was started or changed
 

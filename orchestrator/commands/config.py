@@ -1,4 +1,4 @@
-"""`orchestrator config`: the resolved config, or the reference of every key (README's)."""
+"""`orchestrator config`: the resolved config, or the reference of every key (docs/config.md)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from orchestrator.schema import reference, to_dict
 
 REFERENCE_START = "<!-- config-reference:start -->"
 REFERENCE_END = "<!-- config-reference:end -->"
+# The page whose marked block is the reference (`orchestrator config --reference --write`).
+REFERENCE_PAGE = "docs/config.md"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--write",
         metavar="FILE",
         default=None,
-        help="with --reference: fill the marked block of FILE (README.md)",
+        help=f"with --reference: fill the marked block of FILE ({REFERENCE_PAGE})",
     )
     p.set_defaults(fn=run, takes_rest=True)
 
@@ -40,7 +42,7 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def reference_table() -> str:
-    """Markdown table of every config key (the README's reference is this, verbatim)."""
+    """Markdown table of every config key (docs/config.md's reference is this, verbatim)."""
     lines = ["| key | type | default | description |", "|---|---|---|---|"]
     for key, tp, default, help in reference(Config):
         lines.append(f"| `{key}` | {tp.replace('|', '/')} | `{default}` | {help} |")

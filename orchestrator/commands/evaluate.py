@@ -67,7 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--model-args",
         default="",
         help="harness: more key=value,... for its hf model, e.g. "
-        "add_bos_token=False for perplexity tasks (README: Evaluate)",
+        "add_bos_token=False for perplexity tasks (docs/evaluation.md)",
     )
     p.add_argument(
         "--write-sample-tasks",

@@ -1,4 +1,5 @@
-"""The command line users run: `orchestrator demo`, `models`, `config`, and the README's reference."""
+"""The command line users run: `orchestrator demo`, `models`, `config`, and the config reference
+(docs/config.md)."""
 
 import subprocess
 import sys
@@ -59,12 +60,31 @@ def test_config_prints_resolved_values(capsys):
     assert "unknown config key 'no'" in capsys.readouterr().err
 
 
-def test_readme_config_reference_is_current():
-    readme = (REPO_ROOT / "README.md").read_text()
-    block = readme.split(REFERENCE_START, 1)[1].split(REFERENCE_END, 1)[0].strip()
+def test_config_reference_page_is_current():
+    page = (REPO_ROOT / "docs" / "config.md").read_text()
+    assert page.count(REFERENCE_START) == 1 and page.count(REFERENCE_END) == 1
+    block = page.split(REFERENCE_START, 1)[1].split(REFERENCE_END, 1)[0].strip()
     assert block == reference_table().strip(), (
-        "README.md's config reference is stale: run `orchestrator config --reference --write README.md`"
+        "docs/config.md's config reference is stale: run `orchestrator config --reference --write docs/config.md`"
     )
+    # The README links to the page and no longer carries a copy of the table.
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert REFERENCE_START not in readme and "docs/config.md" in readme
+
+
+def test_config_reference_write_fills_the_marked_block(tmp_path, capsys):
+    page = tmp_path / "config.md"
+    page.write_text(
+        f"# Config reference\n\n{REFERENCE_START}\nstale table\n{REFERENCE_END}\n\nafter\n"
+    )
+    assert main(["config", "--reference", "--write", str(page)]) == 0
+    text = page.read_text()
+    assert text.startswith("# Config reference\n") and text.endswith(f"{REFERENCE_END}\n\nafter\n")
+    assert (
+        text.split(REFERENCE_START, 1)[1].split(REFERENCE_END, 1)[0].strip()
+        == reference_table().strip()
+    )
+    assert "stale table" not in text and str(page) in capsys.readouterr().out
 
 
 def test_packaged_quickstart_config_is_the_documented_one(capsys):
