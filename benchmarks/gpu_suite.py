@@ -369,7 +369,7 @@ def probe(out: Path, smoke: bool) -> None:
     sys.path.insert(0, str(REPO))
     import torch
 
-    from models import kernels
+    from models import fused, kernels
     from models.config import model_config
     from models.llama import Llama
 
@@ -435,14 +435,14 @@ def probe(out: Path, smoke: bool) -> None:
 
     libraries = {}
     for lib in kernels.installed():
-        libraries[lib] = probe_library(lib, kernels, torch, device)
+        libraries[lib] = probe_library(lib, kernels, fused, torch, device)
     report["libraries"] = libraries
-    plan = kernels.plan(model_config(GPU_SIZES.model), device, dtype)
-    report["auto_kernels"] = dataclasses.asdict(plan)
+    chosen = kernels.choose_kernels(model_config(GPU_SIZES.model), device, dtype)
+    report["auto_kernels"] = dataclasses.asdict(chosen)
     out.write_text(json.dumps(report, indent=1, default=str))
 
 
-def probe_library(lib: str, kernels, torch, device) -> dict[str, Any]:
+def probe_library(lib: str, kernels, fused, torch, device) -> dict[str, Any]:
     """importable, version, and ops: loaded (a small call ran on the GPU), fell back (imports, but its
     compiled ops did not load, so its functions run PyTorch fallbacks), failed (a call raised),
     absent, or not checked (no GPU)."""
@@ -473,9 +473,9 @@ def probe_library(lib: str, kernels, torch, device) -> dict[str, Any]:
     try:
         x = torch.randn(2, 128, 4, 64, device=device, dtype=torch.bfloat16)
         if lib in ("flash_attn", "xformers"):
-            kernels.attention(x.transpose(1, 2), x.transpose(1, 2), x.transpose(1, 2), lib)
+            fused.attention(x.transpose(1, 2), x.transpose(1, 2), x.transpose(1, 2), lib)
         else:
-            kernels.rms_norm(x, torch.ones(64, device=device, dtype=torch.bfloat16), 1e-5, lib)
+            fused.rms_norm(x, torch.ones(64, device=device, dtype=torch.bfloat16), 1e-5, lib)
         torch.cuda.synchronize()
         out["ops"] = "loaded"
     except Exception as e:  # noqa: BLE001 - a library that imports but cannot run here

@@ -155,7 +155,7 @@ def build_ours(cfg, kernel_set: dict, device, precision, ac: str) -> Contender:
     apply_activation_checkpointing(model, ac)
     if mcfg.compile:
         compile_blocks(model)
-    resolved = kernels.plan(
+    resolved = kernels.choose_kernels(
         mcfg, device, torch.bfloat16 if precision != "32-true" else torch.float32
     )
 

@@ -289,7 +289,7 @@ class _Part:
         return sum(f[2] for f in self.files)
 
 
-def _plan(input_path: Path, val_every: int) -> tuple[str, list[tuple[str, list[Path]]]]:
+def _route_inputs(input_path: Path, val_every: int) -> tuple[str, list[tuple[str, list[Path]]]]:
     """(layout, [(route, files)]) for the input."""
     if not input_path.exists():
         find_shards(input_path)  # raises the uniform "does not exist" message
@@ -803,7 +803,7 @@ def prepare_dataset(
         num_workers = os.cpu_count() or 1
     if num_workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {num_workers}.")
-    layout, routes = _plan(in_path, val_every)  # raises for a missing/empty input
+    layout, routes = _route_inputs(in_path, val_every)  # raises for a missing/empty input
     if group_bytes == "auto":
         opts = replace(opts, group_bytes=_auto_group_bytes(routes))
     parts = _make_parts(in_path, routes, opts.group_bytes)

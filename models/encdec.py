@@ -62,7 +62,7 @@ import torch
 from torch import nn
 
 from models.config import ModelConfig
-from models.kernels import KernelPlan, compute_dtype
+from models.kernels import KernelChoice, compute_dtype
 from models.llama import (
     Attention,
     Block,
@@ -75,11 +75,11 @@ from models.llama import (
     SwiGLU,
     apply_rope,
     attention_bias,
-    default_plan,
     document_layout,
     document_mask,
     document_positions,
     full_attention,
+    kernels_for,
     residual_dropout,
     rope_cos_sin,
 )
@@ -326,14 +326,14 @@ class DecoderBlock(nn.Module):
         memory_sin: torch.Tensor | None,
         cache: EncoderDecoderCache | None = None,
         start: int = 0,
-        kernels: KernelPlan | None = None,
+        kernels: KernelChoice | None = None,
         docs: DocumentMask | None = None,
         cross: CrossMask | None = None,
     ) -> torch.Tensor:
         """x: (B, T, D) decoder stream; memory: (B, P, D) encoder output (None when `cache` already
         holds this layer's cross keys/values); `start`: index of x's first token in the decoder;
         docs, cross: packed examples' self- and cross-attention masks (`decoder_masks`)."""
-        kernels = kernels or default_plan(self.cfg, x)
+        kernels = kernels or kernels_for(self.cfg, x)
         layer = self.cross_attn.layer_idx
         if cache is not None and cache.cross[layer] is not None:
             k, v = cache.cross[layer]
@@ -378,7 +378,7 @@ class EncoderDecoder(LanguageModel):
         """input_ids: (B, P) at positions 0..P-1 (`packed` examples: each at its position in its
         example, attending within it) -> the encoder's output (B, P, D)."""
         x = residual_dropout(self.embed(input_ids), self.cfg.dropout, self.training)  # (B, P, D)
-        kernels = default_plan(self.cfg, x)
+        kernels = kernels_for(self.cfg, x)
         dtype = compute_dtype(x.device.type, x.dtype)
         docs = None if packed is None else encoder_mask(packed, dtype)
         cos, sin = rope_cos_sin(
@@ -409,7 +409,7 @@ class EncoderDecoder(LanguageModel):
         it, the memory's keys at their positions."""
         T = input_ids.shape[1]
         x = residual_dropout(self.embed(input_ids), self.cfg.dropout, self.training)  # (B, T, D)
-        kernels = default_plan(self.cfg, x)
+        kernels = kernels_for(self.cfg, x)
         E, base = self.cfg.head_dim, self.cfg.rope_base
         docs = cross = None
         if packed is not None:  # built once for all layers

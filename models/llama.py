@@ -63,10 +63,11 @@ fuses it). Without doc_ids every path is bit-identical to the plain causal one. 
 KVCache) takes no doc_ids; the encoder-decoder (models/encdec.py) packs examples with the same masks
 (`EncoderDecoder.forward(..., doc_ids=, decoder_mask=)`).
 
-Fused kernels (FlashAttention-2, xformers, liger-kernel, a chunked loss) live in models/kernels.py
-and are chosen by config strings; the code in this file is the eager reference they are tested
-against. `Llama.forward` resolves the choices once per call for the device and dtype at hand
-(`kernels.plan`) and hands the resolved `KernelPlan` down to the blocks.
+Fused kernels (FlashAttention-2, xformers, liger-kernel, a chunked loss) are chosen by config
+strings in models/kernels.py and called through models/fused.py; the code in this file is the eager
+reference they are tested against. `Llama.forward` resolves the choices once per call for the device
+and dtype at hand (`kernels_for`, through `kernels.choose_kernels`) and hands the resolved
+`KernelChoice` down to the blocks.
 
 Shapes: B batch, T sequence (new tokens), S keys (cached + new), D d_model, H query heads,
 K key/value heads, E head dim, V vocab, L layers.
@@ -82,9 +83,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from models import kernels as fused
+from models import fused
 from models.config import ModelConfig
-from models.kernels import KernelPlan
+from models.kernels import HALF, KernelChoice, choose_kernels, compute_dtype
 
 
 class RMSNorm(nn.Module):
@@ -313,13 +314,13 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         kv_cache: KVCache | None = None,
         start_pos: int = 0,
-        kernels: KernelPlan | None = None,
+        kernels: KernelChoice | None = None,
         docs: DocumentMask | None = None,
     ) -> torch.Tensor:
         """x: (B, T, D), the block's normalised input -> (B, T, D). `docs`: packed documents (the
         attention is then block-diagonal causal, cos / sin per token)."""
         B, T, _ = x.shape
-        kernels = kernels or default_plan(self.cfg, x)
+        kernels = kernels or kernels_for(self.cfg, x)
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, E)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, E)
         if self.q_norm is not None:  # QK-norm, per head over E, before RoPE (contiguous rows here)
@@ -409,11 +410,7 @@ def causal_attention(
         k, v = repeat_kv(k, v, H)  # (B, H, T, E)
         return causal_attention_reference(q, k, v)
     grouped = k.shape[1] != H
-    if (
-        grouped
-        and _SDPA_GQA
-        and (not q.is_cuda or fused.compute_dtype("cuda", q.dtype) in fused.HALF)
-    ):
+    if grouped and _SDPA_GQA and (not q.is_cuda or compute_dtype("cuda", q.dtype) in HALF):
         return F.scaled_dot_product_attention(
             q, k, v, is_causal=True, enable_gqa=True
         )  # (B, H, T, E)
@@ -510,7 +507,7 @@ def _cudnn_groups_masked_queries(q: torch.Tensor) -> bool:
     return (
         _SDPA_CUDNN_GQA
         and torch.backends.cuda.cudnn_sdp_enabled()
-        and fused.compute_dtype("cuda", q.dtype) in fused.HALF
+        and compute_dtype("cuda", q.dtype) in HALF
         and torch.cuda.get_device_capability(q.device) >= (9, 0)
     )
 
@@ -570,10 +567,10 @@ class Block(nn.Module):
         sin: torch.Tensor,
         kv_cache: KVCache | None = None,
         start_pos: int = 0,
-        kernels: KernelPlan | None = None,
+        kernels: KernelChoice | None = None,
         docs: DocumentMask | None = None,
     ) -> torch.Tensor:
-        kernels = kernels or default_plan(self.attn.cfg, x)
+        kernels = kernels or kernels_for(self.attn.cfg, x)
         h = self.attn(
             self.attn_norm(x, kernels.rmsnorm), cos, sin, kv_cache, start_pos, kernels, docs
         )  # (B, T, D)
@@ -607,9 +604,9 @@ class OutputHead(nn.Linear):
         return total  # () float32
 
 
-def default_plan(cfg: ModelConfig, x: torch.Tensor) -> KernelPlan:
+def kernels_for(cfg: ModelConfig, x: torch.Tensor) -> KernelChoice:
     """The kernels cfg chooses for tensors like x (under autocast: autocast's dtype)."""
-    return fused.plan(cfg, x.device, fused.compute_dtype(x.device.type, x.dtype))
+    return choose_kernels(cfg, x.device, compute_dtype(x.device.type, x.dtype))
 
 
 class LanguageModel(nn.Module):
@@ -715,10 +712,10 @@ class Llama(LanguageModel):
                 f"doc_ids has shape {tuple(doc_ids.shape)}, input_ids {(B, T)}: give one id per token"
             )
         x = residual_dropout(self.embed(input_ids), self.cfg.dropout, self.training)  # (B, T, D)
-        kernels = default_plan(self.cfg, x)  # resolved once for this call's device and dtype
+        kernels = kernels_for(self.cfg, x)  # resolved once for this call's device and dtype
         docs = None
         if doc_ids is not None:  # built once for all layers
-            dtype = fused.compute_dtype(x.device.type, x.dtype)
+            dtype = compute_dtype(x.device.type, x.dtype)
             docs = document_mask(doc_ids.to(x.device), kernels.attention, dtype, layout)
         cos, sin = rope_cos_sin(
             T,

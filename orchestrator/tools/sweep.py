@@ -173,7 +173,7 @@ def match_ffn_hidden(
 
 
 @dataclass
-class Plan:
+class StudyRun:
     """One run of the study, resolved."""
 
     name: str
@@ -217,7 +217,7 @@ def _resolve(name: str, args: list[str]) -> Config:
         raise ConfigError(f"run {name!r}: {e}") from e
 
 
-def plan_study(
+def resolve_study(
     study_dir: Path,
     configs: list[str],
     overrides: list[str],
@@ -227,7 +227,7 @@ def plan_study(
     match_params: bool = False,
     ffn_multiple: int = 1,
     preflight: bool = True,
-) -> list[Plan]:
+) -> list[StudyRun]:
     """Every run of the study, its config resolved and checked; nothing is started."""
     if not grid and not ladder:
         raise ConfigError("a sweep needs at least one --grid KEY=V1,V2,... or a --ladder")
@@ -260,7 +260,7 @@ def plan_study(
             raise ConfigError(f"{key} is both a --grid key and an override of every run")
     short = short_keys(keys)
     baseline_of = {a.key: a.values[0] for a in grid}  # the ladder size stays the run's own
-    plans: list[Plan] = []
+    runs: list[StudyRun] = []
     names: dict[str, dict] = {}
     said: set[str] = set()  # the preflight's notes and warnings, each printed once
     for point in itertools.product(*(a.values for a in axes)):
@@ -294,8 +294,8 @@ def plan_study(
         args += ["--run.dir", run_dir]
         if any("\n" in a for a in args):
             raise ConfigError(f"run {name!r}: an argument holds a newline")
-        plans.append(
-            Plan(
+        runs.append(
+            StudyRun(
                 name=name,
                 overrides=values,
                 args=args,
@@ -316,14 +316,14 @@ def plan_study(
             _preflight(name, cfg, said)
     if ladder:
         sizes: dict[int, str] = {}
-        for p in plans:
+        for p in runs:
             other = sizes.setdefault(p.params, p.overrides[LADDER_KEY])
             if other != p.overrides[LADDER_KEY]:
                 raise ConfigError(
                     f"--ladder sizes {other} and {p.overrides[LADDER_KEY]} resolve to the same model "
                     f"({p.params:,} parameters): the base config or the overrides set the model's shape"
                 )
-    return plans
+    return runs
 
 
 def _preflight(name: str, cfg: Config, said: set[str]) -> None:
@@ -369,23 +369,23 @@ def save_study(study_dir: str | Path, study: dict) -> None:
     tmp.replace(path)
 
 
-def merge_study(study_dir: Path, study: dict | None, plans: list[Plan], meta: dict) -> dict:
-    """study.json's runs with this invocation's plan: known runs keep their status and attempts
-    (and must have the same arguments), new ones are appended."""
+def merge_study(study_dir: Path, study: dict | None, runs: list[StudyRun], meta: dict) -> dict:
+    """study.json's runs with this invocation's (resolve_study): known runs keep their status and
+    attempts (and must have the same arguments), new ones are appended."""
     study = study or {"version": 1, "study_dir": str(study_dir.absolute()), "runs": []}
     study.update(meta)
     by_name = {r["name"]: r for r in study["runs"]}
-    for plan in plans:
-        record = plan.record()
-        known = by_name.get(plan.name)
+    for run in runs:
+        record = run.record()
+        known = by_name.get(run.name)
         if known is None:
             record.update(index=len(study["runs"]), status="pending", attempts=[])
             study["runs"].append(record)
-            by_name[plan.name] = record
-        elif known["args"] != plan.args:
-            changed = sorted(set(known["args"]) ^ set(plan.args))
+            by_name[run.name] = record
+        elif known["args"] != run.args:
+            changed = sorted(set(known["args"]) ^ set(run.args))
             raise ConfigError(
-                f"run {plan.name!r} of {study_dir / STUDY_FILE} was planned with other arguments "
+                f"run {run.name!r} of {study_dir / STUDY_FILE} was planned with other arguments "
                 f"(differing: {' '.join(changed)}): use another --study-dir for a different study"
             )
         else:
@@ -772,14 +772,14 @@ def sweep(
     dry_run: bool = False,
     wait: bool = False,
 ) -> int:
-    """`orchestrator sweep`: plan and check every run, record the study, run what is left.
-    Returns 0 when every run of this plan is finished or diverged (or was submitted / planned)."""
+    """`orchestrator sweep`: resolve and check every run, record the study, run what is left.
+    Returns 0 when every run of this invocation is finished or diverged (or was submitted / planned)."""
     study_dir = Path(study_dir)
     axes = [parse_grid(g) for g in grid]
     sizes = [s.strip() for s in ladder.split(",") if s.strip()] if ladder else None
     if parallel < 0 or (executor == "local" and parallel < 1):
         raise ConfigError(f"--parallel must be >= 1, got {parallel}")
-    plans = plan_study(
+    runs = resolve_study(
         study_dir, configs, overrides, axes, sizes, tokens_per_param, match_params, ffn_multiple
     )
     study_dir.mkdir(parents=True, exist_ok=True)
@@ -799,10 +799,10 @@ def sweep(
             "match_params": match_params,
             "executor": executor,
         }
-        study = merge_study(study_dir, load_study(study_dir), plans, meta)
+        study = merge_study(study_dir, load_study(study_dir), runs, meta)
         reconcile(study_dir, study)
         save_study(study_dir, study)
-        names = {p.name for p in plans}
+        names = {r.name for r in runs}
         mine = [r for r in study["runs"] if r["name"] in names]
         todo = [r for r in mine if r["status"] not in (*TERMINAL, "submitted")]
         print(f"Study {study_dir}: {len(mine)} run(s), {len(todo)} to run", flush=True)

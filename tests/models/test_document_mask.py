@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from data.documents import DocumentBoundary, document_ids, read_boundary
-from models import kernels
+from models import fused, kernels
 from models.config import model_config
 from models.kernels import IGNORE_INDEX
 from models.llama import (
@@ -301,10 +301,10 @@ def test_checkpointed_and_compiled_blocks_take_the_document_mask(wrap):
 def test_flash_attn_rope_kernel_rotates_per_token_positions_eagerly(monkeypatch):
     """A rope kernel that cannot take per-token tables (flash-attn's) is bypassed for them."""
     called = []
-    monkeypatch.setattr(kernels, "rope", lambda *a: called.append(1) or (a[0], a[1]))
+    monkeypatch.setattr(fused, "rope", lambda *a: called.append(1) or (a[0], a[1]))
     m = model("eager")
-    plan = dataclasses.replace(kernels.EAGER, rope="flash_attn")
-    monkeypatch.setattr("models.llama.default_plan", lambda cfg, x: plan)
+    chosen = dataclasses.replace(kernels.EAGER, rope="flash_attn")
+    monkeypatch.setattr("models.llama.kernels_for", lambda cfg, x: chosen)
     ids = torch.randint(0, 128, (1, 16))
     with torch.no_grad():
         m(ids, doc_ids=torch.zeros_like(ids))

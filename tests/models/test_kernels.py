@@ -18,9 +18,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import kernels
+from models import fused, kernels
 from models.config import KERNEL_FIELDS, ModelConfig, model_config
-from models.kernels import EAGER, KernelPlan, KernelUnavailable
+from models.kernels import EAGER, KernelChoice, KernelUnavailable
 from models.llama import Llama, apply_rope, causal_attention, rms_norm_reference, rope_cos_sin
 from orchestrator.schema import ConfigError
 
@@ -166,7 +166,7 @@ def loss_inputs(N=300, D=64, V=1000, ignored=7):
 
 
 def eager_loss(x, w, t):
-    return kernels.output_loss(x, w, t, "cross_entropy")
+    return fused.output_loss(x, w, t, "cross_entropy")
 
 
 # --- CPU parity: what runs everywhere ------------------------------------------------------------
@@ -188,7 +188,7 @@ def test_chunked_loss_matches_cross_entropy(dtype, chunk_rows):
     torch.manual_seed(0)
 
     def chunked(x, w, t):
-        return kernels.chunked_linear_cross_entropy(x.flatten(0, 1), w, t.flatten(), chunk_rows)
+        return fused.chunked_linear_cross_entropy(x.flatten(0, 1), w, t.flatten(), chunk_rows)
 
     check_parity(chunked, eager_loss, loss_inputs(), "cpu", dtype)
 
@@ -197,7 +197,7 @@ Z = 1e-2  # large enough that the z-term moves the loss and every gradient well 
 
 
 def z_eager_loss(x, w, t):
-    return kernels.output_loss(x, w, t, "cross_entropy", Z)
+    return fused.output_loss(x, w, t, "cross_entropy", Z)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -208,7 +208,7 @@ def test_chunked_loss_with_z_loss_matches_reference(dtype, chunk_rows):
     torch.manual_seed(0)
 
     def chunked(x, w, t):
-        return kernels.chunked_linear_cross_entropy(
+        return fused.chunked_linear_cross_entropy(
             x.flatten(0, 1), w, t.flatten(), chunk_rows, z_loss=Z
         )
 
@@ -227,13 +227,13 @@ def test_z_loss_term_is_z_times_mean_squared_logsumexp():
     for kernel in ("cross_entropy", "chunked"):
         for grad in (False, True):
             xi = x.clone().requires_grad_(grad)
-            total, z_term = kernels.output_loss_terms(xi, w, t, kernel, Z)
+            total, z_term = fused.output_loss_terms(xi, w, t, kernel, Z)
             assert z_term.dtype == torch.float32 and not z_term.requires_grad
             torch.testing.assert_close(z_term.double(), by_hand, atol=0, rtol=1e-5)
             torch.testing.assert_close(total.double(), ce + by_hand, atol=0, rtol=1e-5)
             assert total.requires_grad == grad
         # The chunked kernel's own entry point hands the term back too.
-        loss, z_term = kernels.chunked_linear_cross_entropy(
+        loss, z_term = fused.chunked_linear_cross_entropy(
             x[0], w, t[0], 16, z_loss=Z, return_z_loss=True
         )
         torch.testing.assert_close(z_term.double(), by_hand, atol=0, rtol=1e-5)
@@ -245,17 +245,17 @@ def test_z_loss_zero_is_exactly_the_old_loss():
     torch.manual_seed(0)
     x, w, t = loss_inputs(N=100, D=32, V=200)()
     ref = F.cross_entropy((x[0] @ w.t()).float(), t[0], ignore_index=kernels.IGNORE_INDEX)
-    total, z_term = kernels.output_loss_terms(x, w, t, "cross_entropy", 0.0)
+    total, z_term = fused.output_loss_terms(x, w, t, "cross_entropy", 0.0)
     assert z_term is None and torch.equal(total, ref)
     results = []
     for z in (None, 0.0):
         xi, wi = x[0].clone().requires_grad_(), w.clone().requires_grad_()
         kwargs = {} if z is None else dict(z_loss=z)
-        loss = kernels.chunked_linear_cross_entropy(xi, wi, t[0], 16, **kwargs)
+        loss = fused.chunked_linear_cross_entropy(xi, wi, t[0], 16, **kwargs)
         loss.backward()
         results.append((loss.detach(), xi.grad, wi.grad))
     assert all(torch.equal(a, b) for a, b in zip(*results))
-    assert kernels.output_loss_terms(x, w, t, "chunked", 0.0)[1] is None
+    assert fused.output_loss_terms(x, w, t, "chunked", 0.0)[1] is None
 
 
 def _z_reference64(x, w, t, z):
@@ -275,7 +275,7 @@ def test_chunked_z_loss_edge_cases():
     x, w, t = loss_inputs(N=50, D=16, V=40)()
     x, t = x[0], t[0]
     xi = x.clone().requires_grad_()
-    loss, z_term = kernels.chunked_linear_cross_entropy(
+    loss, z_term = fused.chunked_linear_cross_entropy(
         xi, w, torch.full_like(t, kernels.IGNORE_INDEX), 8, z_loss=Z, return_z_loss=True
     )
     loss.backward()
@@ -285,7 +285,7 @@ def test_chunked_z_loss_edge_cases():
     for (xs, ws), z in (((x, w), Z), (shifted, 0.5)):
         a = [xs.clone().requires_grad_(), ws.clone().requires_grad_()]
         b = [xs.double().requires_grad_(), ws.double().requires_grad_()]
-        got = kernels.chunked_linear_cross_entropy(a[0], a[1], t, 8, z_loss=z)
+        got = fused.chunked_linear_cross_entropy(a[0], a[1], t, 8, z_loss=z)
         want = _z_reference64(b[0], b[1], t, z)
         torch.testing.assert_close(got.double(), want, atol=0, rtol=1e-5)
         (got / 4).backward()
@@ -301,30 +301,28 @@ def test_chunked_loss_edge_cases():
     # No gradient wanted (evaluation): the same loss, computed without the backward buffers.
     with torch.no_grad():
         assert torch.allclose(
-            kernels.chunked_linear_cross_entropy(x[0], w, t[0], 8), eager_loss(x, w, t), atol=1e-6
+            fused.chunked_linear_cross_entropy(x[0], w, t[0], 8), eager_loss(x, w, t), atol=1e-6
         )
     # Only one input needs a gradient (frozen output projection, or frozen trunk).
     for frozen in (0, 1):
         inputs = [x[0].clone().requires_grad_(frozen != 0), w.clone().requires_grad_(frozen != 1)]
-        kernels.chunked_linear_cross_entropy(*inputs, t[0], 8).backward()
+        fused.chunked_linear_cross_entropy(*inputs, t[0], 8).backward()
         assert inputs[frozen].grad is None and inputs[1 - frozen].grad is not None
     # Every target ignored: loss 0 and zero gradients, not NaN.
     xi = x[0].clone().requires_grad_()
-    loss = kernels.chunked_linear_cross_entropy(
-        xi, w, torch.full_like(t[0], kernels.IGNORE_INDEX), 8
-    )
+    loss = fused.chunked_linear_cross_entropy(xi, w, torch.full_like(t[0], kernels.IGNORE_INDEX), 8)
     loss.backward()
     assert loss.item() == 0.0 and torch.count_nonzero(xi.grad) == 0
     # Its gradients are computed once, in the forward: a second backward is refused, not silently wrong.
     xr = x[0].clone().requires_grad_()
-    loss = kernels.chunked_linear_cross_entropy(xr, w, t[0], 8)
+    loss = fused.chunked_linear_cross_entropy(xr, w, t[0], 8)
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="cannot be backpropagated twice"):
         loss.backward()
     # Scaled upstream gradients (gradient accumulation divides the loss) scale both gradients.
     a = [x[0].clone().requires_grad_(), w.clone().requires_grad_()]
     b = [x[0].clone().requires_grad_(), w.clone().requires_grad_()]
-    (kernels.chunked_linear_cross_entropy(*a, t[0], 8) / 4).backward()
+    (fused.chunked_linear_cross_entropy(*a, t[0], 8) / 4).backward()
     (F.cross_entropy(b[0] @ b[1].t(), t[0]) / 4).backward()
     torch.testing.assert_close(a[0].grad, b[0].grad, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(a[1].grad, b[1].grad, atol=1e-6, rtol=1e-5)
@@ -334,14 +332,14 @@ def test_chunked_loss_cpu_block_is_reused_and_follows_shape():
     """On a CPU the logits block is kept between calls (no fresh mmap per chunk); a call with another
     chunk shape or dtype gets a block of its own, and every result stays that of the reference."""
     torch.manual_seed(0)
-    kernels._LogitsBlocks._cpu_cache.clear()
+    fused._LogitsBlocks._cpu_cache.clear()
     for N, V, dtype in ((40, 64, torch.float32), (40, 64, torch.float32), (30, 96, torch.float32),
                         (30, 96, torch.bfloat16), (40, 64, torch.float32)):  # fmt: skip
         x = torch.randn(N, 16, dtype=dtype, requires_grad=True)
         w = torch.randn(V, 16, dtype=dtype, requires_grad=True)
         t = torch.randint(0, V, (N,))
         t[::5] = kernels.IGNORE_INDEX
-        loss = kernels.chunked_linear_cross_entropy(x, w, t, chunk_rows=16)
+        loss = fused.chunked_linear_cross_entropy(x, w, t, chunk_rows=16)
         loss.backward()
         xr, wr = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
         ref = F.cross_entropy(xr @ wr.t(), t, ignore_index=kernels.IGNORE_INDEX)
@@ -350,21 +348,21 @@ def test_chunked_loss_cpu_block_is_reused_and_follows_shape():
         torch.testing.assert_close(loss, ref, **tol)
         torch.testing.assert_close(x.grad.float(), xr.grad, **tol)
         torch.testing.assert_close(w.grad.float(), wr.grad, **tol)
-        held = set(kernels._LogitsBlocks._cpu_cache)
+        held = set(fused._LogitsBlocks._cpu_cache)
         wanted = {(16, V, torch.float32)} | ({(16, V, dtype)} if dtype != torch.float32 else set())
         assert held == wanted, held  # only the last shape is held, in the dtypes it needs
     # The same shape again reuses the blocks, in fp32 and in bf16 alike.
     for dtype in (torch.float32, torch.bfloat16):
         x, w = torch.randn(40, 16, dtype=dtype), torch.randn(64, 16, dtype=dtype)
-        kernels.chunked_linear_cross_entropy(x, w, torch.randint(0, 64, (40,)), 16)
-        before = {k: v.data_ptr() for k, v in kernels._LogitsBlocks._cpu_cache.items()}
-        kernels.chunked_linear_cross_entropy(x, w, torch.randint(0, 64, (40,)), 16)
-        assert {k: v.data_ptr() for k, v in kernels._LogitsBlocks._cpu_cache.items()} == before
+        fused.chunked_linear_cross_entropy(x, w, torch.randint(0, 64, (40,)), 16)
+        before = {k: v.data_ptr() for k, v in fused._LogitsBlocks._cpu_cache.items()}
+        fused.chunked_linear_cross_entropy(x, w, torch.randint(0, 64, (40,)), 16)
+        assert {k: v.data_ptr() for k, v in fused._LogitsBlocks._cpu_cache.items()} == before
     # The default chunk: one block of up to CPU_LOGITS_BLOCK_BYTES on a CPU; liger's rule on a GPU.
-    assert kernels.default_chunk_rows(1024, 32000, 256, "cpu") == 1024
-    assert kernels.default_chunk_rows(8192, 32000, 256, "cpu") == 2096
+    assert fused.default_chunk_rows(1024, 32000, 256, "cpu") == 1024
+    assert fused.default_chunk_rows(8192, 32000, 256, "cpu") == 2096
     assert (
-        kernels.default_chunk_rows(16384, 32000, 2048, "cuda") == 1024
+        fused.default_chunk_rows(16384, 32000, 2048, "cuda") == 1024
     )  # ceil(32000 / 2048) = 16 chunks
 
 
@@ -414,7 +412,7 @@ def test_default_training_path_matches_eager_model(tie, options):
     ids = torch.randint(0, cfg.vocab_size, (2, 48))
     targets = torch.randint(0, cfg.vocab_size, (2, 48))
     targets[0, :5] = kernels.IGNORE_INDEX
-    assert kernels.plan(cfg, ids.device, torch.float32) == KernelPlan(
+    assert kernels.choose_kernels(cfg, ids.device, torch.float32) == KernelChoice(
         "sdpa", "eager", "eager", "eager", "chunked"
     )
     ref_loss, ref_grads = model_loss_and_grads(ref, ids, targets)
@@ -626,11 +624,12 @@ def test_kernel_fields_validate_and_change_no_parameter():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_auto_never_fails_on_cpu(dtype):
     cfg = tiny_cfg()
-    assert kernels.plan(cfg, torch.device("cpu"), dtype) == KernelPlan(
+    assert kernels.choose_kernels(cfg, torch.device("cpu"), dtype) == KernelChoice(
         "sdpa", "eager", "eager", "eager", "chunked"
     )
     assert (
-        kernels.plan(dataclasses.replace(cfg, **EAGER_FIELDS), torch.device("cpu"), dtype) == EAGER
+        kernels.choose_kernels(dataclasses.replace(cfg, **EAGER_FIELDS), torch.device("cpu"), dtype)
+        == EAGER
     )
 
 
@@ -660,7 +659,7 @@ def test_choice_on_cuda_follows_what_is_installed(monkeypatch):
         "liger": "ModuleNotFoundError: No module named 'liger_kernel'",
     }  # fmt: skip
     monkeypatch.setattr(kernels, "_LIBS", dict(fake))
-    monkeypatch.setattr(kernels, "_PLANS", {})
+    monkeypatch.setattr(kernels, "_CHOICES", {})
     bf16, fp32 = torch.bfloat16, torch.float32
     assert kernels.choose("attention", "auto", "cuda", bf16) == "flash_attn"
     assert (
@@ -713,7 +712,7 @@ def _install_fake_liger(monkeypatch, keyword_api: bool, z_output: str | None = N
         def _with_z(logits, target, ignore_index, lse_square_scale, return_z_loss):
             # liger's maths: loss = CE + z-term (mean over valid rows); the term itself on request.
             loss = F.cross_entropy(logits.float(), target, ignore_index=ignore_index)
-            z = kernels.z_loss_reference(logits, target, lse_square_scale)
+            z = fused.z_loss_reference(logits, target, lse_square_scale)
             if not return_z_loss:
                 return loss + z
             if z_output == "tuple":
@@ -793,7 +792,7 @@ def _install_fake_liger(monkeypatch, keyword_api: bool, z_output: str | None = N
                          ("liger_kernel.transformers.functional", functional)):  # fmt: skip
         monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.setattr(kernels, "_LIBS", {})
-    monkeypatch.setattr(kernels, "_PLANS", {})
+    monkeypatch.setattr(kernels, "_CHOICES", {})
     return calls
 
 
@@ -805,24 +804,20 @@ def test_liger_call_path_passes_keyword_arguments(monkeypatch):
     assert kernels.library("liger") is not None and kernels.library_problem("liger") is None
     torch.manual_seed(0)
     x, w = torch.randn(2, 8, 32), 1 + 0.1 * torch.randn(32)
-    torch.testing.assert_close(
-        kernels.rms_norm(x, w, 1e-5, "liger"), rms_norm_reference(x, w, 1e-5)
-    )
+    torch.testing.assert_close(fused.rms_norm(x, w, 1e-5, "liger"), rms_norm_reference(x, w, 1e-5))
     assert calls[-1] == ("rms_norm", dict(offset=0.0, casting_mode="llama", in_place=False))
     h, head, t = loss_inputs(N=40, D=16, V=50)()
-    torch.testing.assert_close(
-        kernels.output_loss(h, head, t, "liger_fused"), eager_loss(h, head, t)
-    )
+    torch.testing.assert_close(fused.output_loss(h, head, t, "liger_fused"), eager_loss(h, head, t))
     assert calls[-1] == ("fused_linear_cross_entropy",
                          dict(ignore_index=kernels.IGNORE_INDEX, accum_dtype=torch.float32,
                               dtypes=(torch.float32, torch.float32)))  # fmt: skip
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        kernels.output_loss(h, head, t, "liger_fused")
+        fused.output_loss(h, head, t, "liger_fused")
     assert calls[-1][1]["dtypes"] == (
         torch.bfloat16,
         torch.bfloat16,
     )  # the matmul's dtype, as autocast's
-    torch.testing.assert_close(kernels.output_loss(h, head, t, "liger"), eager_loss(h, head, t))
+    torch.testing.assert_close(fused.output_loss(h, head, t, "liger"), eager_loss(h, head, t))
     assert calls[-1] == ("cross_entropy", dict(ignore_index=kernels.IGNORE_INDEX))
 
 
@@ -858,16 +853,16 @@ def test_liger_call_path_with_z_loss(monkeypatch, z_output):
     assert kernels.library("liger") is not None
     torch.manual_seed(0)
     h, head, t = loss_inputs(N=40, D=16, V=50)()
-    ref_total, ref_z = kernels.output_loss_terms(h, head, t, "cross_entropy", Z)
+    ref_total, ref_z = fused.output_loss_terms(h, head, t, "cross_entropy", Z)
     for kernel in ("liger_fused", "liger"):
-        total, z_term = kernels.output_loss_terms(h, head, t, kernel, Z)
+        total, z_term = fused.output_loss_terms(h, head, t, kernel, Z)
         assert calls[-1][1] == dict(lse_square_scale=Z, return_z_loss=True)
         torch.testing.assert_close(total, ref_total)
         torch.testing.assert_close(z_term, ref_z)
         assert total.dtype == z_term.dtype == torch.float32 and not z_term.requires_grad
-        check_parity(lambda x, w, tt, k=kernel: kernels.output_loss(x, w, tt, k, Z), z_eager_loss,
+        check_parity(lambda x, w, tt, k=kernel: fused.output_loss(x, w, tt, k, Z), z_eager_loss,
                      loss_inputs(N=40, D=16, V=50), "cpu", torch.float32)  # fmt: skip
-        total, z_term = kernels.output_loss_terms(h, head, t, kernel, 0.0)
+        total, z_term = fused.output_loss_terms(h, head, t, kernel, 0.0)
         assert z_term is None and calls[-1][1] == dict(lse_square_scale=0.0, return_z_loss=False)
     # `auto` picks liger_fused for a z-loss run where the release can do it.
     assert kernels.choose("loss", "auto", "cuda", torch.bfloat16, z_loss=True) == "liger_fused"
@@ -887,11 +882,13 @@ def test_loss_without_z_loss_support_is_refused_for_a_z_loss_run(monkeypatch):
         kernels.choose("loss", "liger_fused", "cuda", bf16, z_loss=True)
     with pytest.raises(KernelUnavailable, match="model.z_loss > 0 needs"):
         kernels.choose("loss", "liger", "cuda", bf16, z_loss=True)
-    # The plan follows the config's z_loss (a separate cache entry per choice).
+    # The choice follows the config's z_loss (a separate cache entry per choice).
     cfg = tiny_cfg(loss_kernel="auto")
-    assert kernels.plan(cfg, torch.device("cuda"), bf16).loss == "liger_fused"
+    assert kernels.choose_kernels(cfg, torch.device("cuda"), bf16).loss == "liger_fused"
     assert (
-        kernels.plan(dataclasses.replace(cfg, z_loss=1e-4), torch.device("cuda"), bf16).loss
+        kernels.choose_kernels(
+            dataclasses.replace(cfg, z_loss=1e-4), torch.device("cuda"), bf16
+        ).loss
         == "chunked"
     )
 
@@ -939,7 +936,7 @@ def test_xformers_layout_trains_grouped_query_attention(monkeypatch, heads):
     calls = _install_fake_xformers(monkeypatch)
     H, K = heads
     torch.manual_seed(0)
-    xformers = lambda q, k, v: kernels.attention(q, k, v, "xformers")  # noqa: E731
+    xformers = lambda q, k, v: fused.attention(q, k, v, "xformers")  # noqa: E731
     check_parity(xformers, eager_attention, attention_inputs(H=H, K=K, E=32), "cpu", torch.float32)
     assert set(calls) == {4}
     q, k, v = attention_inputs(H=H, K=K, E=32)()
@@ -951,12 +948,12 @@ def test_xformers_layout_trains_grouped_query_attention(monkeypatch, heads):
     assert calls == [4 if K == H else 5]
     # The layout itself: query head h reads key/value head h // (H/K), as repeat_interleave lays out.
     qg, kg, vg = (t.transpose(1, 2).requires_grad_() for t in (q, k, v))  # (B, T, heads, E)
-    qx, kx, vx = kernels.xformers_layout(qg, kg, vg)
+    qx, kx, vx = fused.xformers_layout(qg, kg, vg)
     assert qx.shape == kx.shape == vx.shape == qg.shape
     torch.testing.assert_close(kx, kg.repeat_interleave(H // K, dim=2))
     if K < H:
         with torch.no_grad():
-            q5, k5, v5 = kernels.xformers_layout(qg, kg, vg)
+            q5, k5, v5 = fused.xformers_layout(qg, kg, vg)
         assert (
             q5.shape == k5.shape == (2, 96, K, H // K, 32) and k5.stride(3) == 0
         )  # expanded, no copy
@@ -1016,12 +1013,12 @@ def _gpu_case(op: str, kernel: str):
                 attention_inputs(T=256),
             )
         return (
-            (lambda q, k, v: kernels.attention(q, k, v, kernel)),
+            (lambda q, k, v: fused.attention(q, k, v, kernel)),
             eager_attention,
             attention_inputs(T=256),
         )
     if op == "rmsnorm":
-        return (lambda x, w: kernels.rms_norm(x, w, 1e-5, kernel)), eager_rmsnorm, rmsnorm_inputs()
+        return (lambda x, w: fused.rms_norm(x, w, 1e-5, kernel)), eager_rmsnorm, rmsnorm_inputs()
     if op == "swiglu" and kernel == "xformers":
 
         def make():
@@ -1031,18 +1028,18 @@ def _gpu_case(op: str, kernel: str):
         def eager_ffn(x, wg, wu, wd):
             return F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd)
 
-        return (lambda x, wg, wu, wd: kernels.swiglu_ffn(x, wg, wu, wd)), eager_ffn, make
+        return (lambda x, wg, wu, wd: fused.swiglu_ffn(x, wg, wu, wd)), eager_ffn, make
     if op == "swiglu":
-        return (lambda g, u: kernels.silu_mul(g, u, kernel)), eager_silu_mul, swiglu_inputs()
+        return (lambda g, u: fused.silu_mul(g, u, kernel)), eager_silu_mul, swiglu_inputs()
     if op == "rope":
 
         def fused_rope(q, k, cos, sin):
-            q2, k2 = kernels.rope(q, k, cos, sin, kernel)
+            q2, k2 = fused.rope(q, k, cos, sin, kernel)
             return torch.cat([q2.flatten(1), k2.flatten(1)], dim=-1)
 
         return fused_rope, eager_rope_qk, rope_inputs(), ROPE_FROZEN
     return (
-        (lambda x, w, t: kernels.output_loss(x, w, t, kernel)),
+        (lambda x, w, t: fused.output_loss(x, w, t, kernel)),
         eager_loss,
         loss_inputs(N=1000, D=256, V=4000),
     )
@@ -1078,11 +1075,11 @@ def test_loss_kernel_with_z_loss_matches_eager_on_gpu(kernel, dtype):
         pytest.skip(problem)
     torch.manual_seed(0)
     make = loss_inputs(N=1000, D=256, V=4000)
-    check_parity(lambda x, w, t: kernels.output_loss(x, w, t, kernel, Z), z_eager_loss, make, "cuda",
+    check_parity(lambda x, w, t: fused.output_loss(x, w, t, kernel, Z), z_eager_loss, make, "cuda",
                  dtype, fp32_tol=1e-3)  # fmt: skip
     x, w, t = (v.cuda() for v in make())
-    _, z_ref = kernels.output_loss_terms(x.double(), w.double(), t, "cross_entropy", Z)
-    _, z_term = kernels.output_loss_terms(x.to(dtype), w.to(dtype), t, kernel, Z)
+    _, z_ref = fused.output_loss_terms(x.double(), w.double(), t, "cross_entropy", Z)
+    _, z_term = fused.output_loss_terms(x.to(dtype), w.to(dtype), t, kernel, Z)
     assert z_term.dtype == torch.float32 and not z_term.requires_grad
     assert rel(z_term, z_ref) <= (1e-3 if dtype == torch.float32 else BF16_TOL)
 
@@ -1098,7 +1095,7 @@ def test_xformers_grouped_query_attention_on_gpu(heads):
     H, K = heads
     torch.manual_seed(0)
     make = attention_inputs(B=2, T=256, H=H, K=K, E=64)
-    xformers = lambda q, k, v: kernels.attention(q, k, v, "xformers")  # noqa: E731
+    xformers = lambda q, k, v: fused.attention(q, k, v, "xformers")  # noqa: E731
     check_parity(xformers, eager_attention, make, "cuda", torch.bfloat16)
     q, k, v = (t.to("cuda", torch.bfloat16) for t in make())
     ref = eager_attention(*(t.double() for t in (q, k, v)))

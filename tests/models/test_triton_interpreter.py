@@ -2,11 +2,11 @@
 
 An optional group: it runs where triton and liger-kernel are importable (about 1 GB installed; not
 part of `make setup`) and skips otherwise. It checks our call path into the library, not the
-kernels' speed: the arguments models/kernels.py passes (keyword wrappers, ignore index, fp32
-weight-gradient accumulation, the z-loss through lse_square_scale / return_z_loss), the layouts
-(RoPE on (B, heads, T, E) views, grouped-query K), dtypes (bf16 autocast) and that gradients reach
-every input, against the eager code; and a whole model with liger's RoPE and fused linear +
-cross-entropy against the eager model (also with QK-norm and the z-loss).
+kernels' speed: the arguments models/kernels.py and models/fused.py pass (keyword wrappers, ignore
+index, fp32 weight-gradient accumulation, the z-loss through lse_square_scale / return_z_loss),
+the layouts (RoPE on (B, heads, T, E) views, grouped-query K), dtypes (bf16 autocast) and that
+gradients reach every input, against the eager code; and a whole model with liger's RoPE and fused
+linear + cross-entropy against the eager model (also with QK-norm and the z-loss).
 
 The interpreter runs some kernels and not others: liger-kernel 0.8.5 with triton 3.8.0 runs the
 fused linear + cross-entropy, the cross-entropy and RoPE; its RMSNorm and SwiGLU kernels stop in
@@ -69,7 +69,7 @@ def _loss_case(kernel: str, z_loss: float = 0.0):
     import torch
     import torch.nn.functional as F
 
-    from models import kernels
+    from models import fused, kernels
 
     torch.manual_seed(0)
     N, D, V = 40, 32, 120
@@ -86,7 +86,7 @@ def _loss_case(kernel: str, z_loss: float = 0.0):
     for autocast, tol in ((False, 1e-5), (True, 2e-2)):
         x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            loss, z_term = kernels.output_loss_terms(x, w, targets, kernel, z_loss)
+            loss, z_term = fused.output_loss_terms(x, w, targets, kernel, z_loss)
         if z_loss:
             assert z_term.dtype == torch.float32 and not z_term.requires_grad
             assert rel(z_term, ref_z) <= tol, (kernel, autocast, "z term", rel(z_term, ref_z))
@@ -105,9 +105,7 @@ def _loss_case(kernel: str, z_loss: float = 0.0):
             assert rel(got, want) <= tol, (kernel, autocast, name, rel(got, want))
     # Every target ignored: loss 0 and zero gradients, not NaN.
     x = x0.clone().requires_grad_()
-    loss = kernels.output_loss(
-        x, w0, torch.full_like(targets, kernels.IGNORE_INDEX), kernel, z_loss
-    )
+    loss = fused.output_loss(x, w0, torch.full_like(targets, kernels.IGNORE_INDEX), kernel, z_loss)
     loss.backward()
     assert torch.isfinite(loss) and loss.item() == 0.0 and torch.count_nonzero(x.grad) == 0
 
@@ -131,7 +129,7 @@ def case_cross_entropy_z_loss():
 def case_rope():
     import torch
 
-    from models import kernels
+    from models import fused
     from models.llama import apply_rope, rope_cos_sin
 
     torch.manual_seed(0)
@@ -141,7 +139,7 @@ def case_rope():
     q = torch.randn(B, T, H, E).transpose(1, 2).requires_grad_()
     k = torch.randn(B, T, K, E).transpose(1, 2).requires_grad_()
     q_before, k_before = q.detach().clone(), k.detach().clone()
-    q2, k2 = kernels.rope(q, k, cos, sin, "liger")
+    q2, k2 = fused.rope(q, k, cos, sin, "liger")
     assert q2.shape == q.shape and k2.shape == k.shape
     assert torch.equal(q.detach(), q_before) and torch.equal(
         k.detach(), k_before
@@ -162,15 +160,15 @@ def case_rope():
 
 
 def case_model(**options):
-    """The whole model with liger's RoPE and fused loss (the plan forced: on a CPU `auto` and a named
+    """The whole model with liger's RoPE and fused loss (the choice forced: on a CPU `auto` and a named
     liger kernel are refused) against the all-eager model: loss and every parameter gradient."""
     import dataclasses
 
     import torch
 
-    from models import kernels
+    from models import kernels, llama
     from models.config import model_config
-    from models.kernels import KernelPlan
+    from models.kernels import KernelChoice
     from models.llama import Llama
 
     cfg = model_config("tiny", n_layers=2, vocab_size=256, max_seq_len=32, d_model=64, n_heads=4,
@@ -180,10 +178,10 @@ def case_model(**options):
     torch.manual_seed(0)
     fused, eager = Llama(cfg), Llama(dataclasses.replace(cfg, **eager_fields))
     eager.load_state_dict(fused.state_dict())
-    forced = KernelPlan(
+    forced = KernelChoice(
         attention="sdpa", rmsnorm="eager", swiglu="eager", rope="liger", loss="liger_fused"
     )
-    kernels.plan = lambda cfg, device, dtype: (
+    llama.choose_kernels = lambda cfg, device, dtype: (
         forced if cfg.loss_kernel != "cross_entropy" else kernels.EAGER
     )
     ids = torch.randint(0, cfg.vocab_size, (2, 16))
@@ -211,7 +209,7 @@ def case_model_stability():
 def case_rms_norm():
     import torch
 
-    from models import kernels
+    from models import fused
     from models.llama import rms_norm_reference
 
     torch.manual_seed(0)
@@ -219,7 +217,7 @@ def case_rms_norm():
         (torch.randn(2, 8, 64) * 3).requires_grad_(),
         (1 + 0.1 * torch.randn(64)).requires_grad_(),
     )
-    out = kernels.rms_norm(x, w, 1e-5, "liger")
+    out = fused.rms_norm(x, w, 1e-5, "liger")
     assert rel(out, rms_norm_reference(x, w, 1e-5)) <= 1e-5
     out.sum().backward()
     assert x.grad is not None and w.grad is not None
@@ -229,11 +227,11 @@ def case_swiglu():
     import torch
     import torch.nn.functional as F
 
-    from models import kernels
+    from models import fused
 
     torch.manual_seed(0)
     gate, up = torch.randn(2, 8, 64), torch.randn(2, 8, 64)
-    assert rel(kernels.silu_mul(gate, up, "liger"), F.silu(gate) * up) <= 1e-5
+    assert rel(fused.silu_mul(gate, up, "liger"), F.silu(gate) * up) <= 1e-5
 
 
 CASES = {
