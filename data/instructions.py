@@ -1,45 +1,9 @@
 """Instruction data (``orchestrator prepare --format instruction``): records -> prompt and response
-text -> tokens with a loss flag, and the trainer's decoding of a stored block.
+text -> tokens with a loss flag, and the trainer's decoding of a stored block (:func:`split_block`).
 
-Record formats (JSON lines or Parquet rows, read by :mod:`data.shards`), detected per record from its
-keys (``prepare --instruction-format auto``, the default; in this order) or forced:
-
-``chat``          ``{"messages": [{"role": ..., "content": ...}, ...]}``
-``alpaca``        ``{"instruction": ..., "input": ..., "output": ...}`` (``input`` optional)
-``input_target``  ``{"input": ..., "target": ...}``
-
-Templates (fixed; the only choice is the format). Each example is a sequence of prompt and
-response parts:
-
-``input_target``  prompt ``{input}``, response ``{target}``.
-``alpaca``        prompt ``{instruction}\\n\\n{input}\\n\\n`` (``{instruction}\\n\\n`` when the input is
-                  missing, null or blank), response ``{output}``.
-``chat``          every message is a line ``{role}: {content}\\n``; in an assistant message
-                  (role ``assistant``) ``{role}:`` is prompt and ``{content}\\n`` the response, every
-                  other message (system, user, tool, ...) is prompt. Messages after the last
-                  assistant turn are dropped (they have no response to learn).
-
-Tokens: ``[BOS] prompt response ... [EOS]``, each part encoded on its own (consecutive prompt
-text is one part), so a single-turn prompt is tokenized exactly as ``encode(prompt)`` is when the
-model is prompted with it; with Llama's SentencePiece convention each part starts with a space
-(the dummy prefix), which is what separates ``assistant:`` from the reply. The loss counts the
-*prediction* of every response token and of the final EOS: on disk such a token carries bit
-:data:`LOSS_MASK_BIT` (30), i.e. its value is ``id | 2**30``; prompt tokens and the BOS are stored
-as their ids. Values are int32 (litdata has no uint32; ids stay below 2**30). The prepare records
-``"format": "instruction"`` and ``"loss_mask_bit": 30`` in ``prepare_stats.json`` (pretraining
-data: ``"format": "text"``; absent in older files, which are text).
-
-Bad records are never dropped silently: :class:`BadRecord` carries a ``data.shards.SKIP_REASONS``
-reason -- ``unknown_format`` (no known keys, or not an object), ``missing_field`` (a field missing
-or of the wrong type, a malformed message), ``empty_response`` (a blank target / output / assistant
-turn), ``no_response`` (a chat without an assistant turn); the prepare adds ``too_long``
-(``--max-tokens``) and ``excluded_set``.
-
-In the trainer (:func:`split_block`), a block of ``seq_len + 1`` stored values becomes inputs
-``tokens[:, :-1]`` and targets ``tokens[:, 1:]`` with ``ignore_index`` wherever the target's flag is
-clear. Blocks are cut from the packed stream as for pretraining text, so a block usually starts
-inside an example, and an example may continue into the next block; examples do not attend to one
-another (the trainer requires ``data.document_mask``: a document starts at each BOS).
+Formats (``chat``, ``alpaca``, ``input_target``), templates, the loss bit :data:`LOSS_MASK_BIT` on
+disk and the :class:`BadRecord` skip reasons: docs/data.md, "Instruction data: formats, templates,
+tokens".
 """
 
 from __future__ import annotations

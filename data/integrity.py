@@ -1,23 +1,8 @@
 """Damaged token data never trains silently: chunk sizes, checksums and token ids, checked.
 
-``orchestrator prepare`` records a CRC-32 of every chunk file in the chunk's index.json entry
-(``"crc32"``, beside litdata's own ``chunk_bytes``, ``chunk_size``, ``dim``). What checks it:
-
-- :func:`check_sizes`: every chunk file's size against the index, before a run starts
-  (orchestrator/training/preflight.py): one stat per chunk, or one listing per 1000 objects on
-  s3://. A truncated chunk is an error naming the file there, not litdata's "timed out waiting
-  for chunk" later.
-- ``data.loader.TokensLoader``: litdata's TokensLoader, verifying each chunk file the first time a
-  process opens it (local, or once downloaded from an object store; again after a new download):
-  its size, its checksum and, when given a :class:`TokenRange`, that every token id is inside the
-  model's vocabulary. A chunk is hashed once per process and file, not per read
-  (benchmarks/data_scale.py measures the cost; benchmarks/RESULTS.md).
-- :func:`verify_dataset` (``orchestrator prepare --verify DIR``): all of it over a whole dataset,
-  ids against the tokenizer's vocabulary.
-
-Every failure is a :class:`DamagedChunk` naming the chunk, what is wrong and how to make it
-again. Datasets prepared before checksums were recorded still train: their chunks are checked for
-size and token range only (preflight says so once).
+:func:`check_sizes` (preflight), ``data.loader.TokensLoader`` (each chunk on first open) and
+:func:`verify_dataset` (``orchestrator prepare --verify``) check the CRC-32 that ``prepare``
+records in index.json; every failure is a :class:`DamagedChunk`. docs/data.md, "Prepare a corpus".
 """
 
 from __future__ import annotations

@@ -1,38 +1,9 @@
 """Weighted mixture of prepared datasets (e.g. SlimPajama 0.693584 / StarCoder 0.306416).
 
-:class:`MixtureDataset` is a litdata ``CombinedStreamingDataset`` (so ``StreamingDataLoader``
-tracks how many samples every DataLoader worker took from every source, and checkpoints it),
-with its own iterator, because litdata's weighted mode does not do what pretraining needs:
-
-* it draws the source of every sample at random, so the proportions drift by ~sqrt(n) samples;
-* its epoch ends as soon as *one* source is exhausted: the unread rest of the others is skipped,
-  and the next epoch starts every source again from a new shuffle, so a source whose weight is
-  below its size share is only ever read in part, a different part every epoch;
-* it cannot hold the per-source position across its epochs, which is what a step-based
-  pretraining run that outlives the smallest source needs.
-
-Here, per DataLoader worker (and identically on every rank):
-
-* **Interleaving is deterministic**: the next sample comes from the source furthest behind
-  its share, ``argmax_i (w_i * (n + 1) - c_i)`` (``n`` samples so far, ``c_i`` from source
-  ``i``). After any number of samples every source is within one sample of its weight.
-* **Sources cycle independently**: each source streams its own epochs (litdata's shuffle of
-  chunks across ranks and workers, reshuffled every epoch with the epoch number, no block read
-  twice in an epoch, ``drop_last=False`` so none is skipped); when one ends, the next begins.
-  The mixture never ends -- the trainer counts steps, not epochs. When a source's size share
-  equals its weight, all sources finish their first epoch together; a source whose weight is
-  larger than its share is repeated (upsampled), one with a smaller weight is read partly in
-  the first "mixture epoch" and continues where it was.
-* **Resume is exact** and needs nothing but the per-worker, per-source counts that
-  ``StreamingDataLoader`` already checkpoints: a count gives the source's epoch (the sum of the
-  worker's shares of earlier epochs) and the position in it, and the counts alone determine the
-  interleaving. Nothing is fast-forwarded by reading. The world size, number of workers and
-  batch size must match the checkpoint (they decide which worker reads what).
-* **Changing the weights** on resume keeps every source's position and applies the new weights
-  from the resume point on.
-
-The consumed counts are also what :func:`data.loader.source_samples` reports (tokens per
-source = samples x seq_len).
+:class:`MixtureDataset` is a litdata ``CombinedStreamingDataset`` with its own iterator:
+deterministic interleaving (the source furthest behind its weight), sources cycling through their
+own epochs, exact resume from ``StreamingDataLoader``'s per-worker, per-source counts. Why not
+litdata's weighted mode, and the rules: docs/data.md, "Mixing datasets".
 """
 
 from __future__ import annotations

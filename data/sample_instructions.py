@@ -3,22 +3,7 @@ questions about the countries of data/sample_corpus.py's fixed world, answered w
 
     {"input": "Q: What is the capital of Bolusstan?\\nA:", "target": "Diastrain"}
 
-Four relations per country (capital, language, currency, continent), phrased as the corpus's
-StackExchange-style pages ask them (``Q: ...\\nA:``); the corpus answers in a sentence ("The capital
-of Bolusstan is Diastrain."), this set with the fact alone, so a pretrained model that knows the
-facts still scores about 0 on exact match, and finetuning on it teaches the answer format.
-
-The held-out split holds other (country, relation) pairs than the train split: one relation per
-country, the relations taken in turn (each relation held out for a quarter of the countries). Its
-facts were never in the finetuning data, only in the pretraining corpus (which states every fact),
-so exact match on it measures whether finetuning taught the format while the facts come from
-pretraining. Deterministic: a function of the seed (the corpus's world seed).
-
-Files: ``OUT/heldout.jsonl`` (each held-out question once: what exact match is measured on) and,
-in SlimPajama layout for ``orchestrator prepare --format instruction`` (which reads only ``train/``
-and ``validation/``), ``OUT/train/sample_qa_train.jsonl`` and ``OUT/validation/sample_qa_heldout.jsonl``
-(the train and held-out questions, each repeated, so that the packed splits of a few thousand tokens
-fill a few batches; the validation loss of a finetuning run is on held-out questions).
+The held-out split and the files written: docs/evaluation.md, "The finetuning demo".
 """
 
 from __future__ import annotations

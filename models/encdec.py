@@ -1,54 +1,9 @@
 """RedLLM: the encoder-decoder LLM of arXiv 2510.26622, in plain single-device PyTorch.
 
-The blocks are Llama's (models/llama.py): pre-norm RMSNorm, multi-head (or grouped-query)
-dot-product attention, SwiGLU, rotary embeddings. The paper's arrangement:
-
-  * a bidirectional encoder of n_layers blocks over the input tokens, and a causal decoder of
-    n_layers blocks (balanced) over the target tokens, each decoder block with cross-attention to
-    the encoder's output between its self-attention and its feed-forward;
-  * RoPE everywhere with continuous positions: the encoder's tokens sit at 0..P-1, the decoder's
-    at P, P+1, ...; cross-attention rotates its queries at the decoder's positions and its keys
-    at the encoder's, so relative distance means the same in all three attentions;
-  * one word embedding for the encoder's input, the decoder's input and the output projection
-    (model.tie_embeddings, on in every `redllm-*` size).
-
-Prefix language modelling from the decoder's own token blocks. The trainer hands every model a
-block's inputs and next-token targets, (B, T) each. Here the first P = model.encoder_len tokens
-(default T/2) go to the encoder; the decoder reads inputs P..T-1 and predicts targets P..T-1
-(block tokens P+1..T): exactly the predictions a decoder-only model makes at those positions,
-over the same data in the same order. The decoder's first input is a given token (block token P),
-which is what generation feeds it too: the prompt's last token starts the decoder.
-
-Dropout (model.dropout, finetuning; the paper's 0.05): as in Llama (models/llama.py,
-`residual_dropout`), on the embedding output of both stacks and on each residual branch's output
-before it is added: the encoder blocks' attention and FFN, the decoder blocks' self-attention,
-cross-attention and FFN. Training mode only, and skipped (no random draw) at 0.
-
-Packed examples (instruction finetuning, and `data.document_mask` in pretraining): with
-`doc_ids` (B, T) (the example / document of each block position, as Llama takes them) and a
-`decoder_mask` (B, T) (True: the decoder reads this position and predicts its target; False: the
-encoder reads it), `forward` moves each row's encoder positions, in order, into an encoder row and
-its decoder positions into a decoder row (`pack_examples`; rows padded to a multiple of 8 of the
-batch's longest, so shapes vary little). Instruction data's decoder_mask (`response_split`) starts
-at each example's first counted target: for ``[BOS] p1 .. pn r1 .. rm [EOS]`` the encoder reads
-``[BOS] p1 .. p(n-1)`` at positions 0..n-1 and the decoder reads ``pn r1 .. rm`` at n.. and
-predicts ``r1 .. rm [EOS]``: what generation does with the prompt ``[BOS] p1 .. pn`` (the paper's
-input -> encoder, target -> decoder). A chat's later turns are decoder input (read causally, their
-prompt targets not counted), so the bidirectional encoder never reads a token after a target.
-Text with doc_ids keeps the prefix-LM split of the block (decoder_mask: positions >= P).
-
-Examples stay apart: the encoder attends within its example (bidirectionally), the decoder
-causally within its example, and cross-attention reaches only its example's encoder positions;
-RoPE positions are each token's offset in its example (`document_positions`), continuous from
-encoder to decoder. A decoder fragment whose example's encoder part is not in the block (the
-block was cut inside the example's response) has no memory: its cross-attention adds nothing
-(zero, not a softmax over no keys). Given targets the forward returns the mean loss over the
-decoder's targets (every counted target is the decoder's); without, logits (B, T, V) at the
-block's positions, zero at the encoder's.
-
-Generation (`EncoderDecoderCache`): the prompt's first T-1 tokens are encoded once; each decoder
-layer's cross-attention keys/values are computed from them once and cached; the decoder then
-runs one position at a time with a self-attention KV cache, as Llama's does.
+Llama's blocks (models/llama.py): a bidirectional encoder over the first P tokens of each block
+and a causal decoder with cross-attention over the rest (prefix LM), RoPE with positions
+continuous from encoder to decoder, one tied word embedding. The arrangement, packed examples
+(`doc_ids`, `decoder_mask`), dropout and generation: docs/encoder-decoder.md.
 
 Shapes: B batch, P encoder tokens, T decoder tokens (new ones when generating), S keys, D
 d_model, H query heads, K key/value heads, E head dim, V vocab.
@@ -456,7 +411,7 @@ class EncoderDecoder(LanguageModel):
         model.encoder_len, or T/2) inputs are encoded, the decoder reads inputs P.. and predicts
         targets P.. -> decoder logits (B, T-P, V), or their mean loss () given targets.
 
-        Packed examples (module docstring): with `doc_ids` and / or `decoder_mask` (B, T) each
+        Packed examples (docs/encoder-decoder.md): with `doc_ids` and / or `decoder_mask` (B, T) each
         example is encoded and decoded on its own, the encoder reading the positions where
         decoder_mask is False (default: those before P) -> logits (B, T, V) at the decoder's
         positions (zero at the encoder's), or the mean loss over the decoder's targets.

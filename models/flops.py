@@ -1,44 +1,9 @@
-"""Analytical FLOPs per token, for model FLOPs utilisation (MFU).
+"""Analytical FLOPs per token, for model FLOPs utilisation (MFU), of both families.
 
-Convention (PaLM, arXiv 2204.02311 app. B; also Megatron-LM and nanoGPT):
-
-* A matmul of (m x k) by (k x n) costs 2*m*k*n FLOPs (one multiply and one add per term).
-* Per token, the forward pass costs 2 FLOPs per weight of every matmul: q/k/v/o, the optional
-  attention gate, the three SwiGLU projections and the output projection (`lm_head`). The
-  embedding lookup, norms (QK-norm's included), activations, softmax, RoPE, biases and the z-loss
-  are not counted: they are not matmuls and are a fraction of a percent at 1B scale.
-* Attention scores q k^T and the weighted sum over values cost 2 * 2 * H * E * T per token and
-  layer when every query is charged for all T keys (`causal=False`, the default). This is what
-  PaLM's MFU formula, torch.utils.flop_counter and FlashAttention's non-causal benchmark count.
-  With `causal=True` each query is charged only for the keys it sees (on average (T+1)/2), which
-  is the work an ideal causal kernel does; MFU figures computed that way are lower, and are
-  not comparable with published ones.
-* Backward costs twice the forward (gradients with respect to inputs and to weights), so a
-  training step costs 3x forward; activation recomputation is not counted (MFU, unlike HFU,
-  charges only the work the model needs).
-
-The encoder-decoder (model.arch encoder_decoder, models/encdec.py) under the same convention. A
-training block of T tokens is split: the encoder reads the first P = cfg.encoder_tokens(T)
-(model.encoder_len, or T/2), the decoder the other T-P, and only the decoder's tokens reach
-lm_head. Per block, with L layers per stack:
-
-* matmuls: the encoder's blocks (q/k/v/o, SwiGLU) on P tokens; the decoder's self-attention
-  (q/k/v/o), cross-attention q and o, SwiGLU and lm_head on T-P tokens; each decoder layer's
-  cross-attention k and v on the P encoder tokens;
-* attention (2 * 2 * H * E per query-key pair and layer): the encoder's P x P, the decoder's
-  self-attention (T-P) x (T-P), cross-attention (T-P) x P. `causal=True` charges only the
-  decoder's self-attention queries fewer keys (on average (T-P+1)/2); the encoder and
-  cross-attention are unmasked, and every query sees every key there.
-
-The returned figures are per token of the block (the sum over the block divided by T), since the
-trainer's tokens/s counts all T tokens of each sequence; multiplying by that throughput gives
-FLOP/s for either family.
-
-Against torch.utils.flop_counter.FlopCounterMode (tests/models/test_flops.py): on the eager attention
-path (the full T x T score matrix with plain matmuls) the training count agrees exactly, for both
-families. On CUDA, FlopCounterMode charges the fused SDPA backward 2.5x its forward (FlashAttention
-recomputes the scores), so it reads a little higher than 3x forward; on CPU it does not count the
-fused SDPA kernel at all.
+PaLM's convention (arXiv 2204.02311 app. B): 2 FLOPs per weight of every matmul per token in the
+forward pass, attention scores and values charged for all T keys unless `causal=True`, backward
+twice the forward; figures per token of the block. The full accounting, the encoder-decoder's
+included, and the check against FlopCounterMode: docs/training.md (How MFU counts FLOPs).
 
 This module imports only models.config (no torch), so that what sizes runs (`orchestrator
 models`, `orchestrator plan`) can read it cheaply; the block split is ModelConfig.encoder_tokens,

@@ -1,8 +1,7 @@
-"""Optional fused kernels for models/llama.py: the libraries that provide them, and the choice of
-one kernel per op from a config string. The ops themselves, wrapped, are in models/fused.py.
-
-The eager code in models/llama.py is the reference every kernel is tested against
-(tests/models/test_kernels.py, forward and backward, fp32 and bf16).
+"""Optional fused kernels for models/llama.py: the libraries that provide them (flash-attn,
+xformers, liger-kernel: the `gpu` extra, CUDA only), and the choice of one kernel per op from a
+config string. The ops themselves, wrapped, are in models/fused.py; the eager code in
+models/llama.py is the reference every kernel is tested against (tests/models/test_kernels.py).
 
     model.attention       auto | sdpa | flash_attn | xformers | eager
     model.rmsnorm_kernel  auto | eager | liger | flash_attn
@@ -10,33 +9,8 @@ The eager code in models/llama.py is the reference every kernel is tested agains
     model.rope_kernel     auto | eager | liger | flash_attn
     model.loss_kernel     auto | cross_entropy | chunked | liger_fused | liger | flash_attn
 
-Where each comes from (all optional: the `gpu` extra; each of them runs on CUDA only):
-
-    flash_attn  flash-attn 2.x: `flash_attn_func` (FlashAttention-2, grouped-query attention without
-                repeating K/V; `flash_attn_varlen_func` for packed documents, `varlen_attention`),
-                Triton `rms_norm_fn`, `apply_rotary_emb`, `cross_entropy_loss`, and the SwiGLU
-                activation of `flash_attn.ops.activations`.
-    xformers    `memory_efficient_attention` (grouped-query attention: K/V repeated to every query head
-                in training, since xformers' grouped 5-D layout is forward-only; expanded, not copied,
-                without gradients) and the fused SwiGLU op (`xformers.ops.swiglu_op.swiglu`,
-                projections included).
-    liger       liger-kernel's Triton RMSNorm, RoPE, SiLU*mul, cross-entropy and fused linear +
-                cross-entropy (>= 0.5, whose functions take keyword arguments; 0.4's bare
-                Function.apply is refused when imported, so `auto` never picks it).
-
-With `model.z_loss` > 0 every loss kernel adds the z-loss z * mean(logsumexp(logits)^2) over the
-target positions (the reference from the logits, `chunked` from the logsumexp of each chunk it
-computes anyway, liger's and flash-attn's through their own `lse_square_scale`); a release whose loss
-takes no z-loss is unavailable for such a run (`auto` falls back to `chunked`).
-
-`sdpa` is torch's scaled_dot_product_attention (on CUDA its flash backend is FlashAttention-2; on CPU
-a fused flash kernel too). `chunked` is models/fused.py's own fused linear + cross-entropy in plain
-PyTorch: it runs on any device (see `chunked_linear_cross_entropy`).
-
-A kernel asked for by name that cannot run here (library missing or broken, CPU tensors, a dtype
-it does not support) raises `KernelUnavailable`, naming the key and the fix. `auto` picks the best
-one that can run, and never fails: on CPU that is sdpa, the eager norms / activation / RoPE (which
-torch.compile fuses) and the chunked loss.
+A kernel asked for by name that cannot run here raises `KernelUnavailable`; `auto` never fails.
+What each library provides, the z-loss in each loss kernel, what `auto` picks: docs/gpus.md.
 """
 
 from __future__ import annotations

@@ -1,73 +1,12 @@
-"""Llama-2 architecture in plain single-device PyTorch.
+"""Llama-2 architecture in plain single-device PyTorch, with shape comments.
 
 RMSNorm pre-norm blocks, rotary position embeddings (Hugging Face's rotate-half layout, so
-weights export to `LlamaForCausalLM` without permutation), grouped-query attention and a
-SwiGLU feed-forward. Sharding, precision and compilation are applied from outside.
-
-Research variants, each off by default and chosen in `ModelConfig`:
-  * `attn_gate` (gated attention, arXiv 2505.06708): y_h <- y_h * sigmoid(x W_g + b_g), where x
-    is the block's normalised input, applied to each head's attention output before o_proj;
-    `headwise` gives one scalar per head, `elementwise` one per channel;
-  * `sandwich_norm`: an extra RMSNorm on each attention / FFN output before the residual add.
-
-Stability options, also off by default:
-  * `qk_norm` (OLMo-2, Qwen3): q <- RMSNorm(q), k <- RMSNorm(k) per head over head_dim, before RoPE,
-    with one learnable (E,) gain for the queries and one for the keys, shared by the heads
-    (`Attention.q_norm` / `k_norm`, so they shard, checkpoint and compile with their block);
-  * `z_loss` (PaLM): the training loss adds z_loss * mean(logsumexp(logits)^2) over the target
-    positions (computed inside each loss kernel; `Llama.last_z_loss` keeps the last term, detached,
-    for logging). In eval mode (validation) the loss is the plain cross-entropy.
-
-Regularisation, off by default: `dropout` (finetuning; RedLLM's paper finetunes with 0.05), through
-`residual_dropout`, on the embedding output and on each residual branch's output (the attention's
-o_proj output and the FFN's down_proj output, after the sandwich norm if any) just before it is added
-to the residual stream; the encoder-decoder's blocks likewise, cross-attention included. Not on the
-attention probabilities (T5 also drops those): that would need the same p in every attention kernel
-(SDPA, flash-attn, xformers, the eager reference, the document and varlen paths) and would make the
-kernels draw different masks; the residual and embedding dropout is the regularisation proper.
-Active only in training mode (`model.train()`); in eval mode (validation, generation) and with
-dropout 0 the call is skipped altogether, so no random number is drawn and every path is
-bit-identical to a model without the option. The masks come from torch's global generator (CPU or
-CUDA), which run.seed sets (the same on every rank, so data-parallel ranks draw the same masks over
-different data) and checkpoints save per rank, so a resumed run draws the masks of the run it
-continues; recomputation under activation checkpointing replays them (torch.utils.checkpoint keeps
-the RNG state). Compiled blocks (model.compile) may draw other masks than eager ones (inductor
-generates its random numbers itself, seeded from the global generator).
-
-Generation passes a `KVCache` and the position of the first new token (`start_pos`); without
-them the forward pass is the training path, unchanged. Given `targets`, the forward pass returns
-the mean next-token loss instead of the logits, through `cfg.loss_kernel` (a fused linear +
-cross-entropy never builds the (B, T, V) logits).
-
-Document masking (packed pretraining without cross-document attention, `data.document_mask`):
-`Llama.forward(..., doc_ids=ids)` with ids (B, T), the document each position belongs to (non-
-decreasing along T; a new document starts wherever the id changes, so only changes matter, not the
-values). Attention is then causal and confined to the position's own document (block-diagonal
-causal), and RoPE positions restart at 0 at each document start (per-token positions: cos / sin
-are (B, T, E)). `document_mask` builds what the attention kernel needs once per forward, never per
-layer (a `DocumentMask`):
-  * `eager`: the reference, `attention_reference`, with a (B, 1, T, T) additive mask (0 / -inf,
-    in the attention's compute dtype, built once per forward and shared by every layer);
-  * `sdpa`: F.scaled_dot_product_attention with that mask, and `xformers`, which takes the same
-    path (`full_attention`: on CPU grouped queries go in as they are (enable_gqa); on CUDA cuDNN
-    groups them where it runs masked calls (torch >= 2.11, sm90+), else K/V are repeated for
-    the memory-efficient kernel; key lengths of 64 mod 128 stay off cuDNN, whose masked backward
-    returns NaN there, pytorch#196678);
-  * `flash_attn`: flash-attn's `flash_attn_varlen_func` over the batch flattened to (B*T, heads, E)
-    with `cu_seqlens` at the document starts (each row's start included) and the longest
-    document as max_seqlen, both found on the host with the batch (`PackedLayout`,
-    `document_layout`): the forward reads nothing back from the GPU.
-RoPE kernels: eager and liger take the per-token cos / sin (liger's (B, T, E) layout); flash-attn's
-rotary takes one table for every row, so with doc_ids the eager rotation runs instead (torch.compile
-fuses it). Without doc_ids every path is bit-identical to the plain causal one. Generation (a
-KVCache) takes no doc_ids; the encoder-decoder (models/encdec.py) packs examples with the same masks
-(`EncoderDecoder.forward(..., doc_ids=, decoder_mask=)`).
-
-Fused kernels (FlashAttention-2, xformers, liger-kernel, a chunked loss) are chosen by config
-strings in models/kernels.py and called through models/fused.py; the code in this file is the eager
-reference they are tested against. `Llama.forward` resolves the choices once per call for the device
-and dtype at hand (`kernels_for`, through `kernels.choose_kernels`) and hands the resolved
-`KernelChoice` down to the blocks.
+weights export to `LlamaForCausalLM` without permutation), grouped-query attention and a SwiGLU
+feed-forward. Research (`attn_gate`, `sandwich_norm`), stability (`qk_norm`, `z_loss`) and
+`dropout` options are off by default. Sharding, precision and compilation are applied from
+outside. The code here is the eager reference the fused kernels (models/kernels.py, called
+through models/fused.py) are tested against. The options, dropout and generation:
+docs/architecture.md; kernels, and document masking (`doc_ids`) in each of them: docs/gpus.md.
 
 Shapes: B batch, T sequence (new tokens), S keys (cached + new), D d_model, H query heads,
 K key/value heads, E head dim, V vocab, L layers.
@@ -692,7 +631,7 @@ class Llama(LanguageModel):
         With a `kv_cache`, input_ids are the tokens at positions start_pos..start_pos+T-1 and
         attend to the cached positions before them (generation).
 
-        With `doc_ids` (B, T) (packed documents, see the module docstring), each position attends
+        With `doc_ids` (B, T) (packed documents, data.document_mask), each position attends
         only to its own document's positions up to itself, and RoPE positions restart at 0 at each
         document start. Not with a kv_cache. `layout`: `document_layout(doc_ids)` found on the
         host (flash_attn then needs no host sync).

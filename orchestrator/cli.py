@@ -1,26 +1,7 @@
-"""`orchestrator` command line (also `python -m orchestrator`).
+"""`orchestrator` command line (also `python -m orchestrator`): the table of subcommands.
 
-orchestrator tokenizer   --input RAW_DIR --output PREFIX [--vocab-size 32000]
-orchestrator prepare     --input RAW_DIR --output TOKENS_DIR --tokenizer PREFIX.model [--repair]
-orchestrator prepare     --verify TOKENS_DIR   (sizes, checksums, token ids of every chunk)
-orchestrator train       --config configs/quickstart.yaml [--section.key value ...]
-orchestrator sample-data --out .cache/sample      (built-in corpus -> tokenizer -> tokens)
-orchestrator demo                                  (sample data + 2-process CPU training)
-orchestrator demo --finetune                       (then finetune it on questions; exact match before/after)
-orchestrator config      [--config FILE ...] [--reference]
-orchestrator models      [--seq-len N]             (named sizes, parameter counts, FLOPs per token)
-orchestrator export      --checkpoint CKPT_OR_RUN_DIR --output HF_DIR [--dtype bfloat16]
-orchestrator consolidate CKPT_OR_RUN_DIR [--output FILE]   (any strategy's checkpoint -> one state dict)
-orchestrator import      --input HF_DIR --output CKPT_DIR    (then train with --checkpoint.init_from CKPT_DIR)
-orchestrator generate    --checkpoint CKPT_OR_RUN_DIR --prompt TEXT [--max-new-tokens 128]
-                         [--temperature 0.8] [--top-k 50] [--top-p 0.95] [--seed 0]
-orchestrator evaluate    --checkpoint CKPT_OR_RUN_DIR [--data TOKENS_DIR]   (validation perplexity)
-orchestrator evaluate    --hf-dir HF_DIR --tasks T1,T2 --include-path TASKS_DIR  (lm-evaluation-harness)
-orchestrator plan        --gpu-hours H --device h100 [--gpus 8] | --params 1.1B | --model NAME | --flops C
-orchestrator fit         RUN_DIR RUN_DIR ... | STUDY_DIR [--plot fit.png]   (loss vs N and vs C power laws)
-orchestrator sweep       --config BASE.yaml --study-dir DIR --grid KEY=V1,V2 ... [--ladder S1,S2 --tokens-per-param 20]
-                         [--executor local|slurm] [--parallel N] [--match-params] [--section.key value ...]
-orchestrator report      STUDY_DIR [--out DIR]   (table, JSON and plots of a sweep's runs)
+Each subcommand is a module of orchestrator/commands/ (`register(subparsers)`, `run(args)`);
+`orchestrator --help` lists them, and the docs/ pages show each in use.
 """
 
 from __future__ import annotations

@@ -41,16 +41,13 @@ class DataConfig:
     )
     sources: list[SourceConfig] = doc(
         [],
-        "Train on a weighted mixture instead of data.dir/train: a list of {name, dir, weight}, e.g. "
-        "`[{name: slimpajama, dir: /data/sp, weight: 0.693584}, {name: starcoder, dir: /data/sc, weight: 0.306416}]`. "
-        "Samples are interleaved deterministically by weight; each source cycles through its own reshuffled "
-        "epochs (no block read twice per epoch); resume is exact. Tokens consumed per source are logged "
-        "(data/tokens_<name>).",
+        "Weighted mixture of prepared datasets instead of data.dir/train: a list of {name, dir, weight} "
+        "(docs/data.md#mixing-datasets).",
     )
     val_dir: str | None = doc(
         None,
-        "Validation split, streamed separately (a prepared split dir, or a prepare output whose val/ is read); "
-        "null: data.dir/val, or with data.sources the val/ of the first source.",
+        "Validation split (a split dir, or a prepare output whose val/ is read); null: data.dir/val, or the "
+        "first source's val/.",
     )
     tokenizer: str = doc(
         ".cache/sample/tokenizer.model", "sentencepiece model used to prepare the data."
@@ -59,26 +56,18 @@ class DataConfig:
     shuffle: bool = doc(True, "Shuffle training chunks and samples (seeded by run.seed).")
     document_mask: bool = doc(
         False,
-        "Document masking of packed blocks: each document attends only to itself (block-diagonal "
-        "causal attention) and its RoPE positions restart at 0. Cross-document attention in packed "
-        "pretraining is a known quality issue (Llama 3, OLMo). Documents start at each BOS, or after "
-        "each EOS with `prepare --separator eos`, as recorded in the data's prepare_stats.json; "
-        "training and validation alike. The encoder-decoder keeps its prefix-LM split per block and "
-        "keeps documents apart in its encoder, decoder and cross-attention. Required (true) with "
-        "instruction data (`prepare --format instruction`), whose packed examples must not attend to "
-        "each other (the encoder-decoder: each example's prompt to the encoder, its response to the "
-        "decoder).",
+        "Each packed document attends only to itself, RoPE positions restarting at 0; required with "
+        "instruction data (docs/data.md).",
     )
     cache_dir: str | None = doc(
         None,
-        "Node-local directory where chunks streamed from an object store (data keys given as s3://, gs://, "
-        "azure:// URLs) are cached, shared by the node's ranks and workers; null: $LITDATA_CACHE_DIR, else "
-        "<system temp dir>/orchestrator-data-cache. Put it on local disk, not a shared filesystem.",
+        "Node-local cache of chunks streamed from an object store (s3://, gs://, azure://); null: "
+        "$LITDATA_CACHE_DIR, else the temp dir.",
     )
     max_cache_size: str = doc(
         "50GB",
-        "Bound on the cached chunks of each streamed dataset on a node (litdata evicts the oldest chunks "
-        "beyond it); at least a few chunks (prepare's chunk_bytes) per rank and worker.",
+        "Bound on each streamed dataset's cached chunks on a node (oldest evicted); at least a few chunks per "
+        "rank and worker.",
     )
 
     def validate(self) -> None:
@@ -127,56 +116,39 @@ class DataConfig:
 class OptimizerConfig:
     name: Literal["adamw", "adafactor"] = doc(
         "adamw",
-        "`adamw` (torch.optim.AdamW; keys beta1, beta2, eps) or `adafactor` (torch.optim.Adafactor, Shazeer & "
-        "Stern 2018: a matrix's second moment kept as a row and a column running average, no first moment, "
-        "a step relative to the parameter's RMS; keys beta2_decay, clip_threshold). Both decay matrices only "
-        "(optimizer.weight_decay), follow schedule.* from optimizer.lr and clip by optimizer.grad_clip. "
-        "adafactor needs strategy.name ddp, single or auto (not deepspeed: ZeRO's flat 1-D partitions "
-        "would silently unfactor it; not fsdp: torch's Adafactor step fails on FSDP2's DTensors).",
+        "`adamw` or `adafactor` (ddp, single or auto only); keys and limits: "
+        "docs/training.md#optimizers-adamw-and-adafactor.",
     )
     lr: float = doc(
         4e-4,
-        "Peak learning rate (schedule.* scales it each step to lr_t). adamw: the step size. adafactor: the "
-        "relative step size: torch's Adafactor moves each parameter by min(lr_t, 1/sqrt(t)) x max(1e-3, "
-        "RMS(parameter)) times its normalised, clipped update (t the optimizer's step count), so 0.01 means a "
-        "step of 1% of the parameter's RMS, as the 0.01 of the Adafactor paper and of T5X / optax. The "
-        "1/sqrt(t) cap is the paper's rho_t = min(0.01, 1/sqrt(t)), kept by torch with lr_t for 0.01 (T5X and "
-        "optax, given a schedule, do not cap): it binds once t > 1/lr_t^2 (step 10,000 at lr_t = 0.01).",
+        "Peak learning rate (schedule.* scales it); adafactor: the relative step size, e.g. 0.01 (docs/training.md).",
     )
     min_lr: float = doc(4e-5, "Learning rate at the end of the cosine decay.")
     weight_decay: float = doc(
         0.1,
-        "Decoupled weight decay on matrices (not on norms or biases), both optimizers: each step "
-        "multiplies them by 1 - lr_t x weight_decay (lr_t the scheduled lr).",
+        "Decoupled weight decay on matrices (not on norms or biases), both optimizers.",
     )
     beta1: float = doc(0.9, "AdamW beta1 (adamw only; adafactor keeps no first moment).")
     beta2: float = doc(0.95, "AdamW beta2 (adamw only; adafactor: optimizer.beta2_decay).")
     eps: float = doc(
         1e-8,
-        "AdamW epsilon (adamw only; adafactor uses torch's defaults: eps1 the parameter dtype's machine "
-        "epsilon in the denominators, eps2 = 1e-3 the floor of RMS(parameter)).",
+        "AdamW epsilon (adamw only; adafactor uses torch's defaults).",
     )
     beta2_decay: float = doc(
         -0.8,
-        "adafactor only: the second-moment running averages use beta2_t = 1 - t^beta2_decay at step t "
-        "(torch's beta2_decay); -0.8 is the Adafactor paper's (and RedLLM's) decay 0.8. Must be <= 0.",
+        "adafactor only: second-moment decay, beta2_t = 1 - t^beta2_decay at step t (-0.8: the paper's 0.8). "
+        "Must be <= 0.",
     )
     clip_threshold: float = doc(
         1.0,
-        "adafactor only: update clipping threshold d (torch's `d`): each parameter's update is divided by "
-        "max(1, RMS(update) / d); 1.0 as in the Adafactor paper, .inf disables it; torch requires >= 1. "
-        "Independent of optimizer.grad_clip (the global gradient norm, clipped before the step).",
+        "adafactor only: update clipping threshold d (torch's `d`), >= 1; .inf disables it. Independent of "
+        "optimizer.grad_clip.",
     )
     grad_clip: float = doc(1.0, "Clip the global gradient norm to this value (0 disables).")
     implementation: Literal["auto", "fused", "foreach", "for-loop"] = doc(
         "auto",
-        "How torch's optimizer runs its update. adamw: `fused` (one kernel over all parameters, CPU and "
-        "CUDA), `foreach` (batched per-op kernels), `for-loop` (one parameter at a time, the reference); "
-        "`auto`: fused where every parameter is a float tensor on a CPU or CUDA device, else foreach. Same "
-        "update either way (up to float rounding); fused is about 4x faster than for-loop on a CPU. "
-        "adafactor: `foreach` or `for-loop` (torch has no fused Adafactor: `fused` is refused); `auto`: "
-        "foreach where every parameter is on a device with foreach kernels (CUDA), else for-loop (on a CPU "
-        "foreach only loops, and it holds about one more parameter-size of temporaries).",
+        "How torch's optimizer runs its update: `fused` (adamw only), `foreach`, `for-loop`, or `auto` "
+        "(docs/training.md).",
     )
 
     def validate(self) -> None:
@@ -229,9 +201,7 @@ class ScheduleConfig:
     warmup_steps: int = doc(2000, "Optimizer steps of linear warmup from 0 to optimizer.lr.")
     decay: Literal["cosine", "linear", "constant", "wsd"] = doc(
         "cosine",
-        "Shape of the decay from optimizer.lr to optimizer.min_lr over the remaining steps; `wsd`: "
-        "warmup-stable-decay (optimizer.lr from the end of the warmup to schedule.decay_start_step, then "
-        "a schedule.wsd_shape decay to optimizer.min_lr).",
+        "Decay from optimizer.lr to optimizer.min_lr after the warmup; `wsd`: warmup-stable-decay (docs/training.md).",
     )
     decay_steps: int | None = doc(
         None, "Steps of warmup+decay; null means train.max_steps (not with decay=wsd)."
@@ -242,19 +212,16 @@ class ScheduleConfig:
     )
     wsd_decay_fraction: float | None = doc(
         None,
-        "decay=wsd: decay phase as a fraction of train.max_steps (rounded, at least 1 step); null: 0.2 "
-        "unless schedule.wsd_decay_steps is set (set one of the two, not both).",
+        "decay=wsd: decay phase as a fraction of train.max_steps; null: 0.2 unless schedule.wsd_decay_steps is "
+        "set (not both).",
     )
     wsd_shape: Literal["linear", "cosine", "1-sqrt"] = doc(
         "1-sqrt",
-        "decay=wsd: shape of the decay phase, p its progress from 0 to 1: linear 1-p, cosine "
-        "(1+cos(pi p))/2, 1-sqrt 1-sqrt(p) (Hägele et al. 2024), times optimizer.lr-min_lr, plus min_lr.",
+        "decay=wsd: shape of the decay phase: `linear`, `cosine` or `1-sqrt` (Hägele et al. 2024).",
     )
     decay_start_step: int | None = doc(
         None,
-        "decay=wsd: optimizer steps taken when the decay phase begins; null: train.max_steps minus the "
-        "decay length. Fix it (and schedule.wsd_decay_steps) to change train.max_steps without "
-        "moving the schedule (a resumed or branched run).",
+        "decay=wsd: optimizer steps taken when the decay phase begins; null: train.max_steps minus the decay length.",
     )
 
     def validate(self, max_steps: int | None = None) -> None:
@@ -340,10 +307,8 @@ class TrainConfig:
     )
     gc_interval: int = doc(
         1000,
-        "Python garbage collection under the trainer's control: after set-up, Python's automatic collector is "
-        "switched off (gc.freeze, gc.disable), so that it cannot pause one rank at a random step while the "
-        "others wait for it, and every rank collects (gc.collect(1)) at the same steps, every this many "
-        "optimizer steps. 0 keeps Python's automatic garbage collection.",
+        "Optimizer steps between the garbage collections every rank runs together; 0 keeps Python's automatic "
+        "GC (docs/training.md).",
     )
 
 
@@ -360,20 +325,13 @@ class EvalConfig:
     )
     loss_from: int = doc(
         0,
-        "Validation loss over the targets at block positions >= this only (0 = all). The encoder-decoder "
-        "scores only its decoder's targets anyway (positions >= its encoder length); set this to that length "
-        "(half the block by default) in both families' runs to compare them on the same predictions.",
+        "Validation loss over the targets at block positions >= this only (0 = all); compares the two families "
+        "(docs/encoder-decoder.md).",
     )
     tasks: list[str] = doc(
         [],
-        "Downstream tasks scored at every validation (TensorBoard eval/<task>/<metric>, metrics.jsonl), each "
-        "a local JSON-lines file named after it, its kind read from its first line: multiple choice, lines "
-        '{"context": ..., "choices": [...], "label": i} (acc, acc_norm), or exact match, instruction records '
-        '({"input": ..., "target": ...}, alpaca or chat, as data/instructions.py reads them; exact_match: greedy '
-        "answers of up to eval.max_new_tokens tokens, cut at EOS and the first newline, stripped, against the "
-        "stripped first response). Scored exactly as `orchestrator evaluate --local-task FILE --local-task-kind "
-        "multiple_choice|exact_match` scores it (orchestrator/training/downstream.py). Checked before the run "
-        "starts.",
+        "Multiple-choice or exact-match JSON-lines files scored at every validation (docs/evaluation.md); "
+        "checked before the run starts.",
     )
     task_limit: int = doc(
         0,
@@ -381,9 +339,8 @@ class EvalConfig:
     )
     max_new_tokens: int = doc(
         16,
-        "Tokens generated per exact-match example of eval.tasks (every rank runs this many forward passes per "
-        "example, whatever it generates: the answer is cut at EOS and the first newline afterwards), as "
-        "`orchestrator evaluate --local-task-kind exact_match --max-new-tokens N`; at most model.max_seq_len - 2.",
+        "Tokens generated per exact-match example of eval.tasks (always this many forward passes); at most "
+        "model.max_seq_len - 2.",
     )
 
     def validate(self) -> None:
@@ -419,9 +376,8 @@ class CheckpointConfig:
     )
     async_save: bool = doc(
         False,
-        "Write checkpoints in a background thread; training stalls only for a CPU snapshot (ddp, single, and "
-        "fsdp with sharded checkpoints, written by torch.distributed.checkpoint.async_save; not deepspeed, nor "
-        "fsdp with strategy.sharded_checkpoint=false).",
+        "Write checkpoints in a background thread (ddp, single, sharded fsdp); training stalls only for a CPU "
+        "snapshot.",
     )
     verify_checksums: bool = doc(
         True, "Check every file's SHA-256 against the manifest before resuming from it."
@@ -436,28 +392,21 @@ class CheckpointConfig:
     )
     branch_from: str | None = doc(
         None,
-        "Checkpoint of another run (<run.dir>/checkpoints/step-N) whose full training state (weights, "
-        "optimizer, data position, step, RNG) starts this run, which then follows its own schedule (e.g. "
-        "the decay of a WSD cooldown); ignored once the run dir has its own checkpoints.",
+        "Another run's checkpoint whose full training state starts this run on its own schedule (docs/training.md).",
     )
     remote_dir: str | None = doc(
         None,
-        "Object-store prefix (s3://bucket/runs/NAME, S3-compatible servers through storage.endpoint_url or "
-        "AWS_ENDPOINT_URL) that receives a copy of every published checkpoint in the background, files "
-        "first and the manifest last; checkpoint.keep_last / keep_every apply there too. With "
-        "checkpoint.resume=auto a run whose local run dir has no newer complete checkpoint resumes from "
-        "the newest remote one whose files match its manifest. null: local checkpoints only.",
+        "Object-store prefix (s3://bucket/runs/NAME) that gets a copy of every checkpoint; null: local only "
+        "(docs/checkpoints.md).",
     )
     remote_retry_s: float = doc(
         120.0,
-        "How long a run's start keeps retrying checkpoint.remote_dir (with backoff) when the store fails "
-        "transiently (5xx, throttling, timeouts, dropped connections) while listing or downloading "
-        "checkpoints; then it stops with exit code 75, the store and the run dir untouched.",
+        "Seconds a run's start retries a failing checkpoint.remote_dir (with backoff) before it stops with "
+        "exit code 75.",
     )
     upload_warn_s: float = doc(
         60.0,
-        "Warn when an upload to checkpoint.remote_dir has had no answer from the store for this many "
-        "seconds (a store that stops answering, rather than refusing; training goes on).",
+        "Warn when an upload to checkpoint.remote_dir has had no answer from the store for this many seconds.",
     )
 
 
@@ -470,10 +419,7 @@ class LoggingConfig:
     )
     trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = doc(
         ["tensorboard"],
-        "Where the scalars go (rank 0): TensorBoard, Weights & Biases and MLflow (extras "
-        "`orchestrator[wandb]`, `orchestrator[mlflow]`); the same names and steps everywhere. A tracker that "
-        "fails warns once and never stops training; a resume continues its run. Servers and credentials only "
-        "from the environment (docs/tracking.md).",
+        "Where the scalars go (rank 0): `tensorboard`, `wandb`, `mlflow` (docs/tracking.md).",
     )
     tracker_project: str | None = doc(
         None,
@@ -489,10 +435,8 @@ class LoggingConfig:
     )
     peak_tflops: float | None = doc(
         None,
-        "Peak dense TFLOP/s of one device at the run's precision, for MFU (perf/mfu); null: from the device "
-        "table (orchestrator/devices.py; bf16 dense: GB200 2500, B200 2250, H100 SXM and H200 SXM 989, H100 NVL "
-        "and H200 NVL 835, H100 PCIe 756, L40S 362, A100 312). Without a peak (CPU, fp32, unknown GPU) only "
-        "the achieved perf/tflops_per_device is logged.",
+        "Peak dense TFLOP/s of one device at the run's precision, for MFU; null: from the device table "
+        "(docs/training.md).",
     )
     layer_grad_norms: bool = doc(
         False,
@@ -501,8 +445,7 @@ class LoggingConfig:
     )
     sample_interval: int = doc(
         500,
-        "Optimizer steps between sample generations from logging.sample_prompts (TensorBoard text `samples`, "
-        "metrics.jsonl); 0 disables. Greedy decoding; the training RNG streams are left untouched.",
+        "Optimizer steps between greedy sample generations from logging.sample_prompts; 0 disables.",
     )
     sample_prompts: list[str] = doc(
         ["The capital of", "Once upon a time", "def add(a, b):"],
@@ -559,34 +502,27 @@ class FaultsConfig:
 class StrategyConfig:
     name: Literal["ddp", "fsdp", "deepspeed", "single", "auto"] = doc(
         "ddp",
-        "How the model is spread over processes: `ddp` (replicated), `fsdp` (FSDP2, `fully_shard` per "
-        "transformer block), `deepspeed` (ZeRO, see strategy.zero_stage), `single` (one process, no "
-        "process group), `auto` (Fabric's choice).",
+        "How the model is spread over processes: `ddp`, `fsdp` (FSDP2), `deepspeed` (ZeRO), `single` or `auto` "
+        "(docs/distributed.md).",
     )
     accelerator: Literal["auto", "cpu", "cuda"] = doc(
         "auto", "Device type; `auto` uses CUDA when present."
     )
     devices: int = doc(
         1,
-        "Processes (GPUs, or CPU processes) per node. Under Slurm (srun) and `fabric run` the launcher's "
-        "process count is used, and a different value here is reported.",
+        "Processes (GPUs, or CPU processes) per node; under Slurm and `fabric run` the launcher's count is used.",
     )
     num_nodes: int = doc(
         1, "Number of nodes (taken from Slurm / `fabric run` when launched by them)."
     )
     precision: Literal["32-true", "bf16-mixed", "bf16-true", "16-mixed"] = doc(
         "32-true",
-        "Numerical precision (Fabric precision string): `bf16-mixed` on GPUs from A100 on; `32-true` (see "
-        "strategy.matmul_precision) on older GPUs; `32-true`, `bf16-mixed` or `bf16-true` on CPU. `16-mixed` "
-        "is refused: fp16 needs loss scaling, which this trainer does not support.",
+        "Fabric precision: `bf16-mixed` on GPUs from A100 on; `32-true` or `bf16-true` too; `16-mixed` is refused.",
     )
     matmul_precision: Literal["highest", "high", "medium"] = doc(
         "high",
-        "float32 matmul precision of CUDA processes (torch.set_float32_matmul_precision, set on every rank "
-        "before Fabric starts): `high` lets fp32 matmuls (all of them under 32-true, those outside autocast "
-        "under bf16-mixed) use TF32 tensor cores on GPUs from A100 on (fp32 range, 10-bit mantissa "
-        "inputs, fp32 accumulation; several times faster); `highest` is exact fp32; `medium` also allows "
-        "bf16-based internal math. CPU processes keep torch's default (exact fp32).",
+        "float32 matmul precision of CUDA processes: `high` (TF32), `highest` (exact fp32) or `medium` "
+        "(docs/distributed.md).",
     )
     zero_stage: int = doc(
         2,
@@ -595,8 +531,8 @@ class StrategyConfig:
     )
     grad_accum_dtype: Literal["auto", "fp32", "bf16"] = doc(
         "auto",
-        "DeepSpeed under bf16: dtype of the gradient partitions. `auto`: bf16 for ZeRO-3 with one micro-batch "
-        "per step (it reduces in bf16, so fp32 would hold the same values: 2 bytes/parameter saved), else fp32.",
+        "DeepSpeed under bf16: dtype of the gradient partitions; `auto`: bf16 for ZeRO-3 with one micro-batch "
+        "per step, else fp32.",
     )
     offload_optimizer: bool = doc(
         False,
@@ -607,39 +543,28 @@ class StrategyConfig:
     )
     reshard_after_forward: bool = doc(
         True,
-        "FSDP: free gathered parameters after each block's forward (ZeRO-3-like); false keeps them until "
-        "backward (ZeRO-2-like: more memory, less communication).",
+        "FSDP: free gathered parameters after each block's forward (ZeRO-3-like); false keeps them until backward.",
     )
     activation_checkpointing: bool | Literal["none", "selective", "full"] = doc(
         False,
-        "Recompute transformer-block activations in backward instead of storing them (any strategy): "
-        "`full` (or true) keeps only each block's input; `selective` also keeps the outputs of matmuls and of "
-        "attention kernels that are torch ops (SDPA, flash-attn >= 2.7, xformers) and recomputes norms, RoPE "
-        "and activations (Triton kernels included); `none` (or false) stores everything.",
+        "Recompute block activations in backward: `full` (or true), `selective` or `none` (or false) (docs/gpus.md).",
     )
     fsdp_shard_size: int | None = doc(
         None,
-        "FSDP: ranks that shard each parameter; null or 0 = all of them (full sharding). A divisor of the "
-        "world size below it gives HSDP (hybrid sharding): parameters, gradients and optimizer state are "
-        "sharded within each group of this many consecutive ranks (set it to the GPUs per node, so "
-        "all-gathers and reduce-scatters stay inside a node) and replicated across the groups, whose "
-        "gradients are all-reduced (the only traffic between nodes). Changing it between a save and a "
-        "resume is fine (the checkpoint is resharded).",
+        "FSDP: ranks that shard each parameter; null or 0 = all; a divisor of the world size gives HSDP "
+        "(docs/distributed.md).",
     )
     sharded_checkpoint: bool = doc(
         True,
-        "FSDP: every rank writes its own shard (a directory); false gathers one full file on rank 0. "
-        "DeepSpeed checkpoints are always sharded. `orchestrator consolidate` turns either into one file.",
+        "FSDP: every rank writes its own shard; false gathers one full file on rank 0 (DeepSpeed: always sharded).",
     )
     timeout_s: int = doc(
         1800,
-        "Seconds any collective (and the start-up rendezvous) waits for the other ranks before the job "
-        "fails with an error instead of hanging (a rank that died, hangs, or lost its node).",
+        "Seconds a collective (and the rendezvous) waits for the other ranks before the job fails instead of hanging.",
     )
     requeue: bool = doc(
         True,
-        "Inside a Slurm job: on SIGUSR1 (e.g. `#SBATCH --signal=USR1@300`) finish the step, save, run "
-        "`scontrol requeue $SLURM_JOB_ID` and exit; the requeued job resumes. SIGTERM saves and exits.",
+        "Under Slurm: on SIGUSR1 save, `scontrol requeue` and exit (docs/slurm.md); SIGTERM saves and exits.",
     )
 
     def validate(self) -> None:
@@ -688,10 +613,7 @@ class StrategyConfig:
 class StorageConfig:
     endpoint_url: str | None = doc(
         None,
-        "Endpoint of an S3-compatible object store (MinIO, Ceph, R2: e.g. http://10.0.0.5:9000) for every "
-        "s3:// URL of the run; null: AWS_ENDPOINT_URL, else AWS S3. Credentials are never config keys: "
-        "they come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN or AWS_PROFILE in "
-        "each node's environment, so the saved config and the logs never hold them.",
+        "S3-compatible endpoint (e.g. http://10.0.0.5:9000) for every s3:// URL; null: AWS_ENDPOINT_URL, else AWS S3.",
     )
 
     def validate(self) -> None:

@@ -1,29 +1,9 @@
 """Saving and restoring the training state: checkpoints that are either complete and verified,
 or never used.
 
-Writing: every rank writes into `step-00000100.partial/`, hashing (SHA-256) each file it writes
-as it writes it (checkpoint/digests.py); rank 0 gathers those digests, flushes and hashes the few
-small files no rank hashed, writes the manifest (each file's size and SHA-256, step, tokens
-seen, config hash) last, and publishes the directory with an atomic rename. A crash at any
-moment leaves either the previous checkpoints untouched plus a `.partial` directory (removed at
-the next start), or a complete new checkpoint. DDP and single-device runs stream one file from
-rank 0 (hashed as it is written); FSDP (torch.distributed.checkpoint) and DeepSpeed write
-per-rank shards, each rank hashing its own.
-
-checkpoint.async_save: training stalls only while the state is copied to CPU memory; a
-background thread writes it, and rank 0's thread publishes it as above once every rank's files
-are on disk. DDP / single-device: rank 0 writes its one file. FSDP with sharded checkpoints: every
-rank writes its shard (torch.distributed.checkpoint.async_save, the files of a synchronous
-save). A failure on any rank surfaces at the next `wait()` (the next save, a rollback, the end)
-on every rank. Not for DeepSpeed, nor FSDP with strategy.sharded_checkpoint=false.
-
-checkpoint.remote_dir: rank 0 queues each published checkpoint for upload to the object store
-(checkpoint/remote.py: one background thread; a failure is a warning, retried at the next save);
-`finish_uploads` waits for them at the end of the run.
-
-Reading: `orchestrator/checkpoint/resume.py` chooses the checkpoint (`Checkpointer.choose_resume`:
-every rank verifies the checksums of its own shard files, rank 0 the rest); `Checkpointer.load`
-fills the training state from it without running pickled code (`torch.load(weights_only=True)`).
+`Checkpointer` writes into `step-N.partial/` (every rank hashing what it writes), rank 0 writes the
+manifest last and publishes with an atomic rename; async saves, remote uploads (remote.py) and
+verified loading: docs/checkpoints.md, "How a checkpoint is written and read".
 """
 
 from __future__ import annotations

@@ -1,27 +1,10 @@
 """Copies of the run's checkpoints in an object store (`checkpoint.remote_dir`), so that a run
-survives the loss of its run dir (a node's local disk, a cluster's scratch filesystem).
+survives the loss of its run dir.
 
-    <remote_dir>/step-00000100/state, config.yaml, ...   the files of the local checkpoint
-    <remote_dir>/step-00000100/manifest.json             uploaded last, deleted first
-
-As on disk, a remote checkpoint is complete only with its manifest: an interrupted upload or
-deletion leaves a prefix without one, which is never used and is deleted once a newer complete
-checkpoint exists. Uploads run on global rank 0 in one background thread, in publishing order;
-a failure is a warning and is retried at the next save, never an end of training; an upload that
-has had no answer for checkpoint.upload_warn_s is a warning too, and a checkpoint waiting for its
-upload is never deleted locally by retention. A run whose final checkpoint is not in the store
-exits with EXIT_UPLOAD_FAILED. Resuming (`checkpoint.resume=auto`) downloads the newest complete
-remote checkpoint newer than the run dir's into `step-N.partial/`, verifies it against its
-manifest (SHA-256) and the trainer's safe load, and publishes it with the same rename as a local
-save. Rank 0 alone does this: the run dir is shared by every node (like the checkpoints every rank
-writes into and loads from), and the path it chose is broadcast.
-
-Damage is not failure: a remote checkpoint that is damaged (a missing file, a checksum mismatch,
-an unsafe name, a state the safe load refuses) is passed over for the next older one, while a
-store that fails (5xx, throttling, timeouts, dropped connections) is retried with backoff for
-checkpoint.remote_retry_s and then stops the run with StoreUnavailableError (EXIT_STORE_UNAVAILABLE),
-the store and the run dir untouched: never a start from scratch that would overwrite the store's
-newest checkpoint with an older state.
+Uploads on global rank 0 in one background thread, manifest last; resume downloads the newest
+complete remote checkpoint; a damaged one is passed over, a failing store is retried for
+checkpoint.remote_retry_s and then stops the run (StoreUnavailableError). The rules:
+docs/checkpoints.md, "Checkpoints in object storage".
 """
 
 from __future__ import annotations

@@ -3,35 +3,9 @@
     orchestrator export --checkpoint runs/x/checkpoints/step-00001000 --output hf/x
     orchestrator import --input TinyLlama-1.1B --output runs/tinyllama-continued
 
-Export writes what `LlamaForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` load:
-`config.json`, `generation_config.json`, `model.safetensors` (sharded with an index above
-`max_shard_size`), and the tokenizer as `tokenizer.model` (the sentencepiece file, for slow
-tokenizers and our own pipeline), `tokenizer.json` (which encodes exactly as sentencepiece
-does: Llama-2's normalizer, byte fallback, BOS added), `tokenizer_config.json` and
-`special_tokens_map.json`. The weights need no permutation: our RoPE already uses the
-rotate-half layout of `LlamaForCausalLM`. Options that `LlamaForCausalLM` cannot express
-(gated attention, sandwich norm, QK-norm) are refused with a message naming them; the z-loss
-changes only the training objective, not the weights, and exports like any model.
-
-The encoder-decoder (`model.arch: encoder_decoder`, RedLLM, models/encdec.py) is not exported:
-no standard transformers class computes it. T5 and its kin use relative-position biases, BART and
-its kin learned absolute positions; the RoPE encoder-decoders there (T5Gemma, T5Gemma2,
-Moonshine, Dia) have Gemma or speech blocks and no RoPE across the two stacks, while RedLLM
-rotates cross-attention's queries and keys at continuous positions (encoder 0..P-1, decoder
-P..). Its checkpoints stay in this project's format: `orchestrator generate` and `orchestrator
-evaluate` read them directly (`load_model` builds either family).
-
-Import reads a Llama directory (safetensors or PyTorch .bin, single or sharded) into a
-checkpoint directory of our layout: `state` (model weights and progress at step 0, no optimizer),
-`config.yaml`, `meta.json`, the sentencepiece `tokenizer.model`, and `manifest.json` (sizes and
-SHA-256 of every file, as the trainer verifies them), published by
-`orchestrator.checkpoint.checkpointer.write_weights_checkpoint` like the trainer's checkpoints.
-A run starts from it with `--checkpoint.init_from <output>`.
-
-This module owns no part of the checkpoint format: names, finding, reading and verification come
-from `orchestrator/checkpoint/`.
-
-This module needs no `transformers`: only safetensors, sentencepiece and torch.
+Needs no `transformers` (only safetensors, sentencepiece and torch), and owns no part of the
+checkpoint format (that is `orchestrator/checkpoint/`). What is written, what is refused (the
+encoder-decoder, and why): docs/checkpoints.md, "Hugging Face export and import".
 """
 
 from __future__ import annotations

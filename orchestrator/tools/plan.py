@@ -3,30 +3,10 @@
     orchestrator plan --gpu-hours 2000 --device h100 [--gpus 8] [--mfu 0.4]
     orchestrator plan --params 1.1B --device h100 --gpus 8
     orchestrator plan --model llama-400m --device a100 --tokens-per-sec 60000
-    orchestrator plan --flops 1.2e20
 
-Training compute C ~= 6 N D (N parameters, D tokens). At the compute optimum D ~= 20 N, so
-N = sqrt(C / 120) and D = 20 N (Chinchilla's table: 400M -> 8.0B tokens, 1B -> 20.2B, 10B -> 205B).
-A GPU-hour budget becomes FLOPs as hours x 3600 x the device's dense bf16 peak
-(orchestrator.devices.DEVICE_PEAK_FLOPS) x MFU. The plan names the nearest of our model sizes
-(models/config.py, by log distance in parameters) and how many tokens it should see, and the wall
-time at the throughput measured for that device: `--tokens-per-sec` (per GPU) if given, else a row
-of the measured-throughput table for the device (same model size, or another size's measured MFU
-carried over through models/flops.py), else an assumed MFU (--mfu, default 40%, what published
-1B-scale H100 runs reach).
-
-The plan is for decoder-only pretraining (Chinchilla's 6 N D and D ~= 20 N were fitted on decoders):
-it names, measures and carries MFU over from the decoder sizes only (`model.arch: decoder`); the
-encoder-decoder `redllm-*` sizes (models/encdec.py) are neither recommended nor taken as
-measurements, and `--model redllm-...` is refused.
-
-With more than one GPU the plan also compares the strategies (`strategy_costs`, the arithmetic
-in docs/distributed.md): training state per GPU and bytes each GPU sends per step, inside a node
-and across nodes, for DDP, FSDP, HSDP (`strategy.fsdp_shard_size`) and ZeRO-1/2/3, and names one.
-
-The measured-throughput table ships with the package (orchestrator/resources/throughput.md, read
-through importlib.resources: no checkout needed); `--results FILE` reads another file of the
-same markdown format instead, e.g. benchmarks/RESULTS.md.
+C ~= 6 N D and D ~= 20 N, the nearest named decoder size, the wall time from the measured
+throughput (orchestrator/resources/throughput.md, or `--results FILE`), and with `--gpus` > 1 the
+strategy comparison (`strategy_costs`): docs/studies.md and docs/distributed.md.
 """
 
 from __future__ import annotations

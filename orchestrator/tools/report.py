@@ -1,24 +1,8 @@
 """`orchestrator report STUDY_DIR [--out DIR]`: what a study (`orchestrator sweep`) found.
 
-Writes into DIR (default STUDY_DIR/report):
-  report.md             a Markdown table of every run: overrides, parameters (and, with
-                        --match-params, the baseline's and the chosen ffn_hidden), tokens trained,
-                        final and best validation loss and perplexity, diverged (at which step),
-                        bad steps and rollbacks, tokens/s; per variant (the grid keys other than
-                        optimizer.lr, and the ladder size) the largest learning rate that trained;
-                        the ladder's scaling fits (a table of each family's exponents)
-  report.json           the same numbers, and what each plot holds
-  val_loss.png          validation loss against step, one curve per run (diverged: dashed)
-  loss_vs_lr.png        final validation loss against learning rate (log x), one curve per variant
-                        (diverged runs: crosses at the top); when optimizer.lr is a grid key
-  scaling*.png          a ladder's `orchestrator fit` (loss against N and C), one per group of
-                        runs that differ only in size: a fit per family (model.arch) with >= 3
-                        sizes that trained, the families drawn together on the group's figure
-
-Numbers come from each run dir's metrics.jsonl (the trainer's records: steps, validations, bad
-steps, rollbacks) and the study's study.json (status, parameters). Bad steps count every
-skipped update the guard recorded, those that triggered a rollback included (and, for a diverged
-run, the last one, after which the guard gave up).
+Writes report.md, report.json, val_loss.png, loss_vs_lr.png and scaling*.png into DIR (default
+STUDY_DIR/report), from each run's metrics.jsonl and the study's study.json. What each holds:
+docs/studies.md, "Sweeps and ladders".
 """
 
 from __future__ import annotations

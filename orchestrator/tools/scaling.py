@@ -1,39 +1,10 @@
-"""Scaling-law fits over finished runs: loss against parameters and against compute.
+"""Scaling-law fits over finished runs (`orchestrator fit`): loss against parameters and against compute.
 
     orchestrator fit runs/ladder-* | STUDY_DIR [--plot fit.png] [--json fit.json] [--non-embedding]
                      [--metric val_loss] [--compute flops|6nd]
 
-Each run is a run directory (its config.yaml gives the model, hence N) with a metrics.jsonl, or,
-without one, TensorBoard event files under tensorboard/ (val/loss, train/tokens_seen). A path to a
-metrics.jsonl or a tensorboard/ directory works too (config.yaml is looked up beside it). A study
-directory of `orchestrator sweep` (one with a study.json, e.g. a ladder) stands for its runs that
-trained: those with a summary.json at their max_steps (diverged and unfinished runs are left out).
-
-Every run contributes one point: its last validation loss L, its parameter count N (all
-parameters, Chinchilla's convention; --non-embedding for Kaplan's) and its training compute C
-with D the tokens it had seen at that point:
-
-* `--compute flops` (default): C = flops_per_token(cfg, T)["training"] x D, the analytical count
-  of models/flops.py (matmuls and attention, forward + backward) at the run's sequence length
-  T = train.seq_len, else model.max_seq_len. It counts what each family does per token: a
-  decoder's token passes through every block (about 6 N, plus attention), an encoder-decoder's
-  through one of its two stacks (about 3 N), so both families share one compute axis.
-* `--compute 6nd`: C = 6 N D (Kaplan, Chinchilla), N as counted for the fit; for a decoder it
-  leaves out attention, and for an encoder-decoder it is about twice the work done.
-
-Two power laws with an irreducible term are fitted by least squares on log L (so every run weighs
-the same, whatever its loss):
-
-    L(N) = E_N + A * N^-alpha_N          L(C) = E_C + B * C^-alpha_C
-
-Runs of different families (model.arch of the run's config.yaml: decoder, encoder_decoder) are
-fitted separately, each with its own exponents, and drawn on one figure in their own colours.
-With C = 6 N D, compute-optimal runs (D ~= 20 N, `orchestrator plan`) have C = 120 N^2, so
-alpha_C = alpha_N / 2; with `--compute flops` that holds only as far as the FLOPs per token are
-proportional to N (attention and the unequal split of the parameters bend it at small sizes).
-The uncertainties are one standard error from the fit's covariance (residual variance x
-(J^T J)^-1; at least 4 runs per family are needed for them). The PNG shows every run's validation
-curve against compute, the final points, and each family's fitted curves.
+L(N) = E_N + A * N^-alpha_N and L(C) = E_C + B * C^-alpha_C, least squares on log L, per family.
+What is read and counted: docs/studies.md, "Plan the next run: `plan` and `fit`".
 """
 
 from __future__ import annotations

@@ -1,37 +1,12 @@
 """Studies as one command: a grid (and/or a ladder of sizes) of ordinary training runs.
 
     orchestrator sweep --config BASE.yaml --study-dir runs/study-lr \\
-        --grid optimizer.lr=1e-3,3e-3,1e-2 --grid model.attn_gate=none,headwise,elementwise \\
-        [--section.key value ...] [--executor local|slurm] [--parallel N] [--slurm-args="..."] \\
-        [--match-params] [--dry-run] [--wait]
-    orchestrator sweep --config BASE.yaml --study-dir runs/ladder \\
-        --ladder llama-20m,llama-60m,llama-124m --tokens-per-param 20 [--grid ...]
+        --grid optimizer.lr=1e-3,3e-3,1e-2 [--ladder llama-20m,llama-60m --tokens-per-param 20] \\
+        [--executor local|slurm] [--parallel N] [--match-params] [--dry-run] [--wait]
 
-Every point of the cartesian product of the grids (times every size of the ladder) is one normal
-`orchestrator train` run in its own run dir, `<study-dir>/<name>`, named by its overrides
-(`lr=3e-3,attn_gate=headwise`); the trainer saves its resolved config there as usual. Every run's
-config is resolved and checked (keys, values, data, tokenizer, resume compatibility) before
-anything starts: one bad run is one error naming the run and the key.
-
-`<study-dir>/study.json` lists the runs: name, overrides, run dir, trainer arguments, status
-(`pending`, `running`, `submitted`, `finished`, `diverged`, `failed`, `stopped`, `interrupted`)
-and every attempt. Running the same command again skips finished runs, resumes unfinished ones
-(the trainer resumes from the run dir's checkpoints), never retries a diverged run (the guard
-gave up: more bad steps in a row than `guard.max_rollbacks` rollbacks could cure) and retries
-runs that failed otherwise.
-
-Ladder: `--ladder` sets model.name per run and train.max_steps from the token budget:
-tokens = tokens_per_param x parameters, steps = ceil(tokens / tokens per step) with the tokens
-per step of the run's resolved config (global batch x seq_len).
-
-`--match-params` (arXiv 2505.06708's rule for gated attention): each run whose model differs
-from its baseline (every grid key at its first value, e.g. attn_gate=none) gets the
-model.ffn_hidden that brings its parameter count closest to the baseline's (within 0.5%).
-
-Executors: `local` runs `python -m orchestrator train ...` subprocesses, one after another or
-`--parallel N` at once (each pinned to its own GPUs when CUDA is present), output appended to
-`<run dir>/train.log`; `slurm` submits one job array of cluster/sweep.slurm, whose task i runs
-run i through cluster/pretrain.slurm (same srun line, logs, requeue on preemption and resume).
+Each point is one `orchestrator train` run in `<study-dir>/<name>`; `<study-dir>/study.json`
+records runs, statuses and attempts. Runs, ladders, `--match-params` and the executors:
+docs/studies.md, "Sweeps and ladders".
 """
 
 from __future__ import annotations

@@ -1,27 +1,11 @@
 """Python garbage collection under the training loop's control (train.gc_interval).
 
-Python's automatic collector runs whenever enough container objects have been allocated, so a
-full collection over the millions of objects torch & co. hold can pause any rank at any step;
-in a data-parallel job the other ranks then wait for it at the next collective. Here, after
-set-up, everything alive is moved out of the collector's sight (`gc.freeze()`), automatic
-collection is switched off (`gc.disable()`), and every rank collects the young generations
-(`gc.collect(1)`) at the same steps, every `train.gc_interval` optimizer steps. Objects that
-survive such a collection age into the oldest generation, which is collected again once the loop
-ends (`stop()` unfreezes it and gives collection back to Python).
+After set-up: `gc.freeze()`, `gc.disable()`, and every rank collects (`gc.collect(1)`) at the same
+steps; train.gc_interval 0 leaves `gc` alone. Why: docs/training.md, "Garbage collection".
 
-    collector = GarbageCollection(cfg)
-    collector.start()
-    try:
+    with GarbageCollection(cfg) as collector:   # or start() ... stop()
         while ...:
-            ...
             collector.maybe_collect(step)
-    finally:
-        collector.stop()
-
-or `with GarbageCollection(cfg) as collector: ...`. train.gc_interval 0 leaves `gc` alone.
-
-Processes forked while the collector is off (DataLoader workers) get automatic collection back:
-no one calls `maybe_collect` in them.
 """
 
 from __future__ import annotations

@@ -1,37 +1,8 @@
 """What the run shows: progress lines, TensorBoard scalars and text, and a metrics.jsonl record.
 
 Everything is written by global rank 0 (`on_rank_zero`); the other ranks only take part in the
-collectives some numbers need. TensorBoard scalar names (all indexed by optimizer step):
-
-  train/loss, train/lr, train/grad_norm (global, before clipping), train/tokens_seen,
-  train/tokens_per_sec (wall clock of the log interval: validation and checkpoint pauses included),
-  train/bad_steps, train/rollbacks (cumulative, logged every log interval),
-  train/z_loss (model.z_loss > 0: the z-loss term of the step's loss, mean over ranks; also
-      `z_loss` in the step's metrics.jsonl record at log steps),
-  val/loss, val/perplexity,
-  eval/<task>/acc, eval/<task>/acc_norm, eval/<task>/exact_match (eval.tasks: downstream
-      multiple-choice and exact-match tasks, scored right after every validation;
-      orchestrator/training/downstream.py),
-  perf/mfu (when the device's peak is known: logging.peak_tflops or
-      orchestrator.devices.DEVICE_PEAK_FLOPS),
-  perf/tflops_per_device (achieved model TFLOP/s per device: models.flops training FLOPs per token),
-  perf/step_time_ms, perf/data_wait_ms, perf/compute_ms, perf/data_wait_fraction (rank 0's mean
-      step: time blocked on the data loader vs the rest of the step),
-  memory/allocated_gib, memory/reserved_gib, memory/peak_allocated_gib (CUDA, rank 0's device), or
-      memory/rss_gib, memory/peak_rss_gib (CPU: rank 0's resident memory),
-  grad_norm/block_NN, grad_norm/embedding, grad_norm/lm_head, grad_norm/other (logging.layer_grad_norms),
-  data/tokens_<source> (with data.sources), data/epoch_unseen_blocks, checkpoint/*
-TensorBoard text: `config` (the resolved config, at the first step of every (re)start) and
-`samples` (greedy generations from logging.sample_prompts every logging.sample_interval steps).
-The trackers of logging.trackers (W&B, MLflow: trackers.py) get the same scalars, the config as
-run parameters and the samples.
-
-metrics.jsonl (beside tensorboard/ in the run dir) holds one JSON object per line: one per optimizer
-step (step, loss, lr, grad_norm, tokens_seen, time, and at log steps the perf/memory figures and
-eta_seconds), one per validation (val_loss, val_perplexity, tokens_seen), one per downstream
-evaluation right after it ({"step": s, "eval": {"<task>/acc": ..., "<task>/exact_match": ...},
-"tokens_seen": n}: the TensorBoard names without `eval/`), one per sample generation,
-checkpoint, bad step, rollback and epoch end.
+collectives some numbers need. The scalar names and the metrics.jsonl records: docs/training.md,
+"Watch it"; the trackers of logging.trackers (trackers.py) get the same scalars.
 """
 
 from __future__ import annotations

@@ -1,23 +1,8 @@
 """Experiment trackers beside TensorBoard: Weights & Biases and MLflow (logging.trackers).
 
-Each tracker is a Fabric logger, so `fabric.log_dict` reaches it with the same scalar names and
-steps as TensorBoard (orchestrator/training/monitor.py lists them). Only global rank 0 logs.
-
-Never in the way of training: every call of the tracker's client (the import included) runs on one
-background thread fed by a bounded queue. A call that fails (server down, bad credentials) prints
-one warning, and the tracker sends nothing for RETRY_AFTER_S (points are dropped, not queued); a
-queue that fills up drops points with one warning. At the end of the run, what is queued gets
-FINISH_TIMEOUT_S to go out. metrics.jsonl and TensorBoard always have everything.
-
-A resumed run continues the same tracker run: its id is kept in <run.dir>/trackers/<name>.json
-with the last step sent of every key. A key is sent only at steps after that, so the steps a
-resume or a rollback trains again are not logged twice: the tracker keeps the values logged the
-first time (metrics.jsonl has the retrained ones). A run started without a checkpoint to resume
-starts a new tracker run.
-
-Credentials and servers come only from the environment (WANDB_API_KEY, WANDB_MODE, WANDB_ENTITY,
-WANDB_BASE_URL; MLFLOW_TRACKING_URI, MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN), never from
-the config, so they are never in config.yaml or the logs. docs/tracking.md has the details.
+Each tracker is a Fabric logger fed on one background thread (a failing tracker warns once and
+never stops training); a resume continues the same tracker run without logging a step twice;
+servers and credentials come only from the environment. docs/tracking.md has the details.
 """
 
 from __future__ import annotations
