@@ -45,7 +45,7 @@ import torch  # noqa: E402
 import zstandard  # noqa: E402
 
 from data.loader import make_dataloader, make_mixture_loader  # noqa: E402
-from data.prepare import prepare_dataset  # noqa: E402
+from data.prepare import PrepareOptions, prepare_dataset  # noqa: E402
 from data.sample_corpus import write_sample_corpus  # noqa: E402
 from data.shards import RecordFilter, ShardReader, find_shards  # noqa: E402
 from data.tokenizer import train_tokenizer  # noqa: E402
@@ -229,7 +229,9 @@ def main() -> None:
                 out = work / "out" / f"{name}-w{w}"
                 shutil.rmtree(out, ignore_errors=True)
                 cpu, start = cpu_seconds(), time.perf_counter()
-                stats = prepare_dataset(work / name, out, tok, num_workers=w, text_field=field)
+                stats = prepare_dataset(
+                    PrepareOptions(work / name, out, tok, num_workers=w, text_field=field)
+                )
                 walls[w].append(time.perf_counter() - start)
                 cpus[w].append(cpu_seconds() - cpu)  # this process + its pool workers
                 doc_tokens = stats["tokens"] - 2 * stats["docs"]  # without the bos/eos separators

@@ -1,62 +1,11 @@
 """Tokenize a raw corpus into litdata token chunks: parallel, streaming, resumable, deterministic.
 
-Output layout (``output`` is a local directory or an object-store URL such as ``s3://bucket/x``)::
-
-    output/train/index.json + chunk-<group>-<n>.bin     (litdata TokensLoader format)
-    output/val/index.json   + chunk-<group>-<n>.bin
-    output/prepare_stats.json                           (see below)
-    output/_COMPLETE                                    (written last; see is_prepared)
-
-Inputs: a corpus file or folder of ``*.jsonl``, ``*.jsonl.zst``, ``*.jsonl.gz`` and
-``*.parquet`` files (:mod:`data.shards`). SlimPajama's layout (``train/``, ``validation/``,
-``test/``) is used as it is: ``train`` -> ``train``, ``validation`` -> ``val``, ``test/`` is
-ignored. A folder without ``validation/`` (e.g. StarCoder) holds out validation by content
-hash: a document goes to ``val`` iff ``crc32(text) % val_every == 0`` -- the same for any
-worker count and sharding, and exact duplicates never straddle the split.
-
-How the work is cut: the sorted input files are grouped into *parts* of consecutive files
-of about ``group_bytes`` (a bigger file is a part of its own; ``"auto"``: about 256 parts,
-between 64 KB and 16 MB of input each). Each part is tokenized by one
-worker process (``num_workers`` of them, default: every core) straight into its own litdata
-chunks (written with litdata's ``BinaryWriter``, the writer ``litdata.optimize`` uses), so a
-part's bytes depend only on its files and the settings -- never on the number of workers or on
-timing. A part is recorded as done (``<output>/.prepare_work/parts/<group>.json``) only after
-its chunks are complete; an interrupted prepare, run again with the same inputs and settings,
-redoes only the parts without a record and then produces exactly the chunks of an
-uninterrupted run. (``litdata.optimize`` itself is not used: its chunks mix items of
-whichever inputs a worker happened to process, so they depend on scheduling, and its
-checkpoint resume is per worker, not per file.)
-
-Memory stays flat whatever the file size: files are streamed record by record, and a worker
-holds at most one chunk (``chunk_bytes``) of tokens. Parts are merged at the end by writing
-each split's ``index.json`` (local output: chunk files are moved into place, which is free on
-one filesystem; object stores: each part's chunks are uploaded as soon as the part is done).
-A finished dataset that is being overwritten stays usable until the new one is complete
-(locally); no failure leaves a ``_COMPLETE`` marker on partial data.
-
-Documents: each kept document becomes ``before + ids + after`` (consecutive documents are
-stored together in litdata items of ~16k tokens; ``data.loader.read_documents`` splits them
-again at the separators), where the separator is ``bos+eos`` (default, Llama's
-``[BOS] text [EOS]``, what ``orchestrator generate`` and Hugging Face Llama tokenizers prompt
-with), ``eos`` or ``bos``. The split's token stream is
-the concatenation; nothing is ever padded (``TokensLoader`` cuts it into ``seq_len + 1``
-blocks and drops the tail of each chunk shorter than a block). Token ids are ``uint16`` when
-the vocabulary fits (``vocab_size <= 65536``), else ``int32``.
-
-Bad input never stops a prepare: malformed JSON, invalid UTF-8, records without the text
-field, empty documents, truncated ``.zst``/``.gz`` files, corrupt Parquet files are skipped and
-counted by reason, with file and line (``data.shards.SKIP_REASONS``). A missing input path, an
-input without corpus files, an unusable tokenizer or an unwritable output fail at once, before
-any work. ``prepare_stats.json`` holds documents, tokens and skips per split, per set
-(``meta.redpajama_set_name``) and per input file, and the data's ``format``.
-
-Instruction data (``format="instruction"``, see :mod:`data.instructions`): each record is an
-example (``{input, target}``, Alpaca's ``{instruction, input, output}`` or a chat's
-``{messages}``), stored as ``[BOS] prompt response [EOS]`` int32 tokens whose response tokens and
-EOS carry the loss flag (bit 30); records that are no example are counted by reason like any
-other skip, and ``max_tokens`` > 0 drops (``too_long``) examples longer than that. The stats add
-``"format": "instruction"``, ``"loss_mask_bit": 30`` and per split ``loss_tokens``; documents are
-examples, the separator is always ``bos+eos``, and the hash holdout hashes the example's text.
+``prepare_dataset(PrepareOptions(input_dir, output_dir, tokenizer_path, ...))`` writes
+``output/{train,val}`` (TokensLoader chunks), ``prepare_stats.json`` and, last, ``_COMPLETE``.
+The input files are cut into parts, each tokenized by one worker into its own chunks and recorded
+when done: a rerun resumes, and the bytes never depend on the worker count. Bad records are
+skipped and counted (data.shards); instruction data: data.instructions. Layout, splits, parts,
+staging and merge: docs/data.md, "How prepare works".
 """
 
 from __future__ import annotations
@@ -73,9 +22,9 @@ import tempfile
 import time
 import zlib
 from collections import Counter
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import KW_ONLY, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -112,19 +61,64 @@ _is_url = is_remote  # s3:// (and S3-compatible), gs://, azure://
 
 @dataclass(frozen=True)
 class PrepareOptions:
-    """Everything besides the inputs and the tokenizer that decides the bytes of the output."""
+    """One prepare: its input, output and tokenizer, what decides the output's bytes (the
+    ``OUTPUT_FIELDS``, the settings a finished output is compared by), and how it runs.
 
+    Sizes may be given as strings (``chunk_bytes="64MB"``; ``group_bytes`` also ``"auto"``, resolved
+    from the input by ``prepare_dataset``); ``exclude_sets`` may be any iterable of set names.
+    """
+
+    input_dir: str | Path  # a corpus file or folder (SlimPajama layout or flat, see docs/data.md)
+    output_dir: str | Path  # a local directory or an object-store URL (s3://...)
+    tokenizer_path: str | Path
+    _: KW_ONLY
+    # What decides the output's bytes:
     text_field: str = "text"
     exclude_sets: tuple[str, ...] = ()
     min_chars: int = 0
     min_tokens: int = 0
     separator: str = "bos+eos"
     chunk_bytes: int = 64_000_000
-    group_bytes: int = 16_000_000  # resolved from "auto" by prepare_dataset (see _auto_group_bytes)
+    group_bytes: int | str = "auto"  # input bytes per part; "auto": see _auto_group_bytes
     val_every: int = 100
     format: str = "text"  # "text" (pretraining documents) or "instruction" (data.instructions)
     instruction_format: str = "auto"  # format="instruction": "auto" or one of instructions.FORMATS
     max_tokens: int = 0  # format="instruction": longer examples are skipped (too_long); 0: no limit
+    # How it runs (never the bytes):
+    num_workers: int | None = None  # processes; default: every core
+    overwrite: bool = False  # redo a finished output (else it is returned as is)
+    progress: bool = False  # a status line on stderr
+    work_dir: str | Path | None = None  # staging; default <output>/.prepare_work or ~/.cache/...
+    storage_options: dict[str, Any] | None = None
+    max_parts: int | None = None  # stop after that many parts (unfinished; for tests and jobs)
+    repair: bool = False  # a finished output: tokenize again the parts of damaged chunks
+    start_method: str | None = None  # multiprocessing's; default fork where available
+
+    OUTPUT_FIELDS: ClassVar[tuple[str, ...]] = (
+        "text_field",
+        "exclude_sets",
+        "min_chars",
+        "min_tokens",
+        "separator",
+        "chunk_bytes",
+        "group_bytes",
+        "val_every",
+        "format",
+        "instruction_format",
+        "max_tokens",
+    )
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen: normalised once, here
+        set_(self, "exclude_sets", tuple(sorted(set(self.exclude_sets))))
+        set_(self, "chunk_bytes", parse_size(self.chunk_bytes))
+        if self.group_bytes != "auto":
+            set_(self, "group_bytes", parse_size(self.group_bytes))
+
+    def output_settings(self) -> dict[str, Any]:
+        """The settings that decide the output's bytes (``group_bytes`` resolved): the fingerprint's
+        ``options``, which finished outputs are compared by (keep its keys and values as they are)."""
+        return {name: getattr(self, name) for name in self.OUTPUT_FIELDS}
 
     def validate(self) -> None:
         if self.format not in DATA_FORMATS:
@@ -164,7 +158,7 @@ class PrepareOptions:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
         if self.chunk_bytes < 1024:
             raise ValueError(f"chunk_bytes must be at least 1KB, got {self.chunk_bytes}.")
-        if self.group_bytes < 1:
+        if self.group_bytes != "auto" and self.group_bytes < 1:
             raise ValueError(f"group_bytes must be positive, got {self.group_bytes}.")
         RecordFilter(
             self.text_field, frozenset(self.exclude_sets), self.min_chars
@@ -733,65 +727,50 @@ def _check_same_inputs(existing: dict[str, Any], fingerprint: dict[str, Any], ou
         )
 
 
-def prepare_dataset(
-    input_dir: str | Path,
-    output_dir: str | Path,
-    tokenizer_path: str | Path,
-    num_workers: int | None = None,
-    chunk_bytes: str | int = "64MB",
-    val_every: int = 100,
-    overwrite: bool = False,
-    verbose: bool = False,
-    start_method: str | None = None,
-    *,
-    text_field: str = "text",
-    exclude_sets: tuple[str, ...] | list[str] = (),
-    min_chars: int = 0,
-    min_tokens: int = 0,
-    separator: str = "bos+eos",
-    group_bytes: str | int = "auto",
-    progress: bool = False,
-    work_dir: str | Path | None = None,
-    storage_options: dict[str, Any] | None = None,
-    max_parts: int | None = None,
-    format: str = "text",
-    instruction_format: str = "auto",
-    max_tokens: int = 0,
-    repair: bool = False,
-) -> dict[str, Any]:
-    """Tokenize ``input_dir`` into ``output_dir/{train,val}``; return the stats dict.
+def prepare_dataset(options: PrepareOptions) -> dict[str, Any]:
+    """Tokenize ``options.input_dir`` into ``options.output_dir/{train,val}``; return the stats dict.
 
-    ``repair=True`` on a finished output: every chunk is verified (data.integrity) and the parts
-    that wrote damaged ones are tokenized again; their chunks, identical to the recorded
-    checksums, replace the damaged files (the stats get ``"repaired": [chunk, ...]``).
-
-    ``num_workers`` processes (default: every core) tokenize parts in parallel. A finished
-    output is returned as is unless ``overwrite=True`` (and refused if it was made from other
-    inputs, tokenizer or settings). An unfinished one is resumed: parts already done are kept.
-    ``work_dir`` is where parts are staged (default ``<output>/.prepare_work``; for object-store
-    output a local folder under ``~/.cache/orchestrator/prepare``). ``max_parts`` stops after
-    that many parts have been processed in this call, leaving the prepare unfinished (for tests
-    and for splitting a long prepare into jobs); the call then returns ``{"finished": False, ...}``.
-    ``format="instruction"`` reads instruction examples (``instruction_format``: ``auto`` or one of
-    ``data.instructions.FORMATS``; ``max_tokens`` > 0: longer examples are skipped as too_long).
+    A finished output is returned as is unless ``overwrite`` (and refused if it was made from
+    other inputs, tokenizer or settings); with ``repair`` its damaged chunks are verified and made
+    again (the stats get ``"repaired": [chunk, ...]``). An unfinished one is resumed: parts already
+    done are kept. With ``max_parts`` the call may stop early and return
+    ``{"finished": False, "parts_done": ..., "parts": ...}``.
     """
-    del verbose  # kept for compatibility; use progress=True for a status line
-    in_path, tok_path = Path(input_dir), Path(tokenizer_path)
-    out = _Output(output_dir, storage_options)
-    opts = PrepareOptions(
-        text_field=text_field,
-        exclude_sets=tuple(sorted(set(exclude_sets))),
-        min_chars=min_chars,
-        min_tokens=min_tokens,
-        separator=separator,
-        chunk_bytes=parse_size(chunk_bytes),
-        group_bytes=1 if group_bytes == "auto" else parse_size(group_bytes),
-        val_every=val_every,
-        format=format,
-        instruction_format=instruction_format,
-        max_tokens=max_tokens,
-    )
-    # Cheap checks first: nothing is created before the inputs are known to be usable.
+    run = _resolve(options)  # cheap checks first: nothing is created before the inputs are usable
+    if is_prepared(options.output_dir, options.storage_options) and not options.overwrite:
+        return _finished(run)
+    run.out.check_writable()
+    work = _stage(run)
+    records = _run_pending(run, work)
+    if len(records) < len(run.parts):
+        return {"finished": False, "parts_done": len(records), "parts": len(run.parts)}
+    return _publish(run, work, records)
+
+
+@dataclass
+class _Run:
+    """A prepare's inputs, resolved and checked, and its fingerprint."""
+
+    options: PrepareOptions  # group_bytes resolved
+    out: _Output
+    tokenizer: Tokenizer
+    num_workers: int
+    layout: str
+    parts: list[_Part]
+    fingerprint: dict[str, Any]  # as it reads back from plan.json / prepare_stats.json
+
+    def job(self, work_dir: str, upload: bool) -> _Job:
+        """What the workers need; ``upload``: they upload each part's chunks to the object store."""
+        url = self.out.url if upload else None
+        storage = dict(self.options.storage_options or {})
+        return _Job(self.fingerprint["tokenizer_path"], self.options, work_dir, url, storage)
+
+
+def _resolve(options: PrepareOptions) -> _Run:
+    """Check the settings, the tokenizer and the input; cut the input into parts; fingerprint."""
+    opts = options
+    in_path, tok_path = Path(opts.input_dir), Path(opts.tokenizer_path)
+    out = _Output(opts.output_dir, opts.storage_options)
     opts.validate()
     if not tok_path.is_file():
         raise FileNotFoundError(
@@ -799,12 +778,11 @@ def prepare_dataset(
         )
     tokenizer = Tokenizer(tok_path)
     tokenizer.separator_ids(opts.separator)  # the separator's tokens exist
-    if num_workers is None:
-        num_workers = os.cpu_count() or 1
+    num_workers = opts.num_workers if opts.num_workers is not None else os.cpu_count() or 1
     if num_workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {num_workers}.")
-    layout, routes = _route_inputs(in_path, val_every)  # raises for a missing/empty input
-    if group_bytes == "auto":
+    layout, routes = _route_inputs(in_path, opts.val_every)  # raises for a missing/empty input
+    if opts.group_bytes == "auto":
         opts = replace(opts, group_bytes=_auto_group_bytes(routes))
     parts = _make_parts(in_path, routes, opts.group_bytes)
     fingerprint = {
@@ -812,89 +790,90 @@ def prepare_dataset(
         "input_dir": str(in_path.resolve()),
         "tokenizer_path": str(tok_path.resolve()),
         "tokenizer_sha256": file_sha256(tok_path),
-        "options": asdict(opts),
+        "options": opts.output_settings(),
         "files": [
             [label, size, os.stat(path).st_mtime_ns] for p in parts for path, label, size in p.files
         ],
     }
-    fingerprint = json.loads(
-        json.dumps(fingerprint)
-    )  # as it reads back from JSON (tuples -> lists)
-    if is_prepared(output_dir, storage_options) and not overwrite:
-        existing = read_stats(output_dir, storage_options)
-        _check_same_inputs(existing, fingerprint, out)
-        if repair:
-            job = _Job(str(tok_path.resolve()), opts, "", None, dict(storage_options or {}))
-            return _repair(out, existing, parts, job, work_dir, num_workers)
-        return existing
-    out.check_writable()
+    fingerprint = json.loads(json.dumps(fingerprint))  # as it reads back (tuples -> lists)
+    return _Run(opts, out, tokenizer, num_workers, layout, parts, fingerprint)
 
-    if work_dir is not None:
-        work = Path(work_dir)
+
+def _finished(run: _Run) -> dict[str, Any]:
+    """A finished output: its stats if made from the same inputs and settings (else an error),
+    after repairing its damaged chunks if asked to."""
+    opts, out = run.options, run.out
+    existing = read_stats(opts.output_dir, opts.storage_options)
+    _check_same_inputs(existing, run.fingerprint, out)
+    if opts.repair:  # _repair puts the chunks in place itself
+        job = run.job("", upload=False)
+        return _repair(out, existing, run.parts, job, opts.work_dir, run.num_workers)
+    return existing
+
+
+def _stage(run: _Run) -> Path:
+    """The staging folder of this fingerprint (a folder of another one is started over)."""
+    out = run.out
+    if run.options.work_dir is not None:
+        work = Path(run.options.work_dir)
     elif out.remote:
-        work = (
-            Path.home()
-            / ".cache"
-            / "orchestrator"
-            / "prepare"
-            / hashlib.sha256(out.url.encode()).hexdigest()[:16]
-        )
+        key = hashlib.sha256(out.url.encode()).hexdigest()[:16]
+        work = Path.home() / ".cache" / "orchestrator" / "prepare" / key
     else:
         work = out.path / _WORK_DIR
     plan_file = work / "plan.json"
-    plan_text = json.dumps(fingerprint, sort_keys=True)
+    plan_text = json.dumps(run.fingerprint, sort_keys=True)
     if not (plan_file.is_file() and plan_file.read_text() == plan_text):
         shutil.rmtree(work, ignore_errors=True)  # another plan (or none): start over
     (work / "parts").mkdir(parents=True, exist_ok=True)
     plan_file.write_text(plan_text)
-    if out.remote and overwrite:
+    if out.remote and run.options.overwrite:
         out.remove(COMPLETE_MARKER)  # remote chunks are replaced in place: the old dataset ends now
+    return work
 
+
+def _run_pending(run: _Run, work: Path) -> dict[int, dict[str, Any]]:
+    """Tokenize the parts without a record (at most max_parts of them); every part's record."""
+    parts, opts = run.parts, run.options
     records: dict[int, dict[str, Any]] = {}
     for p in parts:
         f = work / "parts" / f"{p.index:07d}.json"
         if f.is_file():
             records[p.index] = json.loads(f.read_text())
     pending = sorted((p for p in parts if p.index not in records), key=lambda p: (-p.size, p.index))
-    if max_parts is not None:
-        pending = pending[:max_parts]
-    done_tokens = sum(s["tokens"] for r in records.values() for s in r["splits"].values())
+    if opts.max_parts is not None:
+        pending = pending[: opts.max_parts]
     bar = _Progress(
-        progress,
+        opts.progress,
         len(parts),
         len(records),
         sum(p.size for p in parts),
         sum(p.size for p in parts if p.index in records),
-        done_tokens,
+        _record_tokens(records),
     )
-    job = _Job(
-        str(tok_path.resolve()),
-        opts,
-        str(work),
-        out.url if out.remote else None,
-        dict(storage_options or {}),
-    )
-    _run_parts(pending, job, num_workers, start_method, bar, records)
-    bar.tokens = sum(
-        s["tokens"] for r in records.values() for s in r["splits"].values()
-    )  # exact, not streamed
+    job = run.job(str(work), upload=True)
+    _run_parts(pending, job, run.num_workers, opts.start_method, bar, records)
+    bar.tokens = _record_tokens(records)  # exact, not streamed
     bar.show(final=True)
-    if len(records) < len(parts):
-        return {"finished": False, "parts_done": len(records), "parts": len(parts)}
+    return records
 
-    stats = _summarize(records, parts, fingerprint, layout, tokenizer, opts)
+
+def _record_tokens(records: dict[int, dict[str, Any]]) -> int:
+    return sum(s["tokens"] for r in records.values() for s in r["splits"].values())
+
+
+def _publish(run: _Run, work: Path, records: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """All parts done: the stats, checked for an empty split, then the output in place."""
+    stats = _summarize(records, run.parts, run.fingerprint, run.layout, run.tokenizer, run.options)
     for split in SPLITS:
         if stats["splits"][split]["docs"] == 0:
-            hint = (
-                " (hash holdout: lower --val-every)"
-                if split == "val" and layout != "slimpajama"
-                else ""
-            )
+            holdout = split == "val" and run.layout != "slimpajama"
+            hint = " (hash holdout: lower --val-every)" if holdout else ""
             raise ValueError(
-                f"Split {split!r} of {in_path} has no usable documents{hint} "
+                f"Split {split!r} of {Path(run.options.input_dir)} has no usable documents{hint} "
                 f"(skipped records: {stats['skipped']}). Check the input files; staged parts stay in {work}."
             )
-    _merge(out, work, records, parts, stats)
+    _merge(run.out, work, records, run.parts, stats)
     shutil.rmtree(work, ignore_errors=True)
     return stats
 

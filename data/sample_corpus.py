@@ -1,27 +1,8 @@
 """A built-in sample corpus in SlimPajama's on-disk format, generated without any download.
 
-The corpus exists so that the whole pipeline (tokenizer -> prepare -> training) can run on a
-laptop or CI box in minutes. It is synthetic but *learnable*: a ~5M-parameter model trained
-for a few hundred thousand tokens should push validation loss far below ln(vocab_size).
-Structure the model can pick up quickly:
-
-* a fixed "world" (countries with a capital, language, currency and continent) shared by all
-  documents, so facts recur across documents and can be memorised;
-* documents that mention the same entity (name, year, population, ...) several times, so
-  copying / induction heads help;
-* arithmetic whose answers are correct (``17 + 25 = 42``), and Python code with consistent
-  4-space indentation and correct ``# -> result`` comments.
-
-Layout (same as SlimPajama-627B)::
-
-    out_dir/train/chunk1/example_train_{i}.jsonl.zst
-    out_dir/validation/chunk1/example_holdout_{i}.jsonl.zst
-
-Each line is ``{"text": ..., "meta": {"redpajama_set_name": "RedPajama..."}}``.
-
-Generation is deterministic: every document gets its own ``random.Random`` seeded from
-``(seed, split, index)``, so the same seed always produces byte-identical files and the
-validation split holds different draws from the same distribution.
+Synthetic but learnable (a fixed world of facts, repeated entities, correct arithmetic and code),
+deterministic per ``(seed, split, index)``. Layout and structure: docs/data.md, "The built-in
+sample corpus".
 """
 
 from __future__ import annotations
@@ -635,7 +616,7 @@ def prepare_sample_tokens(
     """The sample corpus at this size, a BPE tokenizer trained on it and its token chunks, under
     ``out_dir`` (raw/, tokenizer.model, tokens/); done once: a prepared directory is reused.
     Returns (tokens dir, tokenizer path). For studies that want more text than the demo's."""
-    from data.prepare import is_prepared, prepare_dataset  # the data stack, on use
+    from data.prepare import PrepareOptions, is_prepared, prepare_dataset  # the data stack, on use
     from data.tokenizer import train_tokenizer
 
     out = Path(out_dir)
@@ -644,5 +625,5 @@ def prepare_sample_tokens(
     if not is_prepared(tokens):
         write_sample_corpus(raw, train_docs=train_docs, val_docs=val_docs, docs_per_shard=2000)
         tokenizer = train_tokenizer(raw / "train", prefix, vocab_size=vocab_size)
-        prepare_dataset(raw, tokens, tokenizer, num_workers=1)
+        prepare_dataset(PrepareOptions(raw, tokens, tokenizer, num_workers=1))
     return tokens, tokenizer

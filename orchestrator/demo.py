@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from importlib.resources import as_file, files
 from pathlib import Path
 
-from data.prepare import is_prepared, prepare_dataset
+from data.prepare import PrepareOptions, is_prepared, prepare_dataset
 from data.sample_corpus import write_sample_corpus
 from data.tokenizer import train_tokenizer
 from orchestrator.checkpoint.layout import checkpoint_step, resolve_checkpoint
@@ -62,7 +62,7 @@ def prepare_sample(out: Path) -> tuple[Path, Path]:
     write_sample_corpus(raw)
     if not tokenizer.is_file():
         train_tokenizer(raw / "train", out / "tokenizer", vocab_size=1024)
-    stats = prepare_dataset(raw, tokens, tokenizer, num_workers=1)
+    stats = prepare_dataset(PrepareOptions(raw, tokens, tokenizer, num_workers=1))
     print_prepare_stats(stats, tokens)
     print(f"Sample data ready in {time.perf_counter() - start:.1f}s")
     return tokens, tokenizer
@@ -144,7 +144,7 @@ def finetune_demo(
     _, heldout = write_sample_instructions(root / "raw")
     instr_tokens = root / "tokens"
     stats = prepare_dataset(
-        root / "raw", instr_tokens, tokenizer, num_workers=1, format="instruction"
+        PrepareOptions(root / "raw", instr_tokens, tokenizer, num_workers=1, format="instruction")
     )
     print_prepare_stats(stats, instr_tokens)
 

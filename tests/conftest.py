@@ -22,7 +22,7 @@ def pytest_collection_modifyitems(config, items):
 
 def prepare_sample_corpus(root: Path, train_docs: int, val_docs: int, docs_per_shard: int):
     """The built-in corpus at a test size, a 512-piece tokenizer and its token chunks under `root`."""
-    from data.prepare import prepare_dataset
+    from data.prepare import PrepareOptions, prepare_dataset
     from data.sample_corpus import write_sample_corpus
     from data.tokenizer import train_tokenizer
 
@@ -30,7 +30,7 @@ def prepare_sample_corpus(root: Path, train_docs: int, val_docs: int, docs_per_s
         root / "raw", train_docs=train_docs, val_docs=val_docs, docs_per_shard=docs_per_shard
     )
     tokenizer = train_tokenizer(root / "raw", root / "tokenizer", vocab_size=512)
-    prepare_dataset(root / "raw", root / "tokens", tokenizer, num_workers=1)
+    prepare_dataset(PrepareOptions(root / "raw", root / "tokens", tokenizer, num_workers=1))
     return root / "tokens", tokenizer
 
 

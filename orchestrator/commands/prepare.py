@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from data.integrity import verify_dataset
-from data.prepare import prepare_dataset
+from data.prepare import PrepareOptions, prepare_dataset
 from data.tokenizer import Tokenizer
 from orchestrator.commands import error
 from orchestrator.commands.options import add_overwrite, add_record_filter, pick
@@ -103,17 +103,18 @@ def run(args: argparse.Namespace) -> int:
         return error(
             f"prepare needs {', '.join(needed)} (or --verify DIR to check a prepared dataset)"
         )
+    options = PrepareOptions(
+        args.input,
+        args.output,
+        args.tokenizer,
+        exclude_sets=args.exclude_set or (),
+        progress=not args.no_progress,
+        **pick(args, "num_workers", "overwrite", "chunk_bytes", "val_every", "text_field"),
+        **pick(args, "min_chars", "min_tokens", "separator", "work_dir", "format"),
+        **pick(args, "instruction_format", "max_tokens", "repair"),
+    )
     try:
-        stats = prepare_dataset(
-            args.input,
-            args.output,
-            args.tokenizer,
-            exclude_sets=args.exclude_set or (),
-            progress=not args.no_progress,
-            **pick(args, "num_workers", "overwrite", "chunk_bytes", "val_every", "text_field"),
-            **pick(args, "min_chars", "min_tokens", "separator", "work_dir", "format"),
-            **pick(args, "instruction_format", "max_tokens", "repair"),
-        )
+        stats = prepare_dataset(options)
     except PermissionError as e:  # an unwritable output: say so, no traceback
         return error(e)
     if args.repair:

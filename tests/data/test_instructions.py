@@ -23,7 +23,7 @@ from data.instructions import (
     to_example,
 )
 from data.loader import make_dataloader, read_documents
-from data.prepare import prepare_dataset
+from data.prepare import PrepareOptions, prepare_dataset
 from data.shards import SKIP_REASONS
 from data.tokenizer import Tokenizer
 
@@ -176,13 +176,15 @@ def test_prepare_instruction_data(tokenizer_path, tmp_path):
     (tmp_path / "raw").mkdir()
     (tmp_path / "raw" / "sft.jsonl").write_text("\n".join(lines) + "\n")
     stats = prepare_dataset(
-        tmp_path / "raw",
-        tmp_path / "out",
-        tokenizer_path,
-        num_workers=1,
-        val_every=3,
-        format="instruction",
-        max_tokens=MAX_TOKENS,
+        PrepareOptions(
+            tmp_path / "raw",
+            tmp_path / "out",
+            tokenizer_path,
+            num_workers=1,
+            val_every=3,
+            format="instruction",
+            max_tokens=MAX_TOKENS,
+        )
     )
     assert stats["format"] == "instruction" and stats["loss_mask_bit"] == 30
     assert stats["dtype"] == "int32" and stats["separator"] == "bos+eos"
@@ -225,12 +227,14 @@ def test_a_loaded_block_decodes_to_tokens_and_response_mask(tokenizer_path, tmp_
     records = [variant(r, i) for i in range(30) for r in GOOD]
     (tmp_path / "raw" / "sft.jsonl").write_text("\n".join(map(json.dumps, records)) + "\n")
     prepare_dataset(
-        tmp_path / "raw",
-        tmp_path / "out",
-        tokenizer_path,
-        num_workers=1,
-        val_every=5,
-        format="instruction",
+        PrepareOptions(
+            tmp_path / "raw",
+            tmp_path / "out",
+            tokenizer_path,
+            num_workers=1,
+            val_every=5,
+            format="instruction",
+        )
     )
     stream = torch.cat(read_documents(tmp_path / "out" / "train"))
     loader = make_dataloader(tmp_path / "out" / "train", 31, 2, shuffle=False, seed=0)
@@ -246,12 +250,20 @@ def test_instruction_options_are_checked(tokenizer_path, tmp_path):
     (tmp_path / "raw" / "a.jsonl").write_text(json.dumps(PAIR) + "\n")
     common = dict(num_workers=1, format="instruction")
     with pytest.raises(ValueError, match="separator do not apply to instruction data"):
-        prepare_dataset(tmp_path / "raw", tmp_path / "o", tokenizer_path, separator="eos", **common)
+        prepare_dataset(
+            PrepareOptions(
+                tmp_path / "raw", tmp_path / "o", tokenizer_path, separator="eos", **common
+            )
+        )
     with pytest.raises(ValueError, match="instruction data only"):
-        prepare_dataset(tmp_path / "raw", tmp_path / "o", tokenizer_path, max_tokens=10)
+        prepare_dataset(
+            PrepareOptions(tmp_path / "raw", tmp_path / "o", tokenizer_path, max_tokens=10)
+        )
     with pytest.raises(ValueError, match="instruction_format must be auto or one of"):
         prepare_dataset(
-            tmp_path / "raw", tmp_path / "o", tokenizer_path, instruction_format="x", **common
+            PrepareOptions(
+                tmp_path / "raw", tmp_path / "o", tokenizer_path, instruction_format="x", **common
+            )
         )
 
 
@@ -288,7 +300,9 @@ def test_a_text_prepare_from_before_the_format_option_is_reused(tokenizer_path, 
     docs = [{"text": f"document number {i} " * 5} for i in range(40)]
     (tmp_path / "raw" / "a.jsonl").write_text("\n".join(map(json.dumps, docs)) + "\n")
     kwargs = dict(num_workers=1, val_every=4)
-    stats = prepare_dataset(tmp_path / "raw", tmp_path / "out", tokenizer_path, **kwargs)
+    stats = prepare_dataset(
+        PrepareOptions(tmp_path / "raw", tmp_path / "out", tokenizer_path, **kwargs)
+    )
     assert stats["format"] == "text" and "loss_mask_bit" not in stats
     stats_file = tmp_path / "out" / "prepare_stats.json"
     old = json.loads(stats_file.read_text())
@@ -296,10 +310,17 @@ def test_a_text_prepare_from_before_the_format_option_is_reused(tokenizer_path, 
     for key in ("format", "instruction_format", "max_tokens"):
         del old["options"][key]
     stats_file.write_text(json.dumps(old))
-    assert prepare_dataset(tmp_path / "raw", tmp_path / "out", tokenizer_path, **kwargs) == old
+    assert (
+        prepare_dataset(
+            PrepareOptions(tmp_path / "raw", tmp_path / "out", tokenizer_path, **kwargs)
+        )
+        == old
+    )
     with pytest.raises(ValueError, match="other settings"):
         prepare_dataset(
-            tmp_path / "raw", tmp_path / "out", tokenizer_path, format="instruction", **kwargs
+            PrepareOptions(
+                tmp_path / "raw", tmp_path / "out", tokenizer_path, format="instruction", **kwargs
+            )
         )
 
 
@@ -313,10 +334,10 @@ def test_parquet_instruction_records(tokenizer_path, tmp_path):
     pq.write_table(pa.Table.from_pylist(alpaca), tmp_path / "raw" / "a.parquet")
     chats = [variant(CHAT, i) for i in range(20)]
     pq.write_table(pa.Table.from_pylist(chats), tmp_path / "raw" / "b.parquet")
-    stats = prepare_dataset(
+    stats = prepare_dataset(PrepareOptions(
         tmp_path / "raw", tmp_path / "out", tokenizer_path, num_workers=1, val_every=4,
         format="instruction",
-    )  # fmt: skip
+    ))  # fmt: skip
     assert stats["docs"] == 40 and stats["skipped_total"] == 1
     assert stats["skip_locations"] == {"missing_field": ["a.parquet:21"]}
     tok = Tokenizer(tokenizer_path)

@@ -235,7 +235,7 @@ def test_mixture_errors(sources, tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def mixture_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
-    from data.prepare import prepare_dataset
+    from data.prepare import PrepareOptions, prepare_dataset
     from data.sample_corpus import SET_NAMES, write_sample_corpus
     from data.tokenizer import train_tokenizer
 
@@ -244,14 +244,18 @@ def mixture_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, 
     tok = train_tokenizer(root / "raw", root / "tokenizer", vocab_size=512)
     # Two sources from one corpus: prose (SlimPajama without its GitHub subset) and code.
     prepare_dataset(
-        root / "raw", root / "prose", tok, num_workers=1, exclude_sets=["RedPajamaGithub"]
+        PrepareOptions(
+            root / "raw", root / "prose", tok, num_workers=1, exclude_sets=["RedPajamaGithub"]
+        )
     )
     prepare_dataset(
-        root / "raw",
-        root / "code",
-        tok,
-        num_workers=1,
-        exclude_sets=[s for s in SET_NAMES if s != "RedPajamaGithub"],
+        PrepareOptions(
+            root / "raw",
+            root / "code",
+            tok,
+            num_workers=1,
+            exclude_sets=[s for s in SET_NAMES if s != "RedPajamaGithub"],
+        )
     )
     return root / "prose", root / "code", tok
 

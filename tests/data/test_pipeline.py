@@ -23,7 +23,7 @@ from data.loader import (
     read_documents,
     read_token_ids,
 )
-from data.prepare import COMPLETE_MARKER, STATS_FILE, is_prepared, prepare_dataset
+from data.prepare import COMPLETE_MARKER, STATS_FILE, PrepareOptions, is_prepared, prepare_dataset
 from data.sample_corpus import SET_NAMES, write_sample_corpus
 from data.shards import (
     SKIP_REASONS,
@@ -70,7 +70,7 @@ def tokenizer(tokenizer_path: Path) -> Tokenizer:
 @pytest.fixture(scope="module")
 def prepared(corpus: Path, tokenizer_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("prepared") / "data"
-    prepare_dataset(corpus, out, tokenizer_path, num_workers=1)
+    prepare_dataset(PrepareOptions(corpus, out, tokenizer_path, num_workers=1))
     return out
 
 
@@ -446,31 +446,33 @@ def test_prepare_is_idempotent_and_detects_unfinished_runs(
         for k in ("DATA_OPTIMIZER_CACHE_FOLDER", "DATA_OPTIMIZER_DATA_CACHE_FOLDER")
     }
     sigint_before = signal.getsignal(signal.SIGINT)
-    first = prepare_dataset(corpus, out, tokenizer_path)
+    first = prepare_dataset(PrepareOptions(corpus, out, tokenizer_path))
     # litdata's cache env vars and SIGINT handler are restored after the call.
     assert {k: os.environ.get(k) for k in env_before} == env_before
     assert signal.getsignal(signal.SIGINT) == sigint_before
 
     chunk = next((out / "train").glob("chunk-*.bin"))
     mtime = chunk.stat().st_mtime_ns
-    assert prepare_dataset(corpus, out, tokenizer_path) == first  # finished: no work redone
+    assert (
+        prepare_dataset(PrepareOptions(corpus, out, tokenizer_path)) == first
+    )  # finished: no work redone
     assert chunk.stat().st_mtime_ns == mtime
 
     # A prepare that died before the marker is not taken for a finished one, and is redone.
     (out / COMPLETE_MARKER).unlink()
     assert not is_prepared(out)
-    assert prepare_dataset(corpus, out, tokenizer_path) == first
+    assert prepare_dataset(PrepareOptions(corpus, out, tokenizer_path)) == first
     assert is_prepared(out)
 
-    assert prepare_dataset(corpus, out, tokenizer_path, overwrite=True) == first
+    assert prepare_dataset(PrepareOptions(corpus, out, tokenizer_path, overwrite=True)) == first
 
     # Reusing a finished prepare with another tokenizer would mix vocabularies: refused.
     other_tok = train_tokenizer(corpus, tmp_path / "other", vocab_size=400)
     with pytest.raises(
         ValueError, match=rf"{out} was already prepared from a different tokenizer.*overwrite"
     ):
-        prepare_dataset(corpus, out, other_tok)
-    other = prepare_dataset(corpus, out, other_tok, overwrite=True)
+        prepare_dataset(PrepareOptions(corpus, out, other_tok))
+    other = prepare_dataset(PrepareOptions(corpus, out, other_tok, overwrite=True))
     assert other["vocab_size"] == 400 and other["tokenizer_path"] == str(other_tok.resolve())
 
 
@@ -489,7 +491,9 @@ def test_prepare_counts_skips_across_workers_and_holds_out_validation(
 
     out = tmp_path / "out"
     # group_bytes=1: every file is a part of its own, so the 2 workers share the files.
-    stats = prepare_dataset(src, out, tokenizer_path, num_workers=2, val_every=5, group_bytes=1)
+    stats = prepare_dataset(
+        PrepareOptions(src, out, tokenizer_path, num_workers=2, val_every=5, group_bytes=1)
+    )
     assert (
         stats["layout"] == "flat_hash_holdout" and stats["val_every"] == 5 and stats["parts"] == 4
     )
@@ -520,24 +524,24 @@ def test_prepare_errors_before_doing_work(
     out = tmp_path / "out"
     missing_in = tmp_path / "no_corpus"
     with pytest.raises(FileNotFoundError, match=rf"Input directory {missing_in} does not exist"):
-        prepare_dataset(missing_in, out, tokenizer_path)
+        prepare_dataset(PrepareOptions(missing_in, out, tokenizer_path))
     empty_in = tmp_path / "empty_corpus"
     (empty_in / "train").mkdir(parents=True)
     with pytest.raises(
         FileNotFoundError, match=rf"No \.jsonl.*files found under {empty_in / 'train'}"
     ):
-        prepare_dataset(empty_in, out, tokenizer_path)
+        prepare_dataset(PrepareOptions(empty_in, out, tokenizer_path))
     missing_tok = tmp_path / "tok.model"
     with pytest.raises(
         FileNotFoundError, match=rf"Tokenizer model {missing_tok} not found.*orchestrator tokenizer"
     ):
-        prepare_dataset(corpus, out, missing_tok)
+        prepare_dataset(PrepareOptions(corpus, out, missing_tok))
     only_val = tmp_path / "only_val"
     (only_val / "validation").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match=r"validation/ folder but no train/ folder"):
-        prepare_dataset(only_val, out, tokenizer_path)
+        prepare_dataset(PrepareOptions(only_val, out, tokenizer_path))
     with pytest.raises(ValueError, match=r"separator must be one of"):
-        prepare_dataset(corpus, out, tokenizer_path, separator="pad")
+        prepare_dataset(PrepareOptions(corpus, out, tokenizer_path, separator="pad"))
     assert not out.exists()  # nothing was created before the inputs were validated
 
     # An unwritable output fails at once, saying so.
@@ -549,7 +553,7 @@ def test_prepare_errors_before_doing_work(
             with pytest.raises(
                 PermissionError, match=rf"Cannot write to the output {locked / 'out'}"
             ):
-                prepare_dataset(corpus, locked / "out", tokenizer_path)
+                prepare_dataset(PrepareOptions(corpus, locked / "out", tokenizer_path))
     finally:
         locked.chmod(0o700)
 
@@ -559,7 +563,7 @@ def test_unwritable_output_is_reported(corpus: Path, tokenizer_path: Path, tmp_p
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(PermissionError, match=rf"Cannot write to the output {blocker / 'out'}"):
-        prepare_dataset(corpus, blocker / "out", tokenizer_path)
+        prepare_dataset(PrepareOptions(corpus, blocker / "out", tokenizer_path))
 
 
 def test_a_damaged_shard_is_skipped_and_the_run_finishes(
@@ -573,7 +577,7 @@ def test_a_damaged_shard_is_skipped_and_the_run_finishes(
     good = next((corpus / "train" / "chunk1").iterdir())
     (broken / "train" / "a_good.jsonl.zst").write_bytes(good.read_bytes())
     (broken / "train" / "b_bad.jsonl.zst").write_bytes(b"garbage")
-    stats = prepare_dataset(broken, tmp_path / "out", tokenizer_path)
+    stats = prepare_dataset(PrepareOptions(broken, tmp_path / "out", tokenizer_path))
     assert is_prepared(tmp_path / "out")
     assert stats["splits"]["train"]["docs"] == 100
     assert stats["skipped"]["corrupt_file"] == 1

@@ -21,7 +21,7 @@ import torch
 import zstandard
 
 from data.loader import read_documents, read_token_ids
-from data.prepare import COMPLETE_MARKER, is_prepared, prepare_dataset
+from data.prepare import COMPLETE_MARKER, PrepareOptions, is_prepared, prepare_dataset
 from data.sample_corpus import generate_document
 from data.shards import SKIP_REASONS
 from data.tokenizer import Tokenizer, train_tokenizer
@@ -172,13 +172,15 @@ def test_slimpajama_counts_exclusion_separator_and_round_trip(
     tok = Tokenizer(tokenizer_path)
     out = tmp_path / "out"
     stats = prepare_dataset(
-        root,
-        out,
-        tokenizer_path,
-        num_workers=2,
-        group_bytes=1,
-        separator="eos",
-        exclude_sets=["RedPajamaGithub"],
+        PrepareOptions(
+            root,
+            out,
+            tokenizer_path,
+            num_workers=2,
+            group_bytes=1,
+            separator="eos",
+            exclude_sets=["RedPajamaGithub"],
+        )
     )
     assert is_prepared(out) and stats["layout"] == "slimpajama" and stats["separator"] == "eos"
     # Counts by reason, for the whole input and per split.
@@ -226,12 +228,14 @@ def test_separators_and_min_length(slimpajama, tokenizer_path, tmp_path) -> None
     kept = expected["train"]
     cut = sorted(len(t.strip()) for t in kept)[len(kept) // 3]
     stats = prepare_dataset(
-        root,
-        tmp_path / "bos",
-        tokenizer_path,
-        separator="bos",
-        exclude_sets=["RedPajamaGithub"],
-        min_chars=cut,
+        PrepareOptions(
+            root,
+            tmp_path / "bos",
+            tokenizer_path,
+            separator="bos",
+            exclude_sets=["RedPajamaGithub"],
+            min_chars=cut,
+        )
     )
     longer = [t for t in kept if len(t.strip()) >= cut]
     assert stats["splits"]["train"]["docs"] == len(longer)
@@ -244,7 +248,7 @@ def test_separators_and_min_length(slimpajama, tokenizer_path, tmp_path) -> None
     )
     assert _decoded(tok, tmp_path / "bos" / "train", 1, 0) == longer
     # Default bos+eos, and a minimum in tokens.
-    stats = prepare_dataset(root, tmp_path / "both", tokenizer_path, min_tokens=200)
+    stats = prepare_dataset(PrepareOptions(root, tmp_path / "both", tokenizer_path, min_tokens=200))
     docs = read_documents(tmp_path / "both" / "train")
     assert all(
         int(d[0]) == tok.bos_id and int(d[-1]) == tok.eos_id and len(d) - 2 >= 200 for d in docs
@@ -258,7 +262,15 @@ def test_starcoder_parquet_content_field_and_hash_holdout(tmp_path, tokenizer_pa
     tok = Tokenizer(tokenizer_path)
     out = tmp_path / "out"
     stats = prepare_dataset(
-        root, out, tokenizer_path, text_field="content", val_every=4, num_workers=2, group_bytes=1
+        PrepareOptions(
+            root,
+            out,
+            tokenizer_path,
+            text_field="content",
+            val_every=4,
+            num_workers=2,
+            group_bytes=1,
+        )
     )
     assert stats["layout"] == "flat_hash_holdout"
     assert {k: v for k, v in stats["skipped"].items() if v} == {
@@ -288,7 +300,9 @@ def uninterrupted(slimpajama, tokenizer_path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("straight") / "out"
     # One worker, small chunks: several chunks per part, several parts.
     prepare_dataset(
-        slimpajama[0], out, tokenizer_path, num_workers=1, group_bytes=1, chunk_bytes="4KB"
+        PrepareOptions(
+            slimpajama[0], out, tokenizer_path, num_workers=1, group_bytes=1, chunk_bytes="4KB"
+        )
     )
     return out
 
@@ -300,7 +314,9 @@ def test_interrupted_prepare_resumes_to_identical_chunks(
     out = tmp_path / "out"
     kwargs = dict(group_bytes=1, chunk_bytes="4KB")
     # Stopped after 2 of the 5 parts (with 2 workers): unfinished, and never taken for finished.
-    first = prepare_dataset(root, out, tokenizer_path, num_workers=2, max_parts=2, **kwargs)
+    first = prepare_dataset(
+        PrepareOptions(root, out, tokenizer_path, num_workers=2, max_parts=2, **kwargs)
+    )
     assert first == {"finished": False, "parts_done": 2, "parts": 5}
     assert not is_prepared(out) and not (out / COMPLETE_MARKER).exists()
     work = out / ".prepare_work" / "parts"
@@ -311,7 +327,7 @@ def test_interrupted_prepare_resumes_to_identical_chunks(
     pending = next(i for i in range(5) if not (work / f"{i:07d}.json").exists())
     (work / f"{pending:07d}" / "train").mkdir(parents=True)
     (work / f"{pending:07d}" / "train" / f"chunk-{pending}-0.bin").write_bytes(b"half written")
-    stats = prepare_dataset(root, out, tokenizer_path, num_workers=2, **kwargs)
+    stats = prepare_dataset(PrepareOptions(root, out, tokenizer_path, num_workers=2, **kwargs))
     assert is_prepared(out)
     assert _chunk_bytes(out) == _chunk_bytes(uninterrupted)
     assert _indexes(out) == _indexes(uninterrupted)
@@ -328,12 +344,12 @@ def test_killed_prepare_resumes_to_identical_chunks(
 ) -> None:
     root, out = slimpajama[0], tmp_path / "out"
     code = (
-        f"from data.prepare import prepare_dataset; import time, data.prepare as p\n"
+        f"from data.prepare import PrepareOptions, prepare_dataset; import time, data.prepare as p\n"
         f"orig = p._process_part\n"
         f"def slow(*a, **k):\n    r = orig(*a, **k); time.sleep(0.3); return r\n"
         f"p._process_part = slow\n"
-        f"prepare_dataset({str(root)!r}, {str(out)!r}, {str(tokenizer_path)!r}, num_workers=2, "
-        f"group_bytes=1, chunk_bytes='4KB')\n"
+        f"prepare_dataset(PrepareOptions({str(root)!r}, {str(out)!r}, {str(tokenizer_path)!r}, "
+        f"num_workers=2, group_bytes=1, chunk_bytes='4KB'))\n"
     )
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.Popen(
@@ -351,7 +367,9 @@ def test_killed_prepare_resumes_to_identical_chunks(
     proc.wait()
     assert not is_prepared(out), "the prepare finished before it could be killed"
     assert 2 <= len(list(work.glob("*.json"))) < 5
-    prepare_dataset(root, out, tokenizer_path, num_workers=1, group_bytes=1, chunk_bytes="4KB")
+    prepare_dataset(
+        PrepareOptions(root, out, tokenizer_path, num_workers=1, group_bytes=1, chunk_bytes="4KB")
+    )
     assert _chunk_bytes(out) == _chunk_bytes(uninterrupted)
     assert _indexes(out) == _indexes(uninterrupted)
 
@@ -360,18 +378,26 @@ def test_a_finished_prepare_is_kept_until_its_replacement_is_complete(
     slimpajama, tokenizer_path, tmp_path
 ) -> None:
     root, out = slimpajama[0], tmp_path / "out"
-    prepare_dataset(root, out, tokenizer_path)
+    prepare_dataset(PrepareOptions(root, out, tokenizer_path))
     before = _chunk_bytes(out)
     # An overwrite that is interrupted leaves the old dataset finished and intact.
     assert (
         prepare_dataset(
-            root, out, tokenizer_path, overwrite=True, separator="eos", group_bytes=1, max_parts=1
+            PrepareOptions(
+                root,
+                out,
+                tokenizer_path,
+                overwrite=True,
+                separator="eos",
+                group_bytes=1,
+                max_parts=1,
+            )
         )["finished"]
         is False
     )
     assert is_prepared(out) and _chunk_bytes(out) == before
     stats = prepare_dataset(
-        root, out, tokenizer_path, overwrite=True, separator="eos", group_bytes=1
+        PrepareOptions(root, out, tokenizer_path, overwrite=True, separator="eos", group_bytes=1)
     )
     assert stats["separator"] == "eos" and _chunk_bytes(out) != before and is_prepared(out)
     # Other settings on a finished output are refused without --overwrite.
@@ -379,29 +405,33 @@ def test_a_finished_prepare_is_kept_until_its_replacement_is_complete(
         ValueError,
         match=r"already prepared from other settings \(.*separator='eos', now 'bos\+eos'",
     ):
-        prepare_dataset(root, out, tokenizer_path, group_bytes=1)
+        prepare_dataset(PrepareOptions(root, out, tokenizer_path, group_bytes=1))
 
 
 def test_prepare_to_an_object_store(slimpajama, tokenizer_path, tmp_path, s3) -> None:
     """s3:// output to a real S3-compatible server on loopback (tests/s3_server.py), 2 workers."""
     root = slimpajama[0]
     local = tmp_path / "local"
-    prepare_dataset(root, local, tokenizer_path, group_bytes=1)
+    prepare_dataset(PrepareOptions(root, local, tokenizer_path, group_bytes=1))
     s3.create_bucket("corpus")
     client = s3.client()
     url = "s3://corpus/slimpajama/tokens"
     first = prepare_dataset(
-        root,
-        url,
-        tokenizer_path,
-        num_workers=2,
-        group_bytes=1,
-        max_parts=2,
-        work_dir=tmp_path / "work",
+        PrepareOptions(
+            root,
+            url,
+            tokenizer_path,
+            num_workers=2,
+            group_bytes=1,
+            max_parts=2,
+            work_dir=tmp_path / "work",
+        )
     )
     assert first["finished"] is False and not is_prepared(url)
     stats = prepare_dataset(
-        root, url, tokenizer_path, num_workers=2, group_bytes=1, work_dir=tmp_path / "work"
+        PrepareOptions(
+            root, url, tokenizer_path, num_workers=2, group_bytes=1, work_dir=tmp_path / "work"
+        )
     )
     assert is_prepared(url) and not (tmp_path / "work").exists()
     keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket="corpus")["Contents"])
@@ -412,7 +442,9 @@ def test_prepare_to_an_object_store(slimpajama, tokenizer_path, tmp_path, s3) ->
         dest.parent.mkdir(parents=True, exist_ok=True)
         client.download_file("corpus", key, str(dest))
     with pytest.raises(PermissionError, match="Cannot write to the output s3://missing-bucket/x"):
-        prepare_dataset(root, "s3://missing-bucket/x", tokenizer_path, num_workers=1)
+        prepare_dataset(
+            PrepareOptions(root, "s3://missing-bucket/x", tokenizer_path, num_workers=1)
+        )
     assert _chunk_bytes(fetched) == _chunk_bytes(local)
     assert _indexes(fetched) == _indexes(local)
     assert stats["splits"] == json.loads((local / "prepare_stats.json").read_text())["splits"]

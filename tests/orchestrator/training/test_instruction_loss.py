@@ -225,14 +225,21 @@ def _records(n: int) -> list[dict]:
 @pytest.fixture(scope="module")
 def instruction_data(sample_data, tmp_path_factory):
     """A small instruction set prepared with the sample data's tokenizer."""
-    from data.prepare import prepare_dataset
+    from data.prepare import PrepareOptions, prepare_dataset
 
     _, tokenizer = sample_data
     root = tmp_path_factory.mktemp("sft")
     (root / "raw").mkdir()
     (root / "raw" / "sft.jsonl").write_text("\n".join(map(json.dumps, _records(600))) + "\n")
     stats = prepare_dataset(
-        root / "raw", root / "tokens", tokenizer, num_workers=1, val_every=5, format="instruction"
+        PrepareOptions(
+            root / "raw",
+            root / "tokens",
+            tokenizer,
+            num_workers=1,
+            val_every=5,
+            format="instruction",
+        )
     )
     assert stats["format"] == "instruction" and stats["splits"]["val"]["tokens"] > 4 * 2 * 65
     return root / "tokens", tokenizer

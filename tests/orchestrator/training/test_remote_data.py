@@ -29,7 +29,7 @@ ARGS = ["--train.max_steps", "6", "--eval.interval", "3", "--checkpoint.interval
 @pytest.fixture(scope="module")
 def remote_corpus(s3_server, sample_data):
     """The sample corpus prepared into two buckets of the loopback server (the same tokens)."""
-    from data.prepare import prepare_dataset
+    from data.prepare import PrepareOptions, prepare_dataset
 
     tokens, tokenizer = sample_data
     urls = []
@@ -39,7 +39,7 @@ def remote_corpus(s3_server, sample_data):
         for bucket in ("corpus-a", "corpus-b"):
             s3_server.create_bucket(bucket)
             url = f"s3://{bucket}/sample/tokens"
-            prepare_dataset(tokens.parent / "raw", url, tokenizer, num_workers=1)
+            prepare_dataset(PrepareOptions(tokens.parent / "raw", url, tokenizer, num_workers=1))
             urls.append(url)
     return urls
 
