@@ -71,15 +71,12 @@ class ModelConfig:
     )
     arch: Arch = doc(
         "decoder",
-        "`decoder`: decoder-only Llama (causal LM over the whole block). `encoder_decoder`: RedLLM "
-        "(arXiv 2510.26622; models/encdec.py): a bidirectional encoder over the first model.encoder_len "
-        "tokens of each block and a causal decoder with cross-attention over the rest, loss on the decoder's "
-        "tokens (prefix LM); n_layers blocks in each stack; the `redllm-*` sizes.",
+        "`decoder` (Llama, causal LM) or `encoder_decoder` (RedLLM prefix LM, the `redllm-*` sizes; "
+        "docs/encoder-decoder.md).",
     )
     encoder_len: int = doc(
         0,
-        "arch encoder_decoder: tokens of each training block the encoder reads (the decoder predicts the "
-        "tokens after them); 0 = half the block (the paper's 1024 input + 1024 target at seq_len 2048).",
+        "encoder_decoder: tokens of each block the encoder reads (the decoder predicts the rest); 0 = half the block.",
     )
     vocab_size: int = doc(
         32000, "Vocabulary size (rows of the embedding); must be >= the tokenizer's."
@@ -98,20 +95,18 @@ class ModelConfig:
     )
     attention: AttentionKernel = doc(
         "auto",
-        "Attention kernel: `sdpa` (torch scaled_dot_product_attention; its CUDA flash backend is "
-        "FlashAttention-2), `flash_attn` (flash-attn's FlashAttention-2, grouped-query attention without "
-        "repeating K/V; CUDA, bf16/fp16), `xformers` (memory_efficient_attention; CUDA), `eager` (reference "
-        "math), `auto` (flash_attn when installed and usable, else sdpa).",
+        "Attention kernel: `sdpa`, `flash_attn`, `xformers`, `eager` (reference) or `auto` (flash_attn "
+        "where usable, else sdpa); docs/gpus.md.",
     )
     rmsnorm_kernel: RMSNormKernel = doc(
         "auto",
-        "RMSNorm: `eager` (reference), `liger` (liger-kernel), `flash_attn` (flash-attn's Triton "
-        "rms_norm); `auto`: liger, then flash_attn, on CUDA when installed, else eager.",
+        "RMSNorm kernel: `eager`, `liger`, `flash_attn`; `auto`: liger, then flash_attn on CUDA when "
+        "installed, else eager.",
     )
     swiglu_kernel: SwiGLUKernel = doc(
         "auto",
-        "SwiGLU activation silu(gate) * up: `eager`, `liger`, `flash_attn`, or `xformers` (its fused "
-        "SwiGLU op, projections included); `auto`: liger, then flash_attn, on CUDA when installed, else eager.",
+        "SwiGLU kernel: `eager`, `liger`, `flash_attn`, `xformers` (projections fused too); `auto`: "
+        "liger, then flash_attn on CUDA, else eager.",
     )
     rope_kernel: RoPEKernel = doc(
         "auto",
@@ -120,11 +115,8 @@ class ModelConfig:
     )
     loss_kernel: LossKernel = doc(
         "auto",
-        "Training loss: `cross_entropy` (logits, then F.cross_entropy in fp32: the reference), "
-        "`chunked` (fused linear + cross-entropy in plain PyTorch over token chunks, gradients computed in "
-        "the forward: the [tokens x vocab] logits never exist), `liger_fused` (liger-kernel's fused linear + "
-        "cross-entropy), `liger` / `flash_attn` (their cross-entropy on the logits); `auto`: liger_fused on "
-        "CUDA when installed, else chunked.",
+        "Loss: `cross_entropy` (reference), `chunked`, `liger_fused`, `liger`, `flash_attn`; `auto`: "
+        "liger_fused on CUDA when installed, else chunked.",
     )
     compile: bool = doc(
         False,
@@ -133,9 +125,8 @@ class ModelConfig:
     )
     attn_gate: AttnGate = doc(
         "none",
-        "Gated attention (arXiv 2505.06708): sigmoid(x W_g + b_g) of the block's normalised input multiplies "
-        "each head's attention output before o_proj; `headwise` = one scalar per head, `elementwise` = one per "
-        "channel. Not exportable to LlamaForCausalLM.",
+        "Gated attention (arXiv 2505.06708): `none`, `headwise` or `elementwise` sigmoid gate on each "
+        "head's output; not exportable to HF Llama.",
     )
     sandwich_norm: bool = doc(
         False,
@@ -144,22 +135,17 @@ class ModelConfig:
     )
     qk_norm: bool = doc(
         False,
-        "QK-norm (OLMo-2, Qwen3): RMSNorm of each head's queries and keys before RoPE, one learnable "
-        "head_dim-wide gain for all query heads and one for all key heads per layer (eps: model.norm_eps). "
-        "Not exportable to LlamaForCausalLM.",
+        "QK-norm (OLMo-2, Qwen3): RMSNorm of each head's queries and keys before RoPE; not exportable to HF Llama.",
     )
     z_loss: float = doc(
         0.0,
-        "Weight of the z-loss (PaLM; OLMo uses 1e-4): the training loss adds z_loss * mean(logsumexp(logits)^2) "
-        "over the target positions, which keeps the softmax normaliser near 1; logged as train/z_loss. 0 = off. "
-        "Training only: validation reports the plain cross-entropy.",
+        "Weight of the z-loss (PaLM; OLMo 1e-4) added to the training loss, logged as train/z_loss; 0 = "
+        "off; docs/training.md.",
     )
     dropout: float = doc(
         0.0,
-        "Dropout probability (T5 / Llama finetuning; RedLLM's finetuning uses 0.05) on the embedding output "
-        "and on each residual branch's output before it is added (attention, cross-attention, FFN), in both "
-        "families; not on the attention probabilities. Training mode only: validation and generation are "
-        "unaffected. No parameters; may differ from a checkpoint's (resume, init_from). 0 = off (no RNG draws).",
+        "Dropout on the embedding output and each residual branch, training mode only (RedLLM "
+        "finetuning: 0.05); 0 = off; docs/architecture.md.",
     )
 
     @property

@@ -126,20 +126,6 @@ def test_reference_documents_every_key():
 
 
 HELP_MAX_CHARS = 150
-# model.* help lives in models/config.py and is still being shortened there; drop a key from this
-# list once its help fits (the test fails for a listed key that already does).
-LONG_HELP_PENDING = {
-    "model.arch",
-    "model.attention",
-    "model.attn_gate",
-    "model.dropout",
-    "model.encoder_len",
-    "model.loss_kernel",
-    "model.qk_norm",
-    "model.rmsnorm_kernel",
-    "model.swiglu_kernel",
-    "model.z_loss",
-}
 
 
 def test_every_key_has_a_one_line_help():
@@ -149,10 +135,8 @@ def test_every_key_has_a_one_line_help():
         key: "\n" not in help and len(help) <= HELP_MAX_CHARS
         for key, _, _, help in reference(Config)
     }
-    too_long = sorted(key for key, ok in fits.items() if not ok and key not in LONG_HELP_PENDING)
+    too_long = sorted(key for key, ok in fits.items() if not ok)
     assert not too_long, f"help over one line of {HELP_MAX_CHARS} characters: {too_long}"
-    fixed = sorted(key for key in LONG_HELP_PENDING if fits.get(key, True))
-    assert not fixed, f"these now fit: remove them from LONG_HELP_PENDING: {fixed}"
 
 
 def test_resolved_config_holds_absolute_paths(tmp_path, monkeypatch):
