@@ -433,21 +433,21 @@ def full_attention(
         k, v = repeat_kv(k, v, H)
         with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    if k.shape[1] != H and _cudnn_groups_masked_queries(q):
+    if k.shape[1] != H and q.dtype in HALF and _cudnn_groups_masked_queries(q.device.index):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     k, v = repeat_kv(k, v, H)  # (B, H, S, E): the memory-efficient kernel takes no groups
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, E)
 
 
-def _cudnn_groups_masked_queries(q: torch.Tensor) -> bool:
-    """Whether SDPA runs a masked grouped-query call on q's GPU through cuDNN without repeating K/V:
-    torch >= 2.11 on sm90 and later with cuDNN attention enabled, in bf16 / fp16 (otherwise the
+@torch.compiler.assume_constant_result  # a constant in compiled blocks (no graph break per call)
+def _cudnn_groups_masked_queries(device_index: int | None) -> bool:
+    """Whether SDPA runs a masked grouped-query call (bf16 / fp16) on this GPU through cuDNN
+    without repeating K/V: torch >= 2.11, sm90 and later, cuDNN attention enabled (otherwise the
     only backend that would take enable_gqa with a mask is the math one, far slower)."""
     return (
         _SDPA_CUDNN_GQA
         and torch.backends.cuda.cudnn_sdp_enabled()
-        and compute_dtype("cuda", q.dtype) in HALF
-        and torch.cuda.get_device_capability(q.device) >= (9, 0)
+        and torch.cuda.get_device_capability(device_index) >= (9, 0)
     )
 
 
