@@ -83,10 +83,14 @@ def launched_by_torchrun() -> bool:
 
 def torchrun_restart() -> tuple[int, int] | None:
     """(restart, max restarts) of a worker group that a torchrun agent restarted, else None."""
-    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    restart = _env_int("TORCHELASTIC_RESTART_COUNT")
     if not launched_by_torchrun() or restart == 0:
         return None
-    return restart, int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
+    return restart, _env_int("TORCHELASTIC_MAX_RESTARTS")
+
+
+def _env_int(name: str) -> int:
+    return int(os.environ.get(name, "0") or 0)
 
 
 def resolve_launch(cfg) -> list[str]:
@@ -228,7 +232,7 @@ def build_fabric(cfg, loggers: list | None = None) -> Fabric:
         launched_by_torchrun()
         and fabric.global_rank == 0
         and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-        and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0
+        and _env_int("TORCHELASTIC_MAX_RESTARTS") > 0
     ):
         # Measured: a restarted worker read a dead worker's address from the agents' store and
         # failed to connect, costing a restart (pytorch/pytorch#135712).
